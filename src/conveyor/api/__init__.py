@@ -1,0 +1,1 @@
+"""The HTTP API service: FastAPI app, uvicorn server, routes and middleware.  [web server]"""

@@ -1,0 +1,134 @@
+"""Request and response bodies of the v1 API.
+
+The task request is a union discriminated by `type`, built from the registry at app creation,
+so the OpenAPI document shows each type's payload schema and validation names the failing
+field of that type's payload.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from conveyor.registry import Registry
+from conveyor.store.tasks import Status
+
+MAX_BATCH = 1000
+MAX_DELAY_S = 365 * 24 * 3600
+
+
+class TaskOut(BaseModel):
+    id: uuid.UUID
+    type: str
+    status: Status
+    payload: Any
+    idempotency_key: str | None
+    attempts: int
+    max_attempts: int
+    result: Any
+    last_error: str | None
+    worker: str | None
+    created_at: datetime
+    run_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class TaskPage(BaseModel):
+    tasks: list[TaskOut]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page")
+
+
+class BatchOut(BaseModel):
+    tasks: list[TaskOut]
+    created: int = Field(description="how many tasks are new (the rest matched idempotency keys)")
+
+
+class WorkerOut(BaseModel):
+    id: str
+    host: str
+    pid: int
+    types: list[str]
+    concurrency: int
+    in_flight: int
+    processed: int
+    tasks: list[str] = Field(description="ids of tasks in flight (up to 50)")
+    started_at: datetime
+    last_beat: datetime
+
+
+class WorkersOut(BaseModel):
+    workers: list[WorkerOut]
+
+
+class QueueOut(BaseModel):
+    type: str
+    stream_length: int
+    pending: int = Field(description="messages delivered to workers and not yet acked")
+    undelivered: int | None = Field(description="messages not yet read by any worker")
+    delayed: int = Field(description="delayed tasks and retries waiting for their time")
+    dead_letters: int = Field(description="entries in the dead-letter stream")
+    queued: int
+    running: int
+    dead: int
+    oldest_queued_age_s: float | None = Field(description="age of the oldest due queued task")
+
+
+class QueuesOut(BaseModel):
+    queues: list[QueueOut]
+
+
+class DeadLettersOut(BaseModel):
+    entries: list[dict[str, str]]
+
+
+class TaskRequestBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=200,
+        description="the same key for the same type returns the first task instead of a new one",
+    )
+    delay_seconds: float = Field(default=0.0, ge=0, le=MAX_DELAY_S)
+    max_attempts: int | None = Field(default=None, ge=1, le=1000)
+
+
+class UntypedTaskRequest(TaskRequestBase):
+    """Used only when no task type is registered."""
+
+    type: str
+    payload: dict[str, Any]
+
+
+def _model_name(type_name: str) -> str:
+    words = re.split(r"[^a-zA-Z0-9]+", type_name)
+    return "".join(w[:1].upper() + w[1:] for w in words if w) + "Task"
+
+
+def request_models(registry: Registry) -> tuple[Any, type[BaseModel]]:
+    """(annotation of one task request, model of a batch request) for `registry`."""
+    models: list[type[BaseModel]] = []
+    for task_type in registry:
+        models.append(create_model(
+            _model_name(task_type.name),
+            __base__=TaskRequestBase,
+            __doc__=task_type.description or f"A `{task_type.name}` task.",
+            type=(Literal[task_type.name], ...),  # type: ignore[arg-type]
+            payload=(task_type.payload_model, ...),
+        ))
+    single: Any
+    if not models:
+        single = UntypedTaskRequest
+    elif len(models) == 1:
+        single = models[0]
+    else:
+        single = Annotated[Union[tuple(models)], Field(discriminator="type")]  # noqa: UP007
+    batch = create_model(
+        "TaskBatch",
+        tasks=(Annotated[list[single], Field(min_length=1, max_length=MAX_BATCH)], ...),
+    )
+    return single, batch

@@ -1,0 +1,153 @@
+"""Enqueue and manage tasks: validate, insert and commit, then publish.  Used by the API and by
+library users.
+
+Publishing happens after the commit. If Redis cannot take a message at that moment the task is
+still accepted: it is durable in Postgres and the relay publishes it later.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from pydantic import BaseModel, ValidationError
+
+from conveyor import metrics
+from conveyor.errors import InvalidTransition, PayloadInvalid, TaskNotFound, Unavailable
+from conveyor.queue.streams import Publish, TaskStreams
+from conveyor.registry import Registry
+from conveyor.store.pool import Connection
+from conveyor.store.tasks import Inserted, NewTask, Status, TaskRecord, TaskStore, new_task_id
+
+log = structlog.get_logger("conveyor.client")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRequest:
+    """What to enqueue. `payload` is the type's model instance or a mapping to validate."""
+
+    type: str
+    payload: BaseModel | Mapping[str, Any]
+    idempotency_key: str | None = None
+    delay_s: float = 0.0
+    max_attempts: int | None = None
+
+
+class Client:
+    """Enqueue, read, cancel and retry tasks."""
+
+    def __init__(
+        self, store: TaskStore, streams: TaskStreams, registry: Registry, *,
+        default_max_attempts: int = 3,
+    ) -> None:
+        self.store = store
+        self.streams = streams
+        self.registry = registry
+        self.default_max_attempts = default_max_attempts
+
+    def prepare(self, request: TaskRequest) -> NewTask:
+        """Validate the payload against its type's model; raise PayloadInvalid or
+        UnknownTaskType."""
+        task_type = self.registry.get(request.type)
+        payload = request.payload
+        if not isinstance(payload, task_type.payload_model):
+            try:
+                payload = task_type.payload_model.model_validate(payload)
+            except ValidationError as exc:
+                raise PayloadInvalid(f"payload for {request.type!r}: {exc}") from exc
+        return NewTask(
+            id=new_task_id(),
+            type=request.type,
+            payload_json=payload.model_dump_json(),
+            max_attempts=request.max_attempts
+            or task_type.max_attempts
+            or self.default_max_attempts,
+            idempotency_key=request.idempotency_key,
+            delay_s=max(0.0, request.delay_s),
+        )
+
+    async def enqueue(
+        self, type_: str, payload: BaseModel | Mapping[str, Any], *,
+        idempotency_key: str | None = None, delay_s: float = 0.0, max_attempts: int | None = None,
+    ) -> Inserted:
+        """Enqueue one task; with an idempotency key already used, return the first task."""
+        request = TaskRequest(type_, payload, idempotency_key, delay_s, max_attempts)
+        return (await self.enqueue_many([request]))[0]
+
+    async def enqueue_many(self, requests: Sequence[TaskRequest]) -> list[Inserted]:
+        """Enqueue tasks in one transaction and one Redis pipeline; results in request order."""
+        new = [self.prepare(r) for r in requests]
+        inserted = await self.store.insert(new)
+        delayed = {t.id for t in new if t.delay_s > 0}
+        await self.publish([i.record for i in inserted if i.created], delayed)
+        for i in inserted:
+            if i.created:
+                metrics.TASKS_ENQUEUED.labels(i.record.type).inc()
+        return inserted
+
+    async def publish(
+        self, records: Sequence[TaskRecord], delayed: Collection[uuid.UUID] = ()
+    ) -> None:
+        """Put committed tasks on Redis (`delayed` ones in their delayed set until run_at);
+        if Redis is unavailable the relay will do it later."""
+        if not records:
+            return
+        items = [
+            Publish(r.type, r.id, int(r.run_at.timestamp() * 1000) if r.id in delayed else None)
+            for r in records
+        ]
+        try:
+            await self.streams.publish(items)
+        except Unavailable as exc:
+            log.warning("client.publish.deferred", tasks=len(items), error=str(exc))
+
+    async def get(self, task_id: uuid.UUID) -> TaskRecord:
+        record = await self.store.get(task_id)
+        if record is None:
+            raise TaskNotFound(str(task_id))
+        return record
+
+    async def cancel(self, task_id: uuid.UUID) -> TaskRecord:
+        """queued → cancelled; InvalidTransition otherwise."""
+        record = await self.store.cancel(task_id)
+        if record is None:
+            current = await self.get(task_id)
+            raise InvalidTransition(str(task_id), current.status, "cancel")
+        return record
+
+    async def retry(self, task_id: uuid.UUID) -> TaskRecord:
+        """dead | cancelled → queued, published at once; InvalidTransition otherwise."""
+        record = await self.store.retry(task_id)
+        if record is None:
+            current = await self.get(task_id)
+            raise InvalidTransition(str(task_id), current.status, "retry")
+        await self.publish([record])
+        return record
+
+    async def list_tasks(
+        self, *, type_: str | None, status: Status | None, before: uuid.UUID | None, limit: int
+    ) -> list[TaskRecord]:
+        return await self.store.list_tasks(type_=type_, status=status, before=before, limit=limit)
+
+
+async def insert_in_transaction(
+    client: Client, conn: Connection, request: TaskRequest
+) -> TaskRecord:
+    """Insert a task on the caller's connection and transaction; publish after commit.
+
+    The row is visible to workers only if the caller commits. A `NOTIFY`, which Postgres
+    delivers only on commit, tells the relay to publish it at once (payload
+    `type:id:run_at_ms`, the last part empty unless delayed); if nobody listens, the relay's
+    periodic scan publishes it after its grace period.
+    """
+    new = client.prepare(request)
+    inserted = (await client.store.insert([new], conn=conn))[0]
+    record = inserted.record
+    if inserted.created:
+        at_ms = str(int(record.run_at.timestamp() * 1000)) if new.delay_s > 0 else ""
+        await conn.execute("SELECT pg_notify($1, $2)", client.store.channel,
+                           f"{record.type}:{record.id}:{at_ms}")
+    return record

@@ -1,0 +1,1 @@
+"""The cron service: user cron jobs, rebalance and relay.  [job scheduler]"""

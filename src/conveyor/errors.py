@@ -1,0 +1,82 @@
+"""The exception tree: each name says what the caller can do about it.
+
+Handlers raise `Retry` (try again, optionally after a delay) or `Fail` (give up now); any other
+exception from a handler is retried under the task type's `RetryPolicy`.
+"""
+
+from __future__ import annotations
+
+
+class ConveyorError(Exception):
+    """Base of every error Conveyor raises on purpose."""
+
+
+class ConfigError(ConveyorError):
+    """A setting or a registration is wrong; the message names it and the bad value."""
+
+
+class Unavailable(ConveyorError):
+    """Postgres or Redis did not answer; the operation may be retried once it is back.
+
+    `op` names the operation that failed (`tasks.mark_running`, `streams.read`).
+    """
+
+    def __init__(self, op: str, detail: str = "") -> None:
+        self.op = op
+        self.detail = detail
+        super().__init__(f"{op}: {detail}" if detail else op)
+
+
+class TaskNotFound(ConveyorError):
+    """No task has this id."""
+
+
+class InvalidTransition(ConveyorError):
+    """The task is not in a state that allows the requested change (cancel, retry)."""
+
+    def __init__(self, task_id: str, status: str, action: str) -> None:
+        self.task_id = task_id
+        self.status = status
+        self.action = action
+        super().__init__(f"task {task_id} is {status}; cannot {action} it")
+
+
+class UnknownTaskType(ConveyorError):
+    """No task type of this name is registered."""
+
+
+class PayloadInvalid(ConveyorError):
+    """A payload does not match its task type's model."""
+
+
+class Overloaded(ConveyorError):
+    """A bounded buffer is full; the caller should come back after `retry_after_s`."""
+
+    def __init__(self, what: str, retry_after_s: float = 1.0) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(what)
+
+
+class Retry(Exception):
+    """Raised by a handler to be run again, after `delay_s` or the type's backoff if None."""
+
+    def __init__(self, reason: str = "retry requested", *, delay_s: float | None = None) -> None:
+        self.reason = reason
+        self.delay_s = delay_s
+        super().__init__(reason)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keeps delay_s when a process-pool handler raises Retry across the process boundary.
+        return (_make_retry, (self.reason, self.delay_s))
+
+
+class Fail(Exception):
+    """Raised by a handler to fail the task now, without further attempts."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+def _make_retry(reason: str, delay_s: float | None) -> Retry:
+    return Retry(reason, delay_s=delay_s)

@@ -1,0 +1,63 @@
+"""Every Prometheus metric Conveyor exports, declared once.  [metrics]
+
+Names follow Prometheus conventions; label values are bounded (task types, outcomes, routes).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+HTTP_REQUEST_DURATION = Histogram(
+    "conveyor_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route template and status code.",
+    ["method", "route", "status"],
+    buckets=_LATENCY_BUCKETS,
+)
+TASKS_ENQUEUED = Counter(
+    "conveyor_tasks_enqueued_total", "Tasks committed to Postgres, by type.", ["type"]
+)
+TASKS_STARTED = Counter(
+    "conveyor_tasks_started_total", "Handler runs started by this worker, by type.", ["type"]
+)
+TASKS_FINISHED = Counter(
+    "conveyor_tasks_finished_total",
+    "Handler runs recorded by this worker, by type and outcome "
+    "(succeeded, retried, dead, superseded).",
+    ["type", "outcome"],
+)
+TASK_DURATION = Histogram(
+    "conveyor_task_duration_seconds", "Handler run time, by type.", ["type"],
+    buckets=_LATENCY_BUCKETS,
+)
+TASK_WAIT = Histogram(
+    "conveyor_task_wait_seconds",
+    "Time from when a task was due to when its handler started, by type.",
+    ["type"],
+    buckets=_LATENCY_BUCKETS,
+)
+WORKER_IN_FLIGHT = Gauge(
+    "conveyor_worker_in_flight", "Messages read by this process and not yet acked."
+)
+MESSAGES_DROPPED = Counter(
+    "conveyor_messages_dropped_total",
+    "Messages acked without running, because their task was not runnable, by type and reason.",
+    ["type", "reason"],
+)
+DEAD_LETTERED = Counter(
+    "conveyor_dead_lettered_total", "Messages copied to a dead-letter stream.", ["type", "reason"]
+)
+REBALANCED = Counter(
+    "conveyor_rebalanced_total", "Messages taken from dead consumers and re-queued.", ["type"]
+)
+RELAYED = Counter(
+    "conveyor_relayed_total", "Tasks re-published from Postgres to Redis by the relay.", ["type"]
+)
+CRON_FIRED = Counter("conveyor_cron_fired_total", "Cron slots enqueued, by job.", ["job"])
+TICK_FAILURES = Counter(
+    "conveyor_tick_failures_total", "Background loop ticks that failed.", ["component"]
+)
+OUTAGES = Counter(
+    "conveyor_outages_total", "Times a component lost Postgres or Redis.", ["component"]
+)

@@ -1,0 +1,1 @@
+"""Redis: task streams, delayed sets, dead letters, heartbeats and locks.  [Redis]"""

@@ -1,0 +1,49 @@
+"""Every Redis key name Conveyor uses, and nothing else builds one.
+
+Per-type keys carry the type in a `{hash tag}`, so a type's stream, delayed set and dead-letter
+stream share one Redis Cluster slot and one Lua script may touch them together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "workers"  # the one consumer group of every task stream
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "conveyor"
+
+    def stream(self, task_type: str) -> str:
+        """Stream of messages `{id, r}` ready to run (r: times re-queued by rebalance)."""
+        return f"{self.prefix}:{{{task_type}}}:stream"
+
+    def delayed(self, task_type: str) -> str:
+        """Sorted set of task ids scored by run_at in Unix ms: delayed tasks and retries."""
+        return f"{self.prefix}:{{{task_type}}}:delayed"
+
+    def dead(self, task_type: str) -> str:
+        """Dead-letter stream: `{id, reason}` for every message that gave up."""
+        return f"{self.prefix}:{{{task_type}}}:dead"
+
+    def worker(self, worker_id: str) -> str:
+        """A worker's heartbeat: JSON of what it is doing, with a TTL."""
+        return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def workers(self) -> str:
+        """Set of worker ids that have beaten at least once (members may be stale)."""
+        return f"{self.prefix}:workers"
+
+    def lock(self, name: str) -> str:
+        return f"{self.prefix}:lock:{name}"
+
+
+def consumer_name(worker_id: str, task_type: str) -> str:
+    """A consumer per (process, stream): never shared between streams or processes."""
+    return f"{worker_id}/{task_type}"
+
+
+def worker_of(consumer: str) -> str:
+    return consumer.rsplit("/", 1)[0]

@@ -1,0 +1,376 @@
+"""Task streams: publish, read, settle, refresh, forward, re-queue and trim, batched.
+
+A message is `{id: <task uuid>, r: <times re-queued by rebalance>}`; the payload stays in
+Postgres, which hands it to the worker when the task is marked running. Each type has one stream
+and one consumer group (`keys.GROUP`), created at id 0 so nothing published before the group
+existed is skipped. Calls that touch several keys of a type use a Lua script on that type's
+hash slot, so they are atomic and Redis-Cluster safe.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from conveyor.queue.connection import Redis, translate
+from conveyor.queue.keys import GROUP, Keys
+
+# Move due members of a type's delayed set to its stream.
+# KEYS[1] delayed set, KEYS[2] stream; ARGV[1] max members to move.
+# Uses the Redis clock, so every worker agrees on "due". Returns the number moved.
+_FORWARD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, member in ipairs(due) do
+  redis.call('XADD', KEYS[2], '*', 'id', member, 'r', '0')
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"""
+
+# Hand pending entries of a dead consumer to whoever reads next.
+# KEYS[1] stream, KEYS[2] dead-letter stream.
+# ARGV[1] group, ARGV[2] the dead consumer, ARGV[3] min idle ms, ARGV[4] max re-queues,
+# ARGV[5] dead-letter max length, ARGV[6..] entry ids.
+# XCLAIM (to the same consumer) re-checks the idle time atomically, so an entry that its owner
+# refreshed, or another rebalancer took, is skipped. Each claimed entry is re-added with r+1,
+# or dead-lettered once r+1 exceeds the max, then acked and deleted.
+# Returns {re-queued task ids, dead-lettered task ids}.
+_REQUEUE = """
+local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(ARGV, 6))
+local requeued, dead = {}, {}
+local limit = tonumber(ARGV[4])
+for _, entry in ipairs(claimed) do
+  if entry then
+    local sid, fields = entry[1], entry[2]
+    local id, r = nil, 0
+    if fields then
+      for i = 1, #fields, 2 do
+        if fields[i] == 'id' then id = fields[i + 1]
+        elseif fields[i] == 'r' then r = tonumber(fields[i + 1]) or 0 end
+      end
+    end
+    if id == nil then
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
+                 'id', '', 'reason', 'undecodable message ' .. sid)
+    elseif r + 1 > limit then
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
+                 'id', id, 'reason', 'delivery limit reached')
+      dead[#dead + 1] = id
+    else
+      redis.call('XADD', KEYS[1], '*', 'id', id, 'r', tostring(r + 1))
+      requeued[#requeued + 1] = id
+    end
+    redis.call('XACK', KEYS[1], ARGV[1], sid)
+    redis.call('XDEL', KEYS[1], sid)
+  end
+end
+return {requeued, dead}
+"""
+
+_CHUNK = 500  # ids per script call: keeps Lua's unpack() and each call's latency small
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One stream entry; `task_id` is None when the entry cannot be decoded (`error` says why)."""
+
+    stream_id: bytes
+    task_id: uuid.UUID | None
+    requeues: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """A task to put on Redis: to its stream now, or to its delayed set until `run_at_ms`."""
+
+    task_type: str
+    task_id: uuid.UUID
+    run_at_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerInfo:
+    name: str
+    pending: int
+    idle_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStats:
+    length: int
+    pending: int
+    undelivered: int | None  # None when Redis cannot tell (entries deleted mid-stream)
+    delayed: int
+    dead_letters: int
+
+
+def decode(stream_id: bytes, fields: dict[bytes, bytes]) -> Message:
+    raw = fields.get(b"id")
+    if raw is None:
+        return Message(stream_id, None, 0, "message has no id field")
+    try:
+        task_id = uuid.UUID(raw.decode())
+    except (ValueError, UnicodeDecodeError):
+        return Message(stream_id, None, 0, f"message id {raw[:64]!r} is not a UUID")
+    try:
+        requeues = int(fields.get(b"r", b"0"))
+    except ValueError:
+        requeues = 0
+    return Message(stream_id, task_id, requeues)
+
+
+def _next_id(stream_id: bytes) -> str:
+    ms, _, seq = stream_id.decode().partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+class TaskStreams:
+    """Stream operations for every task type, on one Redis client."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, dead_letter_maxlen: int = 100_000) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.dead_letter_maxlen = dead_letter_maxlen
+        self._forward = redis.register_script(_FORWARD)
+        self._requeue = redis.register_script(_REQUEUE)
+
+    async def ensure_group(self, task_type: str) -> None:
+        """Create the type's stream and group if missing (at id 0: deliver what is there)."""
+        with translate("streams.ensure_group"):
+            try:
+                await self.redis.xgroup_create(
+                    self.keys.stream(task_type), GROUP, id="0", mkstream=True
+                )
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def publish(self, items: Sequence[Publish]) -> None:
+        """XADD ready tasks and ZADD delayed ones, in one pipeline."""
+        if not items:
+            return
+        with translate("streams.publish"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for item in items:
+                    member = str(item.task_id)
+                    if item.run_at_ms is None:
+                        pipe.xadd(self.keys.stream(item.task_type), {"id": member, "r": "0"})
+                    else:
+                        pipe.zadd(self.keys.delayed(item.task_type), {member: item.run_at_ms})
+                await pipe.execute()
+
+    async def read(
+        self, task_type: str, consumer: str, count: int, block_ms: int | None
+    ) -> list[Message]:
+        """XREADGROUP up to `count` new messages; recreates a group lost with Redis's data."""
+        stream = self.keys.stream(task_type)
+        with translate("streams.read"):
+            try:
+                reply: Any = await self.redis.xreadgroup(
+                    GROUP, consumer, {stream: ">"}, count=count, block=block_ms
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.ensure_group(task_type)
+                return []
+        if not reply:
+            return []
+        return [decode(sid, fields) for sid, fields in reply[0][1]]
+
+    async def settle(
+        self,
+        task_type: str,
+        acks: Sequence[bytes],
+        *,
+        delays: Sequence[tuple[uuid.UUID, int]] = (),
+        dead: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Schedule retries, dead-letter, then ack, in one pipeline (in that order, so a crash
+        midway leaves a message pending rather than a task nowhere)."""
+        with translate("streams.settle"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if delays:
+                    pipe.zadd(self.keys.delayed(task_type),
+                              {str(task_id): at_ms for task_id, at_ms in delays})
+                for task_id, reason in dead:
+                    pipe.xadd(self.keys.dead(task_type), {"id": task_id, "reason": reason[:2000]},
+                              maxlen=self.dead_letter_maxlen, approximate=True)
+                if acks:
+                    pipe.xack(self.keys.stream(task_type), GROUP, *acks)
+                await pipe.execute()
+
+    async def refresh(self, task_type: str, consumer: str, stream_ids: Sequence[bytes]) -> None:
+        """Reset the idle time of entries this consumer is still working on (heartbeat)."""
+        if not stream_ids:
+            return
+        with translate("streams.refresh"):
+            try:
+                await self.redis.xclaim(
+                    self.keys.stream(task_type), GROUP, consumer, 0, list(stream_ids),
+                    justid=True,
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+
+    async def forward(self, task_type: str, limit: int = 1000) -> int:
+        """Move due delayed tasks of `task_type` to its stream; returns how many moved."""
+        with translate("streams.forward"):
+            moved = await self._forward(
+                keys=[self.keys.delayed(task_type), self.keys.stream(task_type)], args=[limit]
+            )
+        return int(moved)
+
+    # -- rebalance -------------------------------------------------------------------------
+
+    async def consumers(self, task_type: str) -> list[ConsumerInfo]:
+        with translate("streams.consumers"):
+            try:
+                rows = await self.redis.xinfo_consumers(self.keys.stream(task_type), GROUP)
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc) or "no such key" in str(exc):
+                    return []
+                raise
+        return [ConsumerInfo(r["name"].decode(), int(r["pending"]), int(r["idle"])) for r in rows]
+
+    async def stale_pending(
+        self, task_type: str, consumer: str, min_idle_ms: int, count: int = 1000
+    ) -> list[Message]:
+        """Entries pending on `consumer` for at least `min_idle_ms`, decoded."""
+        stream = self.keys.stream(task_type)
+        with translate("streams.stale_pending"):
+            rows: Any = await self.redis.xpending_range(
+                stream, GROUP, "-", "+", count, consumername=consumer, idle=min_idle_ms
+            )
+            if not rows:
+                return []
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for row in rows:
+                    pipe.xrange(stream, row["message_id"], row["message_id"])
+                entries = await pipe.execute()
+        out = []
+        for row, found in zip(rows, entries, strict=True):
+            if found:
+                out.append(decode(found[0][0], found[0][1]))
+            else:
+                out.append(Message(row["message_id"], None, 0, "entry deleted"))
+        return out
+
+    async def requeue(
+        self, task_type: str, consumer: str, stream_ids: Sequence[bytes], *,
+        min_idle_ms: int, max_requeues: int,
+    ) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+        """Re-add a dead consumer's entries for others to read; returns (re-queued, dead)."""
+        requeued: list[uuid.UUID] = []
+        dead: list[uuid.UUID] = []
+        keys = [self.keys.stream(task_type), self.keys.dead(task_type)]
+        for start in range(0, len(stream_ids), _CHUNK):
+            chunk = stream_ids[start:start + _CHUNK]
+            with translate("streams.requeue"):
+                back, gone = await self._requeue(
+                    keys=keys,
+                    args=[GROUP, consumer, min_idle_ms, max_requeues, self.dead_letter_maxlen,
+                          *chunk],
+                )
+            requeued += [uuid.UUID(x.decode()) for x in back]
+            dead += [uuid.UUID(x.decode()) for x in gone]
+        return requeued, dead
+
+    async def delete_consumer(self, task_type: str, consumer: str) -> None:
+        with translate("streams.delete_consumer"):
+            await self.redis.xgroup_delconsumer(self.keys.stream(task_type), GROUP, consumer)
+
+    async def trim(self, task_type: str) -> int:
+        """Drop entries every consumer is done with (acked); returns how many were dropped.
+
+        The last-delivered id is read before the oldest pending id: an entry below both was
+        delivered and is no longer pending, so it was acked, and an acked entry never becomes
+        pending again. Undelivered entries are never trimmed.
+        """
+        stream = self.keys.stream(task_type)
+        with translate("streams.trim"):
+            try:
+                groups = await self.redis.xinfo_groups(stream)
+            except ResponseError:
+                return 0
+            group = next((g for g in groups if g["name"] == GROUP.encode()), None)
+            if group is None:
+                return 0
+            summary = await self.redis.xpending(stream, GROUP)
+            min_pending = summary["min"]
+            min_id = min_pending.decode() if min_pending else _next_id(group["last-delivered-id"])
+            dropped = await self.redis.xtrim(stream, minid=min_id, approximate=False)
+        return int(dropped)
+
+    # -- relay -----------------------------------------------------------------------------
+
+    async def undelivered(self, task_type: str, limit: int) -> set[uuid.UUID] | None:
+        """Task ids of entries not yet delivered to the group; None if there are over `limit`.
+
+        Creates the group if it is missing, so the answer is about this group's backlog.
+        """
+        stream = self.keys.stream(task_type)
+        await self.ensure_group(task_type)
+        with translate("streams.undelivered"):
+            groups: Any = await self.redis.xinfo_groups(stream)
+            group = next(g for g in groups if g["name"] == GROUP.encode())
+            start = "(" + group["last-delivered-id"].decode()
+            entries: Any = await self.redis.xrange(stream, min=start, max="+", count=limit + 1)
+        if len(entries) > limit:
+            return None
+        return {m.task_id for m in (decode(s, f) for s, f in entries) if m.task_id}
+
+    async def delayed_among(self, task_type: str, task_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of `task_ids` wait in the type's delayed set."""
+        if not task_ids:
+            return set()
+        with translate("streams.delayed_among"):
+            scores = await self.redis.zmscore(
+                self.keys.delayed(task_type), [str(t) for t in task_ids]
+            )
+        return {t for t, score in zip(task_ids, scores, strict=True) if score is not None}
+
+    # -- observation -----------------------------------------------------------------------
+
+    async def stats(self, task_types: Iterable[str]) -> dict[str, StreamStats]:
+        types = list(task_types)
+        with translate("streams.stats"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for t in types:
+                    pipe.xlen(self.keys.stream(t))
+                    pipe.xinfo_groups(self.keys.stream(t))
+                    pipe.zcard(self.keys.delayed(t))
+                    pipe.xlen(self.keys.dead(t))
+                replies = await pipe.execute(raise_on_error=False)
+        out = {}
+        for i, t in enumerate(types):
+            length, groups, delayed, dead = replies[4 * i:4 * i + 4]
+            group = None
+            if isinstance(groups, list):
+                group = next((g for g in groups if g["name"] == GROUP.encode()), None)
+            out[t] = StreamStats(
+                length=int(length),
+                pending=int(group["pending"]) if group else 0,
+                undelivered=(int(group["lag"]) if group and group.get("lag") is not None
+                             else (int(length) if group is None else None)),
+                delayed=int(delayed),
+                dead_letters=int(dead),
+            )
+        return out
+
+    async def dead_letters(self, task_type: str, count: int = 100) -> list[dict[str, str]]:
+        """Newest dead-letter entries of a type."""
+        with translate("streams.dead_letters"):
+            rows: Any = await self.redis.xrevrange(self.keys.dead(task_type), count=count)
+        return [
+            {"stream_id": sid.decode(), **{k.decode(): v.decode() for k, v in fields.items()}}
+            for sid, fields in rows
+        ]

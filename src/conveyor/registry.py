@@ -1,0 +1,141 @@
+"""Task types and cron jobs as registered by an application, and what a handler receives.
+
+A `TaskType` ties a name to its payload model, handler, retry policy and where the handler runs
+(`loop` for coroutines, `thread` for blocking functions, `process` for CPU-bound ones).
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict
+
+from conveyor.config import Settings
+from conveyor.errors import ConfigError, UnknownTaskType
+
+TYPE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+RunIn = Literal["loop", "thread", "process"]
+Handler = Callable[..., Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: attempt n waits base·2^(n-1), capped, then jittered.
+
+    `jitter` is the share of the delay that is random: 0.5 waits between half and all of it.
+    """
+
+    base_delay_s: float = 1.0
+    max_delay_s: float = 300.0
+    jitter: float = 0.5
+
+    def delay_s(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Delay before the attempt after `attempt` (1-based) failed."""
+        raw = min(self.max_delay_s, self.base_delay_s * 2 ** max(0, attempt - 1))
+        spread = raw * self.jitter
+        return float(raw - spread + (rng or random).random() * spread)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    """What a handler learns about the run it is in. Picklable, so process handlers get it too."""
+
+    task_id: str
+    task_type: str
+    attempt: int
+    max_attempts: int
+    run_at: datetime
+    worker_id: str
+    settings: Settings
+
+    @property
+    def is_last_attempt(self) -> bool:
+        return self.attempt >= self.max_attempts
+
+
+@dataclass(frozen=True, slots=True)
+class TaskType:
+    """One registered kind of task."""
+
+    name: str
+    payload_model: type[BaseModel]
+    handler: Handler
+    run_in: RunIn = "loop"
+    max_attempts: int | None = None
+    timeout_s: float | None = None
+    retry: RetryPolicy | None = None
+    description: str = ""
+
+
+class CronTick(BaseModel):
+    """Payload of a task enqueued by a cron job: the slot it was fired for."""
+
+    model_config = ConfigDict(extra="forbid")
+    scheduled_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CronJob:
+    """A cron expression (six fields, seconds first) that enqueues one task per slot."""
+
+    name: str
+    expression: str
+
+    def next_after(self, moment: datetime) -> datetime:
+        it = croniter(self.expression, moment, second_at_beginning=True)
+        nxt: datetime = it.get_next(datetime)
+        return nxt
+
+
+@dataclass
+class Registry:
+    """Task types and cron jobs by name."""
+
+    types: dict[str, TaskType] = field(default_factory=dict)
+    cron_jobs: dict[str, CronJob] = field(default_factory=dict)
+
+    def add(self, task_type: TaskType) -> None:
+        if not TYPE_NAME.match(task_type.name):
+            raise ConfigError(
+                f"task type name {task_type.name!r} must match {TYPE_NAME.pattern}"
+            )
+        if task_type.name in self.types:
+            raise ConfigError(f"task type {task_type.name!r} is registered twice")
+        if task_type.run_in == "loop" and not inspect.iscoroutinefunction(task_type.handler):
+            raise ConfigError(f"task type {task_type.name!r}: loop handlers must be async")
+        if task_type.run_in != "loop" and inspect.iscoroutinefunction(task_type.handler):
+            raise ConfigError(
+                f"task type {task_type.name!r}: {task_type.run_in} handlers must be plain functions"
+            )
+        self.types[task_type.name] = task_type
+
+    def add_cron(self, job: CronJob, task_type: TaskType) -> None:
+        expression_fields = job.expression.split()
+        if len(expression_fields) != 6 or not croniter.is_valid(
+            job.expression, second_at_beginning=True
+        ):
+            raise ConfigError(
+                f"cron job {job.name!r}: {job.expression!r} is not a six-field cron expression "
+                "(seconds minutes hours day-of-month month day-of-week)"
+            )
+        self.add(task_type)
+        self.cron_jobs[job.name] = job
+
+    def get(self, name: str) -> TaskType:
+        try:
+            return self.types[name]
+        except KeyError:
+            raise UnknownTaskType(name) from None
+
+    def __iter__(self) -> Iterator[TaskType]:
+        return iter(self.types.values())
+
+    def __len__(self) -> int:
+        return len(self.types)

@@ -1,0 +1,1 @@
+"""Process lifecycle: the shared shutdown signal, signal handling, the service supervisor."""

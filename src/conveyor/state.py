@@ -1,0 +1,66 @@
+"""AppState: the one object holding settings, the Postgres pool, the Redis client and the task
+registry, built once per process and shared by every service.  [app state]"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import structlog
+
+from conveyor.application import Conveyor
+from conveyor.client import Client
+from conveyor.config import Settings
+from conveyor.errors import ConfigError
+from conveyor.queue.connection import Redis, open_redis, translate
+from conveyor.queue.keys import Keys
+from conveyor.queue.streams import TaskStreams
+from conveyor.store.migrate import migrate
+from conveyor.store.pool import Pool, open_pool
+from conveyor.store.tasks import TaskStore
+
+log = structlog.get_logger("conveyor.state")
+
+
+@dataclass(frozen=True)
+class AppState:
+    settings: Settings
+    app: Conveyor
+    pool: Pool
+    redis: Redis
+    keys: Keys
+    store: TaskStore
+    streams: TaskStreams
+    client: Client
+
+
+@contextlib.asynccontextmanager
+async def open_state(
+    settings: Settings, app: Conveyor, *, apply_migrations: bool = True
+) -> AsyncIterator[AppState]:
+    """Connect to Postgres and Redis (migrating first), yield the state, close both at exit."""
+    if not settings.database_url or not settings.redis_url:
+        raise ConfigError("DATABASE_URL and REDIS_URL must both be set (or neither, for `run`)")
+    pool = await open_pool(
+        settings.database_url, min_size=settings.pg_pool_min, max_size=settings.pg_pool_max
+    )
+    redis = open_redis(
+        settings.redis_url,
+        read_timeout_s=settings.read_block + 10,
+        max_connections=max(32, 2 * len(app.registry) + settings.concurrency + 16),
+    )
+    try:
+        if apply_migrations:
+            await migrate(pool, settings.database_schema)
+        with translate("redis.ping"):
+            await redis.ping()
+        keys = Keys(settings.key_prefix)
+        store = TaskStore(pool, settings.database_schema)
+        streams = TaskStreams(redis, keys, dead_letter_maxlen=settings.dead_letter_maxlen)
+        client = Client(store, streams, app.registry, default_max_attempts=settings.max_attempts)
+        app.bind(client)
+        yield AppState(settings, app, pool, redis, keys, store, streams, client)
+    finally:
+        await redis.aclose()
+        await pool.close()

@@ -1,0 +1,1 @@
+"""PostgreSQL: the durable record of every task.  [PostgreSQL]"""

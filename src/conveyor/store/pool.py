@@ -1,0 +1,76 @@
+"""The asyncpg pool: open with retries, close, and translate driver errors at the edge."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any, TypeAlias
+
+import asyncpg
+import orjson
+import structlog
+from asyncpg.pool import PoolConnectionProxy
+
+from conveyor.errors import Unavailable
+
+log = structlog.get_logger("conveyor.store")
+
+Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
+# A plain connection or one borrowed from a pool: both run queries and transactions.
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+
+# Errors that mean "the server is not reachable right now", as opposed to a bad query.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+
+@contextlib.contextmanager
+def translate(op: str) -> Iterator[None]:
+    """Re-raise connection-level driver errors as `Unavailable(op)`; others pass through."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise Unavailable(op, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    await conn.set_type_codec("jsonb", encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
+
+
+async def open_pool(
+    dsn: str, *, min_size: int = 2, max_size: int = 10, connect_timeout_s: float = 30.0
+) -> Pool:
+    """Open a pool, retrying with backoff until `connect_timeout_s` passes."""
+    deadline = time.monotonic() + connect_timeout_s
+    delay = 0.1
+    while True:
+        try:
+            with translate("pool.open"):
+                pool: Pool = await asyncpg.create_pool(
+                    dsn,
+                    min_size=min_size,
+                    max_size=max_size,
+                    init=_init_connection,
+                    command_timeout=60,
+                    server_settings={"application_name": "conveyor"},
+                )
+            return pool
+        except Unavailable as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("store.connect.retrying", error=exc.detail, retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)

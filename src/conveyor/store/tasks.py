@@ -1,0 +1,393 @@
+"""Task rows: insert, compare-and-set transitions, queries for the API, the relay and rebalance.
+
+Every state change is one UPDATE guarded by the state it expects (compare-and-set), so a
+redelivered or stale message can never run a finished task or record a completion twice:
+
+    queued ──mark_running──▶ running ──record──▶ succeeded | dead | queued (retry)
+    queued ──cancel──▶ cancelled;  dead | cancelled ──retry──▶ queued
+    running (worker lost) ──requeue──▶ queued
+
+Batched statements take arrays and `unnest` them: one round trip for many rows.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from conveyor.store.pool import Connection, Pool, translate
+
+Status = Literal["queued", "running", "succeeded", "dead", "cancelled"]
+STATUSES: tuple[Status, ...] = ("queued", "running", "succeeded", "dead", "cancelled")
+# A worker may start a task this long before its run_at (clock skew between Redis and Postgres).
+EARLY_START_S = 0.5
+
+
+def new_task_id() -> uuid.UUID:
+    """A UUIDv7: 48 bits of Unix milliseconds then random bits, so ids sort by creation time."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return uuid.UUID(int=value)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """One row of the tasks table."""
+
+    id: uuid.UUID
+    type: str
+    status: Status
+    payload: Any
+    idempotency_key: str | None
+    attempts: int
+    max_attempts: int
+    result: Any
+    last_error: str | None
+    worker: str | None
+    created_at: datetime
+    run_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+_COLUMNS = ", ".join(f"t.{name}" for name in TaskRecord.__slots__)
+
+
+def _record(row: Any) -> TaskRecord:
+    return TaskRecord(*row)
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A task to insert; `payload_json` is already validated and serialised."""
+
+    id: uuid.UUID
+    type: str
+    payload_json: str
+    max_attempts: int
+    idempotency_key: str | None = None
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Inserted:
+    record: TaskRecord
+    created: bool  # False: an earlier task with the same idempotency key was returned
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A task this worker now owns (status running, attempts already incremented)."""
+
+    id: uuid.UUID
+    type: str
+    payload: Any
+    attempt: int
+    max_attempts: int
+    run_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NotStarted:
+    """Why a message's task could not be started."""
+
+    id: uuid.UUID
+    status: Status | None  # None: no such task
+    run_at: datetime | None
+    exhausted: bool  # queued, but every attempt is used up (its last worker died mid-run)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one handler run, to be recorded if this worker still owns the attempt."""
+
+    task_id: uuid.UUID
+    task_type: str
+    attempt: int
+    status: Literal["succeeded", "queued", "dead"]
+    result_json: str | None = None
+    error: str | None = None
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    task_id: uuid.UUID
+    status: Status
+    run_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    queued: int
+    running: int
+    dead: int
+    oldest_due: datetime | None
+
+
+class TaskStore:
+    """All SQL on the tasks table of one schema."""
+
+    def __init__(self, pool: Pool, schema: str) -> None:
+        self.pool = pool
+        self.table = f"{schema}.tasks"
+        # NOTIFY channel for tasks enqueued inside a caller's transaction (sent on commit).
+        self.channel = f"{schema}_enqueued"
+        t = self.table
+        self._insert_sql = f"""
+            INSERT INTO {t} AS t (id, type, payload, idempotency_key, max_attempts, run_at)
+            SELECT u.id, u.type, u.payload::jsonb, u.key, u.max_attempts,
+                   now() + u.delay * interval '1 second'
+            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float8[])
+                 AS u(id, type, payload, key, max_attempts, delay)
+            ON CONFLICT (type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            RETURNING {_COLUMNS}"""
+        self._existing_sql = f"""
+            SELECT {_COLUMNS} FROM {t} AS t
+            JOIN unnest($1::text[], $2::text[]) AS u(type, key)
+              ON t.type = u.type AND t.idempotency_key = u.key"""
+        self._mark_running_sql = f"""
+            UPDATE {t} AS t
+            SET status = 'running', attempts = t.attempts + 1, worker = $2,
+                started_at = now(), finished_at = NULL
+            FROM unnest($1::uuid[]) AS c(id)
+            WHERE t.id = c.id AND t.status = 'queued' AND t.attempts < t.max_attempts
+              AND t.run_at <= now() + interval '{EARLY_START_S} seconds'
+            RETURNING t.id, t.type, t.payload, t.attempts, t.max_attempts, t.run_at"""
+        self._record_sql = f"""
+            UPDATE {t} AS t
+            SET status = c.status,
+                result = CASE WHEN c.status = 'succeeded' THEN c.result::jsonb ELSE t.result END,
+                last_error = CASE WHEN c.status = 'succeeded' THEN t.last_error ELSE c.error END,
+                run_at = CASE WHEN c.status = 'queued'
+                              THEN now() + c.delay * interval '1 second' ELSE t.run_at END,
+                finished_at = CASE WHEN c.status = 'queued' THEN NULL ELSE now() END
+            FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::float8[])
+                 AS c(id, attempt, status, result, error, delay)
+            WHERE t.id = c.id AND t.status = 'running' AND t.worker = $7
+              AND t.attempts = c.attempt
+            RETURNING t.id, t.status, t.run_at"""
+
+    # -- enqueue ---------------------------------------------------------------------------
+
+    async def insert(
+        self, tasks: Sequence[NewTask], conn: Connection | None = None
+    ) -> list[Inserted]:
+        """Insert tasks in one statement (on `conn` when given, to join its transaction).
+
+        A task whose (type, idempotency key) exists already is not inserted; the existing row is
+        returned with `created=False`. Results follow the order of `tasks`.
+        """
+        if not tasks:
+            return []
+        args = (
+            [t.id for t in tasks],
+            [t.type for t in tasks],
+            [t.payload_json for t in tasks],
+            [t.idempotency_key for t in tasks],
+            [t.max_attempts for t in tasks],
+            [t.delay_s for t in tasks],
+        )
+        with translate("tasks.insert"):
+            if conn is None:
+                async with self.pool.acquire() as own:
+                    return await self._insert(own, tasks, args)
+            return await self._insert(conn, tasks, args)
+
+    async def _insert(
+        self, conn: Connection, tasks: Sequence[NewTask], args: tuple[list[Any], ...]
+    ) -> list[Inserted]:
+        rows = await conn.fetch(self._insert_sql, *args)
+        created = {row[0]: _record(row) for row in rows}
+        if len(created) == len(tasks):
+            return [Inserted(created[t.id], True) for t in tasks]
+        missing = [t for t in tasks if t.id not in created]
+        existing_rows = await conn.fetch(
+            self._existing_sql,
+            [t.type for t in missing],
+            [t.idempotency_key for t in missing],
+        )
+        existing = {(r["type"], r["idempotency_key"]): _record(r) for r in existing_rows}
+        out = []
+        for t in tasks:
+            if t.id in created:
+                out.append(Inserted(created[t.id], True))
+            else:
+                out.append(Inserted(existing[(t.type, t.idempotency_key)], False))
+        return out
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get(self, task_id: uuid.UUID) -> TaskRecord | None:
+        with translate("tasks.get"):
+            row = await self.pool.fetchrow(
+                f"SELECT {_COLUMNS} FROM {self.table} AS t WHERE t.id = $1", task_id
+            )
+        return _record(row) if row else None
+
+    async def list_tasks(
+        self,
+        *,
+        type_: str | None = None,
+        status: Status | None = None,
+        before: uuid.UUID | None = None,
+        limit: int = 50,
+    ) -> list[TaskRecord]:
+        """Newest first; `before` is the last id of the previous page (keyset pagination)."""
+        clauses: list[str] = []
+        args: list[Any] = []
+        for column, value in (("type", type_), ("status", status)):
+            if value is not None:
+                args.append(value)
+                clauses.append(f"t.{column} = ${len(args)}")
+        if before is not None:
+            args.append(before)
+            clauses.append(f"t.id < ${len(args)}")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        args.append(limit)
+        sql = (f"SELECT {_COLUMNS} FROM {self.table} AS t {where} "
+               f"ORDER BY t.id DESC LIMIT ${len(args)}")
+        with translate("tasks.list"):
+            rows = await self.pool.fetch(sql, *args)
+        return [_record(r) for r in rows]
+
+    async def counts(self, type_: str) -> QueueCounts:
+        """Queued, running and dead counts and the oldest due queued task, from indexes only."""
+        t = self.table
+        sql = f"""
+            SELECT
+              (SELECT count(*) FROM {t} WHERE type = $1 AND status = 'queued'),
+              (SELECT count(*) FROM {t} WHERE type = $1 AND status = 'running'),
+              (SELECT count(*) FROM {t} WHERE type = $1 AND status = 'dead'),
+              (SELECT min(run_at) FROM {t} WHERE type = $1 AND status = 'queued'
+                                            AND run_at <= now())"""
+        with translate("tasks.counts"):
+            row = await self.pool.fetchrow(sql, type_)
+        assert row is not None
+        return QueueCounts(row[0], row[1], row[2], row[3])
+
+    # -- worker transitions ----------------------------------------------------------------
+
+    async def mark_running(
+        self, ids: Sequence[uuid.UUID], worker: str
+    ) -> tuple[list[Started], list[NotStarted]]:
+        """queued → running for every id that is runnable now; explain the others."""
+        with translate("tasks.mark_running"):
+            async with self.pool.acquire() as conn:
+                rows = await conn.fetch(self._mark_running_sql, list(ids), worker)
+                started = [Started(*row) for row in rows]
+                if len(started) == len(set(ids)):
+                    return started, []
+                done = {s.id for s in started}
+                rest = [i for i in dict.fromkeys(ids) if i not in done]
+                found = await conn.fetch(
+                    f"SELECT id, status, run_at, attempts >= max_attempts FROM {self.table}"
+                    " WHERE id = ANY($1::uuid[])",
+                    rest,
+                )
+        by_id = {r[0]: NotStarted(r[0], r[1], r[2], r[1] == "queued" and r[3]) for r in found}
+        return started, [by_id.get(i, NotStarted(i, None, None, False)) for i in rest]
+
+    async def record(self, outcomes: Sequence[Outcome], worker: str) -> list[Recorded]:
+        """Record outcomes of attempts this worker still owns; returns those recorded.
+
+        An outcome whose attempt was taken over (requeued by rebalance after this worker looked
+        dead) is not recorded: the compare-and-set on (status, worker, attempts) fails.
+        """
+        if not outcomes:
+            return []
+        with translate("tasks.record"):
+            rows = await self.pool.fetch(
+                self._record_sql,
+                [o.task_id for o in outcomes],
+                [o.attempt for o in outcomes],
+                [o.status for o in outcomes],
+                [o.result_json for o in outcomes],
+                [o.error for o in outcomes],
+                [o.delay_s for o in outcomes],
+                worker,
+            )
+        return [Recorded(*row) for row in rows]
+
+    async def kill(
+        self, ids: Iterable[uuid.UUID], reason: str, *, from_: Sequence[Status] = ("queued",)
+    ) -> list[uuid.UUID]:
+        """→ dead for tasks still in one of `from_`; returns the ids changed."""
+        with translate("tasks.kill"):
+            rows = await self.pool.fetch(
+                f"UPDATE {self.table} SET status = 'dead', finished_at = now(), last_error = $2"
+                " WHERE id = ANY($1::uuid[]) AND status = ANY($3::text[]) RETURNING id",
+                list(ids), reason, list(from_),
+            )
+        return [r[0] for r in rows]
+
+    async def requeue(self, ids: Iterable[uuid.UUID], worker: str) -> list[uuid.UUID]:
+        """running on `worker` → queued, for tasks whose worker is gone; returns ids changed."""
+        with translate("tasks.requeue"):
+            rows = await self.pool.fetch(
+                f"UPDATE {self.table} SET status = 'queued'"
+                " WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker = $2 RETURNING id",
+                list(ids), worker,
+            )
+        return [r[0] for r in rows]
+
+    # -- user actions ----------------------------------------------------------------------
+
+    async def cancel(self, task_id: uuid.UUID) -> TaskRecord | None:
+        """queued → cancelled; None if the task is not queued (or does not exist)."""
+        with translate("tasks.cancel"):
+            row = await self.pool.fetchrow(
+                f"UPDATE {self.table} AS t SET status = 'cancelled', finished_at = now()"
+                f" WHERE t.id = $1 AND t.status = 'queued' RETURNING {_COLUMNS}",
+                task_id,
+            )
+        return _record(row) if row else None
+
+    async def retry(self, task_id: uuid.UUID) -> TaskRecord | None:
+        """dead | cancelled → queued with a fresh set of attempts; None if not allowed."""
+        with translate("tasks.retry"):
+            row = await self.pool.fetchrow(
+                f"UPDATE {self.table} AS t SET status = 'queued', attempts = 0, run_at = now(),"
+                " started_at = NULL, finished_at = NULL, result = NULL"
+                f" WHERE t.id = $1 AND t.status IN ('dead', 'cancelled') RETURNING {_COLUMNS}",
+                task_id,
+            )
+        return _record(row) if row else None
+
+    # -- relay -----------------------------------------------------------------------------
+
+    async def overdue(
+        self, type_: str, older_than_s: float, after: tuple[datetime, uuid.UUID] | None,
+        limit: int,
+    ) -> list[tuple[datetime, uuid.UUID]]:
+        """Queued tasks of `type_` due more than `older_than_s` ago, oldest first, keyset."""
+        sql = (f"SELECT run_at, id FROM {self.table} WHERE status = 'queued' AND type = $1"
+               " AND run_at < now() - $2 * interval '1 second'")
+        args: list[Any] = [type_, older_than_s]
+        if after is not None:
+            sql += " AND (run_at, id) > ($3, $4)"
+            args += list(after)
+        sql += f" ORDER BY run_at, id LIMIT ${len(args) + 1}"
+        with translate("tasks.overdue"):
+            rows = await self.pool.fetch(sql, *args, limit)
+        return [(r[0], r[1]) for r in rows]
+
+    async def running_since(self, older_than_s: float) -> list[tuple[uuid.UUID, str, str]]:
+        """(id, type, worker) of tasks running for more than `older_than_s`."""
+        with translate("tasks.running_since"):
+            rows = await self.pool.fetch(
+                f"SELECT id, type, worker FROM {self.table} WHERE status = 'running'"
+                " AND started_at < now() - $1 * interval '1 second'",
+                older_than_s,
+            )
+        return [(r[0], r[1], r[2]) for r in rows]

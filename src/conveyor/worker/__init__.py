@@ -1,0 +1,1 @@
+"""The worker service: consumers per task type, handler execution, heartbeat.  [worker loop]"""

@@ -1,0 +1,208 @@
+"""Consumer: one per task type; reads its stream through the group, starts handlers, and
+settles what cannot run.  [consumers A, B]
+
+Each read asks for no more messages than there are free slots. With several consumers in one
+worker, a read that may block takes one slot, so an idle stream never sits on the slots a busy
+one could use; a read that found a full batch is followed at once by a non-blocking read that
+takes every free slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from conveyor import metrics
+from conveyor.errors import Unavailable
+from conveyor.queue.keys import consumer_name
+from conveyor.queue.streams import Message, TaskStreams
+from conveyor.registry import TaskType
+from conveyor.runtime.outage import Outage
+from conveyor.runtime.shutdown import Shutdown
+from conveyor.store.tasks import NotStarted, Started, TaskStore
+from conveyor.worker.executor import Executor
+from conveyor.worker.recorder import Recorder
+from conveyor.worker.slots import Slots
+
+log = structlog.get_logger("conveyor.consumer")
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A message this worker holds, for the heartbeat's report and idle-time refresh."""
+
+    task_type: str
+    consumer: str
+    stream_id: bytes
+    task_id: str
+    since: float
+
+
+class Consumer:
+    """Reads one type's stream and runs its handlers within the worker's slots."""
+
+    def __init__(
+        self,
+        task_type: TaskType,
+        *,
+        worker_id: str,
+        store: TaskStore,
+        streams: TaskStreams,
+        executor: Executor,
+        recorder: Recorder,
+        slots: Slots,
+        in_flight: dict[bytes, InFlight],
+        spawn: Callable[[asyncio.Future[None]], None],
+        block_ms: int,
+        solo: bool,
+    ) -> None:
+        self.task_type = task_type
+        self.name = consumer_name(worker_id, task_type.name)
+        self.worker_id = worker_id
+        self.store = store
+        self.streams = streams
+        self.executor = executor
+        self.recorder = recorder
+        self.slots = slots
+        self.in_flight = in_flight
+        self.spawn = spawn
+        self.block_ms = block_ms
+        self.solo = solo
+        self._read_outage = Outage(f"consumer.{task_type.name}.read")
+        self._start_outage = Outage(f"consumer.{task_type.name}.start")
+
+    async def run(self, shutdown: Shutdown) -> None:
+        """Read and dispatch until shutdown begins (the slots close); a read in progress
+        finishes and what it returned is run as part of the drain."""
+        blocking = True
+        while not shutdown.begun:
+            want = self.slots.capacity if (self.solo or not blocking) else 1
+            taken = await self.slots.take(want)
+            if taken == 0:
+                return
+            try:
+                messages = await self.streams.read(
+                    self.task_type.name, self.name, taken, self.block_ms if blocking else None
+                )
+                self._read_outage.recovered()
+            except Unavailable as exc:
+                self.slots.give(taken)
+                await self._read_outage.failed(exc, shutdown)
+                continue
+            if len(messages) < taken:
+                self.slots.give(taken - len(messages))
+            blocking = len(messages) < taken
+            if messages:
+                await self._start(messages, shutdown)
+
+    async def _start(self, messages: list[Message], shutdown: Shutdown) -> None:
+        """Mark the messages' tasks running and spawn their handlers; settle the rest."""
+        undecodable = [m for m in messages if m.task_id is None]
+        by_task: dict[uuid.UUID, Message] = {}
+        duplicates: list[Message] = []
+        for m in messages:
+            if m.task_id is not None:
+                if m.task_id in by_task:
+                    duplicates.append(m)
+                else:
+                    by_task[m.task_id] = m
+        started: list[Started] = []
+        not_started: list[NotStarted] = []
+        if by_task:
+            result = await self._mark_running(list(by_task), shutdown)
+            if result is None:  # gave up at shutdown: the messages stay pending for rebalance
+                self.slots.give(len(messages))
+                return
+            started, not_started = result
+        await self._settle_unrunnable(undecodable, duplicates, not_started, by_task, shutdown)
+        now = time.time()
+        for task in started:
+            message = by_task[task.id]
+            metrics.TASK_WAIT.labels(self.task_type.name).observe(
+                max(0.0, now - task.run_at.timestamp())
+            )
+            self.in_flight[message.stream_id] = InFlight(
+                self.task_type.name, self.name, message.stream_id, str(task.id), time.monotonic()
+            )
+            self.spawn(asyncio.ensure_future(self._run_one(message, task)))
+
+    async def _mark_running(
+        self, ids: list[uuid.UUID], shutdown: Shutdown
+    ) -> tuple[list[Started], list[NotStarted]] | None:
+        while True:
+            try:
+                result = await self.store.mark_running(ids, self.worker_id)
+                self._start_outage.recovered()
+                return result
+            except Unavailable as exc:
+                if shutdown.begun and shutdown.drain_remaining() <= 0:
+                    return None
+                await self._start_outage.failed(exc)
+
+    async def _settle_unrunnable(
+        self,
+        undecodable: list[Message],
+        duplicates: list[Message],
+        not_started: list[NotStarted],
+        by_task: dict[uuid.UUID, Message],
+        shutdown: Shutdown,
+    ) -> None:
+        """Ack messages whose task is not runnable, re-delaying early ones and dead-lettering
+        what cannot be decoded or has no attempts left."""
+        acks = [m.stream_id for m in undecodable + duplicates]
+        dead = [("", f"{m.error} (stream entry {m.stream_id.decode()})") for m in undecodable]
+        delays = []
+        exhausted = []
+        name = self.task_type.name
+        if duplicates:
+            metrics.MESSAGES_DROPPED.labels(name, "duplicate").inc(len(duplicates))
+        for ns in not_started:
+            acks.append(by_task[ns.id].stream_id)
+            if ns.status is None:
+                dead.append((str(ns.id), "no such task in Postgres"))
+                metrics.MESSAGES_DROPPED.labels(name, "unknown").inc()
+            elif ns.exhausted:
+                exhausted.append(ns.id)
+            elif ns.status == "queued" and ns.run_at is not None:
+                delays.append((ns.id, int(ns.run_at.timestamp() * 1000)))
+                metrics.MESSAGES_DROPPED.labels(name, "early").inc()
+            else:
+                metrics.MESSAGES_DROPPED.labels(name, ns.status).inc()
+        for m in undecodable:
+            metrics.DEAD_LETTERED.labels(name, "undecodable").inc()
+            log.warning("consumer.message.undecodable", task_type=name, error=m.error)
+        if not acks:
+            return
+        while True:
+            try:
+                if exhausted:
+                    reason = "worker lost during the final attempt"
+                    for task_id in await self.store.kill(exhausted, reason):
+                        dead.append((str(task_id), reason))
+                        metrics.DEAD_LETTERED.labels(name, "attempts").inc()
+                    exhausted = []
+                await self.streams.settle(name, acks, delays=delays, dead=dead)
+                break
+            except Unavailable as exc:
+                if shutdown.forced:
+                    break
+                await self._start_outage.failed(exc)
+        self.slots.give(len(acks))
+
+    async def _run_one(self, message: Message, task: Started) -> None:
+        log_ = log.bind(task_id=str(task.id), task_type=task.type, attempt=task.attempt)
+        try:
+            outcome = await self.executor.execute(self.task_type, task)
+            if outcome.status != "succeeded":
+                log_.info("task.failed", will_retry=outcome.status == "queued",
+                          error=(outcome.error or "").splitlines()[-1:])
+            await self.recorder.record(message.stream_id, outcome)
+        finally:
+            self.in_flight.pop(message.stream_id, None)
+            self.slots.give(1)
+

@@ -1,0 +1,160 @@
+"""Worker: consumers for each task type, the recorder, the forwarder and the heartbeat, and
+the order in which they stop.  [worker loop]
+
+Stop order (shutdown begun): consumers stop reading → in-flight handlers finish, until the
+drain deadline → their outcomes are recorded and acked → the heartbeat stops last and deletes
+its record. Handlers still running at the deadline are cancelled; their messages stay pending
+and the rebalancer hands them to another worker once this one's heartbeat is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+
+import structlog
+
+from conveyor.errors import ConfigError, Unavailable
+from conveyor.runtime.outage import Outage
+from conveyor.runtime.shutdown import Shutdown
+from conveyor.state import AppState
+from conveyor.worker.consumer import Consumer, InFlight
+from conveyor.worker.executor import Executor
+from conveyor.worker.forwarder import Forwarder
+from conveyor.worker.heartbeat import Heartbeat
+from conveyor.worker.recorder import Recorder
+from conveyor.worker.slots import Slots
+
+log = structlog.get_logger("conveyor.worker")
+
+
+def new_worker_id() -> str:
+    """Unique per process and start: host, pid and a random suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Worker:
+    """Runs the handlers of `types` (default: every registered type), at most
+    `settings.concurrency` messages in flight."""
+
+    name = "worker"
+
+    def __init__(
+        self, state: AppState, *, worker_id: str | None = None, types: list[str] | None = None
+    ) -> None:
+        settings = state.settings
+        self.state = state
+        self.worker_id = worker_id or new_worker_id()
+        registry = state.app.registry
+        wanted = types or settings.worker_types or list(registry.types)
+        unknown = [t for t in wanted if t not in registry.types]
+        if unknown:
+            raise ConfigError(f"worker types not registered: {', '.join(unknown)}")
+        self.types = [registry.types[t] for t in wanted]
+        self.slots = Slots(settings.concurrency)
+        self.in_flight: dict[bytes, InFlight] = {}
+        self.handlers: set[asyncio.Future[None]] = set()
+        self.executor = Executor(settings, self.worker_id)
+        self.recorder = Recorder(state.store, state.streams, self.worker_id)
+        self.consumers = [
+            Consumer(
+                t,
+                worker_id=self.worker_id,
+                store=state.store,
+                streams=state.streams,
+                executor=self.executor,
+                recorder=self.recorder,
+                slots=self.slots,
+                in_flight=self.in_flight,
+                spawn=self._spawn,
+                block_ms=int(settings.read_block * 1000),
+                solo=len(self.types) == 1,
+            )
+            for t in self.types
+        ]
+        self.forwarder = Forwarder(
+            state.streams, wanted, interval_s=settings.forward_interval
+        )
+        self.heartbeat = Heartbeat(
+            state.redis,
+            state.streams,
+            state.keys,
+            self.worker_id,
+            interval_s=settings.heartbeat_interval,
+            ttl_s=settings.heartbeat_ttl,
+            types=wanted,
+            concurrency=settings.concurrency,
+            in_flight=self.in_flight,
+            counters=self._counters,
+        )
+        self.processed = 0
+
+    def _spawn(self, handler: asyncio.Future[None]) -> None:
+        self.handlers.add(handler)
+        handler.add_done_callback(self._handler_done)
+
+    def _handler_done(self, handler: asyncio.Future[None]) -> None:
+        self.handlers.discard(handler)
+        self.processed += 1
+        if not handler.cancelled() and handler.exception() is not None:
+            log.error("worker.handler.crashed", exc_info=handler.exception())
+
+    def _counters(self) -> dict[str, int]:
+        return {"processed": self.processed}
+
+    async def run(self, shutdown: Shutdown) -> None:
+        """Consume until shutdown begins, then drain in order (see module docstring)."""
+        await self._prepare(shutdown)
+        self.executor.warm_up(self.types)
+        aux_stop = Shutdown()  # recorder and heartbeat outlive the consumers
+        log.info("worker.started", worker=self.worker_id, types=[t.name for t in self.types],
+                 concurrency=self.slots.capacity)
+        try:
+            async with asyncio.TaskGroup() as group:
+                recorder = group.create_task(self.recorder.run(aux_stop))
+                heartbeat = group.create_task(self.heartbeat.run(aux_stop))
+                group.create_task(self.forwarder.run(shutdown))
+                consumers = [group.create_task(c.run(shutdown)) for c in self.consumers]
+                await shutdown.wait()
+                self.slots.close()
+                log.info("worker.drain.started", in_flight=len(self.handlers),
+                         timeout_s=round(shutdown.drain_remaining(), 3))
+                await asyncio.gather(*consumers)
+                await self._drain(shutdown)
+                aux_stop.begin()
+                await recorder
+                await heartbeat
+        except asyncio.CancelledError:
+            aux_stop.force()
+            for handler in list(self.handlers):
+                handler.cancel()
+            raise
+        finally:
+            self.executor.close(wait=not shutdown.forced)
+        log.info("worker.stopped", worker=self.worker_id, processed=self.processed)
+
+    async def _prepare(self, shutdown: Shutdown) -> None:
+        """Create missing groups; wait for Redis if it is away (until shutdown begins)."""
+        outage = Outage("worker.prepare")
+        while not shutdown.begun:
+            try:
+                for t in self.types:
+                    await self.state.streams.ensure_group(t.name)
+                outage.recovered()
+                return
+            except Unavailable as exc:
+                await outage.failed(exc, shutdown)
+
+    async def _drain(self, shutdown: Shutdown) -> None:
+        if self.handlers:
+            _, pending = await asyncio.wait(
+                set(self.handlers), timeout=shutdown.drain_remaining()
+            )
+            if pending:
+                log.warning("worker.drain.timeout", abandoned=len(pending))
+                for handler in pending:
+                    handler.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        log.info("worker.drain.finished", processed=self.processed)
