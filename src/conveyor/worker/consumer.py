@@ -2,9 +2,11 @@
 settles what cannot run.  [consumers A, B]
 
 Each read asks for no more messages than there are free slots. With several consumers in one
-worker, a read that may block takes one slot, so an idle stream never sits on the slots a busy
-one could use; a read that found a full batch is followed at once by a non-blocking read that
-takes every free slot.
+worker, a blocking read takes one slot, and only while no other consumer is waiting for one:
+when slots are short, a consumer reads without blocking, and if its stream was empty it stands
+aside until slots are free again (at most `read_block`), so an idle stream never sits on a slot
+a busy one could use. A read that found a full batch is followed at once by a non-blocking read
+for every free slot.
 """
 
 from __future__ import annotations
@@ -80,15 +82,19 @@ class Consumer:
         """Read and dispatch until shutdown begins (the slots close); a read in progress
         finishes and what it returned is run as part of the drain."""
         blocking = True
+        stood_aside = False
         while not shutdown.begun:
+            if stood_aside:
+                await self.slots.wait_quiet(self.block_ms / 1000)
             want = self.slots.capacity if (self.solo or not blocking) else 1
             taken = await self.slots.take(want)
             if taken == 0:
                 return
+            contended = not self.solo and self.slots.waiting > 0
+            block_ms = self.block_ms if blocking and not contended else None
             try:
-                messages = await self.streams.read(
-                    self.task_type.name, self.name, taken, self.block_ms if blocking else None
-                )
+                messages = await self.streams.read(self.task_type.name, self.name, taken,
+                                                   block_ms)
                 self._read_outage.recovered()
             except Unavailable as exc:
                 self.slots.give(taken)
@@ -97,6 +103,7 @@ class Consumer:
             if len(messages) < taken:
                 self.slots.give(taken - len(messages))
             blocking = len(messages) < taken
+            stood_aside = contended and not messages
             if messages:
                 await self._start(messages, shutdown)
 

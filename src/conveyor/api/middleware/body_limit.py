@@ -8,7 +8,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from conveyor.api.responses import problem
 
 
-class _TooLarge(Exception):
+class _TooLarge(BaseException):
+    # Not an Exception: FastAPI turns any Exception raised while reading a body into a 400.
     pass
 
 

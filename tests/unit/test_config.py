@@ -1,0 +1,204 @@
+"""Settings: design defaults, environment variables, validation and error messages."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from pydantic import ValidationError
+
+from conveyor.config import Settings, load_settings
+from conveyor.errors import ConfigError
+
+_UNPREFIXED = ("DATABASE_URL", "REDIS_URL", "PORT", "API_KEYS", "CONCURRENCY")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts from an environment without any Conveyor variable."""
+    for name in list(os.environ):
+        if name.upper().startswith("CONVEYOR_") or name.upper() in _UNPREFIXED:
+            monkeypatch.delenv(name)
+
+
+def test_defaults_match_the_design() -> None:
+    settings = Settings()
+    assert settings.port == 8080
+    assert settings.host == "127.0.0.1"
+    assert settings.concurrency == 5
+    assert settings.heartbeat_interval == 30.0
+    assert settings.heartbeat_ttl == 90.0
+    assert settings.rebalance_interval == 10.0
+    assert settings.max_attempts == 3
+    assert settings.api_keys == []
+    assert settings.worker_types == []
+    assert settings.database_url is None
+    assert settings.redis_url is None
+    assert settings.embedded is True
+
+
+def test_prefixed_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_PORT", "9001")
+    monkeypatch.setenv("CONVEYOR_CONCURRENCY", "12")
+    monkeypatch.setenv("CONVEYOR_KEY_PREFIX", "myapp")
+    monkeypatch.setenv("CONVEYOR_LOG_FORMAT", "json")
+    settings = load_settings()
+    assert settings.port == 9001
+    assert settings.concurrency == 12
+    assert settings.key_prefix == "myapp"
+    assert settings.log_format == "json"
+
+
+def test_unprefixed_variables_other_than_urls_are_ignored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PORT", "1234")
+    monkeypatch.setenv("CONCURRENCY", "77")
+    settings = load_settings()
+    assert settings.port == 8080
+    assert settings.concurrency == 5
+
+
+def test_database_and_redis_urls_without_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://db.example/app")
+    monkeypatch.setenv("REDIS_URL", "redis://cache.example/0")
+    settings = load_settings()
+    assert settings.database_url == "postgresql://db.example/app"
+    assert settings.redis_url == "redis://cache.example/0"
+    assert settings.embedded is False
+
+
+def test_database_and_redis_urls_with_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_DATABASE_URL", "postgresql://prefixed/app")
+    monkeypatch.setenv("CONVEYOR_REDIS_URL", "redis://prefixed/0")
+    settings = load_settings()
+    assert settings.database_url == "postgresql://prefixed/app"
+    assert settings.redis_url == "redis://prefixed/0"
+
+
+def test_prefixed_url_wins_over_unprefixed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://plain/app")
+    monkeypatch.setenv("CONVEYOR_DATABASE_URL", "postgresql://prefixed/app")
+    assert load_settings().database_url == "postgresql://prefixed/app"
+
+
+def test_one_url_alone_is_not_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://only/0")
+    assert load_settings().embedded is False
+
+
+def test_api_keys_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_API_KEYS", " alpha, beta ,,gamma ,")
+    monkeypatch.setenv("CONVEYOR_WORKER_TYPES", "webhook,thumbnail")
+    settings = load_settings()
+    assert settings.api_keys == ["alpha", "beta", "gamma"]
+    assert settings.worker_types == ["webhook", "thumbnail"]
+
+
+def test_single_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_API_KEYS", "only-one")
+    assert load_settings().api_keys == ["only-one"]
+
+
+def test_api_keys_accept_a_list_in_overrides() -> None:
+    assert load_settings({"api_keys": ["k1", "k2"]}).api_keys == ["k1", "k2"]
+
+
+def test_fractional_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_HEARTBEAT_INTERVAL", "0.25")
+    monkeypatch.setenv("CONVEYOR_HEARTBEAT_TTL", "0.75")
+    monkeypatch.setenv("CONVEYOR_REBALANCE_INTERVAL", "2.5")
+    monkeypatch.setenv("CONVEYOR_DRAIN_TIMEOUT", "1.5")
+    monkeypatch.setenv("CONVEYOR_READ_BLOCK", "0.2")
+    settings = load_settings()
+    assert settings.heartbeat_interval == 0.25
+    assert settings.heartbeat_ttl == 0.75
+    assert settings.rebalance_interval == 2.5
+    assert settings.drain_timeout == 1.5
+    assert settings.read_block == 0.2
+
+
+@pytest.mark.parametrize(("interval", "ttl"), [("30", "30"), ("30", "29.9"), ("1.5", "1.0")])
+def test_heartbeat_ttl_must_exceed_interval(
+    monkeypatch: pytest.MonkeyPatch, interval: str, ttl: str
+) -> None:
+    monkeypatch.setenv("CONVEYOR_HEARTBEAT_INTERVAL", interval)
+    monkeypatch.setenv("CONVEYOR_HEARTBEAT_TTL", ttl)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "heartbeat_ttl" in message.lower()
+    assert str(float(ttl)) in message
+    assert str(float(interval)) in message
+
+
+def test_heartbeat_ttl_just_above_interval_is_accepted() -> None:
+    settings = load_settings({"heartbeat_interval": 1.0, "heartbeat_ttl": 1.01})
+    assert settings.heartbeat_ttl > settings.heartbeat_interval
+
+
+def test_settings_constructor_raises_validation_error() -> None:
+    with pytest.raises(ValidationError):
+        Settings(heartbeat_interval=10, heartbeat_ttl=5)
+
+
+def test_error_names_variable_and_value_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_PORT", "not-a-port")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "CONVEYOR_PORT" in message
+    assert "'not-a-port'" in message
+
+
+def test_error_for_out_of_range_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_CONCURRENCY", "0")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "CONVEYOR_CONCURRENCY='0'" in str(info.value)
+
+
+def test_error_lists_every_bad_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_PORT", "70000")
+    monkeypatch.setenv("CONVEYOR_LOG_LEVEL", "loud")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "CONVEYOR_PORT='70000'" in message
+    assert "CONVEYOR_LOG_LEVEL='loud'" in message
+
+
+def test_error_for_bad_identifier(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_DATABASE_SCHEMA", "Bad-Schema")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "CONVEYOR_DATABASE_SCHEMA='Bad-Schema'" in str(info.value)
+
+
+def test_error_from_overrides_names_variable_and_value() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"port": 70000})
+    assert "CONVEYOR_PORT=70000" in str(info.value)
+
+
+def test_overrides_beat_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_PORT", "9000")
+    assert load_settings({"port": 9100}).port == 9100
+
+
+def test_none_overrides_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_PORT", "9000")
+    settings = load_settings({"port": None, "concurrency": None})
+    assert settings.port == 9000
+    assert settings.concurrency == 5
+
+
+def test_pool_bounds_must_be_ordered() -> None:
+    with pytest.raises(ConfigError, match="pg_pool_min"):
+        load_settings({"pg_pool_min": 5, "pg_pool_max": 2})
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(ValidationError):
+        settings.port = 1  # type: ignore[misc]
