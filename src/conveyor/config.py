@@ -100,11 +100,11 @@ class Settings(BaseSettings):
     def _coherent(self) -> Settings:
         if self.heartbeat_ttl <= self.heartbeat_interval:
             raise ValueError(
-                f"heartbeat_ttl ({self.heartbeat_ttl}) must exceed "
-                f"heartbeat_interval ({self.heartbeat_interval})"
+                f"CONVEYOR_HEARTBEAT_TTL ({self.heartbeat_ttl}) must exceed "
+                f"CONVEYOR_HEARTBEAT_INTERVAL ({self.heartbeat_interval})"
             )
         if self.pg_pool_min > self.pg_pool_max:
-            raise ValueError("pg_pool_min must not exceed pg_pool_max")
+            raise ValueError("CONVEYOR_PG_POOL_MIN must not exceed CONVEYOR_PG_POOL_MAX")
         return self
 
     @property

@@ -38,7 +38,7 @@ class RetryPolicy:
 
     def delay_s(self, attempt: int, rng: random.Random | None = None) -> float:
         """Delay before the attempt after `attempt` (1-based) failed."""
-        raw = min(self.max_delay_s, self.base_delay_s * 2 ** max(0, attempt - 1))
+        raw = min(self.max_delay_s, self.base_delay_s * 2 ** min(max(0, attempt - 1), 64))
         spread = raw * self.jitter
         return float(raw - spread + (rng or random).random() * spread)
 

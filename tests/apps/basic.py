@@ -92,3 +92,9 @@ def blocking(payload: Sleep, ctx: TaskContext) -> dict[str, float]:
           retry=RetryPolicy(base_delay_s=0.05, max_delay_s=0.1))
 async def too_slow(payload: Sleep, ctx: TaskContext) -> None:
     await asyncio.sleep(payload.seconds)
+
+
+@app.cron("* * * * * *")
+async def every_second(ctx: TaskContext) -> str:
+    probe.runs[f"cron:{ctx.run_at.isoformat()}"] += 1
+    return ctx.run_at.isoformat()

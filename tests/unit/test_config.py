@@ -194,7 +194,7 @@ def test_none_overrides_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_pool_bounds_must_be_ordered() -> None:
-    with pytest.raises(ConfigError, match="pg_pool_min"):
+    with pytest.raises(ConfigError, match=r"(?i)pg_pool_min"):
         load_settings({"pg_pool_min": 5, "pg_pool_max": 2})
 
 

@@ -25,7 +25,9 @@ def sync_handler(payload: Payload, ctx: Any) -> int:
     return payload.n
 
 
-def task_type(name: str = "resize", handler: Any = async_handler, run_in: RunIn = "loop") -> TaskType:
+def task_type(
+    name: str = "resize", handler: Any = async_handler, run_in: RunIn = "loop"
+) -> TaskType:
     return TaskType(name=name, payload_model=Payload, handler=handler, run_in=run_in)
 
 
@@ -97,7 +99,9 @@ def test_default_policy_values() -> None:
 # -- Registry.add -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["a", "resize", "image.resize", "send-mail", "v2_task", "0x", "a" * 64])
+@pytest.mark.parametrize(
+    "name", ["a", "resize", "image.resize", "send-mail", "v2_task", "0x", "a" * 64]
+)
 def test_valid_names_are_accepted(name: str) -> None:
     registry = Registry()
     registry.add(task_type(name))
@@ -105,7 +109,8 @@ def test_valid_names_are_accepted(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["", "Resize", "_private", "-dash", ".dot", "a/b", "has space", "a" * 65, "naïve", "a:b"]
+    "name",
+    ["", "Resize", "_private", "-dash", ".dot", "a/b", "has space", "a" * 65, "naïve", "a:b"],
 )
 def test_invalid_names_are_rejected(name: str) -> None:
     registry = Registry()

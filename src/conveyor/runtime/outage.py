@@ -36,7 +36,7 @@ class Outage:
         return self._since is not None
 
     def next_delay_s(self) -> float:
-        raw = min(self.cap_s, self.base_s * 2 ** max(0, self.failures - 1))
+        raw = min(self.cap_s, self.base_s * 2 ** min(max(0, self.failures - 1), 64))
         return float(raw / 2 + random.random() * raw / 2)
 
     def note(self, exc: Unavailable) -> None:

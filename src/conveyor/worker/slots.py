@@ -48,6 +48,10 @@ class Slots:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.give(waiter.result())
+            else:
+                self._waiters = collections.deque(w for w in self._waiters if w[0] is not waiter)
+                if self.free > 0 and not self._waiters:
+                    self._quiet.set()
             raise
 
     def _hand(self, most: int) -> int:

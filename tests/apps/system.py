@@ -1,0 +1,52 @@
+"""A test app for subprocess tests: handlers record each run in Redis, where the test reads it.
+
+Keys: `<prefix>:test:runs:<task id>` (INCR per run), `<prefix>:test:running` (gauge),
+`<prefix>:test:cron:<slot>` (INCR per cron run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+
+from conveyor.application import Conveyor
+from conveyor.registry import TaskContext
+
+app = Conveyor()
+_clients: dict[int, aioredis.Redis] = {}
+
+
+def _redis(ctx: TaskContext) -> aioredis.Redis:
+    loop_id = id(asyncio.get_running_loop())
+    if loop_id not in _clients:
+        assert ctx.settings.redis_url
+        _clients[loop_id] = aioredis.Redis.from_url(ctx.settings.redis_url)
+    return _clients[loop_id]
+
+
+def runs_key(prefix: str, task_id: str) -> str:
+    return f"{prefix}:test:runs:{task_id}"
+
+
+class Work(BaseModel):
+    seconds: float = 0.0
+
+
+@app.task("work", payload=Work, max_attempts=5, timeout=120)
+async def work(payload: Work, ctx: TaskContext) -> dict[str, str]:
+    redis = _redis(ctx)
+    prefix = ctx.settings.key_prefix
+    await redis.incr(runs_key(prefix, ctx.task_id))
+    await redis.incr(f"{prefix}:test:running")
+    try:
+        await asyncio.sleep(payload.seconds)
+    finally:
+        await redis.decr(f"{prefix}:test:running")
+    return {"worker": ctx.worker_id}
+
+
+@app.cron("* * * * * *")
+async def tick(ctx: TaskContext) -> None:
+    await _redis(ctx).incr(f"{ctx.settings.key_prefix}:test:cron:{ctx.run_at.isoformat()}")

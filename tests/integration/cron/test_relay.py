@@ -1,0 +1,140 @@
+"""The relay: committed tasks reach Redis after a lost publish, FLUSHALL or a lost worker."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+
+from conveyor.client import TaskRequest
+from conveyor.cron.relay import Relay
+from conveyor.queue.keys import consumer_name
+from conveyor.runtime.shutdown import Shutdown
+from conveyor.state import AppState
+from conveyor.worker.worker import Worker
+from tests.apps import basic
+from tests.conftest import eventually
+
+StartWorker = Callable[..., Awaitable[Worker]]
+
+
+def relay(state: AppState, grace_s: float = 0.5) -> Relay:
+    return Relay(
+        state.redis, state.keys, state.streams, state.store, list(state.app.registry.types),
+        interval_s=0.2, grace_s=grace_s, ttl_s=state.settings.heartbeat_ttl,
+    )
+
+
+async def insert_unpublished(state: AppState, n: int, task_type: str = "echo") -> list[uuid.UUID]:
+    """A crash between commit and XADD: rows committed, nothing published."""
+    new = [state.client.prepare(TaskRequest(task_type, {})) for _ in range(n)]
+    await state.store.insert(new)
+    return [t.id for t in new]
+
+
+async def succeeded(state: AppState, ids: list[uuid.UUID]) -> bool:
+    for task_id in ids:
+        record = await state.store.get(task_id)
+        if record is None or record.status != "succeeded":
+            return False
+    return True
+
+
+async def test_tasks_committed_but_never_published_are_relayed(
+    state: AppState, start_worker: StartWorker
+) -> None:
+    ids = await insert_unpublished(state, 3)
+    await start_worker()
+    r = relay(state, grace_s=0.5)
+    assert await r.relay_overdue("echo") == 0  # within the grace period: maybe in flight
+    await asyncio.sleep(0.6)
+    assert await r.relay_overdue("echo") == 3
+    await eventually(lambda: succeeded(state, ids))
+    assert await r.relay_overdue("echo") == 0
+    assert all(basic.probe.runs[str(i)] == 1 for i in ids)
+
+
+async def test_flushall_loses_nothing(state: AppState, start_worker: StartWorker) -> None:
+    ids = [(await state.client.enqueue("echo", {})).record.id for _ in range(5)]
+    await state.redis.flushall()
+    worker = await start_worker()
+    later = (await state.client.enqueue("echo", {})).record.id  # published after the wipe
+    await eventually(lambda: succeeded(state, [later]))
+    assert not await succeeded(state, ids)
+    await asyncio.sleep(0.6)
+    assert await relay(state).relay_overdue("echo") == 5
+    await eventually(lambda: succeeded(state, ids))
+    assert worker.processed == 6
+    assert all(basic.probe.runs[str(i)] == 1 for i in [*ids, later])
+
+
+async def test_backlog_in_redis_is_not_republished(state: AppState) -> None:
+    await state.client.enqueue("echo", {})
+    await asyncio.sleep(0.6)
+    assert await relay(state).relay_overdue("echo") == 0  # it is in the stream, undelivered
+
+
+async def test_delayed_tasks_in_the_delayed_set_are_not_republished(state: AppState) -> None:
+    task = (await state.client.enqueue("echo", {}, delay_s=0.3)).record
+    await asyncio.sleep(0.9)  # overdue by more than the grace, but still waiting in Redis
+    assert await state.redis.zscore(state.keys.delayed("echo"), str(task.id)) is not None
+    assert await relay(state).relay_overdue("echo") == 0
+
+
+async def test_running_task_of_a_dead_worker_whose_message_was_lost_is_requeued(
+    state: AppState, start_worker: StartWorker
+) -> None:
+    task_id = (await state.client.enqueue("echo", {})).record.id
+    # A worker took it and died; then Redis lost everything, the pending entry included.
+    await state.streams.ensure_group("echo")
+    await state.streams.read("echo", consumer_name("ghost", "echo"), 1, None)
+    started, _ = await state.store.mark_running([task_id], "ghost")
+    assert len(started) == 1
+    await state.redis.flushall()
+    await state.pool.execute(
+        f"UPDATE {state.store.table} SET started_at = now() - interval '1 hour' WHERE id = $1",
+        task_id,
+    )
+    await start_worker()
+    assert await relay(state).relay_orphans() == 1
+    await eventually(lambda: succeeded(state, [task_id]))
+    record = await state.store.get(task_id)
+    assert record is not None
+    assert record.attempts == 2
+
+
+async def test_orphans_still_pending_in_redis_are_left_to_the_rebalancer(state: AppState
+                                                                        ) -> None:
+    task_id = (await state.client.enqueue("echo", {})).record.id
+    await state.streams.ensure_group("echo")
+    await state.streams.read("echo", consumer_name("ghost", "echo"), 1, None)
+    await state.store.mark_running([task_id], "ghost")
+    await state.pool.execute(
+        f"UPDATE {state.store.table} SET started_at = now() - interval '1 hour' WHERE id = $1",
+        task_id,
+    )
+    assert await relay(state).relay_orphans() == 0
+
+
+async def test_transactional_enqueue_publishes_on_commit_only(
+    state: AppState, start_worker: StartWorker
+) -> None:
+    r = relay(state, grace_s=60)  # the scan cannot be what publishes here
+    stop = Shutdown()
+    relaying = asyncio.create_task(r.run(stop))
+    await start_worker()
+    try:
+        async with state.pool.acquire() as conn:
+            async with conn.transaction():
+                committed = await state.app.enqueue(conn, "echo", {"value": "kept"})
+            tx = conn.transaction()
+            await tx.start()
+            rolled_back = await state.app.enqueue(conn, "echo", {"value": "dropped"})
+            await tx.rollback()
+        await eventually(lambda: succeeded(state, [committed.id]))
+        assert await state.store.get(rolled_back.id) is None
+        assert basic.probe.runs[str(rolled_back.id)] == 0
+    finally:
+        stop.begin()
+        await relaying
+
