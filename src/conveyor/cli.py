@@ -31,11 +31,10 @@ from conveyor.cron.scheduler import CronScheduler
 from conveyor.errors import ConfigError, ConveyorError
 from conveyor.runtime import signals
 from conveyor.runtime.shutdown import Shutdown
-from conveyor.runtime.supervisor import ServicesFailed, supervise
+from conveyor.runtime.supervisor import Service, ServicesFailed, supervise
 from conveyor.state import AppState, open_state
 from conveyor.store.migrate import migrate
 from conveyor.store.pool import open_pool
-from conveyor.types import Service
 from conveyor.worker.worker import Worker
 
 log = structlog.get_logger("conveyor")

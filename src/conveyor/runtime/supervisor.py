@@ -11,13 +11,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
 from conveyor.runtime.shutdown import Shutdown
-from conveyor.types import Service
 
 log = structlog.get_logger("conveyor.supervisor")
+
+
+class Service(Protocol):
+    """A long-lived piece of the process: runs until shutdown begins and its work is drained."""
+
+    name: str
+
+    async def run(self, shutdown: Shutdown) -> None: ...
 
 
 @dataclass(frozen=True)
