@@ -18,8 +18,9 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.lock
 	touch $@
 
 ## run: API + worker + cron on http://127.0.0.1:8080 with embedded Postgres and Redis
+## (extra flags: make run ARGS="--port 9000 --no-worker")
 run: $(VENV)/.runtime
-	$(BIN)/conveyor run
+	$(BIN)/conveyor run $(ARGS)
 
 ## servers: make sure redis-server and PostgreSQL binaries exist (Debian packages)
 servers:

@@ -143,8 +143,9 @@ async def serve(settings: Settings, app: Conveyor, roles: Roles,
             log.info("conveyor.started", version=__version__,
                      services=[s.name for s in services], embedded=settings.embedded)
             await supervise(services, shutdown)
-        log.info("conveyor.stopped", reason=shutdown.reason)
-        return EXIT_FORCED if shutdown.forced else EXIT_OK
+        code = EXIT_FORCED if shutdown.forced else EXIT_OK
+        log.info("conveyor.stopped", reason=shutdown.reason, exit_code=code)
+        return code
     except ServicesFailed as exc:
         for failure in exc.failures:
             log.error("conveyor.failed", service=failure.service, error=str(failure.error))

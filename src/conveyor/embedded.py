@@ -70,7 +70,15 @@ async def start(data_dir: Path) -> AsyncIterator[EmbeddedUrls]:
             redis_url = await asyncio.to_thread(servers.start_valkey)
             yield EmbeddedUrls(database_url, redis_url)
         finally:  # also after a cancelled start: stop_all aborts it, waits for it, stops all
-            await asyncio.shield(asyncio.to_thread(servers.stop_all))
+            stopping = asyncio.ensure_future(asyncio.to_thread(servers.stop_all))
+            cancelled = False
+            while not stopping.done():  # a cancellation must not leave servers behind
+                try:
+                    await asyncio.shield(stopping)
+                except asyncio.CancelledError:
+                    cancelled = True
+            if cancelled:
+                raise asyncio.CancelledError
 
 
 def _binaries() -> tuple[Path, Path]:
@@ -207,6 +215,8 @@ class _Servers:
 
     def _spawn(self, name: str, argv: list[Any], cwd: Path, stdin: bytes | None = None,
                ) -> subprocess.Popen[bytes]:
+        if self.abort.is_set():
+            raise ConfigError(f"embedded {name}: start aborted")
         logfile = os.open(self.root / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             proc = subprocess.Popen(

@@ -37,7 +37,9 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
             exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False)
         )
     else:
-        shared.append(structlog.processors.dict_tracebacks)
+        # Tracebacks as structured frames, without local variables (secrets, huge reprs).
+        shared.append(structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
     numeric = _LEVELS[level]
     structlog.configure(

@@ -5,69 +5,29 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
-from starlette.types import Receive, Scope, Send
 
 from conveyor.api.app import create_app
 from conveyor.config import Settings
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState, open_state
 from conveyor.tasks import app as builtin
-from conveyor.tasks.webhook import SIGNATURE_HEADER, TASK_ID_HEADER, TIMESTAMP_HEADER, verify
-from conveyor.testing.servers import free_port
 from conveyor.worker.worker import Worker
 from tests.conftest import eventually
+from tests.receiver import Receiver, serve_receiver
 
 SECRET = "test-webhook-secret"
 
 
-@dataclass
-class Receiver:
-    """A webhook receiver that checks signatures; answers with the next planned status."""
-
-    statuses: list[int] = field(default_factory=list)
-    received: list[dict[str, Any]] = field(default_factory=list)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        assert scope["type"] == "http"
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        valid = verify(SECRET.encode(), headers.get(TIMESTAMP_HEADER.lower(), ""), body,
-                       headers.get(SIGNATURE_HEADER.lower(), ""))
-        self.received.append({"body": json.loads(body), "valid": valid,
-                              "task_id": headers.get(TASK_ID_HEADER.lower())})
-        status = self.statuses.pop(0) if self.statuses else 200
-        if not valid:
-            status = 401
-        await send({"type": "http.response.start", "status": status, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-
 @pytest.fixture
 async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
-    app = Receiver()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                                           lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    yield app, f"http://127.0.0.1:{port}/hook"
-    server.should_exit = True
-    await task
+    async with serve_receiver(Receiver(SECRET)) as running:
+        yield running
 
 
 @pytest.fixture

@@ -32,7 +32,23 @@ def data_dir() -> Iterator[Path]:
     scratch = Path(tempfile.mkdtemp(prefix="conveyor-embedded-", dir="/tmp"))
     scratch.chmod(0o711)
     yield scratch / "data"
+    left = processes_in(scratch)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
     shutil.rmtree(scratch, ignore_errors=True)
+    assert not left, f"processes left running in {scratch}: {left}"
+
+
+def processes_in(directory: Path) -> list[int]:
+    """Live processes working under `directory` (the servers chdir to their data dirs)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.readlink(proc / "cwd").startswith(str(directory)):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def server_pids(data_dir: Path) -> dict[str, int]:
@@ -116,6 +132,33 @@ async def test_servers_work_persist_and_stop(data_dir: Path) -> None:
             await r.aclose()
         second = server_pids(data_dir)
     await wait_gone(second)
+
+
+async def test_cancellation_and_errors_stop_the_servers(data_dir: Path) -> None:
+    async def run_forever() -> None:
+        async with embedded.start(data_dir):
+            await asyncio.sleep(3600)
+
+    for delay in (0.3, 0.05):  # during initdb; during the second start
+        task = asyncio.create_task(run_forever())
+        await asyncio.sleep(delay)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert processes_in(data_dir) == []
+
+    pids: dict[str, int] = {}
+
+    async def fail_inside() -> None:
+        async with embedded.start(data_dir):
+            pids.update(server_pids(data_dir))
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await fail_inside()
+    assert pids
+    await wait_gone(pids)
+    assert processes_in(data_dir) == []
 
 
 # A parent that, like `conveyor run`, drains on Ctrl+C and only then leaves `start()`: the
@@ -211,6 +254,28 @@ async def test_leftovers_of_a_killed_parent_are_stopped_and_data_kept(data_dir: 
         finally:
             await r.aclose()
     await wait_gone(fresh)
+
+
+async def test_stale_pid_files_of_other_processes_are_ignored(data_dir: Path) -> None:
+    async with embedded.start(data_dir):
+        pass
+    # After a reboot, a pid file may name an unrelated live process; Postgres alone would
+    # refuse to start ("Is another postmaster running?"). It must be neither signalled nor fatal.
+    owner = (data_dir / "postgres").stat().st_uid  # the servers' user: signals would reach it
+    other = await asyncio.create_subprocess_exec("sleep", "60", user=owner)
+    try:
+        for name in ("postgres/postmaster.pid", "valkey/valkey.pid"):
+            (data_dir / name).write_text(f"{other.pid}\n{data_dir}\n")
+        async with embedded.start(data_dir) as urls:
+            conn = await asyncpg.connect(urls.database_url)
+            try:
+                assert await conn.fetchval("SELECT 1") == 1
+            finally:
+                await conn.close()
+        assert other.returncode is None
+    finally:
+        other.kill()
+        await other.wait()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the servers as another user")

@@ -50,6 +50,12 @@ async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     await conn.set_type_codec("json", encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Release hook that skips asyncpg's default session reset (`RESET ALL; UNLISTEN *; ...`),
+    a round trip per release. Conveyor leaves no session state behind (asyncpg still rolls back
+    an open transaction); code borrowing this pool must not either: use SET LOCAL, not SET."""
+
+
 async def open_pool(
     dsn: str, *, min_size: int = 2, max_size: int = 10, connect_timeout_s: float = 30.0
 ) -> Pool:
@@ -64,6 +70,7 @@ async def open_pool(
                     min_size=min_size,
                     max_size=max_size,
                     init=_init_connection,
+                    reset=_keep_session,
                     command_timeout=60,
                     server_settings={"application_name": "conveyor"},
                 )

@@ -1,0 +1,39 @@
+"""The benchmark's Conveyor app: one task type, `noop`, the peers' workload.
+
+Its handler does what every peer's task does: `bench_peers.amark_done(async_redis())`, i.e.
+INCR `bench:done` and stamp `bench:first` / `bench:last`, on a redis-py client of its own.
+Only in the latency phase does the payload carry `t`, the enqueue time (`time.time()` in the
+producer); the handler then also RPUSHes `now - t` to `LATENCY_KEY`.
+
+    conveyor worker --app bench.app:app --concurrency 10
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from bench.peers import load
+from conveyor import Conveyor, TaskContext
+
+TYPE = "noop"
+SPEC = "bench.app:app"
+LATENCY_KEY = "bench:latency"
+
+bench_peers: Any = load()
+app = Conveyor()
+
+
+class Noop(BaseModel):
+    t: float | None = None  # enqueue time, set only in the latency phase
+
+
+@app.task(TYPE, payload=Noop, description="No-op: INCR the peers' done counter.")
+async def noop(payload: Noop, ctx: TaskContext) -> None:
+    now = time.time()
+    redis = bench_peers.async_redis()
+    if payload.t is not None:
+        await redis.rpush(LATENCY_KEY, now - payload.t)
+    await bench_peers.amark_done(redis)

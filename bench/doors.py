@@ -1,0 +1,203 @@
+"""Conveyor as `bench_peers.Peer`s: one subclass per door a task comes in by.
+
+`bench_peers.run_once` drives them exactly like the peers: it FLUSHDBs Redis, calls
+`enqueue(n)` (which returns the start and end time of the enqueue loop alone) and starts the
+worker from `worker_argv()`, the real `conveyor worker --app bench.app:app --concurrency 10`.
+
+Postgres is reset together with Redis: every `enqueue` first looks for `RESET_MARK` in Redis;
+when it is missing (Redis was flushed since the last reset), it TRUNCATEs the tasks table and
+sets the mark, before its clock starts. So each phase of `run_once` starts from empty Redis and
+Postgres, as each peer's phase starts from an empty Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from bench.app import SPEC, TYPE, Noop, app
+from bench.httpload import build_request, post_all, run_fast
+from bench.peers import load
+from conveyor.client import TaskRequest
+from conveyor.config import Settings
+from conveyor.state import open_state
+from conveyor.store.pool import Pool
+
+bp: Any = load()
+
+RESET_MARK = "bench:conveyor:pg-reset"
+NOOP = Noop()  # the throughput phases' payload: nothing (stored as {"t": null})
+
+
+@dataclass
+class Context:
+    """What the doors share: the Conveyor settings of this run, the running API (HTTP doors)."""
+
+    settings: Settings
+    timeout: float = 120.0
+    http_connections: int = 8
+    api: tuple[str, int] | None = None  # host, port of the running `conveyor api`
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tasks_table(self) -> str:
+        return f"{self.settings.database_schema}.tasks"
+
+
+async def reset_if_flushed(ctx: Context, db: Pool | asyncpg.Connection[asyncpg.Record],
+                           redis: aioredis.Redis) -> bool:
+    """TRUNCATE the tasks table if Redis was flushed since the last reset; True if it did."""
+    if await redis.exists(RESET_MARK):
+        return False
+    with contextlib.suppress(asyncpg.UndefinedTableError):  # not migrated yet: nothing to reset
+        await db.execute(f"TRUNCATE {ctx.tasks_table}")
+    await redis.set(RESET_MARK, "1")
+    return True
+
+
+async def reset_now(ctx: Context) -> None:
+    """Reset Postgres if Redis was flushed, on connections of our own."""
+    assert ctx.settings.database_url
+    assert ctx.settings.redis_url
+    conn = await asyncpg.connect(ctx.settings.database_url)
+    redis = aioredis.Redis.from_url(ctx.settings.redis_url)
+    try:
+        await reset_if_flushed(ctx, conn, redis)
+    finally:
+        await redis.aclose()
+        await conn.close()
+
+
+async def status_counts(ctx: Context) -> dict[str, int]:
+    """Tasks per status in Postgres."""
+    assert ctx.settings.database_url
+    conn = await asyncpg.connect(ctx.settings.database_url)
+    try:
+        rows = await conn.fetch(
+            f"SELECT status, count(*) FROM {ctx.tasks_table} GROUP BY status ORDER BY status")
+    finally:
+        await conn.close()
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
+class Door(bp.Peer):  # type: ignore[misc]  # bench_peers is untyped
+    """A Conveyor row: the real worker process; subclasses say how tasks are enqueued."""
+
+    dist = "conveyor"
+    concurrency = "--concurrency {c} (asyncio on uvloop; default 5)"
+    key = ""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def worker_argv(self) -> list[str]:
+        return [str(bp.BIN / "conveyor"), "worker", "--app", SPEC,
+                "--concurrency", str(bp.CONCURRENCY)]
+
+    @property
+    def http(self) -> bool:
+        return False
+
+    def requests_for(self, n: int) -> int:
+        """How many client calls / HTTP requests enqueue `n` tasks."""
+        return n
+
+
+class ClientDoor(Door):
+    """`conveyor.client.Client`, as a library user holds it (`open_state` builds it)."""
+
+    def __init__(self, ctx: Context, batch: int) -> None:
+        super().__init__(ctx)
+        self.batch = batch
+        if batch == 1:
+            self.key = "conveyor-client"
+            self.name = "conveyor (client: enqueue, 1 by 1)"
+            self.enqueue_api = ("`Client.enqueue()` per task, awaited in turn (one INSERT+COMMIT "
+                                "and one XADD each)")
+        else:
+            self.key = "conveyor-bulk"
+            self.name = f"conveyor (client: enqueue_many, {batch} per call)"
+            self.enqueue_api = (f"`Client.enqueue_many()` (bulk: one transaction and one "
+                                f"pipeline per {batch} tasks)")
+
+    def requests_for(self, n: int) -> int:
+        return -(-n // self.batch)
+
+    async def _aenqueue(self, n: int) -> tuple[float, float]:
+        async with open_state(self.ctx.settings, app) as state:  # not timed
+            await reset_if_flushed(self.ctx, state.pool, state.redis)
+            # A backstop to bench_peers' SIGALRM deadline, which a running loop may swallow.
+            async with asyncio.timeout(self.ctx.timeout):
+                t0 = time.time()
+                if self.batch == 1:
+                    for _ in range(n):
+                        await state.client.enqueue(TYPE, NOOP)
+                else:
+                    for i in range(0, n, self.batch):
+                        await state.client.enqueue_many(
+                            [TaskRequest(TYPE, NOOP) for _ in range(min(self.batch, n - i))])
+                return t0, time.time()
+
+
+class HttpDoor(Door):
+    """POSTs to a running `conveyor api` from `ctx.http_connections` keep-alive connections."""
+
+    def __init__(self, ctx: Context, batch: int) -> None:
+        super().__init__(ctx)
+        self.batch = batch
+        if batch == 1:
+            self.key = "conveyor-http"
+            self.path = "/v1/tasks"
+            self.name = "conveyor (HTTP POST /v1/tasks)"
+            self.enqueue_api = "`POST /v1/tasks`, one task per request, {k} connections"
+        else:
+            self.key = "conveyor-http-batch"
+            self.path = "/v1/tasks/batch"
+            self.name = f"conveyor (HTTP POST /v1/tasks/batch, {batch} per request)"
+            self.enqueue_api = (f"`POST /v1/tasks/batch`, {batch} tasks per request, "
+                                "{k} connections")
+        self.enqueue_api = self.enqueue_api.format(k=ctx.http_connections)
+
+    @property
+    def http(self) -> bool:
+        return True
+
+    def requests_for(self, n: int) -> int:
+        return -(-n // self.batch)
+
+    def bodies(self, n: int) -> list[bytes]:
+        one = {"type": TYPE, "payload": {}}
+        if self.batch == 1:
+            return [json.dumps(one).encode()] * n
+        out = []
+        for i in range(0, n, self.batch):
+            out.append(json.dumps({"tasks": [one] * min(self.batch, n - i)}).encode())
+        return out
+
+    def enqueue(self, n: int) -> tuple[float, float]:
+        if self.ctx.api is None:
+            raise RuntimeError("the HTTP doors need a running `conveyor api`")
+        host, port = self.ctx.api
+        requests: Sequence[bytes] = [build_request(host, port, self.path, b)
+                                     for b in self.bodies(n)]
+
+        async def go() -> tuple[float, float]:
+            await reset_now(self.ctx)  # not timed
+            return await post_all(host, port, requests, connections=self.ctx.http_connections,
+                                  timeout=self.ctx.timeout)
+
+        return run_fast(go)
+
+
+def make_doors(ctx: Context) -> dict[str, Door]:
+    doors: list[Door] = [ClientDoor(ctx, bp.BATCH), ClientDoor(ctx, 1), HttpDoor(ctx, 1),
+                         HttpDoor(ctx, bp.BATCH)]
+    return {d.key: d for d in doors}

@@ -1,0 +1,476 @@
+"""The Conveyor benchmark: Conveyor's doors and the peers, the same workload, one table.
+
+    /tmp/peers-venv/bin/python -m bench            # from the repo root; see bench/README.md
+
+Every row, Conveyor's and the peers', is measured by bench_peers' own `run_once` (enqueue with
+no worker; drain by one fresh worker; e2e with a warm worker), round-robin over the runs like
+bench_peers' `main`, and rendered by its `render`. Conveyor adds: the HTTP doors' request
+rates and a batch-1000 enqueue, enqueue→start latency at half load, the workers' peak RSS, a
+check that every task ended `succeeded` in Postgres, the goals, and (with --profile) py-spy
+profiles of the worker and the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import importlib.metadata as md
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from bench import peers
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PEERS = "raw-stream,saq,taskiq-stream,dramatiq,streaq"
+DOORS = "conveyor-bulk,conveyor-client,conveyor-http,conveyor-http-batch"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=10000, help="jobs per measurement (default 10000)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per row (default 3)")
+    ap.add_argument("--peers", default=DEFAULT_PEERS,
+                    help=f"peer keys of bench_peers, 'all' or 'none' (default {DEFAULT_PEERS})")
+    ap.add_argument("--doors", default=DOORS, help=f"Conveyor rows, or 'none' (default {DOORS})")
+    ap.add_argument("--n-for", action="append", default=[], metavar="KEY=N",
+                    help="override N for one row, e.g. rq=2000 (repeatable)")
+    ap.add_argument("--concurrency", type=int, default=10,
+                    help="worker concurrency, Conveyor's and the peers' (default 10)")
+    ap.add_argument("--timeout", type=float, default=180,
+                    help="seconds allowed per phase (default 180)")
+    ap.add_argument("--http-connections", type=int, default=8,
+                    help="keep-alive connections of the HTTP load generator (default 8)")
+    ap.add_argument("--no-batch-1000", dest="batch_1000", action="store_false",
+                    help="skip the enqueue-only figure of POST /v1/tasks/batch with 1000 tasks")
+    ap.add_argument("--latency-seconds", type=float, default=10,
+                    help="length of the paced latency phase; 0 skips it (default 10)")
+    ap.add_argument("--latency-rate", type=float,
+                    help="tasks/s of the latency phase (default: half the best Conveyor e2e)")
+    ap.add_argument("--latency-batch", type=int, default=1,
+                    help="tasks per enqueue call in the latency phase (default 1)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the runs, profile the worker (drain) and the API (single "
+                         "POSTs) with py-spy")
+    ap.add_argument("--profile-native", action="store_true",
+                    help="py-spy --native: show C/Cython frames (uvloop, asyncpg, hiredis) too")
+    ap.add_argument("--profile-n", type=int, default=20000,
+                    help="tasks per profiled phase (default 20000)")
+    ap.add_argument("--profile-dir", type=Path, default=REPO / "bench" / "results" / "profile")
+    ap.add_argument("--database-url", help="use this PostgreSQL instead of starting one")
+    ap.add_argument("--redis-url",
+                    help="use this Redis (it is FLUSHDB-ed!) instead of starting one")
+    ap.add_argument("--schema", default="conveyor_bench", help="CONVEYOR_DATABASE_SCHEMA")
+    ap.add_argument("--key-prefix", default="conveyor_bench", help="CONVEYOR_KEY_PREFIX")
+    ap.add_argument("--peers-dir", type=Path, default=peers.peers_dir(),
+                    help="directory of bench_peers.py (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
+    ap.add_argument("--json", type=Path, help="also write every run's raw figures here")
+    ap.add_argument("--logdir", type=Path, default=Path("/tmp/conveyor-bench-logs"))
+    return ap.parse_args(argv)
+
+
+@contextlib.contextmanager
+def private_servers(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """PostgreSQL and redis-server on 127.0.0.1 (unless URLs are given); stopped at exit."""
+    import shutil
+
+    from conveyor.testing.servers import PostgresServer, RedisServer
+
+    info: dict[str, Any] = {"database_url": args.database_url, "redis_url": args.redis_url,
+                            "pids": {}}
+    with contextlib.ExitStack() as stack:
+        if not (args.database_url and args.redis_url):
+            scratch = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
+            scratch.chmod(0o755)  # Postgres runs as `postgres`
+            stack.callback(shutil.rmtree, scratch, True)
+            if not args.database_url:
+                pg = PostgresServer(scratch / "postgres")
+                stack.callback(pg.stop)
+                pg.start()
+                info["database_url"] = pg.dsn
+                info["postgres_data_dir"] = pg.data_dir
+            if not args.redis_url:
+                rs = RedisServer(scratch / "redis", persistent=False)
+                stack.callback(rs.stop)
+                rs.start()
+                info["redis_url"] = rs.url
+                assert rs.process is not None
+                info["pids"]["redis"] = rs.process.pid
+        yield info
+
+
+def git_describe() -> str:
+    try:
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "src"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}{' + uncommitted changes in src/' if dirty else ''}"
+
+
+def versions(dists: list[str]) -> str:
+    out = []
+    for d in dists:
+        try:
+            out.append(f"{d} {md.version(d)}")
+        except md.PackageNotFoundError:
+            out.append(f"{d} ?")
+    return ", ".join(out)
+
+
+async def postgres_version(url: str) -> str:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return str(await conn.fetchval("SHOW server_version"))
+    finally:
+        await conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ[peers.ENV] = str(args.peers_dir.resolve())
+    bp = peers.load(args.peers_dir.resolve())
+
+    all_peers: dict[str, Any] = bp.all_peers()
+    wanted = ("" if args.peers == "none" else ",".join(all_peers) if args.peers == "all"
+              else args.peers)
+    peer_keys = [k for k in wanted.split(",") if k]
+    door_keys = [k for k in ("" if args.doors == "none" else args.doors).split(",") if k]
+    unknown = ([k for k in peer_keys if k not in all_peers]
+               + [k for k in door_keys if k not in DOORS.split(",")])
+    if unknown:
+        print(f"unknown rows: {', '.join(unknown)}; peers: {', '.join(all_peers)}; "
+              f"doors: {DOORS}", file=sys.stderr)
+        return 2
+    missing = [k for k in peer_keys if not Path(all_peers[k].worker_argv()[0]).exists()]
+    if missing:
+        print(f"peers {', '.join(missing)} are not installed next to {sys.executable}; run "
+              "with the peers' venv (see bench/README.md)", file=sys.stderr)
+        return 2
+    n_for = {k: int(v) for k, v in (item.split("=", 1) for item in args.n_for)}
+    args.logdir.mkdir(parents=True, exist_ok=True)
+    command = shlex.join([Path(sys.executable).as_posix(), "-m", "bench",
+                          *(sys.argv[1:] if argv is None else argv)])
+
+    # SIGTERM becomes SystemExit, so that every `finally` stops what it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with private_servers(args) as servers:
+        return Bench(args, bp, (door_keys, peer_keys), n_for, servers, command).run()
+
+
+class Bench:
+    """One benchmark: the rows, their results, the extra Conveyor phases, the report."""
+
+    def __init__(self, args: argparse.Namespace, bp: Any, rows_keys: tuple[list[str], list[str]],
+                 n_for: dict[str, int], servers: dict[str, Any], command: str) -> None:
+        from conveyor.config import Settings
+
+        self.args, self.bp, self.n_for, self.servers, self.command = (
+            args, bp, n_for, servers, command)
+        db_url, redis_url = servers["database_url"], servers["redis_url"]
+        bp.REDIS_URL, bp.CONCURRENCY = redis_url, args.concurrency
+        os.environ.update({
+            "CONVEYOR_DATABASE_URL": db_url, "CONVEYOR_REDIS_URL": redis_url,
+            "CONVEYOR_DATABASE_SCHEMA": args.schema, "CONVEYOR_KEY_PREFIX": args.key_prefix,
+            "CONVEYOR_LOG_LEVEL": "warning", "CONVEYOR_LOG_FORMAT": "json",
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+        })
+        settings = Settings(database_url=db_url, redis_url=redis_url,
+                            database_schema=args.schema, key_prefix=args.key_prefix,
+                            log_level="warning")
+
+        from bench import doors
+
+        self.ctx = doors.Context(settings, timeout=args.timeout,
+                                 http_connections=args.http_connections)
+        self.doors: dict[str, Any] = doors.make_doors(self.ctx)
+        door_keys, peer_keys = rows_keys
+        all_peers = bp.all_peers()
+        self.rows: dict[str, Any] = {**{k: self.doors[k] for k in door_keys},
+                                     **{k: all_peers[k] for k in peer_keys}}
+        self.door_keys = door_keys
+        self.results: dict[str, list[dict[str, Any]]] = {k: [] for k in self.rows}
+        self.latency: dict[str, Any] | None = None
+        self.profiles: list[dict[str, Any]] = []
+        self.failed = 0
+        self.cpu_start = bp.cpu_jiffies()
+        self.facts = self.machine_facts()
+        if "postgres_data_dir" in servers:
+            from bench.procs import postmaster_pid
+
+            pm = postmaster_pid(servers["postgres_data_dir"])
+            if pm:
+                servers["pids"]["postgres"] = pm
+
+    def machine_facts(self) -> list[str]:
+        import redis
+
+        args, bp = self.args, self.bp
+        r = redis.Redis.from_url(self.servers["redis_url"])
+        try:
+            peers_facts: list[str] = bp.machine_facts(r)
+        finally:
+            r.close()
+        pg_version = asyncio.run(postgres_version(self.servers["database_url"]))
+        pg_note = ("private cluster from conveyor.testing.servers: fsync=off, "
+                   "synchronous_commit=off, full_page_writes=off"
+                   if "postgres_data_dir" in self.servers else "given by --database-url")
+        return [
+            *peers_facts,
+            f"- Conveyor {versions(['conveyor'])} (git {git_describe()}); PostgreSQL "
+            f"{pg_version} ({pg_note}); " + versions(
+                ["asyncpg", "fastapi", "starlette", "uvicorn", "uvloop", "pydantic", "orjson"]),
+            f"- Conveyor worker: `conveyor worker --app bench.app:app --concurrency "
+            f"{args.concurrency}`; API: `conveyor api --app bench.app:app`; "
+            "CONVEYOR_LOG_LEVEL=warning; HTTP load: "
+            f"{args.http_connections} keep-alive connections from the driver process",
+        ]
+
+    def api(self, log_path: Path) -> contextlib.AbstractContextManager[Any]:
+        from bench.procs import api_server
+
+        argv = [str(self.bp.BIN / "conveyor"), "api", "--app", "bench.app:app"]
+        return api_server(argv, dict(os.environ), REPO, log_path, self.bp.stop_worker,
+                          timeout=self.args.timeout)
+
+    def write(self) -> str:
+        from bench.report import render
+
+        args, bp = self.args, self.bp
+        steal = bp.steal_pct(self.cpu_start, bp.cpu_jiffies())
+        ns = argparse.Namespace(n=args.n, runs=args.runs, n_for=self.n_for)
+        text = render(self.results, self.rows, ns,
+                      [*self.facts, f"- CPU steal during the benchmark: {steal:.0f}%"],
+                      self.command, self.latency, self.profiles)
+        args.out.write_text(text)
+        if args.json:
+            profiles = [{**p, "profile": p["profile"].as_dict(25)} if "profile" in p else p
+                        for p in self.profiles]
+            args.json.write_text(json.dumps(
+                {"n": args.n, "runs": args.runs, "concurrency": args.concurrency,
+                 "command": self.command, "date": dt.datetime.now().astimezone().isoformat(),
+                 "results": self.results, "latency": self.latency, "profiles": profiles},
+                indent=1, default=str))
+        return text
+
+    def conveyor_run(self, door: Any, n: int, log_path: Path) -> dict[str, Any]:
+        """bench_peers.run_once for a Conveyor row (with its API for the HTTP doors)."""
+        from bench.procs import peak_rss_mb
+
+        args, bp, ctx = self.args, self.bp, self.ctx
+        with watch_workers(bp, ctx) as stops:
+            if door.http:
+                with self.api(log_path.with_name(log_path.stem + "-api.log")) as proc:
+                    ctx.api = (proc.host, proc.port)
+                    try:
+                        res: dict[str, Any] = bp.run_once(door, n, args.timeout, log_path)
+                        if door.key == "conveyor-http-batch" and args.batch_1000:
+                            res.update(batch_1000(bp, ctx, n, args.timeout))
+                        res["api_hwm_mb"] = peak_rss_mb(proc.proc.pid)
+                    finally:
+                        ctx.api = None
+            else:
+                res = bp.run_once(door, n, args.timeout, log_path)
+        res["requests"] = door.requests_for(n)
+        res["worker_hwm_mb"] = [s["hwm_mb"] for s in stops]
+        res["postgres"] = [s["statuses"] for s in stops]
+        res["checks_failed"] = check_run(res, n)
+        return res
+
+    def runs(self) -> str:
+        """Round-robin, like bench_peers.main: run 1 of every row, then run 2, ..."""
+        bp, text = self.bp, ""
+        for i in range(1, self.args.runs + 1):
+            for key, row in self.rows.items():
+                n = self.n_for.get(key, self.args.n)
+                log_path = self.args.logdir / f"{key}-run{i}.log"
+                cpu_before = bp.cpu_jiffies()
+                try:
+                    res = (self.conveyor_run(row, n, log_path) if key in self.doors
+                           else bp.run_once(row, n, self.args.timeout, log_path))
+                except Exception as exc:  # record and go on, like bench_peers
+                    res = {"error": f"{type(exc).__name__}: {exc} (log: {log_path})"}
+                res["steal_pct"] = bp.steal_pct(cpu_before, bp.cpu_jiffies())
+                self.results[key].append(res)
+                if key in self.doors and ("error" in res or res.get("checks_failed")):
+                    self.failed += 1
+                summary = res.get("error") or "  ".join(
+                    f"{k}={v:.3f}" for k, v in res.items() if k.endswith("_s"))
+                print(f"{row.name:58} run {i}: {summary}  steal={res['steal_pct']:.0f}%",
+                      flush=True)
+                text = self.write()
+        return text
+
+    def run(self) -> int:
+        text = self.runs()
+        args = self.args
+        if self.door_keys and args.latency_seconds > 0:
+            self.latency = latency_phase(args, self.ctx, self.doors, self.door_keys,
+                                         self.results)
+            print(f"latency: {json.dumps(self.latency, default=str)}", flush=True)
+            if "error" in self.latency or self.latency.get("checks_failed"):
+                self.failed += 1
+            text = self.write()
+        if args.profile:
+            self.profiles = profile_phase(args, self.ctx, self.doors, self.servers, self.api)
+            for p in self.profiles:
+                print(f"profile: {p['what']}: {p.get('error') or p['raw']}", flush=True)
+            text = self.write()
+        print("\n" + text)
+        print(f"written: {args.out}", flush=True)
+        return 1 if self.failed else 0
+
+
+@contextlib.contextmanager
+def watch_workers(bp: Any, ctx: Any) -> Iterator[list[dict[str, Any]]]:
+    """While a Conveyor row runs, wrap bench_peers' start_worker/stop_worker (run_once calls
+    them by their module-level names) to read each worker's VmHWM just before it is stopped
+    and, once it has stopped, count its tasks per status in Postgres. The wrapped functions
+    are still the ones that start and stop the worker."""
+    from bench.doors import status_counts
+    from bench.procs import peak_rss_mb
+
+    start, stop = bp.start_worker, bp.stop_worker
+    ours: set[int] = set()
+    stops: list[dict[str, Any]] = []
+
+    def start_worker(peer: Any, n: int, log_path: Path) -> Any:
+        proc = start(peer, n, log_path)
+        ours.add(proc.pid)
+        return proc
+
+    def stop_worker(proc: Any, grace: float = 10.0) -> bool:
+        if proc.pid not in ours:
+            return bool(stop(proc, grace))
+        record: dict[str, Any] = {"hwm_mb": peak_rss_mb(proc.pid)}
+        clean = bool(stop(proc, grace))
+        try:
+            record["statuses"] = asyncio.run(asyncio.wait_for(status_counts(ctx), 30))
+        except Exception as exc:
+            record["statuses"] = {"error": f"{type(exc).__name__}: {exc}"}
+        stops.append(record)
+        return clean
+
+    bp.start_worker, bp.stop_worker = start_worker, stop_worker
+    try:
+        yield stops
+    finally:
+        bp.start_worker, bp.stop_worker = start, stop
+
+
+def check_run(res: dict[str, Any], n: int) -> list[str]:
+    """Postgres must hold exactly the tasks of the phase, all succeeded."""
+    failed = []
+    expected = [{"succeeded": n}, {"succeeded": n + 1}]  # drain; e2e (+ the warm-up task)
+    for phase, want, got in zip(("drain", "e2e"), expected, res["postgres"], strict=False):
+        if got != want:
+            failed.append(f"Postgres after {phase}: {got}, expected {want}")
+    if len(res["postgres"]) != 2:
+        failed.append(f"{len(res['postgres'])} worker stops seen, expected 2")
+    if res.get("b1000_postgres") not in (None, {"queued": n}):
+        failed.append(f"Postgres after batch-1000 enqueue: {res['b1000_postgres']}, "
+                      f"expected {{'queued': {n}}}")
+    if "b1000_error" in res:
+        failed.append(f"batch-1000 enqueue: {res['b1000_error']}")
+    return failed
+
+
+def batch_1000(bp: Any, ctx: Any, n: int, timeout: float) -> dict[str, Any]:
+    """Enqueue only, POST /v1/tasks/batch with 1000 tasks per request, on the running API."""
+    import redis
+
+    from bench import doors as doors_mod
+
+    r = redis.Redis.from_url(bp.REDIS_URL)
+    big = doors_mod.HttpDoor(ctx, 1000)
+    try:
+        r.flushdb()
+        with bp.deadline(timeout, "batch-1000 enqueue"):
+            t0, t1 = big.enqueue(n)
+        counts = asyncio.run(doors_mod.status_counts(ctx))
+        return {"enqueue_b1000_s": t1 - t0, "requests_b1000": big.requests_for(n),
+                "b1000_postgres": counts}
+    except Exception as exc:
+        return {"b1000_error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        r.flushdb()
+        r.close()
+
+
+def latency_phase(args: argparse.Namespace, ctx: Any, doors: dict[str, Any],
+                  door_keys: list[str], results: dict[str, list[dict[str, Any]]]
+                  ) -> dict[str, Any]:
+    from bench.latency import run_latency
+    from bench.report import best_e2e
+
+    best = best_e2e(results, door_keys)
+    if args.latency_rate:
+        rate, basis = args.latency_rate, f"{2 * args.latency_rate:,.0f}/s (--latency-rate)"
+    elif best:
+        rate = best[1] / 2
+        basis = f"{best[1]:,.0f}/s, the best Conveyor e2e median ({doors[best[0]].name})"
+    else:
+        return {"error": "no Conveyor e2e rate measured to pace at"}
+    door = doors["conveyor-bulk" if args.latency_batch > 1 else "conveyor-client"]
+    try:
+        res = run_latency(ctx, door, rate, args.latency_seconds,
+                          args.logdir / "conveyor-latency.log", batch=args.latency_batch)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "rate": rate, "basis": basis}
+    res["basis"] = basis
+    checks = []
+    if res["done"] != res["count"]:
+        checks.append(f"{res['done']} completions counted for {res['count']} tasks")
+    if res["samples"] != res["count"]:
+        checks.append(f"{res['samples']} latency samples for {res['count']} tasks")
+    res["checks_failed"] = checks
+    return res
+
+
+def profile_phase(args: argparse.Namespace, ctx: Any, doors: dict[str, Any],
+                  servers: dict[str, Any], api: Callable[[Path], Any]) -> list[dict[str, Any]]:
+    from bench.profile import find_py_spy, profile_api, profile_drain
+
+    spy = find_py_spy()
+    if spy is None:
+        return [{"what": "profiles", "error": "py-spy not found: pip install py-spy"}]
+    args.profile_dir.mkdir(parents=True, exist_ok=True)
+    server_pids: dict[str, int] = servers["pids"]
+    out = []
+    try:
+        out.append(profile_drain(ctx, doors["conveyor-bulk"], args.profile_n, args.profile_dir,
+                                 spy, server_pids, args.logdir / "conveyor-profile-worker.log",
+                                 native=args.profile_native))
+    except Exception as exc:
+        out.append({"what": "conveyor worker, drain", "error": f"{type(exc).__name__}: {exc}"})
+    try:
+        with api(args.logdir / "conveyor-profile-api.log") as proc:
+            ctx.api = (proc.host, proc.port)
+            try:
+                out.append(profile_api(ctx, doors["conveyor-http"], args.profile_n,
+                                       args.profile_dir, spy, server_pids, proc.proc.pid,
+                                       native=args.profile_native))
+            finally:
+                ctx.api = None
+    except Exception as exc:
+        out.append({"what": "conveyor api, single POSTs", "error": f"{type(exc).__name__}: {exc}"})
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
