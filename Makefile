@@ -32,7 +32,7 @@ test: $(VENV)/.dev servers
 
 ## check: ruff, mypy, import layers
 check: $(VENV)/.dev
-	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff check src tests bench scripts examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -76,6 +76,16 @@ async def reset_now(ctx: Context) -> None:
         await conn.close()
 
 
+async def analyze(ctx: Context) -> None:
+    """ANALYZE the tasks table (its column statistics outlive TRUNCATE)."""
+    assert ctx.settings.database_url
+    conn = await asyncpg.connect(ctx.settings.database_url)
+    try:
+        await conn.execute(f"ANALYZE {ctx.tasks_table}")
+    finally:
+        await conn.close()
+
+
 async def status_counts(ctx: Context) -> dict[str, int]:
     """Tasks per status in Postgres."""
     assert ctx.settings.database_url

@@ -74,6 +74,59 @@ def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(v - before.get(p, 0.0) for p, v in after.items())
 
 
+def _cpu_table() -> dict[int, tuple[int, float]]:
+    """pid -> (ppid, CPU seconds of the process and of its children it has reaped)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None:
+                ticks = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+                table[int(entry.name)] = (int(fields[1]), ticks / _TICK)
+    return table
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and everything it started, alive or reaped (servers,
+    their backends, workers, the API)."""
+    table = _cpu_table()
+    kids: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        kids.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += table.get(pid, (0, 0.0))[1]
+        todo += kids.get(pid, [])
+    return total
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(
+            int, f.readline().split()[1:9])
+    busy = user + nice + system + irq + softirq
+    return busy / _TICK, (busy + idle + iowait + steal) / _TICK
+
+
+@dataclass
+class ForeignLoad:
+    """Share of the machine's CPU used by processes that are not ours, between two points."""
+
+    machine: tuple[float, float]
+    own: float
+
+    @classmethod
+    def now(cls) -> ForeignLoad:
+        return cls(machine_cpu(), own_cpu_seconds())
+
+    def pct_since(self, start: ForeignLoad) -> float:
+        busy = self.machine[0] - start.machine[0]
+        total = max(self.machine[1] - start.machine[1], 1e-9)
+        return max(0.0, 100 * (busy - (self.own - start.own)) / total)
+
+
 def postmaster_pid(data_dir: Path) -> int | None:
     with contextlib.suppress(OSError, ValueError, IndexError):
         return int((data_dir / "postmaster.pid").read_text().split()[0])

@@ -29,6 +29,7 @@ from bench.peers import load
 from bench.procs import cpu_delta, tree_cpu_seconds
 
 bp: Any = load()
+RATE_HZ = 100
 
 
 def find_py_spy() -> str | None:
@@ -37,7 +38,7 @@ def find_py_spy() -> str | None:
 
 
 @contextmanager
-def py_spy(binary: str, pid: int, out: Path, rate: int = 100, *, native: bool = False
+def py_spy(binary: str, pid: int, out: Path, rate: int = RATE_HZ, *, native: bool = False
            ) -> Iterator[None]:
     """Record `pid` into `out` while the block runs (only samples holding the GIL)."""
     log = open(out.with_suffix(".log"), "wb")  # noqa: SIM115 - closed below
@@ -150,7 +151,7 @@ def profile_drain(ctx: Context, door: ClientDoor, n: int, out_dir: Path, spy: st
     jobs = n - done0
     return {"what": f"conveyor worker draining {jobs} queued tasks (of {n})", "jobs": jobs,
             "wall_s": round(wall1 - wall0, 3), "rate": jobs / (wall1 - wall0),
-            "cpu_s": _cpu_used(before, after), "raw": str(out),
+            "cpu_s": _cpu_used(before, after), "raw": str(out), "rate_hz": RATE_HZ,
             "profile": summarise(out)}
 
 
@@ -178,4 +179,4 @@ def profile_api(ctx: Context, door: HttpDoor, n: int, out_dir: Path, spy: str,
     return {"what": f"conveyor api taking {n} single POST /v1/tasks from "
                     f"{ctx.http_connections} connections", "jobs": n,
             "wall_s": round(t1 - t0, 3), "rate": n / (t1 - t0), "cpu_s": used,
-            "raw": str(out), "profile": summarise(out)}
+            "raw": str(out), "rate_hz": RATE_HZ, "profile": summarise(out)}

@@ -217,7 +217,8 @@ def profile_section(profiles: list[dict[str, Any]], top: int = 15) -> list[str]:
         out += [f"### {p['what']}", "",
                 f"{p['jobs']:,} tasks in {p['wall_s']:.2f} s ({p['rate']:,.0f}/s under the "
                 f"profiler); {prof.samples} samples, busy "
-                f"{prof.samples / (100 * p['wall_s']):.0%}; raw stacks: `{p['raw']}`.", "",
+                f"{prof.samples / (p['rate_hz'] * p['wall_s']):.0%}; "
+                f"raw stacks: `{p['raw']}`.", "",
                 f"CPU time during the phase: {cpu}. Per task: "
                 + ", ".join(f"{k} {v:,.0f} µs" for k, v in per_task.items()) + ".", "",
                 "| by package (self) | % | | function (self) | % | | Conveyor function (total) "

@@ -66,6 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--profile-n", type=int, default=20000,
                     help="tasks per profiled phase (default 20000)")
     ap.add_argument("--profile-dir", type=Path, default=REPO / "bench" / "results" / "profile")
+    ap.add_argument("--no-analyze", dest="analyze", action="store_false",
+                    help="skip the ANALYZE of the tasks table (holding N queued tasks) done "
+                         "before the runs so that the planner has the statistics of a "
+                         "long-lived table (they survive TRUNCATE); without it the runs start "
+                         "on a never analyzed table until autovacuum analyzes it")
     ap.add_argument("--database-url", help="use this PostgreSQL instead of starting one")
     ap.add_argument("--redis-url",
                     help="use this Redis (it is FLUSHDB-ed!) instead of starting one")
@@ -168,8 +173,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # SIGTERM becomes SystemExit, so that every `finally` stops what it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with private_servers(args) as servers:
-        return Bench(args, bp, (door_keys, peer_keys), n_for, servers, command).run()
+    try:
+        with private_servers(args) as servers:
+            return Bench(args, bp, (door_keys, peer_keys), n_for, servers, command).run()
+    except KeyboardInterrupt:  # everything started is stopped by now
+        print(f"interrupted; partial results in {args.out}", file=sys.stderr)
+        return 130
 
 
 class Bench:
@@ -190,6 +199,9 @@ class Bench:
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
         })
+        from conveyor import logs
+
+        logs.configure("warning")  # this process's Conveyor client logs, like the processes'
         settings = Settings(database_url=db_url, redis_url=redis_url,
                             database_schema=args.schema, key_prefix=args.key_prefix,
                             log_level="warning")
@@ -208,7 +220,9 @@ class Bench:
         self.latency: dict[str, Any] | None = None
         self.profiles: list[dict[str, Any]] = []
         self.failed = 0
-        self.cpu_start = bp.cpu_jiffies()
+        from bench.procs import ForeignLoad
+
+        self.cpu_start, self.load_start = bp.cpu_jiffies(), ForeignLoad.now()
         self.facts = self.machine_facts()
         if "postgres_data_dir" in servers:
             from bench.procs import postmaster_pid
@@ -239,6 +253,11 @@ class Bench:
             f"{args.concurrency}`; API: `conveyor api --app bench.app:app`; "
             "CONVEYOR_LOG_LEVEL=warning; HTTP load: "
             f"{args.http_connections} keep-alive connections from the driver process",
+            "- Postgres planner statistics of the tasks table: "
+            + (f"ANALYZE of the table holding {args.n} queued tasks before the runs (column "
+               "statistics survive TRUNCATE), as autovacuum would have done on a live table"
+               if args.analyze else "none at the start (`--no-analyze`: a fresh, never "
+               "analyzed table until autovacuum analyzes it during the run)"),
         ]
 
     def api(self, log_path: Path) -> contextlib.AbstractContextManager[Any]:
@@ -249,14 +268,22 @@ class Bench:
                           timeout=self.args.timeout)
 
     def write(self) -> str:
+        from bench.procs import ForeignLoad
         from bench.report import render
 
         args, bp = self.args, self.bp
         steal = bp.steal_pct(self.cpu_start, bp.cpu_jiffies())
+        foreign = [x["foreign_pct"] for runs in self.results.values() for x in runs
+                   if "foreign_pct" in x]
+        overall = ForeignLoad.now().pct_since(self.load_start)
+        others = (f"- CPU used by processes outside this benchmark (other users of the "
+                  f"machine), share of all CPU time: {overall:.0f}% overall, at most "
+                  f"{max(foreign):.0f}% in one run" if foreign else "")
         ns = argparse.Namespace(n=args.n, runs=args.runs, n_for=self.n_for)
-        text = render(self.results, self.rows, ns,
-                      [*self.facts, f"- CPU steal during the benchmark: {steal:.0f}%"],
-                      self.command, self.latency, self.profiles)
+        facts = [*self.facts, f"- CPU steal during the benchmark: {steal:.0f}%",
+                 *([others] if others else [])]
+        text = render(self.results, self.rows, ns, facts, self.command, self.latency,
+                      self.profiles)
         args.out.write_text(text)
         if args.json:
             profiles = [{**p, "profile": p["profile"].as_dict(25)} if "profile" in p else p
@@ -294,29 +321,50 @@ class Bench:
 
     def runs(self) -> str:
         """Round-robin, like bench_peers.main: run 1 of every row, then run 2, ..."""
+        from bench.procs import ForeignLoad
+
         bp, text = self.bp, ""
         for i in range(1, self.args.runs + 1):
             for key, row in self.rows.items():
                 n = self.n_for.get(key, self.args.n)
                 log_path = self.args.logdir / f"{key}-run{i}.log"
-                cpu_before = bp.cpu_jiffies()
+                cpu_before, load_before = bp.cpu_jiffies(), ForeignLoad.now()
                 try:
                     res = (self.conveyor_run(row, n, log_path) if key in self.doors
                            else bp.run_once(row, n, self.args.timeout, log_path))
                 except Exception as exc:  # record and go on, like bench_peers
                     res = {"error": f"{type(exc).__name__}: {exc} (log: {log_path})"}
                 res["steal_pct"] = bp.steal_pct(cpu_before, bp.cpu_jiffies())
+                res["foreign_pct"] = ForeignLoad.now().pct_since(load_before)
                 self.results[key].append(res)
                 if key in self.doors and ("error" in res or res.get("checks_failed")):
                     self.failed += 1
                 summary = res.get("error") or "  ".join(
                     f"{k}={v:.3f}" for k, v in res.items() if k.endswith("_s"))
-                print(f"{row.name:58} run {i}: {summary}  steal={res['steal_pct']:.0f}%",
-                      flush=True)
+                print(f"{row.name:58} run {i}: {summary}  steal={res['steal_pct']:.0f}%  "
+                      f"others={res['foreign_pct']:.0f}%", flush=True)
                 text = self.write()
         return text
 
+    def seed_statistics(self) -> None:
+        """--analyze: N queued tasks, ANALYZE, then empty again (the statistics stay)."""
+        import redis
+
+        from bench import doors
+
+        r = redis.Redis.from_url(self.servers["redis_url"])
+        try:
+            r.flushdb()
+            with self.bp.deadline(self.args.timeout, "--analyze"):
+                doors.ClientDoor(self.ctx, self.bp.BATCH).enqueue(self.args.n)
+            asyncio.run(doors.analyze(self.ctx))
+        finally:
+            r.flushdb()
+            r.close()
+
     def run(self) -> int:
+        if self.args.analyze:
+            self.seed_statistics()
         text = self.runs()
         args = self.args
         if self.door_keys and args.latency_seconds > 0:

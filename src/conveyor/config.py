@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    api_max_pending: int = Field(default=1000, ge=1)
+    pg_acquire_timeout: float = Field(default=5.0, gt=0)
 
     # Worker
     concurrency: int = Field(default=5, ge=1, le=10_000)

@@ -58,5 +58,7 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
+    # asyncpg's pool logs a traceback per failed reconnect; Conveyor logs outages itself.
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
     for noisy in ("uvicorn.access", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))

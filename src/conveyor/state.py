@@ -56,7 +56,8 @@ async def open_state(
         with translate("redis.ping"):
             await redis.ping()
         keys = Keys(settings.key_prefix)
-        store = TaskStore(pool, settings.database_schema)
+        store = TaskStore(pool, settings.database_schema,
+                          acquire_timeout_s=settings.pg_acquire_timeout)
         streams = TaskStreams(redis, keys, dead_letter_maxlen=settings.dead_letter_maxlen)
         client = Client(store, streams, app.registry, default_max_attempts=settings.max_attempts)
         app.bind(client)

@@ -8,6 +8,7 @@ from starlette.middleware import Middleware
 
 import conveyor
 from conveyor.api import problems
+from conveyor.api.admission import Admission
 from conveyor.api.middleware.access_log import AccessLogMiddleware
 from conveyor.api.middleware.auth import ApiKeyMiddleware
 from conveyor.api.middleware.body_limit import BodyLimitMiddleware
@@ -39,6 +40,7 @@ def create_app(state: AppState) -> FastAPI:
         ],
     )
     app.state.conveyor = state
+    app.state.admission = Admission(settings.api_max_pending)
     problems.install(app, set(registry.types))
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -35,6 +35,7 @@ from conveyor.store.pool import Connection, translate
 from conveyor.store.tasks import TaskStore
 
 log = structlog.get_logger("conveyor.relay")
+NOTIFIED_MAX = 10_000  # notified tasks waiting to be published; past it, left to the scan
 
 
 class Relay(LockedLoop):
@@ -146,6 +147,8 @@ class Relay(LockedLoop):
         except ValueError:
             log.warning("relay.notify.malformed", payload=payload[:200])
             return
+        if len(self._notified) >= NOTIFIED_MAX:
+            return  # Redis is not keeping up: the periodic scan publishes it after the grace
         self._notified.append(Publish(task_type, task_id, int(at_ms) if at_ms else None))
         self._wake.set()
 

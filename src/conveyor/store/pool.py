@@ -27,6 +27,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.InterfaceError,
+    # A connection the server dropped mid-operation can surface as a protocol-state error; the
+    # pool's reset on release then fails and the connection is replaced.
+    asyncpg.exceptions.InternalClientError,
     OSError,
     TimeoutError,
 )
@@ -50,12 +53,6 @@ async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     await conn.set_type_codec("json", encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
 
 
-async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
-    """Release hook that skips asyncpg's default session reset (`RESET ALL; UNLISTEN *; ...`),
-    a round trip per release. Conveyor leaves no session state behind (asyncpg still rolls back
-    an open transaction); code borrowing this pool must not either: use SET LOCAL, not SET."""
-
-
 async def open_pool(
     dsn: str, *, min_size: int = 2, max_size: int = 10, connect_timeout_s: float = 30.0
 ) -> Pool:
@@ -70,7 +67,6 @@ async def open_pool(
                     min_size=min_size,
                     max_size=max_size,
                     init=_init_connection,
-                    reset=_keep_session,
                     command_timeout=60,
                     server_settings={"application_name": "conveyor"},
                 )

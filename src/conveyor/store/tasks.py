@@ -12,14 +12,16 @@ Batched statements take arrays and `unnest` them: one round trip for many rows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from conveyor.errors import Overloaded
 from conveyor.store.pool import Connection, Pool, translate
 
 Status = Literal["queued", "running", "succeeded", "dead", "cancelled"]
@@ -138,8 +140,11 @@ class QueueCounts:
 class TaskStore:
     """All SQL on the tasks table of one schema."""
 
-    def __init__(self, pool: Pool, schema: str) -> None:
+    def __init__(self, pool: Pool, schema: str, *, acquire_timeout_s: float = 5.0) -> None:
         self.pool = pool
+        # Waiting longer than this for a pooled connection means Postgres cannot keep up: the
+        # caller gets Overloaded (HTTP 503 + Retry-After) instead of queueing without bound.
+        self.acquire_timeout_s = acquire_timeout_s
         self.table = f"{schema}.tasks"
         # NOTIFY channel for tasks enqueued inside a caller's transaction (sent on commit).
         self.channel = f"{schema}_enqueued"
@@ -178,6 +183,29 @@ class TaskStore:
               AND t.attempts = c.attempt
             RETURNING t.id, t.status, t.run_at"""
 
+    @contextlib.asynccontextmanager
+    async def _connection(self, op: str) -> AsyncIterator[Connection]:
+        """A pooled connection; Overloaded if none frees up in time, Unavailable if Postgres
+        does not answer."""
+        with translate(op):
+            try:
+                conn = await self.pool.acquire(timeout=self.acquire_timeout_s)
+            except TimeoutError:
+                raise Overloaded(f"{op}: no Postgres connection free within "
+                                 f"{self.acquire_timeout_s} s") from None
+            try:
+                yield conn
+            finally:
+                await self.pool.release(conn)
+
+    async def _fetch(self, op: str, sql: str, *args: Any) -> list[Any]:
+        async with self._connection(op) as conn:
+            return await conn.fetch(sql, *args)
+
+    async def _fetchrow(self, op: str, sql: str, *args: Any) -> Any:
+        async with self._connection(op) as conn:
+            return await conn.fetchrow(sql, *args)
+
     # -- enqueue ---------------------------------------------------------------------------
 
     async def insert(
@@ -198,10 +226,10 @@ class TaskStore:
             [t.max_attempts for t in tasks],
             [t.delay_s for t in tasks],
         )
+        if conn is None:
+            async with self._connection("tasks.insert") as own:
+                return await self._insert(own, tasks, args)
         with translate("tasks.insert"):
-            if conn is None:
-                async with self.pool.acquire() as own:
-                    return await self._insert(own, tasks, args)
             return await self._insert(conn, tasks, args)
 
     async def _insert(
@@ -229,10 +257,9 @@ class TaskStore:
     # -- reads -----------------------------------------------------------------------------
 
     async def get(self, task_id: uuid.UUID) -> TaskRecord | None:
-        with translate("tasks.get"):
-            row = await self.pool.fetchrow(
-                f"SELECT {_COLUMNS} FROM {self.table} AS t WHERE t.id = $1", task_id
-            )
+        row = await self._fetchrow(
+            "tasks.get", f"SELECT {_COLUMNS} FROM {self.table} AS t WHERE t.id = $1", task_id
+        )
         return _record(row) if row else None
 
     async def list_tasks(
@@ -257,8 +284,7 @@ class TaskStore:
         args.append(limit)
         sql = (f"SELECT {_COLUMNS} FROM {self.table} AS t {where} "
                f"ORDER BY t.id DESC LIMIT ${len(args)}")
-        with translate("tasks.list"):
-            rows = await self.pool.fetch(sql, *args)
+        rows = await self._fetch("tasks.list", sql, *args)
         return [_record(r) for r in rows]
 
     async def counts(self, type_: str) -> QueueCounts:
@@ -271,8 +297,7 @@ class TaskStore:
               (SELECT count(*) FROM {t} WHERE type = $1 AND status = 'dead'),
               (SELECT min(run_at) FROM {t} WHERE type = $1 AND status = 'queued'
                                             AND run_at <= now())"""
-        with translate("tasks.counts"):
-            row = await self.pool.fetchrow(sql, type_)
+        row = await self._fetchrow("tasks.counts", sql, type_)
         assert row is not None
         return QueueCounts(row[0], row[1], row[2], row[3])
 
@@ -282,19 +307,18 @@ class TaskStore:
         self, ids: Sequence[uuid.UUID], worker: str
     ) -> tuple[list[Started], list[NotStarted]]:
         """queued → running for every id that is runnable now; explain the others."""
-        with translate("tasks.mark_running"):
-            async with self.pool.acquire() as conn:
-                rows = await conn.fetch(self._mark_running_sql, list(ids), worker)
-                started = [Started(*row) for row in rows]
-                if len(started) == len(set(ids)):
-                    return started, []
-                done = {s.id for s in started}
-                rest = [i for i in dict.fromkeys(ids) if i not in done]
-                found = await conn.fetch(
-                    f"SELECT id, status, run_at, attempts >= max_attempts FROM {self.table}"
-                    " WHERE id = ANY($1::uuid[])",
-                    rest,
-                )
+        async with self._connection("tasks.mark_running") as conn:
+            rows = await conn.fetch(self._mark_running_sql, list(ids), worker)
+            started = [Started(*row) for row in rows]
+            if len(started) == len(set(ids)):
+                return started, []
+            done = {s.id for s in started}
+            rest = [i for i in dict.fromkeys(ids) if i not in done]
+            found = await conn.fetch(
+                f"SELECT id, status, run_at, attempts >= max_attempts FROM {self.table}"
+                " WHERE id = ANY($1::uuid[])",
+                rest,
+            )
         by_id = {r[0]: NotStarted(r[0], r[1], r[2], r[1] == "queued" and r[3]) for r in found}
         return started, [by_id.get(i, NotStarted(i, None, None, False)) for i in rest]
 
@@ -306,62 +330,62 @@ class TaskStore:
         """
         if not outcomes:
             return []
-        with translate("tasks.record"):
-            rows = await self.pool.fetch(
-                self._record_sql,
-                [o.task_id for o in outcomes],
-                [o.attempt for o in outcomes],
-                [o.status for o in outcomes],
-                [o.result_json for o in outcomes],
-                [o.error for o in outcomes],
-                [o.delay_s for o in outcomes],
-                worker,
-            )
+        rows = await self._fetch(
+            "tasks.record",
+            self._record_sql,
+            [o.task_id for o in outcomes],
+            [o.attempt for o in outcomes],
+            [o.status for o in outcomes],
+            [o.result_json for o in outcomes],
+            [o.error for o in outcomes],
+            [o.delay_s for o in outcomes],
+            worker,
+        )
         return [Recorded(*row) for row in rows]
 
     async def kill(
         self, ids: Iterable[uuid.UUID], reason: str, *, from_: Sequence[Status] = ("queued",)
     ) -> list[uuid.UUID]:
         """→ dead for tasks still in one of `from_`; returns the ids changed."""
-        with translate("tasks.kill"):
-            rows = await self.pool.fetch(
-                f"UPDATE {self.table} SET status = 'dead', finished_at = now(), last_error = $2"
-                " WHERE id = ANY($1::uuid[]) AND status = ANY($3::text[]) RETURNING id",
-                list(ids), reason, list(from_),
-            )
+        rows = await self._fetch(
+            "tasks.kill",
+            f"UPDATE {self.table} SET status = 'dead', finished_at = now(), last_error = $2"
+            " WHERE id = ANY($1::uuid[]) AND status = ANY($3::text[]) RETURNING id",
+            list(ids), reason, list(from_),
+        )
         return [r[0] for r in rows]
 
     async def requeue(self, ids: Iterable[uuid.UUID], worker: str) -> list[uuid.UUID]:
         """running on `worker` → queued, for tasks whose worker is gone; returns ids changed."""
-        with translate("tasks.requeue"):
-            rows = await self.pool.fetch(
-                f"UPDATE {self.table} SET status = 'queued'"
-                " WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker = $2 RETURNING id",
-                list(ids), worker,
-            )
+        rows = await self._fetch(
+            "tasks.requeue",
+            f"UPDATE {self.table} SET status = 'queued'"
+            " WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker = $2 RETURNING id",
+            list(ids), worker,
+        )
         return [r[0] for r in rows]
 
     # -- user actions ----------------------------------------------------------------------
 
     async def cancel(self, task_id: uuid.UUID) -> TaskRecord | None:
         """queued → cancelled; None if the task is not queued (or does not exist)."""
-        with translate("tasks.cancel"):
-            row = await self.pool.fetchrow(
-                f"UPDATE {self.table} AS t SET status = 'cancelled', finished_at = now()"
-                f" WHERE t.id = $1 AND t.status = 'queued' RETURNING {_COLUMNS}",
-                task_id,
-            )
+        row = await self._fetchrow(
+            "tasks.cancel",
+            f"UPDATE {self.table} AS t SET status = 'cancelled', finished_at = now()"
+            f" WHERE t.id = $1 AND t.status = 'queued' RETURNING {_COLUMNS}",
+            task_id,
+        )
         return _record(row) if row else None
 
     async def retry(self, task_id: uuid.UUID) -> TaskRecord | None:
         """dead | cancelled → queued with a fresh set of attempts; None if not allowed."""
-        with translate("tasks.retry"):
-            row = await self.pool.fetchrow(
-                f"UPDATE {self.table} AS t SET status = 'queued', attempts = 0, run_at = now(),"
-                " started_at = NULL, finished_at = NULL, result = NULL"
-                f" WHERE t.id = $1 AND t.status IN ('dead', 'cancelled') RETURNING {_COLUMNS}",
-                task_id,
-            )
+        row = await self._fetchrow(
+            "tasks.retry",
+            f"UPDATE {self.table} AS t SET status = 'queued', attempts = 0, run_at = now(),"
+            " started_at = NULL, finished_at = NULL, result = NULL"
+            f" WHERE t.id = $1 AND t.status IN ('dead', 'cancelled') RETURNING {_COLUMNS}",
+            task_id,
+        )
         return _record(row) if row else None
 
     # -- relay -----------------------------------------------------------------------------
@@ -378,16 +402,15 @@ class TaskStore:
             sql += " AND (run_at, id) > ($3, $4)"
             args += list(after)
         sql += f" ORDER BY run_at, id LIMIT ${len(args) + 1}"
-        with translate("tasks.overdue"):
-            rows = await self.pool.fetch(sql, *args, limit)
+        rows = await self._fetch("tasks.overdue", sql, *args, limit)
         return [(r[0], r[1]) for r in rows]
 
     async def running_since(self, older_than_s: float) -> list[tuple[uuid.UUID, str, str]]:
         """(id, type, worker) of tasks running for more than `older_than_s`."""
-        with translate("tasks.running_since"):
-            rows = await self.pool.fetch(
-                f"SELECT id, type, worker FROM {self.table} WHERE status = 'running'"
-                " AND started_at < now() - $1 * interval '1 second'",
-                older_than_s,
-            )
+        rows = await self._fetch(
+            "tasks.running_since",
+            f"SELECT id, type, worker FROM {self.table} WHERE status = 'running'"
+            " AND started_at < now() - $1 * interval '1 second'",
+            older_than_s,
+        )
         return [(r[0], r[1], r[2]) for r in rows]

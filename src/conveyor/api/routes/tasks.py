@@ -11,7 +11,7 @@ from fastapi import APIRouter, Body, Query
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from conveyor.api.deps import ClientDep
+from conveyor.api.deps import Admitted, ClientDep
 from conveyor.api.models import BatchOut, TaskOut, TaskPage, request_models
 from conveyor.api.responses import OrjsonResponse
 from conveyor.client import TaskRequest
@@ -48,6 +48,7 @@ def build_router(registry: Registry) -> APIRouter:
 
     @router.post(
         "",
+        dependencies=[Admitted],
         status_code=202,
         response_model=TaskOut,
         summary="Enqueue a task",
@@ -61,7 +62,7 @@ def build_router(registry: Registry) -> APIRouter:
         return _task(record, 202 if inserted[0].created else 200,
                      Location=f"/v1/tasks/{record.id}")
 
-    @router.post("/batch", status_code=202, response_model=BatchOut,
+    @router.post("/batch", dependencies=[Admitted], status_code=202, response_model=BatchOut,
                  summary="Enqueue up to 1000 tasks in one transaction")
     async def create_batch(
         body: Annotated[batch, Body()], client: ClientDep  # type: ignore[valid-type]
