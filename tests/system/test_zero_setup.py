@@ -84,6 +84,10 @@ class MakeRun:
             self.popen.wait(10)
 
 
+def alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+
+
 @pytest.fixture
 def data_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="conveyor-data-"))
@@ -132,8 +136,7 @@ async def test_make_run_serves_on_embedded_servers_and_stops_them_on_ctrl_c(
         assert hook.received[0]["valid"]
         assert hook.received[0]["body"] == {"hello": "world"}
         assert run.ctrl_c() == 0
-        survivors = [pid for pid in servers if os.path.exists(f"/proc/{pid}")]
-        assert survivors == []
+        assert alive(servers) == []
         assert run.servers() == []
     finally:
         run.kill()
