@@ -17,7 +17,7 @@ import contextlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -45,7 +45,6 @@ class Context:
     timeout: float = 120.0
     http_connections: int = 8
     api: tuple[str, int] | None = None  # host, port of the running `conveyor api`
-    notes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tasks_table(self) -> str:

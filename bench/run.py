@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--key-prefix", default="conveyor_bench", help="CONVEYOR_KEY_PREFIX")
     ap.add_argument("--peers-dir", type=Path, default=peers.peers_dir(),
                     help="directory of bench_peers.py (default: %(default)s)")
+    ap.add_argument("--no-snapshot", dest="snapshot", action="store_false",
+                    help="import src/ live instead of a copy taken at the start (then edits "
+                         "made to src/ during the benchmark change what later runs measure)")
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--json", type=Path, help="also write every run's raw figures here")
     ap.add_argument("--logdir", type=Path, default=Path("/tmp/conveyor-bench-logs"))
@@ -174,11 +177,49 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM becomes SystemExit, so that every `finally` stops what it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        with private_servers(args) as servers:
+        with src_snapshot(args.snapshot) as src, private_servers(args) as servers:
+            servers["src"] = src
             return Bench(args, bp, (door_keys, peer_keys), n_for, servers, command).run()
     except KeyboardInterrupt:  # everything started is stopped by now
         print(f"interrupted; partial results in {args.out}", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def src_snapshot(enabled: bool) -> Iterator[str]:
+    """Copy src/conveyor and import Conveyor from the copy, here and (PYTHONPATH) in every
+    worker and API process, so that src/ edited during the benchmark does not change what is
+    measured. Yields a description for the report."""
+    import hashlib
+    import shutil
+
+    live = REPO / "src" / "conveyor"
+    if not enabled:
+        yield f"imported live from {live} (`--no-snapshot`)"
+        return
+    if "conveyor" in sys.modules:
+        raise RuntimeError("conveyor was imported before its snapshot was taken")
+    tmp = Path(tempfile.mkdtemp(prefix="conveyor-bench-src-"))
+    try:
+        shutil.copytree(live, tmp / "conveyor", ignore=shutil.ignore_patterns("__pycache__"))
+        digest = hashlib.sha1()
+        for path in sorted((tmp / "conveyor").rglob("*")):
+            if path.is_file():
+                digest.update(path.relative_to(tmp).as_posix().encode() + b"\0")
+                digest.update(path.read_bytes())
+        sys.path.insert(0, str(tmp))
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(tmp), os.environ.get("PYTHONPATH")) if p)
+        import conveyor
+
+        if not Path(conveyor.__file__ or "").is_relative_to(tmp):
+            raise RuntimeError(f"conveyor imported from {conveyor.__file__}, not the snapshot")
+        yield (f"a copy of src/conveyor taken at the start (sha1 {digest.hexdigest()[:12]}), "
+               "imported by every Conveyor process of the run")
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(tmp))
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class Bench:
@@ -197,7 +238,7 @@ class Bench:
             "CONVEYOR_DATABASE_SCHEMA": args.schema, "CONVEYOR_KEY_PREFIX": args.key_prefix,
             "CONVEYOR_LOG_LEVEL": "warning", "CONVEYOR_LOG_FORMAT": "json",
             "PYTHONPATH": os.pathsep.join(
-                p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+                p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p),
         })
         from conveyor import logs
 
@@ -246,7 +287,8 @@ class Bench:
                    if "postgres_data_dir" in self.servers else "given by --database-url")
         return [
             *peers_facts,
-            f"- Conveyor {versions(['conveyor'])} (git {git_describe()}); PostgreSQL "
+            f"- Conveyor {versions(['conveyor'])} (git {git_describe()}; src/: "
+            f"{self.servers['src']}); PostgreSQL "
             f"{pg_version} ({pg_note}); " + versions(
                 ["asyncpg", "fastapi", "starlette", "uvicorn", "uvloop", "pydantic", "orjson"]),
             f"- Conveyor worker: `conveyor worker --app bench.app:app --concurrency "

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from conveyor.errors import Overloaded
-from conveyor.store.pool import Connection, Pool, translate
+from conveyor.store.pool import Connection, Pinned, Pool, translate
 
 Status = Literal["queued", "running", "succeeded", "dead", "cancelled"]
 STATUSES: tuple[Status, ...] = ("queued", "running", "succeeded", "dead", "cancelled")
@@ -184,9 +184,13 @@ class TaskStore:
             RETURNING t.id, t.status, t.run_at"""
 
     @contextlib.asynccontextmanager
-    async def _connection(self, op: str) -> AsyncIterator[Connection]:
-        """A pooled connection; Overloaded if none frees up in time, Unavailable if Postgres
-        does not answer."""
+    async def _connection(self, op: str, via: Pinned | None = None) -> AsyncIterator[Connection]:
+        """A pooled connection (or `via`'s); Overloaded if none frees up in time, Unavailable
+        if Postgres does not answer."""
+        if via is not None:
+            async with via.connection(op) as pinned:
+                yield pinned
+            return
         with translate(op):
             try:
                 conn = await self.pool.acquire(timeout=self.acquire_timeout_s)
@@ -198,8 +202,9 @@ class TaskStore:
             finally:
                 await self.pool.release(conn)
 
-    async def _fetch(self, op: str, sql: str, *args: Any) -> list[Any]:
-        async with self._connection(op) as conn:
+    async def _fetch(self, op: str, sql: str, *args: Any, via: Pinned | None = None
+                     ) -> list[Any]:
+        async with self._connection(op, via) as conn:
             return await conn.fetch(sql, *args)
 
     async def _fetchrow(self, op: str, sql: str, *args: Any) -> Any:
@@ -304,10 +309,10 @@ class TaskStore:
     # -- worker transitions ----------------------------------------------------------------
 
     async def mark_running(
-        self, ids: Sequence[uuid.UUID], worker: str
+        self, ids: Sequence[uuid.UUID], worker: str, *, via: Pinned | None = None
     ) -> tuple[list[Started], list[NotStarted]]:
         """queued → running for every id that is runnable now; explain the others."""
-        async with self._connection("tasks.mark_running") as conn:
+        async with self._connection("tasks.mark_running", via) as conn:
             rows = await conn.fetch(self._mark_running_sql, list(ids), worker)
             started = [Started(*row) for row in rows]
             if len(started) == len(set(ids)):
@@ -322,7 +327,9 @@ class TaskStore:
         by_id = {r[0]: NotStarted(r[0], r[1], r[2], r[1] == "queued" and r[3]) for r in found}
         return started, [by_id.get(i, NotStarted(i, None, None, False)) for i in rest]
 
-    async def record(self, outcomes: Sequence[Outcome], worker: str) -> list[Recorded]:
+    async def record(
+        self, outcomes: Sequence[Outcome], worker: str, *, via: Pinned | None = None
+    ) -> list[Recorded]:
         """Record outcomes of attempts this worker still owns; returns those recorded.
 
         An outcome whose attempt was taken over (requeued by rebalance after this worker looked
@@ -340,6 +347,7 @@ class TaskStore:
             [o.error for o in outcomes],
             [o.delay_s for o in outcomes],
             worker,
+            via=via,
         )
         return [Recorded(*row) for row in rows]
 

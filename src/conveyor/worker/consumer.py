@@ -30,6 +30,7 @@ from conveyor.store.tasks import NotStarted, Started, TaskStore
 from conveyor.worker.executor import Executor
 from conveyor.worker.recorder import Recorder
 from conveyor.worker.slots import Slots
+from conveyor.worker.starter import Starter
 
 log = structlog.get_logger("conveyor.consumer")
 
@@ -56,6 +57,7 @@ class Consumer:
         store: TaskStore,
         streams: TaskStreams,
         executor: Executor,
+        starter: Starter,
         recorder: Recorder,
         slots: Slots,
         in_flight: dict[bytes, InFlight],
@@ -69,6 +71,7 @@ class Consumer:
         self.store = store
         self.streams = streams
         self.executor = executor
+        self.starter = starter
         self.recorder = recorder
         self.slots = slots
         self.in_flight = in_flight
@@ -76,7 +79,8 @@ class Consumer:
         self.block_ms = block_ms
         self.solo = solo
         self._read_outage = Outage(f"consumer.{task_type.name}.read")
-        self._start_outage = Outage(f"consumer.{task_type.name}.start")
+        self._settle_outage = Outage(f"consumer.{task_type.name}.settle")
+        self._wait = metrics.TASK_WAIT.labels(task_type.name)
 
     async def run(self, shutdown: Shutdown) -> None:
         """Read and dispatch until shutdown begins (the slots close); a read in progress
@@ -121,35 +125,21 @@ class Consumer:
         started: list[Started] = []
         not_started: list[NotStarted] = []
         if by_task:
-            result = await self._mark_running(list(by_task), shutdown)
+            result = await self.starter.start(list(by_task))
             if result is None:  # gave up at shutdown: the messages stay pending for rebalance
                 self.slots.give(len(messages))
                 return
             started, not_started = result
         await self._settle_unrunnable(undecodable, duplicates, not_started, by_task, shutdown)
         now = time.time()
+        monotonic = time.monotonic()
         for task in started:
             message = by_task[task.id]
-            metrics.TASK_WAIT.labels(self.task_type.name).observe(
-                max(0.0, now - task.run_at.timestamp())
-            )
+            self._wait.observe(max(0.0, now - task.run_at.timestamp()))
             self.in_flight[message.stream_id] = InFlight(
-                self.task_type.name, self.name, message.stream_id, str(task.id), time.monotonic()
+                self.task_type.name, self.name, message.stream_id, str(task.id), monotonic
             )
             self.spawn(asyncio.ensure_future(self._run_one(message, task)))
-
-    async def _mark_running(
-        self, ids: list[uuid.UUID], shutdown: Shutdown
-    ) -> tuple[list[Started], list[NotStarted]] | None:
-        while True:
-            try:
-                result = await self.store.mark_running(ids, self.worker_id)
-                self._start_outage.recovered()
-                return result
-            except Unavailable as exc:
-                if shutdown.begun and shutdown.drain_remaining() <= 0:
-                    return None
-                await self._start_outage.failed(exc)
 
     async def _settle_unrunnable(
         self,
@@ -198,18 +188,22 @@ class Consumer:
             except Unavailable as exc:
                 if shutdown.forced:
                     break
-                await self._start_outage.failed(exc)
+                await self._settle_outage.failed(exc)
         self.slots.give(len(acks))
 
     async def _run_one(self, message: Message, task: Started) -> None:
-        log_ = log.bind(task_id=str(task.id), task_type=task.type, attempt=task.attempt)
+        """Run one handler; its slot is free once the outcome is handed to the recorder (which
+        acks the message, and drops it from `in_flight`, after recording it)."""
         try:
             outcome = await self.executor.execute(self.task_type, task)
             if outcome.status != "succeeded":
-                log_.info("task.failed", will_retry=outcome.status == "queued",
-                          error=(outcome.error or "").splitlines()[-1:])
-            await self.recorder.record(message.stream_id, outcome)
+                log.info("task.failed", task_id=str(task.id), task_type=task.type,
+                         attempt=task.attempt, will_retry=outcome.status == "queued",
+                         error=(outcome.error or "").splitlines()[-1:])
+            await self.recorder.submit(message.stream_id, outcome)
+        except BaseException:
+            self.in_flight.pop(message.stream_id, None)  # left pending for the rebalancer
+            raise
         finally:
-            self.in_flight.pop(message.stream_id, None)
             self.slots.give(1)
 

@@ -1,116 +1,148 @@
-"""Recorder: writes handler outcomes to Postgres in batches, then settles their messages.
+"""Recorder: writes handler outcomes to Postgres in batches, then settles their messages in
+Redis (retry schedule, dead letter, ack), on one pinned Postgres connection.
 
-Batches form by themselves: whatever outcomes arrive while one batch is being written go into
-the next, so a busy worker writes many rows per round trip and an idle one writes at once.
-Postgres first, then Redis: an outcome is acked only once it is recorded. While either server
-is away the batch is retried; callers wait (holding their slots), which stops further reads.
+Batches form by themselves: outcomes that arrive while one batch is written go into the next,
+so a busy worker writes hundreds of rows per round trip and an idle one writes at once.
+Postgres first, then Redis: a message is acked only once its outcome is recorded. The buffer
+is bounded (`capacity`): when Postgres or Redis is away or slow, `submit()` waits, the
+handlers that finished hold their slots, and the consumers stop reading.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 import structlog
+from prometheus_client import Counter
 
 from conveyor import metrics
 from conveyor.errors import Unavailable
 from conveyor.queue.streams import TaskStreams
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
-from conveyor.store.tasks import Outcome, TaskStore
+from conveyor.store.pool import Pinned
+from conveyor.store.tasks import Outcome, Recorded, TaskStore
 
 log = structlog.get_logger("conveyor.recorder")
 
 _OUTCOME_METRIC = {"succeeded": "succeeded", "queued": "retried", "dead": "dead"}
-
-
-@dataclass(slots=True)
-class _Entry:
-    stream_id: bytes
-    outcome: Outcome
-    done: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+Entry = tuple[bytes, Outcome]
 
 
 class Recorder:
-    """Batched `record` + `settle` for one worker. Options: `max_batch` rows per statement."""
+    """Batched `record` + `settle` for one worker. Options: `capacity` (outcomes waiting to be
+    written), `max_batch` (rows per statement); `on_settled` gets the acked stream ids."""
 
     def __init__(
-        self, store: TaskStore, streams: TaskStreams, worker_id: str, *, max_batch: int = 500
+        self,
+        store: TaskStore,
+        streams: TaskStreams,
+        pinned: Pinned,
+        worker_id: str,
+        *,
+        on_settled: Callable[[Sequence[bytes]], None],
+        capacity: int = 1000,
+        max_batch: int = 500,
     ) -> None:
         self.store = store
         self.streams = streams
+        self.pinned = pinned
         self.worker_id = worker_id
+        self.on_settled = on_settled
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[_Entry] = asyncio.Queue()
+        self._queue: asyncio.Queue[Entry | None] = asyncio.Queue(maxsize=capacity)
         self._outage = Outage("worker.record")
+        self._finished: dict[tuple[str, str], Counter] = {}
 
-    async def record(self, stream_id: bytes, outcome: Outcome) -> None:
-        """Queue an outcome and wait until it is recorded and its message settled."""
-        entry = _Entry(stream_id, outcome)
-        self._queue.put_nowait(entry)
-        await entry.done
+    async def submit(self, stream_id: bytes, outcome: Outcome) -> None:
+        """Hand over an outcome; waits only while the buffer is full."""
+        await self._queue.put((stream_id, outcome))
 
-    async def run(self, stop: Shutdown) -> None:
-        """Write batches until `stop` begins and nothing is queued; on force, stop at once."""
-        while True:
-            if self._queue.empty():
-                if stop.begun:
+    async def run(self, shutdown: Shutdown, until: Shutdown) -> None:
+        """Write until `until` begins and the buffer is empty; once the drain deadline of
+        `shutdown` has passed, unwritten outcomes are dropped (their messages stay pending and
+        are run again elsewhere)."""
+        closer = asyncio.create_task(self._close_when(until))
+        try:
+            while True:
+                first = await self._queue.get()
+                if first is None:
                     return
-                getter = asyncio.ensure_future(self._queue.get())
-                stopper = asyncio.ensure_future(stop.wait())
-                await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                stopper.cancel()
-                if not getter.done():
-                    getter.cancel()
-                    continue
-                batch = [getter.result()]
-            else:
-                batch = [self._queue.get_nowait()]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            await self._write(batch, stop)
+                batch = [first]
+                closing = False
+                while len(batch) < self.max_batch and not self._queue.empty():
+                    entry = self._queue.get_nowait()
+                    if entry is None:
+                        closing = True
+                        break
+                    batch.append(entry)
+                await self._write(batch, shutdown)
+                if closing:
+                    await self._drain_rest(shutdown)
+                    return
+        finally:
+            closer.cancel()
 
-    async def _write(self, batch: list[_Entry], stop: Shutdown) -> None:
+    async def _close_when(self, until: Shutdown) -> None:
+        await until.wait()
+        await self._queue.put(None)
+
+    async def _drain_rest(self, shutdown: Shutdown) -> None:
+        rest = []
+        while not self._queue.empty():
+            entry = self._queue.get_nowait()
+            if entry is not None:
+                rest.append(entry)
+        for start in range(0, len(rest), self.max_batch):
+            await self._write(rest[start:start + self.max_batch], shutdown)
+
+    async def _write(self, batch: list[Entry], shutdown: Shutdown) -> None:
+        outcomes = [outcome for _, outcome in batch]
         while True:
             try:
-                recorded = await self.store.record([e.outcome for e in batch], self.worker_id)
-                by_id = {r.task_id: r for r in recorded}
-                by_type: dict[str, list[_Entry]] = defaultdict(list)
-                for entry in batch:
-                    by_type[entry.outcome.task_type].append(entry)
-                for task_type, entries in by_type.items():
-                    delays, dead = [], []
-                    for e in entries:
-                        r = by_id.get(e.outcome.task_id)
-                        if r is None:
-                            continue
-                        if r.status == "queued":
-                            delays.append((r.task_id, int(r.run_at.timestamp() * 1000)))
-                        elif r.status == "dead":
-                            dead.append((str(r.task_id), e.outcome.error or "dead"))
-                    await self.streams.settle(
-                        task_type, [e.stream_id for e in entries], delays=delays, dead=dead
-                    )
+                recorded = await self.store.record(outcomes, self.worker_id, via=self.pinned)
+                await self._settle(batch, {r.task_id: r for r in recorded})
                 self._outage.recovered()
                 break
             except Unavailable as exc:
-                if stop.forced:
-                    for entry in batch:
-                        entry.done.cancel()
+                if shutdown.begun and shutdown.drain_remaining() <= 0:
+                    log.warning("recorder.abandoned", outcomes=len(batch))
                     return
                 await self._outage.failed(exc)
+        self.on_settled([stream_id for stream_id, _ in batch])
+        self._count(outcomes, recorded)
+
+    async def _settle(self, batch: list[Entry], by_id: dict[object, Recorded]) -> None:
+        by_type: dict[str, list[Entry]] = defaultdict(list)
         for entry in batch:
-            o = entry.outcome
-            outcome = _OUTCOME_METRIC[o.status] if o.task_id in by_id else "superseded"
+            by_type[entry[1].task_type].append(entry)
+        for task_type, entries in by_type.items():
+            delays, dead = [], []
+            for _, outcome in entries:
+                r = by_id.get(outcome.task_id)
+                if r is None:
+                    continue
+                if r.status == "queued":
+                    delays.append((r.task_id, int(r.run_at.timestamp() * 1000)))
+                elif r.status == "dead":
+                    dead.append((str(r.task_id), outcome.error or "dead"))
+            await self.streams.settle(
+                task_type, [stream_id for stream_id, _ in entries], delays=delays, dead=dead
+            )
+
+    def _count(self, outcomes: list[Outcome], recorded: list[Recorded]) -> None:
+        kept = {r.task_id for r in recorded}
+        for o in outcomes:
+            outcome = _OUTCOME_METRIC[o.status] if o.task_id in kept else "superseded"
             if outcome == "superseded":
                 log.warning("worker.outcome.superseded", task_id=str(o.task_id),
                             attempt=o.attempt, task_type=o.task_type)
             elif outcome == "dead":
                 metrics.DEAD_LETTERED.labels(o.task_type, "attempts").inc()
-            metrics.TASKS_FINISHED.labels(o.task_type, outcome).inc()
-            if not entry.done.done():
-                entry.done.set_result(None)
+            key = (o.task_type, outcome)
+            counter = self._finished.get(key)
+            if counter is None:
+                counter = self._finished[key] = metrics.TASKS_FINISHED.labels(*key)
+            counter.inc()

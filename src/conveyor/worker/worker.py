@@ -1,10 +1,11 @@
-"""Worker: consumers for each task type, the recorder, the forwarder and the heartbeat, and
-the order in which they stop.  [worker loop]
+"""Worker: a consumer per task type, the starter and recorder (batched Postgres writes), the
+forwarder and the heartbeat, and the order in which they stop.  [worker loop]
 
 Stop order (shutdown begun): consumers stop reading → in-flight handlers finish, until the
-drain deadline → their outcomes are recorded and acked → the heartbeat stops last and deletes
-its record. Handlers still running at the deadline are cancelled; their messages stay pending
-and the rebalancer hands them to another worker once this one's heartbeat is gone.
+drain deadline → their outcomes are recorded and acked → the starter and recorder stop → the
+heartbeat stops last and deletes its record. Handlers still running at the deadline are
+cancelled; their messages stay pending and the rebalancer hands them to another worker once
+this one's heartbeat is gone.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import os
 import secrets
 import socket
+from collections.abc import Sequence
 
 import structlog
 
@@ -20,12 +22,14 @@ from conveyor.errors import ConfigError, Unavailable
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState
+from conveyor.store.pool import Pinned
 from conveyor.worker.consumer import Consumer, InFlight
 from conveyor.worker.executor import Executor
 from conveyor.worker.forwarder import Forwarder
 from conveyor.worker.heartbeat import Heartbeat
 from conveyor.worker.recorder import Recorder
 from conveyor.worker.slots import Slots
+from conveyor.worker.starter import Starter
 
 log = structlog.get_logger("conveyor.worker")
 
@@ -57,7 +61,14 @@ class Worker:
         self.in_flight: dict[bytes, InFlight] = {}
         self.handlers: set[asyncio.Future[None]] = set()
         self.executor = Executor(settings, self.worker_id)
-        self.recorder = Recorder(state.store, state.streams, self.worker_id)
+        # Two connections pinned for the worker's lifetime: one starts tasks, one records them.
+        self._pinned = [Pinned(state.pool, acquire_timeout_s=settings.pg_acquire_timeout)
+                        for _ in range(2)]
+        self.starter = Starter(state.store, self._pinned[0], self.worker_id)
+        self.recorder = Recorder(
+            state.store, state.streams, self._pinned[1], self.worker_id,
+            on_settled=self._settled, capacity=max(100, 4 * settings.concurrency),
+        )
         self.consumers = [
             Consumer(
                 t,
@@ -65,6 +76,7 @@ class Worker:
                 store=state.store,
                 streams=state.streams,
                 executor=self.executor,
+                starter=self.starter,
                 recorder=self.recorder,
                 slots=self.slots,
                 in_flight=self.in_flight,
@@ -101,6 +113,10 @@ class Worker:
         if not handler.cancelled() and handler.exception() is not None:
             log.error("worker.handler.crashed", exc_info=handler.exception())
 
+    def _settled(self, stream_ids: Sequence[bytes]) -> None:
+        for stream_id in stream_ids:
+            self.in_flight.pop(stream_id, None)
+
     def _counters(self) -> dict[str, int]:
         return {"processed": self.processed}
 
@@ -108,12 +124,13 @@ class Worker:
         """Consume until shutdown begins, then drain in order (see module docstring)."""
         await self._prepare(shutdown)
         self.executor.warm_up(self.types)
-        aux_stop = Shutdown()  # recorder and heartbeat outlive the consumers
+        aux_stop = Shutdown()  # starter, recorder and heartbeat outlive the consumers
         log.info("worker.started", worker=self.worker_id, types=[t.name for t in self.types],
                  concurrency=self.slots.capacity)
         try:
             async with asyncio.TaskGroup() as group:
-                recorder = group.create_task(self.recorder.run(aux_stop))
+                starter = group.create_task(self.starter.run(shutdown, aux_stop))
+                recorder = group.create_task(self.recorder.run(shutdown, aux_stop))
                 heartbeat = group.create_task(self.heartbeat.run(aux_stop))
                 group.create_task(self.forwarder.run(shutdown))
                 consumers = [group.create_task(c.run(shutdown)) for c in self.consumers]
@@ -124,6 +141,7 @@ class Worker:
                 await asyncio.gather(*consumers)
                 await self._drain(shutdown)
                 aux_stop.begin()
+                await starter
                 await recorder
                 await heartbeat
         except asyncio.CancelledError:
@@ -133,6 +151,8 @@ class Worker:
             raise
         finally:
             self.executor.close(wait=not shutdown.forced)
+            for pinned in self._pinned:
+                await pinned.release()
         log.info("worker.stopped", worker=self.worker_id, processed=self.processed)
 
     async def _prepare(self, shutdown: Shutdown) -> None:

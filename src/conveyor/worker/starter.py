@@ -1,0 +1,92 @@
+"""Starter: marks tasks `running` for every consumer of a worker, in batches, on one pinned
+Postgres connection.
+
+Batches form by themselves: ids that arrive while one statement runs go into the next. While
+Postgres is away the batch is retried and its consumers wait, holding their slots; once the
+drain deadline has passed at shutdown, waiting starts are given up (their messages stay
+pending for the rebalancer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+
+from conveyor.errors import Unavailable
+from conveyor.runtime.outage import Outage
+from conveyor.runtime.shutdown import Shutdown
+from conveyor.store.pool import Pinned
+from conveyor.store.tasks import NotStarted, Started, TaskStore
+
+Result = tuple[list[Started], list[NotStarted]]
+
+
+@dataclass(slots=True)
+class _Request:
+    ids: list[uuid.UUID]
+    done: asyncio.Future[Result | None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Starter:
+    """queued → running in batches; one statement (one round trip) per batch."""
+
+    def __init__(self, store: TaskStore, pinned: Pinned, worker_id: str) -> None:
+        self.store = store
+        self.pinned = pinned
+        self.worker_id = worker_id
+        self._pending: list[_Request] = []
+        self._wake = asyncio.Event()
+        self._outage = Outage("worker.start")
+
+    async def start(self, ids: list[uuid.UUID]) -> Result | None:
+        """Mark `ids` running; None if given up at shutdown."""
+        request = _Request(ids)
+        self._pending.append(request)
+        self._wake.set()
+        return await request.done
+
+    async def run(self, shutdown: Shutdown, until: Shutdown) -> None:
+        """Serve starts until `until` begins and none is waiting."""
+        while True:
+            if not self._pending:
+                if until.begun:
+                    return
+                self._wake.clear()
+                await _first(self._wake.wait(), until.wait())
+                continue
+            batch, self._pending = self._pending, []
+            result = await self._mark(batch, shutdown)
+            for request in batch:
+                if result is None:
+                    request.done.set_result(None)
+                    continue
+                wanted = set(request.ids)
+                request.done.set_result((
+                    [s for s in result[0] if s.id in wanted],
+                    [n for n in result[1] if n.id in wanted],
+                ))
+
+    async def _mark(self, batch: list[_Request], shutdown: Shutdown) -> Result | None:
+        ids = [i for request in batch for i in request.ids]
+        while True:
+            try:
+                result = await self.store.mark_running(ids, self.worker_id, via=self.pinned)
+                self._outage.recovered()
+                return result
+            except Unavailable as exc:
+                if shutdown.begun and shutdown.drain_remaining() <= 0:
+                    return None
+                await self._outage.failed(exc)
+
+
+async def _first(*waits: object) -> None:
+    """Return when the first of the awaitables completes; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]  # type: ignore[call-overload]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
