@@ -6,6 +6,9 @@ exception from a handler is retried under the task type's `RetryPolicy`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 
 class ConveyorError(Exception):
     """Base of every error Conveyor raises on purpose."""
@@ -25,6 +28,22 @@ class Unavailable(ConveyorError):
         self.op = op
         self.detail = detail
         super().__init__(f"{op}: {detail}" if detail else op)
+
+
+def unavailable_on(
+    kinds: tuple[type[BaseException], ...],
+) -> Callable[[str], contextlib.AbstractContextManager[None]]:
+    """A `translate(op)` context manager that re-raises `kinds` as `Unavailable(op)`: how
+    store/ and queue/ keep driver exceptions at their edge."""
+
+    @contextlib.contextmanager
+    def translate(op: str) -> Iterator[None]:
+        try:
+            yield
+        except kinds as exc:
+            raise Unavailable(op, f"{type(exc).__name__}: {exc}") from exc
+
+    return translate
 
 
 class TaskNotFound(ConveyorError):

@@ -8,43 +8,25 @@ field of that type's payload.
 from __future__ import annotations
 
 import re
-import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from conveyor.registry import Registry
-from conveyor.store.tasks import Status
+from conveyor.store.tasks import TaskRecord
 
 MAX_BATCH = 1000
 MAX_DELAY_S = 365 * 24 * 3600
 
 
-class TaskOut(BaseModel):
-    id: uuid.UUID
-    type: str
-    status: Status
-    payload: Any
-    idempotency_key: str | None
-    attempts: int
-    max_attempts: int
-    result: Any
-    last_error: str | None
-    worker: str | None
-    created_at: datetime
-    run_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-
-
 class TaskPage(BaseModel):
-    tasks: list[TaskOut]
+    tasks: list[TaskRecord]
     next_cursor: str | None = Field(description="pass as `cursor` for the next page")
 
 
 class BatchOut(BaseModel):
-    tasks: list[TaskOut]
+    tasks: list[TaskRecord]
     created: int = Field(description="how many tasks are new (the rest matched idempotency keys)")
 
 

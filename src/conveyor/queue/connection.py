@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from conveyor.errors import Unavailable
+from conveyor.errors import unavailable_on
 
 Redis = aioredis.Redis
 
@@ -24,13 +21,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
-@contextlib.contextmanager
-def translate(op: str) -> Iterator[None]:
-    """Re-raise connection-level Redis errors as `Unavailable(op)`."""
-    try:
-        yield
-    except _UNAVAILABLE as exc:
-        raise Unavailable(op, f"{type(exc).__name__}: {exc}") from exc
+# Connection-level Redis errors become `Unavailable(op)`.
+translate = unavailable_on(_UNAVAILABLE)
 
 
 def open_redis(url: str, *, read_timeout_s: float = 10.0, max_connections: int = 64) -> Redis:

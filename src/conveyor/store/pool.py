@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -13,7 +13,7 @@ import orjson
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
-from conveyor.errors import Unavailable
+from conveyor.errors import Unavailable, unavailable_on
 
 log = structlog.get_logger("conveyor.store")
 
@@ -35,13 +35,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
-@contextlib.contextmanager
-def translate(op: str) -> Iterator[None]:
-    """Re-raise connection-level driver errors as `Unavailable(op)`; others pass through."""
-    try:
-        yield
-    except _UNAVAILABLE as exc:
-        raise Unavailable(op, f"{type(exc).__name__}: {exc}") from exc
+# Connection-level driver errors become `Unavailable(op)`; others (a bad query) pass through.
+translate = unavailable_on(_UNAVAILABLE)
 
 
 def _dumps(value: Any) -> str:

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from conveyor.api.deps import Admitted, ClientDep
-from conveyor.api.models import BatchOut, TaskOut, TaskPage, request_models
+from conveyor.api.models import BatchOut, TaskPage, request_models
 from conveyor.api.responses import OrjsonResponse
 from conveyor.client import TaskRequest
 from conveyor.registry import Registry
@@ -50,9 +50,9 @@ def build_router(registry: Registry) -> APIRouter:
         "",
         dependencies=[Admitted],
         status_code=202,
-        response_model=TaskOut,
+        response_model=TaskRecord,
         summary="Enqueue a task",
-        responses={200: {"model": TaskOut, "description": "idempotency key seen: first task"}},
+        responses={200: {"model": TaskRecord, "description": "idempotency key seen: first task"}},
     )
     async def create_task(
         body: Annotated[single, Body()], client: ClientDep  # type: ignore[valid-type]
@@ -87,16 +87,16 @@ def build_router(registry: Registry) -> APIRouter:
         next_cursor = str(records[-1].id) if len(records) == limit else None
         return OrjsonResponse({"tasks": records, "next_cursor": next_cursor})
 
-    @router.get("/{task_id}", response_model=TaskOut, summary="Read a task")
+    @router.get("/{task_id}", response_model=TaskRecord, summary="Read a task")
     async def get_task(task_id: uuid.UUID, client: ClientDep) -> Response:
         return _task(await client.get(task_id))
 
-    @router.post("/{task_id}/cancel", response_model=TaskOut,
+    @router.post("/{task_id}/cancel", response_model=TaskRecord,
                  summary="Cancel a queued task (409 if it is not queued)")
     async def cancel_task(task_id: uuid.UUID, client: ClientDep) -> Response:
         return _task(await client.cancel(task_id))
 
-    @router.post("/{task_id}/retry", response_model=TaskOut,
+    @router.post("/{task_id}/retry", response_model=TaskRecord,
                  summary="Queue a dead or cancelled task again (409 otherwise)")
     async def retry_task(task_id: uuid.UUID, client: ClientDep) -> Response:
         return _task(await client.retry(task_id))
