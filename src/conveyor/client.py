@@ -19,7 +19,8 @@ from conveyor import metrics
 from conveyor.errors import InvalidTransition, PayloadInvalid, TaskNotFound, Unavailable
 from conveyor.queue.streams import Publish, TaskStreams
 from conveyor.registry import Registry
-from conveyor.store.pool import Connection
+from conveyor.runtime.coalescer import Coalescer
+from conveyor.store.pool import Connection, Pinned
 from conveyor.store.tasks import Inserted, NewTask, Status, TaskRecord, TaskStore, new_task_id
 
 log = structlog.get_logger("conveyor.client")
@@ -41,12 +42,15 @@ class Client:
 
     def __init__(
         self, store: TaskStore, streams: TaskStreams, registry: Registry, *,
-        default_max_attempts: int = 3,
+        default_max_attempts: int = 3, pinned: Pinned | None = None,
     ) -> None:
         self.store = store
         self.streams = streams
         self.registry = registry
         self.default_max_attempts = default_max_attempts
+        # Concurrent enqueues (HTTP requests, say) share one INSERT and one Redis pipeline.
+        self.pinned = pinned
+        self._coalescer: Coalescer[list[NewTask], list[Inserted]] = Coalescer(self._flush)
 
     def prepare(self, request: TaskRequest) -> NewTask:
         """Validate the payload against its type's model; raise PayloadInvalid or
@@ -78,15 +82,26 @@ class Client:
         return (await self.enqueue_many([request]))[0]
 
     async def enqueue_many(self, requests: Sequence[TaskRequest]) -> list[Inserted]:
-        """Enqueue tasks in one transaction and one Redis pipeline; results in request order."""
-        new = [self.prepare(r) for r in requests]
-        inserted = await self.store.insert(new)
+        """Enqueue tasks in one transaction and one Redis pipeline; results in request order.
+
+        Calls made at the same time are merged into one statement: each call's tasks commit
+        together, with those of the calls beside it.
+        """
+        return await self._coalescer.submit([self.prepare(r) for r in requests])
+
+    async def _flush(self, calls: list[list[NewTask]]) -> list[list[Inserted]]:
+        new = [task for call in calls for task in call]
+        inserted = await self.store.insert(new, via=self.pinned)
         delayed = {t.id for t in new if t.delay_s > 0}
         await self.publish([i.record for i in inserted if i.created], delayed)
         for i in inserted:
             if i.created:
                 metrics.TASKS_ENQUEUED.labels(i.record.type).inc()
-        return inserted
+        out, start = [], 0
+        for call in calls:
+            out.append(inserted[start:start + len(call)])
+            start += len(call)
+        return out
 
     async def publish(
         self, records: Sequence[TaskRecord], delayed: Collection[uuid.UUID] = ()

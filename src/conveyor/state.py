@@ -17,7 +17,7 @@ from conveyor.queue.connection import Redis, open_redis, translate
 from conveyor.queue.keys import Keys
 from conveyor.queue.streams import TaskStreams
 from conveyor.store.migrate import migrate
-from conveyor.store.pool import Pool, open_pool
+from conveyor.store.pool import Pinned, Pool, open_pool
 from conveyor.store.tasks import TaskStore
 
 log = structlog.get_logger("conveyor.state")
@@ -45,6 +45,7 @@ async def open_state(
     pool = await open_pool(
         settings.database_url, min_size=settings.pg_pool_min, max_size=settings.pg_pool_max
     )
+    pinned = Pinned(pool, acquire_timeout_s=settings.pg_acquire_timeout)  # the client's
     redis = open_redis(
         settings.redis_url,
         read_timeout_s=settings.read_block + 10,
@@ -59,9 +60,11 @@ async def open_state(
         store = TaskStore(pool, settings.database_schema,
                           acquire_timeout_s=settings.pg_acquire_timeout)
         streams = TaskStreams(redis, keys, dead_letter_maxlen=settings.dead_letter_maxlen)
-        client = Client(store, streams, app.registry, default_max_attempts=settings.max_attempts)
+        client = Client(store, streams, app.registry, default_max_attempts=settings.max_attempts,
+                        pinned=pinned)
         app.bind(client)
         yield AppState(settings, app, pool, redis, keys, store, streams, client)
     finally:
+        await pinned.release()
         await redis.aclose()
         await pool.close()

@@ -13,7 +13,7 @@ import orjson
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
-from conveyor.errors import Unavailable, unavailable_on
+from conveyor.errors import Overloaded, Unavailable, unavailable_on
 
 log = structlog.get_logger("conveyor.store")
 
@@ -74,6 +74,15 @@ async def open_pool(
             delay = min(delay * 2, 2.0)
 
 
+async def acquire(pool: Pool, timeout_s: float, op: str) -> PoolConnectionProxy[asyncpg.Record]:
+    """A pooled connection; Overloaded if none frees up within `timeout_s` (Postgres cannot keep
+    up: callers get 503 + Retry-After instead of queueing without bound)."""
+    try:
+        return await pool.acquire(timeout=timeout_s)
+    except TimeoutError:
+        raise Overloaded(f"{op}: no Postgres connection free within {timeout_s} s") from None
+
+
 class Pinned:
     """One pooled connection kept by a single owner across many statements, sparing the
     acquire, release and session reset of each (two round trips fewer per statement).
@@ -92,7 +101,7 @@ class Pinned:
     async def connection(self, op: str) -> AsyncIterator[Connection]:
         with translate(op):
             if self._conn is None or not _usable(self._conn):
-                self._conn = await self.pool.acquire(timeout=self.acquire_timeout_s)
+                self._conn = await acquire(self.pool, self.acquire_timeout_s, op)
             try:
                 yield self._conn
             except BaseException:

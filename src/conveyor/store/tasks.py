@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from conveyor.errors import Overloaded
-from conveyor.store.pool import Connection, Pinned, Pool, translate
+from conveyor.store.pool import Connection, Pinned, Pool, acquire, translate
 
 Status = Literal["queued", "running", "succeeded", "dead", "cancelled"]
 STATUSES: tuple[Status, ...] = ("queued", "running", "succeeded", "dead", "cancelled")
@@ -142,8 +141,6 @@ class TaskStore:
 
     def __init__(self, pool: Pool, schema: str, *, acquire_timeout_s: float = 5.0) -> None:
         self.pool = pool
-        # Waiting longer than this for a pooled connection means Postgres cannot keep up: the
-        # caller gets Overloaded (HTTP 503 + Retry-After) instead of queueing without bound.
         self.acquire_timeout_s = acquire_timeout_s
         self.table = f"{schema}.tasks"
         # NOTIFY channel for tasks enqueued inside a caller's transaction (sent on commit).
@@ -192,11 +189,7 @@ class TaskStore:
                 yield pinned
             return
         with translate(op):
-            try:
-                conn = await self.pool.acquire(timeout=self.acquire_timeout_s)
-            except TimeoutError:
-                raise Overloaded(f"{op}: no Postgres connection free within "
-                                 f"{self.acquire_timeout_s} s") from None
+            conn = await acquire(self.pool, self.acquire_timeout_s, op)
             try:
                 yield conn
             finally:
@@ -214,7 +207,8 @@ class TaskStore:
     # -- enqueue ---------------------------------------------------------------------------
 
     async def insert(
-        self, tasks: Sequence[NewTask], conn: Connection | None = None
+        self, tasks: Sequence[NewTask], conn: Connection | None = None, *,
+        via: Pinned | None = None,
     ) -> list[Inserted]:
         """Insert tasks in one statement (on `conn` when given, to join its transaction).
 
@@ -232,7 +226,7 @@ class TaskStore:
             [t.delay_s for t in tasks],
         )
         if conn is None:
-            async with self._connection("tasks.insert") as own:
+            async with self._connection("tasks.insert", via) as own:
                 return await self._insert(own, tasks, args)
         with translate("tasks.insert"):
             return await self._insert(conn, tasks, args)

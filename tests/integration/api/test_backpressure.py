@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -68,12 +69,14 @@ async def test_an_exhausted_pool_is_503_not_an_endless_wait(
         transport = httpx.ASGITransport(app=create_app(state))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
             tx = await lock_tasks(stalled, state)
-            holding = [asyncio.create_task(http.post("/v1/tasks", json=BODY)) for _ in range(2)]
-            await asyncio.sleep(0.2)
-            starved = await http.post("/v1/tasks", json=BODY)
+            # Both connections end up waiting on the lock: the enqueue path's own, and a read.
+            holding = [asyncio.create_task(http.post("/v1/tasks", json=BODY)),
+                       asyncio.create_task(http.get("/v1/tasks"))]
+            await asyncio.sleep(0.3)
+            starved = await http.get(f"/v1/tasks/{uuid.uuid4()}")
             assert starved.status_code == 503
             assert starved.headers["retry-after"]
             assert "no Postgres connection free" in starved.json()["detail"]
             await tx.rollback()
-            assert [r.status_code for r in await asyncio.gather(*holding)] == [202, 202]
+            assert [r.status_code for r in await asyncio.gather(*holding)] == [202, 200]
         await state.pool.execute(f"DROP SCHEMA {tight.database_schema} CASCADE")
