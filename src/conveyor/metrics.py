@@ -5,6 +5,9 @@ Names follow Prometheus conventions; label values are bounded (task types, outco
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -61,3 +64,21 @@ TICK_FAILURES = Counter(
 OUTAGES = Counter(
     "conveyor_outages_total", "Times a component lost Postgres or Redis.", ["component"]
 )
+
+
+@dataclass(frozen=True, slots=True)
+class TypeMeters:
+    """The per-task metrics of one task type, looked up once (label lookups cost a lock)."""
+
+    started: Counter
+    duration: Histogram
+    wait: Histogram
+
+
+@functools.cache
+def type_meters(task_type: str) -> TypeMeters:
+    return TypeMeters(
+        started=TASKS_STARTED.labels(task_type),
+        duration=TASK_DURATION.labels(task_type),
+        wait=TASK_WAIT.labels(task_type),
+    )

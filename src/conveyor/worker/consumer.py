@@ -80,7 +80,7 @@ class Consumer:
         self.solo = solo
         self._read_outage = Outage(f"consumer.{task_type.name}.read")
         self._settle_outage = Outage(f"consumer.{task_type.name}.settle")
-        self._wait = metrics.TASK_WAIT.labels(task_type.name)
+        self._wait = metrics.type_meters(task_type.name).wait
 
     async def run(self, shutdown: Shutdown) -> None:
         """Read and dispatch until shutdown begins (the slots close); a read in progress

@@ -93,7 +93,8 @@ class Executor:
             payload = task_type.payload_model.model_validate(started.payload)
         except ValidationError as exc:
             return self._dead(started, f"payload no longer matches {task_type.name}: {exc}")
-        metrics.TASKS_STARTED.labels(task_type.name).inc()
+        meters = metrics.type_meters(task_type.name)
+        meters.started.inc()
         began = time.perf_counter()
         try:
             async with asyncio.timeout(task_type.timeout_s) as scope:
@@ -111,7 +112,7 @@ class Executor:
         except Exception as exc:
             return self._retry(task_type, started, describe(exc), None)
         finally:
-            metrics.TASK_DURATION.labels(task_type.name).observe(time.perf_counter() - began)
+            meters.duration.observe(time.perf_counter() - began)
         try:
             result_json = orjson.dumps(result, default=_json_default).decode()
         except orjson.JSONEncodeError as exc:

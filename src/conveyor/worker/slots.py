@@ -24,6 +24,7 @@ class Slots:
         self._closed = False
         self._quiet = asyncio.Event()  # set while a slot is free and nobody waits for one
         self._quiet.set()
+        metrics.WORKER_IN_FLIGHT.set_function(lambda: self.in_use)  # read at scrape time
 
     @property
     def in_use(self) -> int:
@@ -57,7 +58,6 @@ class Slots:
     def _hand(self, most: int) -> int:
         taken = min(self.free, most)
         self.free -= taken
-        metrics.WORKER_IN_FLIGHT.set(self.in_use)
         if self.free == 0:
             self._quiet.clear()
         return taken
@@ -77,7 +77,6 @@ class Slots:
         if count <= 0:
             return
         self.free += count
-        metrics.WORKER_IN_FLIGHT.set(self.in_use)
         while self._waiters and self.free > 0:
             waiter, most = self._waiters.popleft()
             if not waiter.done():
