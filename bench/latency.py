@@ -17,7 +17,7 @@ from typing import Any
 from bench.app import LATENCY_KEY, TYPE, Noop, app
 from bench.doors import Context, Door, reset_if_flushed
 from bench.peers import load
-from bench.procs import peak_rss_mb
+from bench.procs import ForeignLoad, peak_rss_mb
 from conveyor.client import TaskRequest
 from conveyor.state import open_state
 
@@ -88,9 +88,11 @@ def run_latency(ctx: Context, door: Door, rate: float, seconds: float, log_path:
                         raise RuntimeError(f"worker exited with {proc.returncode} in warm-up")
                     time.sleep(0.01)
             r.delete(bp.DONE_KEY, bp.FIRST_KEY, bp.LAST_KEY, LATENCY_KEY)
+            load0 = ForeignLoad.now()
             with bp.deadline(ctx.timeout, "latency producer"):
                 t0, t1, calls = asyncio.run(paced_enqueue(ctx, rate, count, batch=batch))
             bp.wait_done(r, proc, ctx.timeout)
+            res["foreign_pct"] = ForeignLoad.now().pct_since(load0)
             time.sleep(0.2)  # duplicates, if any, show up in the counter
             res["worker_hwm_mb"] = peak_rss_mb(proc.pid)
         finally:

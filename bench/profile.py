@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.doors import ClientDoor, Context, HttpDoor
 from bench.peers import load
-from bench.procs import cpu_delta, tree_cpu_seconds
+from bench.procs import ForeignLoad, cpu_delta, tree_cpu_seconds
 
 bp: Any = load()
 RATE_HZ = 100
@@ -111,6 +111,52 @@ def summarise(raw: Path) -> Summary:
     return s
 
 
+def redis_calls(r: Any) -> Counter[str]:
+    """Commands served by Redis so far, by name (INFO commandstats)."""
+    stats: dict[str, Any] = r.info("commandstats")
+    return Counter({k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()})
+
+
+async def _pg_xacts(dsn: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database"
+            " WHERE datname = current_database()"))
+    finally:
+        await conn.close()
+
+
+def pg_xacts(dsn: str) -> int:
+    """Transactions committed or rolled back in the database so far (each statement run
+    outside a transaction block is one)."""
+    import asyncio
+
+    return asyncio.run(_pg_xacts(dsn))
+
+
+@dataclass
+class Traffic:
+    """Redis commands and Postgres transactions between two points."""
+
+    redis: Counter[str]
+    pg: int
+    load: ForeignLoad
+
+    @classmethod
+    def now(cls, r: Any, dsn: str) -> Traffic:
+        return cls(redis_calls(r), pg_xacts(dsn), ForeignLoad.now())
+
+    def per_task_since(self, start: Traffic, jobs: int) -> dict[str, Any]:
+        calls = self.redis - start.redis
+        calls.pop("info", None)  # our own readings
+        return {"redis_per_task": {k: round(v / jobs, 3) for k, v in calls.most_common()},
+                "pg_xacts_per_task": round((self.pg - start.pg - 1) / jobs, 3),  # -1: ours
+                "foreign_pct": self.load.pct_since(start.load)}
+
+
 def _cpu(pids: dict[str, int]) -> dict[str, dict[int, float]]:
     return {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
 
@@ -127,6 +173,8 @@ def profile_drain(ctx: Context, door: ClientDoor, n: int, out_dir: Path, spy: st
     to the N-th."""
     import redis
 
+    dsn = ctx.settings.database_url
+    assert dsn
     r = redis.Redis.from_url(bp.REDIS_URL)
     r.flushdb()
     with bp.deadline(ctx.timeout, "profile enqueue"):
@@ -141,36 +189,47 @@ def profile_drain(ctx: Context, door: ClientDoor, n: int, out_dir: Path, spy: st
             time.sleep(0.005)
         pids = {"worker": proc.pid, **servers}
         with py_spy(spy, proc.pid, out, native=native):
+            traffic0 = Traffic.now(r, dsn)
             before, wall0, done0 = _cpu(pids), time.time(), int(r.get(bp.DONE_KEY) or 0)
             bp.wait_done(r, proc, ctx.timeout)
             after, wall1 = _cpu(pids), time.time()
+        bp.stop_worker(proc)  # its Postgres sessions end, and report their transactions
+        time.sleep(0.5)
+        jobs = n - done0
+        traffic = Traffic.now(r, dsn).per_task_since(traffic0, jobs)
     finally:
-        bp.stop_worker(proc)
+        bp.stop_worker(proc)  # (again, if something failed: a no-op once it has exited)
         r.flushdb()
         r.close()
-    jobs = n - done0
     return {"what": f"conveyor worker draining {jobs} queued tasks (of {n})", "jobs": jobs,
             "wall_s": round(wall1 - wall0, 3), "rate": jobs / (wall1 - wall0),
             "cpu_s": _cpu_used(before, after), "raw": str(out), "rate_hz": RATE_HZ,
-            "profile": summarise(out)}
+            **traffic, "profile": summarise(out)}
 
 
 def profile_api(ctx: Context, door: HttpDoor, n: int, out_dir: Path, spy: str,
-                servers: dict[str, int], api_pid: int, *, native: bool = False
-                ) -> dict[str, Any]:
-    """N single POSTs to the running API (no worker); profile the API process meanwhile."""
+                servers: dict[str, int], api: Any, *, native: bool = False) -> dict[str, Any]:
+    """N single POSTs to the running API (`api`: a procs.ApiProcess; no worker); profile the
+    API process meanwhile. Stops the API at the end."""
+    api_pid = api.proc.pid
     import redis
 
+    dsn = ctx.settings.database_url
+    assert dsn
     r = redis.Redis.from_url(bp.REDIS_URL)
     r.flushdb()
     out = out_dir / "api-single-post.txt"
     pids = {"api": api_pid, **servers}
     try:
         with py_spy(spy, api_pid, out, native=native):
+            traffic0 = Traffic.now(r, dsn)
             before, driver0 = _cpu(pids), time.process_time()
             with bp.deadline(ctx.timeout, "profile POSTs"):
                 t0, t1 = door.enqueue(n)
             after, driver1 = _cpu(pids), time.process_time()
+        bp.stop_worker(api.proc)  # its Postgres sessions end, and report their transactions
+        time.sleep(0.5)
+        traffic = Traffic.now(r, dsn).per_task_since(traffic0, n)
     finally:
         r.flushdb()
         r.close()
@@ -179,4 +238,4 @@ def profile_api(ctx: Context, door: HttpDoor, n: int, out_dir: Path, spy: str,
     return {"what": f"conveyor api taking {n} single POST /v1/tasks from "
                     f"{ctx.http_connections} connections", "jobs": n,
             "wall_s": round(t1 - t0, 3), "rate": n / (t1 - t0), "cpu_s": used,
-            "raw": str(out), "rate_hz": RATE_HZ, "profile": summarise(out)}
+            "raw": str(out), "rate_hz": RATE_HZ, **traffic, "profile": summarise(out)}

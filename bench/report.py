@@ -157,7 +157,9 @@ def conveyor_section(results: dict[str, list[dict[str, Any]]], rows: dict[str, A
                 "before the enqueue call, carried in the payload), one warm worker, a paced "
                 f"open-loop producer ({how}, up to 64 in flight) at "
                 f"{latency['rate']:,.0f} tasks/s = half of {latency['basis']}: "
-                f"{latency['count']:,} tasks, achieved {latency['achieved_rate']:,.0f}/s.", "",
+                f"{latency['count']:,} tasks, achieved {latency['achieved_rate']:,.0f}/s; "
+                f"other processes used {latency['foreign_pct']:.0f}% of the machine "
+                "meanwhile.", "",
                 "| p50 ms | p90 ms | p99 ms | max ms | samples | the enqueue call alone: p50 ms "
                 "| p99 ms |", "|---|---|---|---|---|---|---|",
                 f"| {latency['p50_ms']:.1f} | {latency['p90_ms']:.1f} | {latency['p99_ms']:.1f} "
@@ -221,6 +223,10 @@ def profile_section(profiles: list[dict[str, Any]], top: int = 15) -> list[str]:
                 f"raw stacks: `{p['raw']}`.", "",
                 f"CPU time during the phase: {cpu}. Per task: "
                 + ", ".join(f"{k} {v:,.0f} µs" for k, v in per_task.items()) + ".", "",
+                "Per task: Redis commands "
+                + ", ".join(f"{k} {v:.2f}" for k, v in p["redis_per_task"].items() if v >= 0.005)
+                + f"; Postgres transactions {p['pg_xacts_per_task']:.2f}. Other processes "
+                f"used {p['foreign_pct']:.0f}% of the machine meanwhile.", "",
                 "| by package (self) | % | | function (self) | % | | Conveyor function (total) "
                 "| % |",
                 "|---|---|---|---|---|---|---|---|"]

@@ -553,7 +553,7 @@ def profile_phase(args: argparse.Namespace, ctx: Any, doors: dict[str, Any],
             ctx.api = (proc.host, proc.port)
             try:
                 out.append(profile_api(ctx, doors["conveyor-http"], args.profile_n,
-                                       args.profile_dir, spy, server_pids, proc.proc.pid,
+                                       args.profile_dir, spy, server_pids, proc,
                                        native=args.profile_native))
             finally:
                 ctx.api = None

@@ -1,8 +1,12 @@
-"""Dependencies as `Annotated` aliases, so handlers read as typed signatures."""
+"""Dependencies as `Annotated` aliases, so handlers read as typed signatures.
+
+They are coroutines on purpose: FastAPI runs a plain-function dependency in a thread pool,
+two thread hops per request for what is an attribute lookup.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,16 +15,17 @@ from conveyor.client import Client
 from conveyor.state import AppState
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.conveyor
     return state
 
 
-def get_client(request: Request) -> Client:
-    return get_state(request).client
+async def get_client(request: Request) -> Client:
+    state: AppState = request.app.state.conveyor
+    return state.client
 
 
-def admitted(request: Request) -> Iterator[None]:
+async def admitted(request: Request) -> AsyncIterator[None]:
     """Hold an admission slot for the request (503 + Retry-After when none is left)."""
     with request.app.state.admission.slot():
         yield

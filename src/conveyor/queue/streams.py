@@ -196,6 +196,10 @@ class TaskStreams:
         """Schedule retries, dead-letter, then ack, in one pipeline (in that order, so a crash
         midway leaves a message pending rather than a task nowhere)."""
         with translate("streams.settle"):
+            if not delays and not dead:  # the common case: one command, no pipeline
+                if acks:
+                    await self.redis.xack(self.keys.stream(task_type), GROUP, *acks)
+                return
             async with self.redis.pipeline(transaction=False) as pipe:
                 if delays:
                     pipe.zadd(self.keys.delayed(task_type),

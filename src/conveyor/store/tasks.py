@@ -162,9 +162,10 @@ class TaskStore:
             UPDATE {t} AS t
             SET status = 'running', attempts = t.attempts + 1, worker = $2,
                 started_at = now(), finished_at = NULL
-            FROM unnest($1::uuid[]) AS c(id)
-            WHERE t.id = c.id AND t.status = 'queued' AND t.attempts < t.max_attempts
-              AND t.run_at <= now() + interval '{EARLY_START_S} seconds'
+            WHERE t.id = ANY($1::uuid[]) AND t.status = 'queued' AND t.attempts < t.max_attempts
+              -- written so no index can serve it: the plan stays a primary-key lookup even
+              -- before the table has statistics
+              AND t.run_at - now() <= interval '{EARLY_START_S} seconds'
             RETURNING t.id, t.type, t.payload, t.attempts, t.max_attempts, t.run_at"""
         self._record_sql = f"""
             UPDATE {t} AS t
@@ -178,6 +179,7 @@ class TaskStore:
                  AS c(id, attempt, status, result, error, delay)
             WHERE t.id = c.id AND t.status = 'running' AND t.worker = $7
               AND t.attempts = c.attempt
+              AND t.id = ANY($1::uuid[])  -- lets the planner see a primary-key lookup
             RETURNING t.id, t.status, t.run_at"""
 
     @contextlib.asynccontextmanager

@@ -97,6 +97,7 @@ class PostgresServer:
                 "-c", f"unix_socket_directories={self.base_dir}",
                 "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
                 "-c", "max_connections=300", "-c", "shared_buffers=128MB",
+                *os.environ.get("CONVEYOR_PG_EXTRA_ARGS", "").split(),
             ]),
             stdout=log, stderr=log, start_new_session=True,
         )

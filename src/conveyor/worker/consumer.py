@@ -81,6 +81,7 @@ class Consumer:
         self._read_outage = Outage(f"consumer.{task_type.name}.read")
         self._settle_outage = Outage(f"consumer.{task_type.name}.settle")
         self._wait = metrics.type_meters(task_type.name).wait
+        self.processed = 0  # handler runs finished
 
     async def run(self, shutdown: Shutdown) -> None:
         """Read and dispatch until shutdown begins (the slots close); a read in progress
@@ -108,8 +109,8 @@ class Consumer:
                 self.slots.give(taken - len(messages))
             blocking = len(messages) < taken
             stood_aside = contended and not messages
-            if messages:
-                await self._start(messages, shutdown)
+            if messages:  # started alongside the next read, so starts can share a statement
+                self.spawn(asyncio.ensure_future(self._start(messages, shutdown)))
 
     async def _start(self, messages: list[Message], shutdown: Shutdown) -> None:
         """Mark the messages' tasks running and spawn their handlers; settle the rest."""
@@ -205,5 +206,6 @@ class Consumer:
             self.in_flight.pop(message.stream_id, None)  # left pending for the rebalancer
             raise
         finally:
+            self.processed += 1
             self.slots.give(1)
 

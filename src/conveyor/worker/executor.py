@@ -97,14 +97,18 @@ class Executor:
         meters.started.inc()
         began = time.perf_counter()
         try:
-            async with asyncio.timeout(task_type.timeout_s) as scope:
+            if task_type.timeout_s is None:  # no Timeout object (and its task lookups) per task
                 result = await self._call(task_type, payload, ctx)
+            else:
+                async with asyncio.timeout(task_type.timeout_s) as scope:
+                    result = await self._call(task_type, payload, ctx)
         except Retry as exc:
             return self._retry(task_type, started, f"retry requested: {exc.reason}", exc.delay_s)
         except Fail as exc:
             return self._dead(started, f"failed: {exc.reason}")
         except TimeoutError as exc:
-            error = f"timed out after {task_type.timeout_s} s" if scope.expired() else describe(exc)
+            expired = task_type.timeout_s is not None and scope.expired()
+            error = f"timed out after {task_type.timeout_s} s" if expired else describe(exc)
             return self._retry(task_type, started, error, None)
         except BrokenProcessPool as exc:
             self._processes = None  # a child died; the next process task gets a new pool

@@ -60,6 +60,8 @@ class Starter:
             batch, self._pending = self._pending, []
             result = await self._mark(batch, shutdown)
             for request in batch:
+                if request.done.done():  # its consumer was cancelled (forced stop)
+                    continue
                 if result is None:
                     request.done.set_result(None)
                     continue

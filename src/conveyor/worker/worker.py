@@ -101,7 +101,6 @@ class Worker:
             in_flight=self.in_flight,
             counters=self._counters,
         )
-        self.processed = 0
 
     def _spawn(self, handler: asyncio.Future[None]) -> None:
         self.handlers.add(handler)
@@ -109,9 +108,13 @@ class Worker:
 
     def _handler_done(self, handler: asyncio.Future[None]) -> None:
         self.handlers.discard(handler)
-        self.processed += 1
         if not handler.cancelled() and handler.exception() is not None:
             log.error("worker.handler.crashed", exc_info=handler.exception())
+
+    @property
+    def processed(self) -> int:
+        """Handler runs finished by this worker."""
+        return sum(c.processed for c in self.consumers)
 
     def _settled(self, stream_ids: Sequence[bytes]) -> None:
         for stream_id in stream_ids:
@@ -168,13 +171,16 @@ class Worker:
                 await outage.failed(exc, shutdown)
 
     async def _drain(self, shutdown: Shutdown) -> None:
-        if self.handlers:
+        # Starts still in progress spawn handlers of their own: wait until none is left.
+        while self.handlers:
             _, pending = await asyncio.wait(
                 set(self.handlers), timeout=shutdown.drain_remaining()
             )
             if pending:
-                log.warning("worker.drain.timeout", abandoned=len(pending))
-                for handler in pending:
+                log.warning("worker.drain.timeout", abandoned=len(self.handlers))
+                abandoned = list(self.handlers)
+                for handler in abandoned:
                     handler.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+                await asyncio.gather(*abandoned, return_exceptions=True)
+                break
         log.info("worker.drain.finished", processed=self.processed)
