@@ -7,13 +7,21 @@ are routed through the same renderer so a process writes one format.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, Literal
 
 import orjson
 import structlog
 from structlog.typing import Processor
+
+# The id of the HTTP request being served, if any: set by the request-id middleware, added to
+# every log line by `_add_request_id` (one ContextVar is cheaper than structlog's bind/unbind).
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "conveyor_request_id", default=None
+)
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
@@ -23,11 +31,21 @@ def _orjson_dumps(obj: Any, default: Any = None) -> str:
     return orjson.dumps(obj, default=default).decode()
 
 
+def _add_request_id(
+    logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        event.setdefault("request_id", request_id)
+    return event
+
+
 def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "auto") -> None:
     """Set up structlog and stdlib logging for this process (idempotent)."""
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
+        _add_request_id,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

@@ -6,11 +6,11 @@ two thread hops per request for what is an attribute lookup.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from conveyor.api.admission import Admission
 from conveyor.client import Client
 from conveyor.state import AppState
 
@@ -25,12 +25,11 @@ async def get_client(request: Request) -> Client:
     return state.client
 
 
-async def admitted(request: Request) -> AsyncIterator[None]:
-    """Hold an admission slot for the request (503 + Retry-After when none is left)."""
-    with request.app.state.admission.slot():
-        yield
+async def get_admission(request: Request) -> Admission:
+    admission: Admission = request.app.state.admission
+    return admission
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
 ClientDep = Annotated[Client, Depends(get_client)]
-Admitted = Depends(admitted)
+AdmissionDep = Annotated[Admission, Depends(get_admission)]

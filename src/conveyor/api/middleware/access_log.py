@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import structlog
+from prometheus_client import Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor import metrics
@@ -17,6 +18,7 @@ _QUIET = {"/healthz", "/readyz", "/metrics"}
 class AccessLogMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._timers: dict[tuple[str, str, int], Histogram] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -37,9 +39,12 @@ class AccessLogMiddleware:
             elapsed = time.perf_counter() - began
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            metrics.HTTP_REQUEST_DURATION.labels(scope["method"], template, str(status)).observe(
-                elapsed
-            )
+            key = (scope["method"], template, status)
+            timer = self._timers.get(key)
+            if timer is None:  # label lookups take a lock: once per route and status
+                timer = self._timers[key] = metrics.HTTP_REQUEST_DURATION.labels(
+                    key[0], template, str(status))
+            timer.observe(elapsed)
             path = scope["path"]
             if path not in _QUIET or status >= 400:
                 log.info(

@@ -1,5 +1,5 @@
 """Body limit: 413 for a request body over `max_body_bytes`, by its Content-Length or, for a
-streamed body, as soon as the bytes read pass the limit."""
+chunked body (no Content-Length), as soon as the bytes read pass the limit."""
 
 from __future__ import annotations
 
@@ -22,9 +22,16 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            await self._reject(scope, receive, send)
+        length = None
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                length = value
+                break
+        if length is not None and length.isdigit():
+            if int(length) > self.max_body_bytes:
+                await self._reject(scope, receive, send)
+            else:  # the server delivers no more than the declared length
+                await self.app(scope, receive, send)
             return
         seen = 0
         started = False

@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 import uuid
 
-import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from conveyor.logs import REQUEST_ID
 
 HEADER = b"x-request-id"
 _SANE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
@@ -31,5 +32,8 @@ class RequestIdMiddleware:
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
+        token = REQUEST_ID.set(request_id)
+        try:
             await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)

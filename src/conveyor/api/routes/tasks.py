@@ -11,7 +11,7 @@ from fastapi import APIRouter, Body, Query
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from conveyor.api.deps import Admitted, ClientDep
+from conveyor.api.deps import AdmissionDep, ClientDep
 from conveyor.api.models import BatchOut, TaskPage, request_models
 from conveyor.api.responses import OrjsonResponse
 from conveyor.client import TaskRequest
@@ -48,27 +48,32 @@ def build_router(registry: Registry) -> APIRouter:
 
     @router.post(
         "",
-        dependencies=[Admitted],
         status_code=202,
         response_model=TaskRecord,
         summary="Enqueue a task",
         responses={200: {"model": TaskRecord, "description": "idempotency key seen: first task"}},
     )
     async def create_task(
-        body: Annotated[single, Body()], client: ClientDep  # type: ignore[valid-type]
+        body: Annotated[single, Body()],  # type: ignore[valid-type]
+        client: ClientDep,
+        admission: AdmissionDep,
     ) -> Response:
-        inserted = await client.enqueue_many([_task_request(body)])
+        with admission.slot():
+            inserted = await client.enqueue_many([_task_request(body)])
         record = inserted[0].record
         return _task(record, 202 if inserted[0].created else 200,
                      Location=f"/v1/tasks/{record.id}")
 
-    @router.post("/batch", dependencies=[Admitted], status_code=202, response_model=BatchOut,
+    @router.post("/batch", status_code=202, response_model=BatchOut,
                  summary="Enqueue up to 1000 tasks in one transaction")
     async def create_batch(
-        body: Annotated[batch, Body()], client: ClientDep  # type: ignore[valid-type]
+        body: Annotated[batch, Body()],  # type: ignore[valid-type]
+        client: ClientDep,
+        admission: AdmissionDep,
     ) -> Response:
         tasks: list[BaseModel] = body.tasks  # type: ignore[attr-defined]
-        inserted = await client.enqueue_many([_task_request(t) for t in tasks])
+        with admission.slot():
+            inserted = await client.enqueue_many([_task_request(t) for t in tasks])
         created = sum(1 for i in inserted if i.created)
         return OrjsonResponse({"tasks": [i.record for i in inserted], "created": created},
                               status_code=202)
