@@ -63,13 +63,7 @@ async def open_pool(
                     max_size=max_size,
                     init=_init_connection,
                     command_timeout=60,
-                    server_settings={
-                        "application_name": "conveyor",
-                        # Plan each statement for its actual arguments: a cached generic plan
-                        # for `id = ANY($1)` can scan every queued task per batch when the
-                        # table's statistics lag behind its growth (seen: 8x slower starts).
-                        "plan_cache_mode": "force_custom_plan",
-                    },
+                    server_settings={"application_name": "conveyor"},
                 )
             return pool
         except Unavailable as exc:
@@ -98,9 +92,14 @@ class Pinned:
     and the next use takes a fresh one.
     """
 
-    def __init__(self, pool: Pool, *, acquire_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, pool: Pool, *, acquire_timeout_s: float = 5.0, custom_plans: bool = False
+    ) -> None:
         self.pool = pool
         self.acquire_timeout_s = acquire_timeout_s
+        # Plan each statement for its actual arguments (the session setting lasts until the
+        # pool's reset at release). For statements whose cached generic plan can go wrong.
+        self.custom_plans = custom_plans
         self._conn: PoolConnectionProxy[asyncpg.Record] | None = None
 
     @contextlib.asynccontextmanager
@@ -108,6 +107,8 @@ class Pinned:
         with translate(op):
             if self._conn is None or not _usable(self._conn):
                 self._conn = await acquire(self.pool, self.acquire_timeout_s, op)
+                if self.custom_plans:
+                    await self._conn.execute("SET plan_cache_mode = force_custom_plan")
             try:
                 yield self._conn
             except BaseException:
