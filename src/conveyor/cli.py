@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import sys
 from collections.abc import AsyncIterator, Coroutine
@@ -97,6 +98,19 @@ def build_services(state: AppState, roles: Roles, *, worker_types: list[str] | N
     return services
 
 
+def tune_gc() -> None:
+    """Fewer, shorter garbage-collector pauses on the event loop.
+
+    Start-up objects (modules, the app, pools) never die: frozen, full passes skip them. And
+    a young collection every 50,000 container allocations instead of 700 makes the full
+    passes (tens of ms with a warm heap) rare: at 2,300 tasks/s the worker's enqueue→start
+    p99 went from about 25 ms to about 12 ms. Cyclic garbage lives a little longer for it.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+
+
 @contextlib.asynccontextmanager
 async def _servers(settings: Settings) -> AsyncIterator[Settings]:
     """Yield settings with server URLs: as given, or of embedded servers started here."""
@@ -140,6 +154,7 @@ async def serve(settings: Settings, app: Conveyor, roles: Roles,
             if state is None:
                 return EXIT_OK
             services = build_services(state, roles, worker_types=worker_types)
+            tune_gc()
             log.info("conveyor.started", version=__version__,
                      services=[s.name for s in services], embedded=settings.embedded)
             await supervise(services, shutdown)
