@@ -10,7 +10,6 @@ waiting for the previous one, at most `max_in_flight` at a time. Each payload ca
 from __future__ import annotations
 
 import asyncio
-import gc
 import math
 import time
 from typing import Any
@@ -19,6 +18,7 @@ from bench.app import LATENCY_KEY, TYPE, Noop, app
 from bench.doors import Context, Door, reset_if_flushed
 from bench.peers import load
 from bench.procs import ForeignLoad, peak_rss_mb
+from conveyor.cli import tune_gc
 from conveyor.client import TaskRequest
 from conveyor.state import open_state
 
@@ -53,10 +53,10 @@ async def paced_enqueue(ctx: Context, rate: float, count: int, *, batch: int = 1
             finally:
                 gate.release()
 
-        # The producer stands for a client application: its own garbage-collector pauses (a
-        # full pass over every object it has made) would show up as the queue's latency.
-        gc.collect()
-        gc.freeze()
+        # The producer stands for a client application, tuned as Conveyor's own processes are
+        # (`conveyor.cli.tune_gc`): otherwise its garbage-collector pauses, between a task's
+        # commit and its publish, would show up as the queue's latency.
+        tune_gc()
         async with asyncio.timeout(ctx.timeout):
             t0 = time.time()
             start = time.perf_counter()
