@@ -116,6 +116,7 @@ async def test_sigterm_drains_in_flight_tasks_and_exits_zero(
     assert summary["pending"] == 0
     assert await state.redis.smembers(state.keys.workers) == set()
     output = proc.output()
+    assert '"embedded":false' in output  # URLs given: no embedded servers started
     assert "worker.drain.started" in output
     assert "conveyor.stopped" in output
 

@@ -92,14 +92,9 @@ class Pinned:
     and the next use takes a fresh one.
     """
 
-    def __init__(
-        self, pool: Pool, *, acquire_timeout_s: float = 5.0, custom_plans: bool = False
-    ) -> None:
+    def __init__(self, pool: Pool, *, acquire_timeout_s: float = 5.0) -> None:
         self.pool = pool
         self.acquire_timeout_s = acquire_timeout_s
-        # Plan each statement for its actual arguments (the session setting lasts until the
-        # pool's reset at release). For statements whose cached generic plan can go wrong.
-        self.custom_plans = custom_plans
         self._conn: PoolConnectionProxy[asyncpg.Record] | None = None
 
     @contextlib.asynccontextmanager
@@ -107,8 +102,6 @@ class Pinned:
         with translate(op):
             if self._conn is None or not _usable(self._conn):
                 self._conn = await acquire(self.pool, self.acquire_timeout_s, op)
-                if self.custom_plans:
-                    await self._conn.execute("SET plan_cache_mode = force_custom_plan")
             try:
                 yield self._conn
             except BaseException:

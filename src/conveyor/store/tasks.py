@@ -162,10 +162,14 @@ class TaskStore:
             UPDATE {t} AS t
             SET status = 'running', attempts = t.attempts + 1, worker = $2,
                 started_at = now(), finished_at = NULL
-            WHERE t.id = ANY($1::uuid[]) AND t.status = 'queued' AND t.attempts < t.max_attempts
-              -- written so no index can serve it: the plan stays a primary-key lookup even
-              -- before the table has statistics
+            WHERE t.id = ANY($1::uuid[])
+              -- The status and run_at tests are written so that no index can serve them and
+              -- the queued-only partial index is not implied: the plan stays a lookup of the
+              -- given ids, whatever the statistics say (when they claim few queued rows, a
+              -- scan of every queued task per batch would otherwise look cheaper).
+              AND NOT (t.status IS DISTINCT FROM 'queued')
               AND t.run_at - now() <= interval '{EARLY_START_S} seconds'
+              AND t.attempts < t.max_attempts
             RETURNING t.id, t.type, t.payload, t.attempts, t.max_attempts, t.run_at"""
         self._record_sql = f"""
             UPDATE {t} AS t

@@ -62,12 +62,8 @@ class Worker:
         self.handlers: set[asyncio.Future[None]] = set()
         self.executor = Executor(settings, self.worker_id)
         # Two connections pinned for the worker's lifetime: one starts tasks, one records them.
-        # Starts are planned for their ids: a cached generic plan of `id = ANY($1)` may scan
-        # every queued task per batch while the table's statistics lag behind (seen: 8x slower).
-        self._pinned = [
-            Pinned(state.pool, acquire_timeout_s=settings.pg_acquire_timeout, custom_plans=True),
-            Pinned(state.pool, acquire_timeout_s=settings.pg_acquire_timeout),
-        ]
+        self._pinned = [Pinned(state.pool, acquire_timeout_s=settings.pg_acquire_timeout)
+                        for _ in range(2)]
         self.starter = Starter(state.store, self._pinned[0], self.worker_id)
         self.recorder = Recorder(
             state.store, state.streams, self._pinned[1], self.worker_id,

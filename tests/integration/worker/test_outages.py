@@ -87,6 +87,25 @@ async def test_redis_restart_without_persistence(
         assert any(e["event"] == "outage.ended" for e in logs)
 
 
+async def test_tasks_waiting_in_redis_when_it_restarts_empty_are_relayed(
+    postgres: PostgresServer, own_redis: RedisServer, app: Conveyor
+) -> None:
+    settings = make_settings(postgres, own_redis.url)
+    async with open_state(settings, app) as state:
+        waiting = [(await state.client.enqueue("echo", {})).record.id for _ in range(5)]
+        assert await state.redis.xlen(state.keys.stream("echo")) == 5
+        own_redis.restart(wipe=True)  # no persistence: the five messages are gone
+        _, stop, running = await run_worker(state)
+        relay = Relay(state.redis, state.keys, state.streams, state.store, ["echo"],
+                      interval_s=0.2, grace_s=0.5, ttl_s=3)
+        relaying = asyncio.create_task(relay.run(stop))
+        for task_id in waiting:
+            await eventually(lambda t=task_id: succeeded(state, t), timeout_s=20)  # type: ignore[misc]
+        stop.begin()
+        await asyncio.gather(running, relaying)
+        assert all(basic.probe.runs[str(t)] == 1 for t in waiting)
+
+
 async def test_redis_down_while_enqueueing_is_recovered_by_the_relay(
     postgres: PostgresServer, own_redis: RedisServer, app: Conveyor
 ) -> None:
