@@ -1,5 +1,6 @@
 """LockedLoop: the shape shared by rebalance and relay — every interval, take a Redis lock, run
-one tick, release it. A failed tick is logged and counted; the next one tries again."""
+one tick over the task types, release it. A failed tick is logged and counted; the next one
+tries again."""
 
 from __future__ import annotations
 
@@ -10,22 +11,34 @@ import structlog
 from conveyor import metrics
 from conveyor.errors import Unavailable
 from conveyor.queue.connection import Redis
+from conveyor.queue.keys import Keys
 from conveyor.queue.lock import Lock
+from conveyor.queue.streams import TaskStreams
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
+from conveyor.store.tasks import TaskStore
 
 log = structlog.get_logger("conveyor.cron")
 
 
 class LockedLoop(abc.ABC):
-    """Runs `tick()` every `interval_s` in at most one process at a time."""
+    """Runs `tick()` every `interval_s` in at most one process at a time (the lock is named
+    after the loop)."""
 
     name: str
 
-    def __init__(self, redis: Redis, lock_key: str, interval_s: float) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, streams: TaskStreams, store: TaskStore,
+        types: list[str], *, interval_s: float,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.streams = streams
+        self.store = store
+        self.types = types
         self.interval_s = interval_s
         # The TTL frees the lock if its holder dies mid-tick; a tick should finish well within.
-        self.lock = Lock(redis, lock_key, ttl_ms=int(max(30.0, 3 * interval_s) * 1000))
+        self.lock = Lock(redis, keys.lock(self.name), ttl_ms=int(max(30.0, 3 * interval_s) * 1000))
         self._outage = Outage(self.name)
 
     @abc.abstractmethod

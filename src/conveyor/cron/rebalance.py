@@ -57,12 +57,7 @@ class Rebalancer(LockedLoop):
         ttl_s: float,
         max_requeues: int,
     ) -> None:
-        super().__init__(redis, keys.lock("rebalance"), interval_s)
-        self.redis = redis
-        self.keys = keys
-        self.streams = streams
-        self.store = store
-        self.types = types
+        super().__init__(redis, keys, streams, store, types, interval_s=interval_s)
         self.min_idle_ms = int(ttl_s * 1000)
         self.max_requeues = max_requeues
 

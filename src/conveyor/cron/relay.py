@@ -59,12 +59,7 @@ class Relay(LockedLoop):
         scan_limit: int = 10_000,
         page: int = 1000,
     ) -> None:
-        super().__init__(redis, keys.lock("relay"), interval_s)
-        self.redis = redis
-        self.keys = keys
-        self.streams = streams
-        self.store = store
-        self.types = types
+        super().__init__(redis, keys, streams, store, types, interval_s=interval_s)
         self.grace_s = grace_s
         self.ttl_s = ttl_s
         self.scan_limit = scan_limit
