@@ -54,6 +54,13 @@ async def run_worker(state: AppState) -> tuple[Worker, Shutdown, asyncio.Task[No
     return worker, stop, asyncio.create_task(worker.run(stop))
 
 
+def start_relay(state: AppState, stop: Shutdown) -> asyncio.Task[None]:
+    """A relay with a short grace, running until `stop` begins."""
+    relay = Relay(state.redis, state.keys, state.streams, state.store, ["echo"],
+                  interval_s=0.2, grace_s=0.5, ttl_s=3)
+    return asyncio.create_task(relay.run(stop))
+
+
 async def succeeded(state: AppState, task_id: uuid.UUID) -> bool:
     try:
         record = await state.store.get(task_id)
@@ -96,9 +103,7 @@ async def test_tasks_waiting_in_redis_when_it_restarts_empty_are_relayed(
         assert await state.redis.xlen(state.keys.stream("echo")) == 5
         own_redis.restart(wipe=True)  # no persistence: the five messages are gone
         _, stop, running = await run_worker(state)
-        relay = Relay(state.redis, state.keys, state.streams, state.store, ["echo"],
-                      interval_s=0.2, grace_s=0.5, ttl_s=3)
-        relaying = asyncio.create_task(relay.run(stop))
+        relaying = start_relay(state, stop)
         for task_id in waiting:
             await eventually(lambda t=task_id: succeeded(state, t), timeout_s=20)  # type: ignore[misc]
         stop.begin()
@@ -115,9 +120,7 @@ async def test_redis_down_while_enqueueing_is_recovered_by_the_relay(
         accepted = (await state.client.enqueue("echo", {})).record.id  # committed, not published
         own_redis.start()
         _, stop, running = await run_worker(state)
-        relay = Relay(state.redis, state.keys, state.streams, state.store, ["echo"],
-                      interval_s=0.2, grace_s=0.5, ttl_s=3)
-        relaying = asyncio.create_task(relay.run(stop))
+        relaying = start_relay(state, stop)
         await eventually(lambda: succeeded(state, accepted), timeout_s=20)
         stop.begin()
         await asyncio.gather(running, relaying)
