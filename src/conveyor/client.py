@@ -24,6 +24,7 @@ from conveyor.store.pool import Connection, Pinned
 from conveyor.store.tasks import Inserted, NewTask, Status, TaskRecord, TaskStore, new_task_id
 
 log = structlog.get_logger("conveyor.client")
+MAX_TASKS_PER_STATEMENT = 2000  # merged enqueues: rows per INSERT (a larger call goes alone)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +51,9 @@ class Client:
         self.default_max_attempts = default_max_attempts
         # Concurrent enqueues (HTTP requests, say) share one INSERT and one Redis pipeline.
         self.pinned = pinned
-        self._coalescer: Coalescer[list[NewTask], list[Inserted]] = Coalescer(self._flush)
+        self._coalescer: Coalescer[list[NewTask], list[Inserted]] = Coalescer(
+            self._flush, max_batch=MAX_TASKS_PER_STATEMENT, weight=len
+        )
 
     def prepare(self, request: TaskRequest) -> NewTask:
         """Validate the payload against its type's model; raise PayloadInvalid or
@@ -62,10 +65,15 @@ class Client:
                 payload = task_type.payload_model.model_validate(payload)
             except ValidationError as exc:
                 raise PayloadInvalid(f"payload for {request.type!r}: {exc}") from exc
+        payload_json = payload.model_dump_json()
+        if "\\u0000" in payload_json or "\x00" in (request.idempotency_key or ""):
+            raise PayloadInvalid(
+                f"payload for {request.type!r}: NUL characters (\\u0000) cannot be stored"
+            )
         return NewTask(
             id=new_task_id(),
             type=request.type,
-            payload_json=payload.model_dump_json(),
+            payload_json=payload_json,
             max_attempts=request.max_attempts
             or task_type.max_attempts
             or self.default_max_attempts,
@@ -118,6 +126,8 @@ class Client:
             await self.streams.publish(items)
         except Unavailable as exc:
             log.warning("client.publish.deferred", tasks=len(items), error=str(exc))
+        except Exception:  # committed already: failing the caller now would invite a duplicate
+            log.exception("client.publish.failed", tasks=len(items), deferred_to="relay")
 
     async def get(self, task_id: uuid.UUID) -> TaskRecord:
         record = await self.store.get(task_id)

@@ -32,9 +32,11 @@ class Unavailable(ConveyorError):
 
 def unavailable_on(
     kinds: tuple[type[BaseException], ...],
+    transient: Callable[[BaseException], bool] = lambda exc: False,
 ) -> Callable[[str], contextlib.AbstractContextManager[None]]:
-    """A `translate(op)` context manager that re-raises `kinds` as `Unavailable(op)`: how
-    store/ and queue/ keep driver exceptions at their edge."""
+    """A `translate(op)` context manager that re-raises `kinds`, and other errors for which
+    `transient` is true, as `Unavailable(op)`: how store/ and queue/ keep driver exceptions at
+    their edge."""
 
     @contextlib.contextmanager
     def translate(op: str) -> Iterator[None]:
@@ -42,6 +44,10 @@ def unavailable_on(
             yield
         except kinds as exc:
             raise Unavailable(op, f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            if transient(exc):
+                raise Unavailable(op, f"{type(exc).__name__}: {exc}") from exc
+            raise
 
     return translate
 
@@ -68,12 +74,17 @@ class PayloadInvalid(ConveyorError):
     """A payload does not match its task type's model."""
 
 
-class Overloaded(ConveyorError):
-    """A bounded buffer is full; the caller should come back after `retry_after_s`."""
+class Overloaded(Unavailable):
+    """A bound was reached (requests in progress, pooled connections): the service cannot take
+    more now; come back after `retry_after_s`. Background loops treat it as an outage."""
 
     def __init__(self, what: str, retry_after_s: float = 1.0) -> None:
         self.retry_after_s = retry_after_s
-        super().__init__(what)
+        super().__init__("overloaded", what)
+        self.args = (what,)
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class Retry(Exception):

@@ -98,3 +98,17 @@ async def too_slow(payload: Sleep, ctx: TaskContext) -> None:
 async def every_second(ctx: TaskContext) -> str:
     probe.runs[f"cron:{ctx.run_at.isoformat()}"] += 1
     return ctx.run_at.isoformat()
+
+
+@app.task("poison", payload=Echo, max_attempts=2,
+          retry=RetryPolicy(base_delay_s=0.05, max_delay_s=0.1))
+async def poison(payload: Echo, ctx: TaskContext) -> Any:
+    """Fails with, or returns, what Postgres cannot store: NUL characters."""
+    probe.runs[ctx.task_id] += 1
+    if payload.value == "raise":
+        raise RuntimeError("bad\x00byte")
+    if payload.value == "cancel":
+        cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        cancelled.cancel()
+        await cancelled  # a cancellation of the handler's own making, not of the run
+    return {"text": "nul\x00inside"}

@@ -93,23 +93,24 @@ def install(app: FastAPI, type_names: set[str]) -> None:
                            request_id=rid)
         if isinstance(exc, PayloadInvalid):
             return problem(422, "Invalid payload", str(exc), request_id=rid)
+        if isinstance(exc, Overloaded):
+            retry_after = str(max(1, round(exc.retry_after_s)))
+            return problem(503, "Overloaded", str(exc), request_id=rid,
+                           headers={"Retry-After": retry_after})
         if isinstance(exc, Unavailable):
             log.warning("api.unavailable", op=exc.op, error=exc.detail, request_id=rid)
             return problem(503, "Service unavailable",
                            f"a backing service is not answering ({exc.op}); try again shortly",
                            request_id=rid, headers={"Retry-After": "2"})
-        if isinstance(exc, Overloaded):
-            retry_after = str(max(1, round(exc.retry_after_s)))
-            return problem(503, "Overloaded", str(exc), request_id=rid,
-                           headers={"Retry-After": retry_after})
         return problem(400, "Bad request", str(exc), request_id=rid)
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         rid = request_id_of(request)
         log.error("api.error", request_id=rid, path=request.url.path, exc_info=exc)
+        # This handler runs outside the request-id middleware: set the header here.
         return problem(500, "Internal server error",
                        "the server failed to answer; the error is logged under this request id",
-                       request_id=rid)
+                       request_id=rid, headers={"X-Request-ID": rid} if rid else None)
 
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(HTTPException, http_error)

@@ -1,13 +1,13 @@
-"""Rebalancer: every interval, hands the pending messages of dead consumers to live ones,
+"""Rebalancer: every interval, hands abandoned pending messages to whoever reads next,
 dead-letters messages that keep coming back, removes emptied dead consumers and trims streams.
 [rebalance]
 
-A consumer is dead when its worker's heartbeat record is gone. Its messages are taken only if
-idle for a whole heartbeat TTL (a live worker resets the idle time of what it holds at every
-beat), and the take re-checks that idle time atomically, so a message is never taken from a
-worker that is still working on it. For each taken message the task goes back to `queued` in
-Postgres first, then a fresh copy goes on the stream: a worker reading the copy finds the task
-runnable.
+A message is abandoned when it has been idle for a whole heartbeat TTL: a live worker resets
+the idle time of every message it holds at each beat, so that happens when its worker died
+(its heartbeat record is gone) or lost track of it. The take re-checks that idle time
+atomically, so a message is never taken from a worker that is still working on it. Each taken
+task goes back to `queued` in Postgres first, then a fresh copy goes on the stream: a worker
+reading the copy finds the task runnable.
 """
 
 from __future__ import annotations
@@ -67,38 +67,44 @@ class Rebalancer(LockedLoop):
             await self.streams.trim(task_type)
 
     async def rebalance(self, task_type: str) -> tuple[int, int]:
-        """Re-queue one type's messages held by dead consumers; returns (re-queued, dead)."""
+        """Re-queue one type's abandoned messages; returns (re-queued, dead-lettered).
+
+        A message is abandoned when it has been idle a whole heartbeat TTL: its worker is
+        dead, or alive but no longer holding it (a live worker refreshes every message it
+        holds at each beat).
+        """
         consumers = await self.streams.consumers(task_type)
         live = await live_workers(self.redis, self.keys, {worker_of(c.name) for c in consumers})
         requeued_total = dead_total = 0
         for consumer in consumers:
             worker = worker_of(consumer.name)
-            if worker in live:
-                continue
             if consumer.pending == 0:
-                if consumer.idle_ms >= self.min_idle_ms:
+                if worker not in live and consumer.idle_ms >= self.min_idle_ms:
                     await self.streams.delete_consumer(task_type, consumer.name)
                     log.info("rebalance.consumer.removed", consumer=consumer.name)
                 continue
             stale = await self.streams.stale_pending(task_type, consumer.name, self.min_idle_ms)
-            if not stale:
+            # Claim first: XCLAIM re-checks the idle time atomically, so what its worker just
+            # refreshed stays with it. Then the tasks go back to queued in Postgres, and only
+            # then do copies go on the stream: a worker reading a copy finds its task runnable.
+            claimed = await self.streams.claim(task_type, consumer.name, stale,
+                                               min_idle_ms=self.min_idle_ms)
+            if not claimed:
                 continue
-            task_ids = [m.task_id for m in stale if m.task_id is not None]
-            await self.store.requeue(task_ids, worker)
-            requeued, dead = await self.streams.requeue(
-                task_type, consumer.name, [m.stream_id for m in stale],
-                min_idle_ms=self.min_idle_ms, max_requeues=self.max_requeues,
-            )
+            await self.store.requeue([m.task_id for m in claimed if m.task_id], worker)
+            requeued, dead = await self.streams.requeue(task_type, claimed,
+                                                        max_requeues=self.max_requeues)
             if dead:
                 await self._kill(task_type, dead)
             requeued_total += len(requeued)
             dead_total += len(dead)
             metrics.REBALANCED.labels(task_type).inc(len(requeued))
             log.info("rebalance.requeued", consumer=consumer.name, task_type=task_type,
-                     requeued=len(requeued), dead_lettered=len(dead))
+                     worker_alive=worker in live, requeued=len(requeued),
+                     dead_lettered=len(dead))
         return requeued_total, dead_total
 
     async def _kill(self, task_type: str, task_ids: list[uuid.UUID]) -> None:
         reason = f"delivery limit reached: re-queued {self.max_requeues} times after lost workers"
-        await self.store.kill(task_ids, reason, from_=("queued", "running"))
+        await self.store.kill(task_ids, reason)  # re-queued just now: queued, unless started
         metrics.DEAD_LETTERED.labels(task_type, "deliveries").inc(len(task_ids))

@@ -5,6 +5,14 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -21,8 +29,21 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
-# Connection-level Redis errors become `Unavailable(op)`.
-translate = unavailable_on(_UNAVAILABLE)
+# Error replies that mean "not now" rather than "wrong command": out of memory, a read-only
+# replica during a failover, failing persistence (MISCONF), a busy script (BUSY).
+_TRANSIENT_REPLIES: tuple[type[BaseException], ...] = (
+    OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError, MasterDownError,
+)
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, _TRANSIENT_REPLIES):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(("MISCONF ", "BUSY "))
+
+
+# Connection-level Redis errors, and transient error replies, become `Unavailable(op)`.
+translate = unavailable_on(_UNAVAILABLE, _transient)
 
 
 def open_redis(url: str, *, read_timeout_s: float = 10.0, max_connections: int = 64) -> Redis:

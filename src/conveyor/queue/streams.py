@@ -33,42 +33,30 @@ end
 return #due
 """
 
-# Hand pending entries of a dead consumer to whoever reads next.
+# Hand entries a consumer abandoned (claimed first, see TaskStreams.claim) to whoever reads next.
 # KEYS[1] stream, KEYS[2] dead-letter stream.
-# ARGV[1] group, ARGV[2] the dead consumer, ARGV[3] min idle ms, ARGV[4] max re-queues,
-# ARGV[5] dead-letter max length, ARGV[6..] entry ids.
-# XCLAIM (to the same consumer) re-checks the idle time atomically, so an entry that its owner
-# refreshed, or another rebalancer took, is skipped. Each claimed entry is re-added with r+1,
-# or dead-lettered once r+1 exceeds the max, then acked and deleted.
-# Returns {re-queued task ids, dead-lettered task ids}.
+# ARGV[1] group, ARGV[2] max re-queues, ARGV[3] dead-letter max length, then triples
+# (entry id, task id or '' if undecodable, times re-queued so far).
+# Each entry is re-added with r+1, or dead-lettered once r+1 exceeds the max, then acked and
+# deleted. Returns {re-queued task ids, dead-lettered task ids}.
 _REQUEUE = """
-local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(ARGV, 6))
 local requeued, dead = {}, {}
-local limit = tonumber(ARGV[4])
-for _, entry in ipairs(claimed) do
-  if entry then
-    local sid, fields = entry[1], entry[2]
-    local id, r = nil, 0
-    if fields then
-      for i = 1, #fields, 2 do
-        if fields[i] == 'id' then id = fields[i + 1]
-        elseif fields[i] == 'r' then r = tonumber(fields[i + 1]) or 0 end
-      end
-    end
-    if id == nil then
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
-                 'id', '', 'reason', 'undecodable message ' .. sid)
-    elseif r + 1 > limit then
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
-                 'id', id, 'reason', 'delivery limit reached')
-      dead[#dead + 1] = id
-    else
-      redis.call('XADD', KEYS[1], '*', 'id', id, 'r', tostring(r + 1))
-      requeued[#requeued + 1] = id
-    end
-    redis.call('XACK', KEYS[1], ARGV[1], sid)
-    redis.call('XDEL', KEYS[1], sid)
+local limit = tonumber(ARGV[2])
+for i = 4, #ARGV, 3 do
+  local sid, id, r = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  if id == '' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*',
+               'id', '', 'reason', 'undecodable message ' .. sid)
+  elseif r + 1 > limit then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*',
+               'id', id, 'reason', 'delivery limit reached')
+    dead[#dead + 1] = id
+  else
+    redis.call('XADD', KEYS[1], '*', 'id', id, 'r', tostring(r + 1))
+    requeued[#requeued + 1] = id
   end
+  redis.call('XACK', KEYS[1], ARGV[1], sid)
+  redis.call('XDEL', KEYS[1], sid)
 end
 return {requeued, dead}
 """
@@ -247,42 +235,44 @@ class TaskStreams:
 
     async def stale_pending(
         self, task_type: str, consumer: str, min_idle_ms: int, count: int = 1000
-    ) -> list[Message]:
-        """Entries pending on `consumer` for at least `min_idle_ms`, decoded."""
-        stream = self.keys.stream(task_type)
+    ) -> list[bytes]:
+        """Ids of entries pending on `consumer` for at least `min_idle_ms`."""
         with translate("streams.stale_pending"):
             rows: Any = await self.redis.xpending_range(
-                stream, GROUP, "-", "+", count, consumername=consumer, idle=min_idle_ms
+                self.keys.stream(task_type), GROUP, "-", "+", count, consumername=consumer,
+                idle=min_idle_ms,
             )
-            if not rows:
-                return []
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for row in rows:
-                    pipe.xrange(stream, row["message_id"], row["message_id"])
-                entries = await pipe.execute()
-        out = []
-        for row, found in zip(rows, entries, strict=True):
-            if found:
-                out.append(decode(found[0][0], found[0][1]))
-            else:
-                out.append(Message(row["message_id"], None, 0, "entry deleted"))
-        return out
+        return [row["message_id"] for row in rows]
+
+    async def claim(
+        self, task_type: str, consumer: str, stream_ids: Sequence[bytes], *, min_idle_ms: int
+    ) -> list[Message]:
+        """Take entries still idle for `min_idle_ms` (XCLAIM re-checks it atomically, so an
+        entry its holder refreshed meanwhile is left alone), decoded. They stay pending, on
+        the same consumer with their idle time reset, until `requeue` hands them on."""
+        if not stream_ids:
+            return []
+        with translate("streams.claim"):
+            entries: Any = await self.redis.xclaim(
+                self.keys.stream(task_type), GROUP, consumer, min_idle_ms, list(stream_ids)
+            )
+        return [decode(sid, fields or {}) for sid, fields in entries if sid is not None]
 
     async def requeue(
-        self, task_type: str, consumer: str, stream_ids: Sequence[bytes], *,
-        min_idle_ms: int, max_requeues: int,
+        self, task_type: str, messages: Sequence[Message], *, max_requeues: int
     ) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
-        """Re-add a dead consumer's entries for others to read; returns (re-queued, dead)."""
+        """Re-add claimed entries for any consumer to read (acking and deleting the originals);
+        returns the task ids (re-queued, dead-lettered)."""
         requeued: list[uuid.UUID] = []
         dead: list[uuid.UUID] = []
         keys = [self.keys.stream(task_type), self.keys.dead(task_type)]
-        for start in range(0, len(stream_ids), _CHUNK):
-            chunk = stream_ids[start:start + _CHUNK]
+        for start in range(0, len(messages), _CHUNK):
+            chunk = messages[start:start + _CHUNK]
+            triples = [x for m in chunk
+                       for x in (m.stream_id, str(m.task_id) if m.task_id else "", m.requeues)]
             with translate("streams.requeue"):
                 back, gone = await self._requeue(
-                    keys=keys,
-                    args=[GROUP, consumer, min_idle_ms, max_requeues, self.dead_letter_maxlen,
-                          *chunk],
+                    keys=keys, args=[GROUP, max_requeues, self.dead_letter_maxlen, *triples],
                 )
             requeued += [uuid.UUID(x.decode()) for x in back]
             dead += [uuid.UUID(x.decode()) for x in gone]

@@ -15,10 +15,17 @@ R = TypeVar("R")
 class Coalescer(Generic[I, R]):
     """`await submit(item)` returns `flush([..., item, ...])[position of item]`."""
 
-    def __init__(self, flush: Callable[[list[I]], Awaitable[list[R]]], *, max_batch: int = 1000
-                 ) -> None:
+    def __init__(
+        self,
+        flush: Callable[[list[I]], Awaitable[list[R]]],
+        *,
+        max_batch: int = 1000,
+        weight: Callable[[I], int] = lambda item: 1,
+    ) -> None:
+        """`max_batch` bounds the summed `weight` of a batch (at least one item per batch)."""
         self.flush = flush
         self.max_batch = max_batch
+        self.weight = weight
         self._pending: list[tuple[I, asyncio.Future[R]]] = []
         self._flushing = False
         self._drainer: asyncio.Future[None] | None = None
@@ -34,8 +41,14 @@ class Coalescer(Generic[I, R]):
     async def _drain(self) -> None:
         try:
             while self._pending:
-                batch = self._pending[:self.max_batch]
-                del self._pending[:self.max_batch]
+                size, total = 0, 0
+                for item, _ in self._pending:
+                    total += self.weight(item)
+                    if size and total > self.max_batch:
+                        break
+                    size += 1
+                batch = self._pending[:size]
+                del self._pending[:size]
                 try:
                     results = await self.flush([item for item, _ in batch])
                 except Exception as exc:  # every caller of the batch gets the error

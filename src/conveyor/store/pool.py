@@ -108,11 +108,17 @@ class Pinned:
                 await self.release()
                 raise
 
-    async def release(self) -> None:
+    async def release(self, timeout_s: float = 5.0) -> None:
+        """Give the connection back (its reset bounded by `timeout_s`, then it is dropped)."""
         conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
+        if conn is None:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
                 await self.pool.release(conn)
+        except Exception:
+            with contextlib.suppress(Exception):
+                conn.terminate()
 
 
 def _usable(conn: PoolConnectionProxy[asyncpg.Record]) -> bool:

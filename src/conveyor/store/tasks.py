@@ -106,6 +106,9 @@ class NotStarted:
     status: Status | None  # None: no such task
     run_at: datetime | None
     exhausted: bool  # queued, but every attempt is used up (its last worker died mid-run)
+    # Running on the very worker that asked: its own start, whose reply was lost before a
+    # retry, or a copy of a message it is already working on. The caller tells them apart.
+    running_here: Started | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,11 +323,18 @@ class TaskStore:
             done = {s.id for s in started}
             rest = [i for i in dict.fromkeys(ids) if i not in done]
             found = await conn.fetch(
-                f"SELECT id, status, run_at, attempts >= max_attempts FROM {self.table}"
-                " WHERE id = ANY($1::uuid[])",
+                f"SELECT id, status, run_at, attempts >= max_attempts, worker, type, payload,"
+                f" attempts, max_attempts FROM {self.table} WHERE id = ANY($1::uuid[])",
                 rest,
             )
-        by_id = {r[0]: NotStarted(r[0], r[1], r[2], r[1] == "queued" and r[3]) for r in found}
+        by_id = {
+            r[0]: NotStarted(
+                r[0], r[1], r[2], r[1] == "queued" and r[3],
+                Started(r[0], r[5], r[6], r[7], r[8], r[2])
+                if r[1] == "running" and r[4] == worker else None,
+            )
+            for r in found
+        }
         return started, [by_id.get(i, NotStarted(i, None, None, False)) for i in rest]
 
     async def record(

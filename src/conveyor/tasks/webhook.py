@@ -24,6 +24,7 @@ SIGNATURE_HEADER = "X-Conveyor-Signature"
 TIMESTAMP_HEADER = "X-Conveyor-Timestamp"
 TASK_ID_HEADER = "X-Conveyor-Task-Id"
 _RETRYABLE_4XX = {408, 429}
+MAX_RETRY_AFTER_S = 3600.0
 
 
 class WebhookPayload(BaseModel):
@@ -57,8 +58,9 @@ def verify(
 
 
 def _retry_after(response: httpx.Response) -> float | None:
+    """The receiver's Retry-After in seconds, capped at an hour (it is theirs to choose)."""
     value = response.headers.get("retry-after", "")
-    return float(value) if value.isdigit() else None
+    return min(float(value), MAX_RETRY_AFTER_S) if value.isdigit() else None
 
 
 async def send_webhook(payload: WebhookPayload, ctx: TaskContext) -> dict[str, Any]:

@@ -60,7 +60,7 @@ class Consumer:
         starter: Starter,
         recorder: Recorder,
         slots: Slots,
-        in_flight: dict[bytes, InFlight],
+        in_flight: dict[tuple[str, bytes], InFlight],
         spawn: Callable[[asyncio.Future[None]], None],
         block_ms: int,
         solo: bool,
@@ -113,7 +113,18 @@ class Consumer:
                 self.spawn(asyncio.ensure_future(self._start(messages, shutdown)))
 
     async def _start(self, messages: list[Message], shutdown: Shutdown) -> None:
-        """Mark the messages' tasks running and spawn their handlers; settle the rest."""
+        """Mark the messages' tasks running and spawn their handlers; settle the rest.
+
+        Every message is in `in_flight` from its read until it is acked (or given up), so the
+        heartbeat keeps it from looking abandoned while Postgres is slow or away.
+        """
+        monotonic = time.monotonic()
+        for m in messages:
+            key = (self.task_type.name, m.stream_id)
+            self.in_flight[key] = InFlight(
+                self.task_type.name, self.name, m.stream_id,
+                str(m.task_id) if m.task_id else "", monotonic,
+            )
         undecodable = [m for m in messages if m.task_id is None]
         by_task: dict[uuid.UUID, Message] = {}
         duplicates: list[Message] = []
@@ -128,19 +139,44 @@ class Consumer:
         if by_task:
             result = await self.starter.start(list(by_task))
             if result is None:  # gave up at shutdown: the messages stay pending for rebalance
-                self.slots.give(len(messages))
+                self._release(messages)
                 return
             started, not_started = result
-        await self._settle_unrunnable(undecodable, duplicates, not_started, by_task, shutdown)
+        adopted, not_started = self._adopt(not_started, by_task)
         now = time.time()
-        monotonic = time.monotonic()
-        for task in started:
-            message = by_task[task.id]
+        for task in [*started, *adopted]:
             self._wait.observe(max(0.0, now - task.run_at.timestamp()))
-            self.in_flight[message.stream_id] = InFlight(
-                self.task_type.name, self.name, message.stream_id, str(task.id), monotonic
-            )
-            self.spawn(asyncio.ensure_future(self._run_one(message, task)))
+            self.spawn(asyncio.ensure_future(self._run_one(by_task[task.id], task)))
+        unrunnable = undecodable + duplicates + [by_task[ns.id] for ns in not_started]
+        if unrunnable:
+            try:
+                await self._settle_unrunnable(undecodable, duplicates, not_started, by_task,
+                                              shutdown)
+            except Exception:  # left pending: the rebalancer re-queues it once idle a TTL
+                log.exception("consumer.settle.failed", task_type=self.task_type.name)
+            self._release(unrunnable)
+
+    def _adopt(
+        self, not_started: list[NotStarted], by_task: dict[uuid.UUID, Message]
+    ) -> tuple[list[Started], list[NotStarted]]:
+        """Tasks running here per Postgres but not held here: this worker's own start, whose
+        reply was lost before the starter retried it. They are run; copies of tasks this
+        worker does hold stay not started (and are acked as duplicates)."""
+        mine = [ns for ns in not_started if ns.running_here is not None]
+        if not mine:
+            return [], not_started
+        batch = {(self.task_type.name, by_task[ns.id].stream_id) for ns in mine}
+        held = {h.task_id for key, h in self.in_flight.items() if key not in batch}
+        adopted = [ns.running_here for ns in mine
+                   if ns.running_here is not None and str(ns.id) not in held]
+        taken = {t.id for t in adopted}
+        return adopted, [ns for ns in not_started if ns.id not in taken]
+
+    def _release(self, messages: list[Message]) -> None:
+        """Stop holding `messages` (acked, or left pending) and free their slots."""
+        for m in messages:
+            self.in_flight.pop((self.task_type.name, m.stream_id), None)
+        self.slots.give(len(messages))
 
     async def _settle_unrunnable(
         self,
@@ -174,8 +210,6 @@ class Consumer:
         for m in undecodable:
             metrics.DEAD_LETTERED.labels(name, "undecodable").inc()
             log.warning("consumer.message.undecodable", task_type=name, error=m.error)
-        if not acks:
-            return
         while True:
             try:
                 if exhausted:
@@ -185,12 +219,11 @@ class Consumer:
                         metrics.DEAD_LETTERED.labels(name, "attempts").inc()
                     exhausted = []
                 await self.streams.settle(name, acks, delays=delays, dead=dead)
-                break
+                return
             except Unavailable as exc:
-                if shutdown.forced:
-                    break
+                if shutdown.forced or (shutdown.begun and shutdown.drain_remaining() <= 0):
+                    return
                 await self._settle_outage.failed(exc)
-        self.slots.give(len(acks))
 
     async def _run_one(self, message: Message, task: Started) -> None:
         """Run one handler; its slot is free once the outcome is handed to the recorder (which
@@ -203,9 +236,10 @@ class Consumer:
                          error=(outcome.error or "").splitlines()[-1:])
             await self.recorder.submit(message.stream_id, outcome)
         except BaseException:
-            self.in_flight.pop(message.stream_id, None)  # left pending for the rebalancer
+            # Cancelled at the drain deadline or a forced stop: left pending, and no longer
+            # refreshed, so the rebalancer hands it on once this worker is gone.
+            self.in_flight.pop((self.task_type.name, message.stream_id), None)
             raise
         finally:
             self.processed += 1
             self.slots.give(1)
-

@@ -27,6 +27,7 @@ from conveyor.registry import RetryPolicy, TaskContext, TaskType
 from conveyor.store.tasks import Outcome, Started
 
 _MAX_ERROR_CHARS = 4000
+Pool = ThreadPoolExecutor | ProcessPoolExecutor
 
 
 def _json_default(value: Any) -> Any:
@@ -43,8 +44,13 @@ def _ignore_sigint() -> None:
 
 def describe(exc: BaseException) -> str:
     """`Type: message` plus the innermost frames, bounded for the last_error column."""
-    text = "".join(traceback.format_exception(exc, limit=-4))
-    return text[-_MAX_ERROR_CHARS:]
+    return "".join(traceback.format_exception(exc, limit=-4))
+
+
+def storable(text: str) -> str:
+    """`text` as Postgres `text` can hold it: no NUL characters, bounded length. (An error
+    message is the handler's, or a remote server's, to choose.)"""
+    return text.replace("\x00", "\\0")[-_MAX_ERROR_CHARS:]
 
 
 class Executor:
@@ -73,10 +79,12 @@ class Executor:
             )
         return self._processes
 
-    def close(self, *, wait: bool = True) -> None:
-        self._threads.shutdown(wait=wait, cancel_futures=True)
+    def close(self) -> None:
+        """Release the pools without waiting: the drain has already waited for handlers, and a
+        thread still running past it (it cannot be killed) must not block the event loop."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
         if self._processes is not None:
-            self._processes.shutdown(wait=wait, cancel_futures=True)
+            self._processes.shutdown(wait=False, cancel_futures=True)
 
     async def execute(self, task_type: TaskType, started: Started) -> Outcome:
         """Run one attempt and decide what becomes of the task."""
@@ -96,12 +104,13 @@ class Executor:
         meters = metrics.type_meters(task_type.name)
         meters.started.inc()
         began = time.perf_counter()
+        pool = self._pool_for(task_type)
         try:
             if task_type.timeout_s is None:  # no Timeout object (and its task lookups) per task
-                result = await self._call(task_type, payload, ctx)
+                result = await self._call(task_type, payload, ctx, pool)
             else:
                 async with asyncio.timeout(task_type.timeout_s) as scope:
-                    result = await self._call(task_type, payload, ctx)
+                    result = await self._call(task_type, payload, ctx, pool)
         except Retry as exc:
             return self._retry(task_type, started, f"retry requested: {exc.reason}", exc.delay_s)
         except Fail as exc:
@@ -111,8 +120,16 @@ class Executor:
             error = f"timed out after {task_type.timeout_s} s" if expired else describe(exc)
             return self._retry(task_type, started, error, None)
         except BrokenProcessPool as exc:
-            self._processes = None  # a child died; the next process task gets a new pool
+            if pool is self._processes:  # a child died; the next process task gets a new pool
+                self._processes = None
             return self._retry(task_type, started, f"process pool broke: {exc}", None)
+        except asyncio.CancelledError as exc:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this run is being cancelled (drain timeout, forced stop)
+            # The handler let out a cancellation of its own (an awaited future someone else
+            # cancelled): a failed attempt, not a reason to abandon the task.
+            return self._retry(task_type, started, describe(exc) or "cancelled", None)
         except Exception as exc:
             return self._retry(task_type, started, describe(exc), None)
         finally:
@@ -121,15 +138,23 @@ class Executor:
             result_json = orjson.dumps(result, default=_json_default).decode()
         except orjson.JSONEncodeError as exc:
             return self._dead(started, f"result is not JSON-serialisable: {exc}")
+        if "\\u0000" in result_json:
+            return self._dead(started, "result holds a NUL character (\\u0000), which "
+                                       "Postgres jsonb cannot store")
         return Outcome(started.id, task_type.name, started.attempt, "succeeded",
                        result_json=result_json)
 
-    async def _call(self, task_type: TaskType, payload: BaseModel, ctx: TaskContext) -> Any:
-        if task_type.run_in == "loop":
+    async def _call(self, task_type: TaskType, payload: BaseModel, ctx: TaskContext,
+                    pool: Pool | None) -> Any:
+        if pool is None:
             return await task_type.handler(payload, ctx)
         loop = asyncio.get_running_loop()
-        pool = self._threads if task_type.run_in == "thread" else self._process_pool()
         return await loop.run_in_executor(pool, functools.partial(task_type.handler, payload, ctx))
+
+    def _pool_for(self, task_type: TaskType) -> Pool | None:
+        if task_type.run_in == "loop":
+            return None
+        return self._threads if task_type.run_in == "thread" else self._process_pool()
 
     def _retry(
         self, task_type: TaskType, started: Started, error: str, delay_s: float | None
@@ -141,9 +166,9 @@ class Executor:
         policy = task_type.retry or self.default_retry
         delay = policy.delay_s(started.attempt) if delay_s is None else max(0.0, delay_s)
         return Outcome(started.id, task_type.name, started.attempt, "queued",
-                       error=error[-_MAX_ERROR_CHARS:], delay_s=delay)
+                       error=storable(error), delay_s=delay)
 
     @staticmethod
     def _dead(started: Started, error: str, type_name: str | None = None) -> Outcome:
         return Outcome(started.id, type_name or started.type, started.attempt, "dead",
-                       error=error[-_MAX_ERROR_CHARS:])
+                       error=storable(error))

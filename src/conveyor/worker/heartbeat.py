@@ -44,7 +44,7 @@ class Heartbeat:
         ttl_s: float,
         types: list[str],
         concurrency: int,
-        in_flight: Mapping[bytes, InFlight],
+        in_flight: Mapping[tuple[str, bytes], InFlight],
         counters: Callable[[], dict[str, int]],
     ) -> None:
         self.redis = redis

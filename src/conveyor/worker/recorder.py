@@ -11,8 +11,10 @@ handlers that finished hold their slots, and the consumers stop reading.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import structlog
 from prometheus_client import Counter
@@ -24,16 +26,19 @@ from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.store.pool import Pinned
 from conveyor.store.tasks import Outcome, Recorded, TaskStore
+from conveyor.worker.executor import storable
 
 log = structlog.get_logger("conveyor.recorder")
 
 _OUTCOME_METRIC = {"succeeded": "succeeded", "queued": "retried", "dead": "dead"}
 Entry = tuple[bytes, Outcome]
+T = TypeVar("T")
 
 
 class Recorder:
     """Batched `record` + `settle` for one worker. Options: `capacity` (outcomes waiting to be
-    written), `max_batch` (rows per statement); `on_settled` gets the acked stream ids."""
+    written), `max_batch` (rows per statement); `on_settled` gets the (type, stream id) of the
+    messages acked."""
 
     def __init__(
         self,
@@ -42,7 +47,7 @@ class Recorder:
         pinned: Pinned,
         worker_id: str,
         *,
-        on_settled: Callable[[Sequence[bytes]], None],
+        on_settled: Callable[[Sequence[tuple[str, bytes]]], None],
         capacity: int = 1000,
         max_batch: int = 500,
     ) -> None:
@@ -99,22 +104,64 @@ class Recorder:
             await self._write(rest[start:start + self.max_batch], shutdown)
 
     async def _write(self, batch: list[Entry], shutdown: Shutdown) -> None:
+        """Record, then settle: each retried on its own, so an outcome recorded before Redis
+        failed is not recorded again (it would read as superseded and lose its retry)."""
         outcomes = [outcome for _, outcome in batch]
-        while True:
-            try:
-                recorded = await self.store.record(outcomes, self.worker_id, via=self.pinned)
-                await self._settle(batch, {r.task_id: r for r in recorded})
-                self._outage.recovered()
-                break
-            except Unavailable as exc:
-                if shutdown.begun and shutdown.drain_remaining() <= 0:
-                    log.warning("recorder.abandoned", outcomes=len(batch))
-                    return
-                await self._outage.failed(exc)
-        self.on_settled([stream_id for stream_id, _ in batch])
+        recorded = await self._retrying(self._record, outcomes, shutdown=shutdown)
+        if recorded is None:
+            log.warning("recorder.abandoned", outcomes=len(batch))
+            return
+        by_id = {r.task_id: r for r in recorded}
+        if not await self._retrying(self._settle, batch, by_id, shutdown=shutdown):
+            log.warning("recorder.unacked", outcomes=len(batch))  # recorded; left pending
+        self.on_settled([(outcome.task_type, stream_id) for stream_id, outcome in batch])
         self._count(outcomes, recorded)
 
-    async def _settle(self, batch: list[Entry], by_id: dict[object, Recorded]) -> None:
+    async def _retrying(
+        self, step: Callable[..., Awaitable[T]], *args: Any, shutdown: Shutdown
+    ) -> T | None:
+        """`step(*args)` until Postgres and Redis let it through; None once the drain
+        deadline has passed."""
+        while True:
+            try:
+                result = await step(*args)
+                self._outage.recovered()
+                return result
+            except Unavailable as exc:
+                if shutdown.begun and shutdown.drain_remaining() <= 0:
+                    return None
+                await self._outage.failed(exc)
+
+    async def _record(self, outcomes: list[Outcome]) -> list[Recorded]:
+        """One statement for the batch; should it fail for a reason other than an outage (a
+        value Postgres refuses), each outcome is recorded alone, and one that still fails is
+        recorded as dead with the reason, so one bad outcome never stalls the others."""
+        try:
+            return await self.store.record(outcomes, self.worker_id, via=self.pinned)
+        except Unavailable:
+            raise
+        except Exception as exc:
+            if len(outcomes) > 1:
+                log.warning("recorder.batch.refused", outcomes=len(outcomes), error=str(exc))
+                recorded: list[Recorded] = []
+                for outcome in outcomes:
+                    recorded += await self._record([outcome])
+                return recorded
+            log.error("recorder.outcome.refused", task_id=str(outcomes[0].task_id),
+                      error=str(exc))
+            dead = dataclasses.replace(
+                outcomes[0], status="dead", result_json=None,
+                error=storable(f"the outcome could not be stored: {type(exc).__name__}: {exc}"),
+            )
+            try:
+                return await self.store.record([dead], self.worker_id, via=self.pinned)
+            except Unavailable:
+                raise
+            except Exception:  # left un-acked: re-run elsewhere once this worker is gone
+                log.exception("recorder.outcome.lost", task_id=str(outcomes[0].task_id))
+                return []
+
+    async def _settle(self, batch: list[Entry], by_id: dict[object, Recorded]) -> bool:
         by_type: dict[str, list[Entry]] = defaultdict(list)
         for entry in batch:
             by_type[entry[1].task_type].append(entry)
@@ -131,6 +178,7 @@ class Recorder:
             await self.streams.settle(
                 task_type, [stream_id for stream_id, _ in entries], delays=delays, dead=dead
             )
+        return True
 
     def _count(self, outcomes: list[Outcome], recorded: list[Recorded]) -> None:
         kept = {r.task_id for r in recorded}

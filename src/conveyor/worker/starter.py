@@ -59,17 +59,32 @@ class Starter:
                 continue
             batch, self._pending = self._pending, []
             result = await self._mark(batch, shutdown)
-            for request in batch:
-                if request.done.done():  # its consumer was cancelled (forced stop)
-                    continue
-                if result is None:
-                    request.done.set_result(None)
-                    continue
-                wanted = set(request.ids)
-                request.done.set_result((
-                    [s for s in result[0] if s.id in wanted],
-                    [n for n in result[1] if n.id in wanted],
-                ))
+            if result is None:
+                for request in batch:
+                    if not request.done.done():
+                        request.done.set_result(None)
+                continue
+            self._hand_out(batch, result)
+
+    @staticmethod
+    def _hand_out(batch: list[_Request], result: Result) -> None:
+        """Give each started task to exactly one request: two requests may carry copies of one
+        task (a re-published message beside the original), and only one may run it."""
+        started = {s.id: s for s in result[0]}
+        not_started = {n.id: n for n in result[1]}
+        for request in batch:
+            if request.done.done():  # its consumer was cancelled (forced stop)
+                continue
+            mine: list[Started] = []
+            others: list[NotStarted] = []
+            for task_id in request.ids:
+                if task_id in started:
+                    mine.append(started.pop(task_id))
+                elif task_id in not_started:
+                    others.append(not_started[task_id])
+                else:  # started, by the copy in an earlier request of this batch
+                    others.append(NotStarted(task_id, "running", None, False))
+            request.done.set_result((mine, others))
 
     async def _mark(self, batch: list[_Request], shutdown: Shutdown) -> Result | None:
         ids = [i for request in batch for i in request.ids]

@@ -34,6 +34,18 @@ from conveyor.worker.starter import Starter
 log = structlog.get_logger("conveyor.worker")
 
 
+AFTER_DRAIN_S = 5.0  # for the last writes and the heartbeat's removal, past the drain budget
+
+
+async def _within(task: asyncio.Task[None], timeout_s: float) -> None:
+    """Wait for `task`, cancelling it after `timeout_s`."""
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        log.warning("worker.stop.timeout", step=task.get_name())
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def new_worker_id() -> str:
     """Unique per process and start: host, pid and a random suffix."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -58,7 +70,7 @@ class Worker:
             raise ConfigError(f"worker types not registered: {', '.join(unknown)}")
         self.types = [registry.types[t] for t in wanted]
         self.slots = Slots(settings.concurrency)
-        self.in_flight: dict[bytes, InFlight] = {}
+        self.in_flight: dict[tuple[str, bytes], InFlight] = {}  # (type, stream id)
         self.handlers: set[asyncio.Future[None]] = set()
         self.executor = Executor(settings, self.worker_id)
         # Two connections pinned for the worker's lifetime: one starts tasks, one records them.
@@ -116,9 +128,9 @@ class Worker:
         """Handler runs finished by this worker."""
         return sum(c.processed for c in self.consumers)
 
-    def _settled(self, stream_ids: Sequence[bytes]) -> None:
-        for stream_id in stream_ids:
-            self.in_flight.pop(stream_id, None)
+    def _settled(self, keys: Sequence[tuple[str, bytes]]) -> None:
+        for key in keys:
+            self.in_flight.pop(key, None)
 
     def _counters(self) -> dict[str, int]:
         return {"processed": self.processed}
@@ -132,9 +144,10 @@ class Worker:
                  concurrency=self.slots.capacity)
         try:
             async with asyncio.TaskGroup() as group:
-                starter = group.create_task(self.starter.run(shutdown, aux_stop))
-                recorder = group.create_task(self.recorder.run(shutdown, aux_stop))
-                heartbeat = group.create_task(self.heartbeat.run(aux_stop))
+                starter = group.create_task(self.starter.run(shutdown, aux_stop), name="starter")
+                recorder = group.create_task(self.recorder.run(shutdown, aux_stop),
+                                             name="recorder")
+                heartbeat = group.create_task(self.heartbeat.run(aux_stop), name="heartbeat")
                 group.create_task(self.forwarder.run(shutdown))
                 consumers = [group.create_task(c.run(shutdown)) for c in self.consumers]
                 await shutdown.wait()
@@ -144,16 +157,19 @@ class Worker:
                 await asyncio.gather(*consumers)
                 await self._drain(shutdown)
                 aux_stop.begin()
-                await starter
-                await recorder
-                await heartbeat
+                # Bounded even if Postgres or Redis hangs mid-statement: whatever is not
+                # written by then stays pending, and runs again elsewhere.
+                for task, budget_s in ((starter, shutdown.drain_remaining()),
+                                       (recorder, shutdown.drain_remaining()),
+                                       (heartbeat, 0.0)):
+                    await _within(task, budget_s + AFTER_DRAIN_S)
         except asyncio.CancelledError:
             aux_stop.force()
             for handler in list(self.handlers):
                 handler.cancel()
             raise
         finally:
-            self.executor.close(wait=not shutdown.forced)
+            self.executor.close()
             for pinned in self._pinned:
                 await pinned.release()
         log.info("worker.stopped", worker=self.worker_id, processed=self.processed)

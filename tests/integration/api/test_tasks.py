@@ -328,3 +328,29 @@ async def test_queues_and_workers_report_what_is_going_on(
     assert [w["id"] for w in workers] == [worker.worker_id]
     assert set(workers[0]["types"]) == set(state.app.registry.types)
     assert workers[0]["concurrency"] == state.settings.concurrency
+
+
+async def test_an_unexpected_error_is_a_500_problem_with_the_request_id(state: AppState) -> None:
+    from fastapi import APIRouter
+
+    from conveyor.application import Conveyor
+
+    broken = APIRouter()
+
+    @broken.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    conveyor = Conveyor()
+    conveyor.registry = state.app.registry
+    conveyor.include_router(broken)
+    app = create_app(AppState(state.settings, conveyor, state.pool, state.redis, state.keys,
+                              state.store, state.streams, state.client))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        response = await http.get("/boom", headers={"X-Request-ID": "req-42"})
+    assert response.status_code == 500
+    assert response.headers["content-type"] == PROBLEM
+    assert response.headers["x-request-id"] == "req-42"
+    assert response.json()["request_id"] == "req-42"
+    assert "secret" not in response.text

@@ -68,6 +68,10 @@ async def test_messages_of_a_dead_worker_are_handed_to_a_live_one(state: AppStat
     assert summary["pending"] == 0
 
 
+def _missing() -> Any:
+    raise AssertionError("task row missing")
+
+
 async def _started(state: AppState, task_id: uuid.UUID) -> bool:
     record = await state.store.get(task_id)
     return record is not None and record.status == "running"
@@ -82,19 +86,32 @@ async def _gone(state: AppState, task_type: str, name: str) -> bool:
     return name not in await consumers(state, task_type)
 
 
-async def test_nothing_is_taken_from_a_live_consumer(state: AppState) -> None:
+async def test_a_live_worker_keeps_what_it_refreshes_and_loses_what_it_forgot(
+    state: AppState,
+) -> None:
     await state.streams.ensure_group("echo")
-    await state.client.enqueue("echo", {})
-    # A consumer that read the message and whose worker beats, but never finishes it.
+    kept_task = (await state.client.enqueue("echo", {})).record.id
+    forgotten_task = (await state.client.enqueue("echo", {})).record.id
     live = "alive-1"
-    await state.streams.read("echo", consumer_name(live, "echo"), 10, None)
-    await state.redis.set(state.keys.worker(live), b"{}", px=60_000)
-    await asyncio.sleep(state.settings.heartbeat_ttl + 0.2)
-    requeued, dead = await rebalancer(state).rebalance("echo")
-    assert (requeued, dead) == (0, 0)
-    await state.redis.delete(state.keys.worker(live))
+    name = consumer_name(live, "echo")
+    kept, forgotten = await state.streams.read("echo", name, 10, None)
+    await state.store.mark_running([kept_task, forgotten_task], live)
+    await state.redis.set(state.keys.worker(live), b"{}", px=60_000)  # its heartbeat is alive
+    deadline = asyncio.get_running_loop().time() + state.settings.heartbeat_ttl + 0.3
+    while asyncio.get_running_loop().time() < deadline:  # it beats, refreshing one message
+        await state.streams.refresh("echo", name, [kept.stream_id])
+        await asyncio.sleep(0.5)
     requeued, dead = await rebalancer(state).rebalance("echo")
     assert (requeued, dead) == (1, 0)
+    pending: Any = await state.redis.xpending_range(state.keys.stream("echo"), GROUP, "-", "+",
+                                                    10)
+    assert [p["message_id"] for p in pending] == [kept.stream_id]
+    statuses = {t: (await state.store.get(t) or _missing()).status
+                for t in (kept_task, forgotten_task)}
+    assert statuses == {kept_task: "running", forgotten_task: "queued"}  # + a fresh copy:
+    copy = await state.streams.read("echo", consumer_name("other", "echo"), 10, None)
+    assert [(m.task_id, m.requeues) for m in copy] == [(forgotten_task, 1)]
+    assert forgotten.task_id == forgotten_task
 
 
 async def test_a_message_idle_for_less_than_the_ttl_stays(state: AppState) -> None:
