@@ -46,12 +46,13 @@ async def test_a_sigkilled_workers_task_is_completed_by_another(
     first = spawn("worker", *APP, "--types", "work")
     task_id = (await client.enqueue("work", {"seconds": 3})).record.id
 
-    async def running() -> bool:
-        return await status(state, task_id) == "running"
+    async def mid_task() -> bool:  # its handler has begun (it counts its run first thing)
+        return await runs(state, task_id) == 1
 
-    await eventually(running, timeout_s=30)
+    await eventually(mid_task, timeout_s=30)
     record = await state.store.get(task_id)
     assert record is not None
+    assert record.status == "running"
     assert record.worker
     dead_worker = record.worker
     first.signal(signal.SIGKILL)
