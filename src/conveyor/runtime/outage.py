@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import structlog
 
@@ -18,6 +20,7 @@ from conveyor.errors import Unavailable
 from conveyor.runtime.shutdown import Shutdown
 
 log = structlog.get_logger("conveyor.outage")
+T = TypeVar("T")
 
 
 class Outage:
@@ -55,6 +58,22 @@ class Outage:
             await asyncio.sleep(delay)
         else:
             await shutdown.wait(delay)
+
+    async def until_done(
+        self, step: Callable[..., Awaitable[T]], *args: Any, shutdown: Shutdown
+    ) -> T | None:
+        """`await step(*args)` again and again while it raises Unavailable (with backoff);
+        None once shutdown has begun and its drain deadline has passed."""
+        while True:
+            try:
+                result = await step(*args)
+            except Unavailable as exc:
+                if shutdown.begun and shutdown.drain_remaining() <= 0:
+                    return None
+                await self.failed(exc)
+                continue
+            self.recovered()
+            return result
 
     def recovered(self) -> None:
         """Note a success; logs the end of an outage if one was going on."""

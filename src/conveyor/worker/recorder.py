@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
 
 import structlog
 from prometheus_client import Counter
@@ -32,7 +31,6 @@ log = structlog.get_logger("conveyor.recorder")
 
 _OUTCOME_METRIC = {"succeeded": "succeeded", "queued": "retried", "dead": "dead"}
 Entry = tuple[bytes, Outcome]
-T = TypeVar("T")
 
 
 class Recorder:
@@ -107,30 +105,15 @@ class Recorder:
         """Record, then settle: each retried on its own, so an outcome recorded before Redis
         failed is not recorded again (it would read as superseded and lose its retry)."""
         outcomes = [outcome for _, outcome in batch]
-        recorded = await self._retrying(self._record, outcomes, shutdown=shutdown)
+        recorded = await self._outage.until_done(self._record, outcomes, shutdown=shutdown)
         if recorded is None:
             log.warning("recorder.abandoned", outcomes=len(batch))
             return
         by_id = {r.task_id: r for r in recorded}
-        if not await self._retrying(self._settle, batch, by_id, shutdown=shutdown):
+        if not await self._outage.until_done(self._settle, batch, by_id, shutdown=shutdown):
             log.warning("recorder.unacked", outcomes=len(batch))  # recorded; left pending
         self.on_settled([(outcome.task_type, stream_id) for stream_id, outcome in batch])
         self._count(outcomes, recorded)
-
-    async def _retrying(
-        self, step: Callable[..., Awaitable[T]], *args: Any, shutdown: Shutdown
-    ) -> T | None:
-        """`step(*args)` until Postgres and Redis let it through; None once the drain
-        deadline has passed."""
-        while True:
-            try:
-                result = await step(*args)
-                self._outage.recovered()
-                return result
-            except Unavailable as exc:
-                if shutdown.begun and shutdown.drain_remaining() <= 0:
-                    return None
-                await self._outage.failed(exc)
 
     async def _record(self, outcomes: list[Outcome]) -> list[Recorded]:
         """One statement for the batch; should it fail for a reason other than an outage (a

@@ -13,7 +13,6 @@ import asyncio
 import uuid
 from dataclasses import dataclass, field
 
-from conveyor.errors import Unavailable
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.store.pool import Pinned
@@ -88,15 +87,10 @@ class Starter:
 
     async def _mark(self, batch: list[_Request], shutdown: Shutdown) -> Result | None:
         ids = [i for request in batch for i in request.ids]
-        while True:
-            try:
-                result = await self.store.mark_running(ids, self.worker_id, via=self.pinned)
-                self._outage.recovered()
-                return result
-            except Unavailable as exc:
-                if shutdown.begun and shutdown.drain_remaining() <= 0:
-                    return None
-                await self._outage.failed(exc)
+        return await self._outage.until_done(self._mark_ids, ids, shutdown=shutdown)
+
+    async def _mark_ids(self, ids: list[uuid.UUID]) -> Result:
+        return await self.store.mark_running(ids, self.worker_id, via=self.pinned)
 
 
 async def _first(*waits: object) -> None:
