@@ -169,13 +169,13 @@ async def serve(settings: Settings, app: Conveyor, roles: Roles,
         remove_handlers()
 
 
-def _run(coro: Coroutine[Any, Any, int]) -> int:
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` on uvloop where it is installed, else on asyncio's own loop."""
     try:
         import uvloop
-
-        return uvloop.run(coro)
     except ImportError:  # pragma: no cover - platforms without uvloop
         return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def _launch(roles: Roles, app_spec: str, overrides: dict[str, Any],
@@ -292,12 +292,9 @@ def migrate_command(log_level: LogOpt = None) -> None:
         finally:
             await pool.close()
 
-    applied = _run_any(apply())
+    applied = _run(apply())
     typer.echo(f"applied: {applied or 'nothing, up to date'}")
 
-
-def _run_any(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 def main() -> None:
