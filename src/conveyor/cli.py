@@ -36,6 +36,7 @@ from conveyor.runtime.supervisor import Service, ServicesFailed, supervise
 from conveyor.state import AppState, open_state
 from conveyor.store.migrate import migrate
 from conveyor.store.pool import open_pool
+from conveyor.store.workers import Liveness
 from conveyor.worker.worker import Worker
 
 log = structlog.get_logger("conveyor")
@@ -85,13 +86,16 @@ def build_services(state: AppState, roles: Roles, *, worker_types: list[str] | N
     if roles.cron:
         types = list(state.app.registry.types)
         services.append(CronScheduler(state.client, list(state.app.registry.cron_jobs.values())))
+        # One judge of liveness for both loops, so they share what they have seen.
+        liveness = Liveness(state.workers, ttl_s=settings.heartbeat_ttl,
+                            confirm_s=settings.heartbeat_interval)
         services.append(Rebalancer(
-            state.redis, state.keys, state.streams, state.store, types,
+            state.redis, state.keys, state.streams, state.store, types, liveness=liveness,
             interval_s=settings.rebalance_interval, ttl_s=settings.heartbeat_ttl,
             max_requeues=settings.max_deliveries,
         ))
         services.append(Relay(
-            state.redis, state.keys, state.streams, state.store, types,
+            state.redis, state.keys, state.streams, state.store, types, liveness=liveness,
             interval_s=settings.relay_interval, grace_s=settings.relay_grace,
             ttl_s=settings.heartbeat_ttl,
         ))

@@ -27,7 +27,7 @@ TASKS_STARTED = Counter(
 TASKS_FINISHED = Counter(
     "conveyor_tasks_finished_total",
     "Handler runs recorded by this worker, by type and outcome "
-    "(succeeded, retried, dead, superseded).",
+    "(succeeded, retried, dead, superseded, lease_lost).",
     ["type", "outcome"],
 )
 TASK_DURATION = Histogram(
@@ -50,6 +50,15 @@ MESSAGES_DROPPED = Counter(
 )
 DEAD_LETTERED = Counter(
     "conveyor_dead_lettered_total", "Messages copied to a dead-letter stream.", ["type", "reason"]
+)
+LEASES_LOST = Counter(
+    "conveyor_leases_lost_total",
+    "Running tasks this worker learned were taken from it (it stalled past the heartbeat TTL).",
+    ["type"],
+)
+HANDED_BACK = Counter(
+    "conveyor_tasks_handed_back_total",
+    "Messages a stopping worker handed back at its drain deadline, by type.", ["type"],
 )
 REBALANCED = Counter(
     "conveyor_rebalanced_total", "Messages taken from dead consumers and re-queued.", ["type"]

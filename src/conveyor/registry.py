@@ -43,6 +43,21 @@ class RetryPolicy:
         return float(raw - spread + (rng or random).random() * spread)
 
 
+class Lease:
+    """Whether the worker still owns the attempt it runs. The heartbeat sets `lost` when
+    Postgres says the task was taken from it (re-queued while the worker looked dead)."""
+
+    __slots__ = ("lost",)
+
+    def __init__(self) -> None:
+        self.lost = False
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # A process handler gets a copy that is never updated: its outcome is discarded by the
+        # worker instead (see TaskContext.lease_lost).
+        return (Lease, ())
+
+
 @dataclass(frozen=True, slots=True)
 class TaskContext:
     """What a handler learns about the run it is in. Picklable, so process handlers get it too."""
@@ -54,10 +69,18 @@ class TaskContext:
     run_at: datetime
     worker_id: str
     settings: Settings
+    lease: Lease = field(default_factory=Lease, repr=False, compare=False)
 
     @property
     def is_last_attempt(self) -> bool:
         return self.attempt >= self.max_attempts
+
+    @property
+    def lease_lost(self) -> bool:
+        """True once this attempt was taken from the worker (it stalled past the heartbeat
+        TTL and the task was handed to another). A coroutine handler is cancelled then; a
+        thread handler should check this and stop; its outcome is discarded either way."""
+        return self.lease.lost
 
 
 @dataclass(frozen=True, slots=True)

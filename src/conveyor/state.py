@@ -19,6 +19,7 @@ from conveyor.queue.streams import TaskStreams
 from conveyor.store.migrate import migrate
 from conveyor.store.pool import Pinned, Pool, open_pool
 from conveyor.store.tasks import TaskStore
+from conveyor.store.workers import WorkerStore
 
 log = structlog.get_logger("conveyor.state")
 
@@ -33,6 +34,7 @@ class AppState:
     store: TaskStore
     streams: TaskStreams
     client: Client
+    workers: WorkerStore
 
 
 @contextlib.asynccontextmanager
@@ -62,8 +64,10 @@ async def open_state(
         streams = TaskStreams(redis, keys, dead_letter_maxlen=settings.dead_letter_maxlen)
         client = Client(store, streams, app.registry, default_max_attempts=settings.max_attempts,
                         pinned=pinned)
+        workers = WorkerStore(pool, settings.database_schema,
+                              acquire_timeout_s=settings.pg_acquire_timeout)
         app.bind(client)
-        yield AppState(settings, app, pool, redis, keys, store, streams, client)
+        yield AppState(settings, app, pool, redis, keys, store, streams, client, workers)
     finally:
         await pinned.release()
         await redis.aclose()

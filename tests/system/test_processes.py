@@ -115,7 +115,7 @@ async def test_sigterm_drains_in_flight_tasks_and_exits_zero(
         assert await runs(state, task_id) == 1
     summary: Any = await state.redis.xpending(state.keys.stream("work"), GROUP)
     assert summary["pending"] == 0
-    assert await state.redis.smembers(state.keys.workers) == set()
+    assert await state.workers.live(60) == []
     output = proc.output()
     assert '"embedded":false' in output  # URLs given: no embedded servers started
     assert "worker.drain.started" in output

@@ -36,8 +36,8 @@ class WorkerOut(BaseModel):
     pid: int
     types: list[str]
     concurrency: int
-    in_flight: int
-    processed: int
+    in_flight: int = Field(description="tasks running on it now (live, from the task record)")
+    processed: int = Field(description="handler runs finished, as of its last beat")
     tasks: list[str] = Field(description="ids of tasks in flight (up to 50)")
     started_at: datetime
     last_beat: datetime

@@ -3,11 +3,12 @@ dead-letters messages that keep coming back, removes emptied dead consumers and 
 [rebalance]
 
 A message is abandoned when it has been idle for a whole heartbeat TTL: a live worker resets
-the idle time of every message it holds at each beat, so that happens when its worker died
-(its heartbeat record is gone) or lost track of it. The take re-checks that idle time
-atomically, so a message is never taken from a worker that is still working on it. Each taken
-task goes back to `queued` in Postgres first, then a fresh copy goes on the stream: a worker
-reading the copy finds the task runnable.
+the idle time of every message it holds at each beat, so that happens when its worker died or
+lost track of it (or Redis was away and nobody could refresh). The take re-checks that idle
+time atomically. A message whose task runs on a worker that is not judged dead (see
+`store/workers.py`) is left with it: idle times lie after a long Redis outage, the task record
+does not. Each taken task goes back to `queued` in Postgres first, then a fresh copy goes on
+the stream: a worker reading the copy finds the task runnable.
 """
 
 from __future__ import annotations
@@ -18,25 +19,13 @@ import structlog
 
 from conveyor import metrics
 from conveyor.cron._locked import LockedLoop
-from conveyor.queue.connection import Redis, translate
+from conveyor.queue.connection import Redis
 from conveyor.queue.keys import Keys, worker_of
 from conveyor.queue.streams import TaskStreams
 from conveyor.store.tasks import TaskStore
+from conveyor.store.workers import Liveness
 
 log = structlog.get_logger("conveyor.rebalance")
-
-
-async def live_workers(redis: Redis, keys: Keys, worker_ids: set[str]) -> set[str]:
-    """The subset of `worker_ids` whose heartbeat record exists."""
-    ids = sorted(worker_ids)
-    if not ids:
-        return set()
-    with translate("heartbeat.exists"):
-        async with redis.pipeline(transaction=False) as pipe:
-            for w in ids:
-                pipe.exists(keys.worker(w))
-            found = await pipe.execute()
-    return {w for w, n in zip(ids, found, strict=True) if n}
 
 
 class Rebalancer(LockedLoop):
@@ -53,11 +42,13 @@ class Rebalancer(LockedLoop):
         store: TaskStore,
         types: list[str],
         *,
+        liveness: Liveness,
         interval_s: float,
         ttl_s: float,
         max_requeues: int,
     ) -> None:
         super().__init__(redis, keys, streams, store, types, interval_s=interval_s)
+        self.liveness = liveness
         self.min_idle_ms = int(ttl_s * 1000)
         self.max_requeues = max_requeues
 
@@ -70,16 +61,17 @@ class Rebalancer(LockedLoop):
         """Re-queue one type's abandoned messages; returns (re-queued, dead-lettered).
 
         A message is abandoned when it has been idle a whole heartbeat TTL: its worker is
-        dead, or alive but no longer holding it (a live worker refreshes every message it
-        holds at each beat).
+        dead, or alive but not running its task (a live worker refreshes every message it
+        holds at each beat, and a task running on it per Postgres is its own).
         """
         consumers = await self.streams.consumers(task_type)
-        live = await live_workers(self.redis, self.keys, {worker_of(c.name) for c in consumers})
+        dead_workers = await self.liveness.dead({worker_of(c.name) for c in consumers})
         requeued_total = dead_total = 0
         for consumer in consumers:
             worker = worker_of(consumer.name)
+            alive = worker not in dead_workers
             if consumer.pending == 0:
-                if worker not in live and consumer.idle_ms >= self.min_idle_ms:
+                if not alive and consumer.idle_ms >= self.min_idle_ms:
                     await self.streams.delete_consumer(task_type, consumer.name)
                     log.info("rebalance.consumer.removed", consumer=consumer.name)
                 continue
@@ -89,6 +81,10 @@ class Rebalancer(LockedLoop):
             # then do copies go on the stream: a worker reading a copy finds its task runnable.
             claimed = await self.streams.claim(task_type, consumer.name, stale,
                                                min_idle_ms=self.min_idle_ms)
+            if alive and claimed:  # its running tasks are its own: they stay (claimed back)
+                mine = await self.store.running_on(
+                    [m.task_id for m in claimed if m.task_id], worker)
+                claimed = [m for m in claimed if m.task_id not in mine]
             if not claimed:
                 continue
             await self.store.requeue([m.task_id for m in claimed if m.task_id], worker)
@@ -100,7 +96,7 @@ class Rebalancer(LockedLoop):
             dead_total += len(dead)
             metrics.REBALANCED.labels(task_type).inc(len(requeued))
             log.info("rebalance.requeued", consumer=consumer.name, task_type=task_type,
-                     worker_alive=worker in live, requeued=len(requeued),
+                     worker_alive=alive, requeued=len(requeued),
                      dead_lettered=len(dead))
         return requeued_total, dead_total
 

@@ -4,10 +4,11 @@ publish or after Redis lost its data.  [Postgres → Redis]
 Each tick, per type: if the group's undelivered backlog is small enough to read, queued tasks
 overdue by more than `grace_s` that are neither in that backlog nor in the delayed set are not
 in Redis at all (a delivered message has made its task `running` within moments), so they are
-published again. Tasks still `running` on a worker whose heartbeat is gone and whose consumer
-holds nothing (the rebalancer empties it first) lost their message with Redis: they go back to
-`queued` and are published. A duplicate message is harmless: the worker's compare-and-set on
-`queued → running` lets only one copy run.
+published again. Tasks still `running` on a worker judged dead (`store/workers.py`: its beat in
+Postgres, which a Redis wipe cannot fake) whose consumer holds nothing (the rebalancer empties
+it first) lost their message with Redis: they go back to `queued` and are published. A task
+running on a live worker is never touched, whatever Redis lost. A duplicate message is
+harmless: the worker's compare-and-set on `queued → running` lets only one copy run.
 
 Besides the scan, the relay listens for the NOTIFY that `Conveyor.enqueue` sends on commit, and
 publishes those tasks at once.
@@ -24,7 +25,6 @@ import structlog
 
 from conveyor import metrics
 from conveyor.cron._locked import LockedLoop
-from conveyor.cron.rebalance import live_workers
 from conveyor.errors import Unavailable
 from conveyor.queue.connection import Redis
 from conveyor.queue.keys import Keys, consumer_name
@@ -33,6 +33,7 @@ from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.store.pool import Connection, translate
 from conveyor.store.tasks import TaskStore
+from conveyor.store.workers import Liveness
 
 log = structlog.get_logger("conveyor.relay")
 NOTIFIED_MAX = 10_000  # notified tasks waiting to be published; past it, left to the scan
@@ -53,6 +54,7 @@ class Relay(LockedLoop):
         store: TaskStore,
         types: list[str],
         *,
+        liveness: Liveness,
         interval_s: float,
         grace_s: float,
         ttl_s: float,
@@ -60,6 +62,7 @@ class Relay(LockedLoop):
         page: int = 1000,
     ) -> None:
         super().__init__(redis, keys, streams, store, types, interval_s=interval_s)
+        self.liveness = liveness
         self.grace_s = grace_s
         self.ttl_s = ttl_s
         self.scan_limit = scan_limit
@@ -80,6 +83,8 @@ class Relay(LockedLoop):
         for task_type in self.types:
             await self.relay_overdue(task_type)
         await self.relay_orphans()
+        # A dead worker's row is evidence only while it is being judged: keep it ten TTLs.
+        await self.liveness.workers.prune(10 * self.ttl_s)
 
     async def relay_overdue(self, task_type: str) -> int:
         """Publish overdue queued tasks of `task_type` that Redis does not hold."""
@@ -110,10 +115,10 @@ class Relay(LockedLoop):
         running = await self.store.running_since(self.ttl_s)
         if not running:
             return 0
-        live = await live_workers(self.redis, self.keys, {w for _, _, w in running if w})
+        dead = await self.liveness.dead({w for _, _, w in running if w})
         by_owner: dict[tuple[str, str], list[uuid.UUID]] = defaultdict(list)
         for task_id, task_type, worker in running:
-            if worker and worker not in live:
+            if worker in dead:
                 by_owner[(task_type, worker)].append(task_id)
         published = 0
         for (task_type, worker), ids in by_owner.items():

@@ -27,15 +27,6 @@ class Keys:
         """Dead-letter stream: `{id, reason}` for every message that gave up."""
         return f"{self.prefix}:{{{task_type}}}:dead"
 
-    def worker(self, worker_id: str) -> str:
-        """A worker's heartbeat: JSON of what it is doing, with a TTL."""
-        return f"{self.prefix}:worker:{worker_id}"
-
-    @property
-    def workers(self) -> str:
-        """Set of worker ids that have beaten at least once (members may be stale)."""
-        return f"{self.prefix}:workers"
-
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"
 

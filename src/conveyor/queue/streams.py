@@ -14,10 +14,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from redis.exceptions import ResponseError
 
 from conveyor.queue.connection import Redis, translate
 from conveyor.queue.keys import GROUP, Keys
+
+log = structlog.get_logger("conveyor.streams")
 
 # Move due members of a type's delayed set to its stream.
 # KEYS[1] delayed set, KEYS[2] stream; ARGV[1] max members to move.
@@ -60,6 +63,17 @@ for i = 4, #ARGV, 3 do
 end
 return {requeued, dead}
 """
+
+_LOST_STATE = ("NOGROUP", "UNBLOCKED")
+
+
+def lost_state(exc: ResponseError) -> bool:
+    """The reply says the stream or its group is gone (Redis restarted without its data, a
+    FLUSHALL, a deleted key or a destroyed group; a blocked read is answered UNBLOCKED): the
+    caller recreates what it needs and carries on."""
+    text = str(exc)  # redis-py drops the "ERR " of generic errors
+    return text.startswith(_LOST_STATE) or "no such key" in text
+
 
 _CHUNK = 500  # ids per script call: keeps Lua's unpack() and each call's latency small
 
@@ -165,8 +179,10 @@ class TaskStreams:
                     GROUP, consumer, {stream: ">"}, count=count, block=block_ms
                 )
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not lost_state(exc):
                     raise
+                log.warning("streams.group.recreated", task_type=task_type,
+                            reason=str(exc)[:200])
                 await self.ensure_group(task_type)
                 return []
         if not reply:
@@ -199,19 +215,25 @@ class TaskStreams:
                     pipe.xack(self.keys.stream(task_type), GROUP, *acks)
                 await pipe.execute()
 
-    async def refresh(self, task_type: str, consumer: str, stream_ids: Sequence[bytes]) -> None:
-        """Reset the idle time of entries this consumer is still working on (heartbeat)."""
+    async def refresh(
+        self, task_type: str, consumer: str, stream_ids: Sequence[bytes]
+    ) -> set[bytes]:
+        """Reset the idle time of entries this consumer is still working on (heartbeat);
+        returns those Redis still had pending (any other was taken, or lost with Redis's
+        data: the task record, not this answer, says which)."""
         if not stream_ids:
-            return
+            return set()
         with translate("streams.refresh"):
             try:
-                await self.redis.xclaim(
+                kept: Any = await self.redis.xclaim(
                     self.keys.stream(task_type), GROUP, consumer, 0, list(stream_ids),
                     justid=True,
                 )
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not lost_state(exc):
                     raise
+                return set()
+        return set(kept)
 
     async def forward(self, task_type: str, limit: int = 1000) -> int:
         """Move due delayed tasks of `task_type` to its stream; returns how many moved."""
@@ -228,7 +250,7 @@ class TaskStreams:
             try:
                 rows = await self.redis.xinfo_consumers(self.keys.stream(task_type), GROUP)
             except ResponseError as exc:
-                if "NOGROUP" in str(exc) or "no such key" in str(exc):
+                if lost_state(exc):
                     return []
                 raise
         return [ConsumerInfo(r["name"].decode(), int(r["pending"]), int(r["idle"])) for r in rows]
@@ -238,10 +260,15 @@ class TaskStreams:
     ) -> list[bytes]:
         """Ids of entries pending on `consumer` for at least `min_idle_ms`."""
         with translate("streams.stale_pending"):
-            rows: Any = await self.redis.xpending_range(
-                self.keys.stream(task_type), GROUP, "-", "+", count, consumername=consumer,
-                idle=min_idle_ms,
-            )
+            try:
+                rows: Any = await self.redis.xpending_range(
+                    self.keys.stream(task_type), GROUP, "-", "+", count,
+                    consumername=consumer, idle=min_idle_ms,
+                )
+            except ResponseError as exc:
+                if not lost_state(exc):
+                    raise
+                return []
         return [row["message_id"] for row in rows]
 
     async def claim(
@@ -253,9 +280,15 @@ class TaskStreams:
         if not stream_ids:
             return []
         with translate("streams.claim"):
-            entries: Any = await self.redis.xclaim(
-                self.keys.stream(task_type), GROUP, consumer, min_idle_ms, list(stream_ids)
-            )
+            try:
+                entries: Any = await self.redis.xclaim(
+                    self.keys.stream(task_type), GROUP, consumer, min_idle_ms,
+                    list(stream_ids),
+                )
+            except ResponseError as exc:
+                if not lost_state(exc):
+                    raise
+                return []
         return [decode(sid, fields or {}) for sid, fields in entries if sid is not None]
 
     async def requeue(
@@ -280,7 +313,11 @@ class TaskStreams:
 
     async def delete_consumer(self, task_type: str, consumer: str) -> None:
         with translate("streams.delete_consumer"):
-            await self.redis.xgroup_delconsumer(self.keys.stream(task_type), GROUP, consumer)
+            try:
+                await self.redis.xgroup_delconsumer(self.keys.stream(task_type), GROUP, consumer)
+            except ResponseError as exc:
+                if not lost_state(exc):
+                    raise
 
     async def trim(self, task_type: str) -> int:
         """Drop entries every consumer is done with (acked); returns how many were dropped.

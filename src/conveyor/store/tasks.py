@@ -383,6 +383,36 @@ class TaskStore:
         )
         return [r[0] for r in rows]
 
+    async def hand_back(
+        self, attempts: Sequence[tuple[uuid.UUID, int]], worker: str
+    ) -> list[uuid.UUID]:
+        """running on `worker` at the given attempt → queued, due now, the attempt not counted:
+        a stopping worker gives back what it could not finish. Returns the ids changed."""
+        if not attempts:
+            return []
+        rows = await self._fetch(
+            "tasks.hand_back",
+            f"""UPDATE {self.table} AS t
+                SET status = 'queued', attempts = t.attempts - 1, run_at = now(),
+                    started_at = NULL
+                FROM unnest($1::uuid[], $2::int[]) AS h(id, attempt)
+                WHERE t.id = h.id AND t.status = 'running' AND t.worker = $3
+                  AND t.attempts = h.attempt AND t.id = ANY($1::uuid[])
+                RETURNING t.id""",
+            [i for i, _ in attempts], [a for _, a in attempts], worker,
+        )
+        return [r[0] for r in rows]
+
+    async def running_on(self, ids: Iterable[uuid.UUID], worker: str) -> set[uuid.UUID]:
+        """Which of `ids` are running on `worker` (whose lease, if it is alive, it holds)."""
+        rows = await self._fetch(
+            "tasks.running_on",
+            f"SELECT id FROM {self.table} WHERE id = ANY($1::uuid[]) AND status = 'running'"
+            " AND worker = $2",
+            list(ids), worker,
+        )
+        return {r[0] for r in rows}
+
     # -- user actions ----------------------------------------------------------------------
 
     async def cancel(self, task_id: uuid.UUID) -> TaskRecord | None:

@@ -15,7 +15,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import structlog
 
@@ -23,27 +22,17 @@ from conveyor import metrics
 from conveyor.errors import Unavailable
 from conveyor.queue.keys import consumer_name
 from conveyor.queue.streams import Message, TaskStreams
-from conveyor.registry import TaskType
+from conveyor.registry import Lease, TaskType
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.store.tasks import NotStarted, Started, TaskStore
 from conveyor.worker.executor import Executor
+from conveyor.worker.inflight import InFlight
 from conveyor.worker.recorder import Recorder
 from conveyor.worker.slots import Slots
 from conveyor.worker.starter import Starter
 
 log = structlog.get_logger("conveyor.consumer")
-
-
-@dataclass(slots=True)
-class InFlight:
-    """A message this worker holds, for the heartbeat's report and idle-time refresh."""
-
-    task_type: str
-    consumer: str
-    stream_id: bytes
-    task_id: str
-    since: float
 
 
 class Consumer:
@@ -60,7 +49,7 @@ class Consumer:
         starter: Starter,
         recorder: Recorder,
         slots: Slots,
-        in_flight: dict[tuple[str, bytes], InFlight],
+        in_flight: InFlight,
         spawn: Callable[[asyncio.Future[None]], None],
         block_ms: int,
         solo: bool,
@@ -118,13 +107,7 @@ class Consumer:
         Every message is in `in_flight` from its read until it is acked (or given up), so the
         heartbeat keeps it from looking abandoned while Postgres is slow or away.
         """
-        monotonic = time.monotonic()
-        for m in messages:
-            key = (self.task_type.name, m.stream_id)
-            self.in_flight[key] = InFlight(
-                self.task_type.name, self.name, m.stream_id,
-                str(m.task_id) if m.task_id else "", monotonic,
-            )
+        self.in_flight.hold(self.task_type.name, self.name, messages)
         undecodable = [m for m in messages if m.task_id is None]
         by_task: dict[uuid.UUID, Message] = {}
         duplicates: list[Message] = []
@@ -166,7 +149,7 @@ class Consumer:
         if not mine:
             return [], not_started
         batch = {(self.task_type.name, by_task[ns.id].stream_id) for ns in mine}
-        held = {h.task_id for key, h in self.in_flight.items() if key not in batch}
+        held = self.in_flight.task_ids(exclude=batch)
         adopted = [ns.running_here for ns in mine
                    if ns.running_here is not None and str(ns.id) not in held]
         taken = {t.id for t in adopted}
@@ -174,8 +157,7 @@ class Consumer:
 
     def _release(self, messages: list[Message]) -> None:
         """Stop holding `messages` (acked, or left pending) and free their slots."""
-        for m in messages:
-            self.in_flight.pop((self.task_type.name, m.stream_id), None)
+        self.in_flight.release((self.task_type.name, m.stream_id) for m in messages)
         self.slots.give(len(messages))
 
     async def _settle_unrunnable(
@@ -227,18 +209,32 @@ class Consumer:
 
     async def _run_one(self, message: Message, task: Started) -> None:
         """Run one handler; its slot is free once the outcome is handed to the recorder (which
-        acks the message, and drops it from `in_flight`, after recording it)."""
+        acks the message, and drops it from `in_flight`, after recording it). An outcome whose
+        lease was lost meanwhile is discarded: the task belongs to another attempt now."""
+        key = (self.task_type.name, message.stream_id)
+        lease = Lease()
+        handler = asyncio.current_task()
+        assert handler is not None
+        self.in_flight.running(*key, task.attempt, handler, lease,
+                               cancellable=self.task_type.run_in == "loop")
         try:
-            outcome = await self.executor.execute(self.task_type, task)
+            outcome = await self.executor.execute(self.task_type, task, lease)
+            if lease.lost:
+                log.warning("task.outcome.discarded", task_id=str(task.id), task_type=task.type,
+                            attempt=task.attempt, status=outcome.status,
+                            reason="lease lost: the task was handed to another worker")
+                metrics.TASKS_FINISHED.labels(task.type, "lease_lost").inc()
+                self.in_flight.release([key])
+                return
             if outcome.status != "succeeded":
                 log.info("task.failed", task_id=str(task.id), task_type=task.type,
                          attempt=task.attempt, will_retry=outcome.status == "queued",
                          error=(outcome.error or "").splitlines()[-1:])
             await self.recorder.submit(message.stream_id, outcome)
         except BaseException:
-            # Cancelled at the drain deadline or a forced stop: left pending, and no longer
-            # refreshed, so the rebalancer hands it on once this worker is gone.
-            self.in_flight.pop((self.task_type.name, message.stream_id), None)
+            # Cancelled at the drain deadline (the worker hands the message back), a forced
+            # stop (left pending, for the rebalancer once this worker is gone), or a lost lease.
+            self.in_flight.release([key])
             raise
         finally:
             self.processed += 1

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from conveyor import metrics
 from conveyor.config import Settings
 from conveyor.errors import Fail, Retry
-from conveyor.registry import RetryPolicy, TaskContext, TaskType
+from conveyor.registry import Lease, RetryPolicy, TaskContext, TaskType
 from conveyor.store.tasks import Outcome, Started
 
 _MAX_ERROR_CHARS = 4000
@@ -86,7 +86,9 @@ class Executor:
         if self._processes is not None:
             self._processes.shutdown(wait=False, cancel_futures=True)
 
-    async def execute(self, task_type: TaskType, started: Started) -> Outcome:
+    async def execute(
+        self, task_type: TaskType, started: Started, lease: Lease | None = None
+    ) -> Outcome:
         """Run one attempt and decide what becomes of the task."""
         ctx = TaskContext(
             task_id=str(started.id),
@@ -96,6 +98,7 @@ class Executor:
             run_at=started.run_at,
             worker_id=self.worker_id,
             settings=self.settings,
+            lease=lease or Lease(),
         )
         try:
             payload = task_type.payload_model.model_validate(started.payload)

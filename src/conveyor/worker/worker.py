@@ -1,11 +1,14 @@
 """Worker: a consumer per task type, the starter and recorder (batched Postgres writes), the
 forwarder and the heartbeat, and the order in which they stop.  [worker loop]
 
+Start order: the worker's first beat (its row in Postgres) is written before any read, so no
+task ever runs on a worker the record does not know.
+
 Stop order (shutdown begun): consumers stop reading → in-flight handlers finish, until the
 drain deadline → their outcomes are recorded and acked → the starter and recorder stop → the
-heartbeat stops last and deletes its record. Handlers still running at the deadline are
-cancelled; their messages stay pending and the rebalancer hands them to another worker once
-this one's heartbeat is gone.
+heartbeat stops last and deletes the worker's row. Handlers still running at the deadline are
+cancelled and their tasks handed back at once (queued again in Postgres, the attempt not
+counted, a fresh message on the stream) for a live worker's next read.
 """
 
 from __future__ import annotations
@@ -18,15 +21,17 @@ from collections.abc import Sequence
 
 import structlog
 
+from conveyor import metrics
 from conveyor.errors import ConfigError, Unavailable
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState
 from conveyor.store.pool import Pinned
-from conveyor.worker.consumer import Consumer, InFlight
+from conveyor.worker.consumer import Consumer
 from conveyor.worker.executor import Executor
 from conveyor.worker.forwarder import Forwarder
 from conveyor.worker.heartbeat import Heartbeat
+from conveyor.worker.inflight import Held, InFlight
 from conveyor.worker.recorder import Recorder
 from conveyor.worker.slots import Slots
 from conveyor.worker.starter import Starter
@@ -70,7 +75,7 @@ class Worker:
             raise ConfigError(f"worker types not registered: {', '.join(unknown)}")
         self.types = [registry.types[t] for t in wanted]
         self.slots = Slots(settings.concurrency)
-        self.in_flight: dict[tuple[str, bytes], InFlight] = {}  # (type, stream id)
+        self.in_flight = InFlight()
         self.handlers: set[asyncio.Future[None]] = set()
         self.executor = Executor(settings, self.worker_id)
         # Two connections pinned for the worker's lifetime: one starts tasks, one records them.
@@ -102,9 +107,8 @@ class Worker:
             state.streams, wanted, interval_s=settings.forward_interval
         )
         self.heartbeat = Heartbeat(
-            state.redis,
+            state.workers,
             state.streams,
-            state.keys,
             self.worker_id,
             interval_s=settings.heartbeat_interval,
             ttl_s=settings.heartbeat_ttl,
@@ -129,8 +133,7 @@ class Worker:
         return sum(c.processed for c in self.consumers)
 
     def _settled(self, keys: Sequence[tuple[str, bytes]]) -> None:
-        for key in keys:
-            self.in_flight.pop(key, None)
+        self.in_flight.release(keys)
 
     def _counters(self) -> dict[str, int]:
         return {"processed": self.processed}
@@ -175,12 +178,14 @@ class Worker:
         log.info("worker.stopped", worker=self.worker_id, processed=self.processed)
 
     async def _prepare(self, shutdown: Shutdown) -> None:
-        """Create missing groups; wait for Redis if it is away (until shutdown begins)."""
+        """Create missing groups and write the first beat; wait for Redis and Postgres if they
+        are away (until shutdown begins)."""
         outage = Outage("worker.prepare")
         while not shutdown.begun:
             try:
                 for t in self.types:
                     await self.state.streams.ensure_group(t.name)
+                await self.heartbeat.beat()
                 outage.recovered()
                 return
             except Unavailable as exc:
@@ -194,9 +199,40 @@ class Worker:
             )
             if pending:
                 log.warning("worker.drain.timeout", abandoned=len(self.handlers))
-                abandoned = list(self.handlers)
+                abandoned = set(self.handlers)
+                running = [h for h in self.in_flight if h.handler in abandoned]
                 for handler in abandoned:
                     handler.cancel()
                 await asyncio.gather(*abandoned, return_exceptions=True)
-                break
+                if not shutdown.forced:  # a forced stop leaves them pending, as a crash would
+                    await self._hand_back([h for h in running
+                                           if h.handler is not None and h.handler.cancelled()])
         log.info("worker.drain.finished", processed=self.processed)
+
+    async def _hand_back(self, held: list[Held]) -> None:
+        """Give tasks whose handlers were cancelled at the drain deadline back at once: queued
+        again in Postgres (this attempt not counted), then a fresh message on the stream and
+        the old one acked. What cannot be handed back stays pending for the rebalancer."""
+        if not held:
+            return
+        try:
+            back = set(await self.state.store.hand_back(
+                [(h.message.task_id, h.attempt) for h in held
+                 if h.message.task_id is not None and h.attempt is not None],
+                self.worker_id,
+            ))
+            by_type: dict[str, list[Held]] = {}
+            for h in held:
+                if h.message.task_id in back:
+                    by_type.setdefault(h.task_type, []).append(h)
+            for task_type, items in by_type.items():
+                _, dead = await self.state.streams.requeue(
+                    task_type, [h.message for h in items],
+                    max_requeues=self.state.settings.max_deliveries,
+                )
+                if dead:
+                    await self.state.store.kill(dead, "delivery limit reached")
+                metrics.HANDED_BACK.labels(task_type).inc(len(items))
+            log.info("worker.handed_back", tasks=len(back))
+        except Unavailable as exc:
+            log.warning("worker.hand_back.failed", tasks=len(held), error=str(exc))

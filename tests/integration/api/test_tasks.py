@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -108,8 +109,7 @@ async def test_unexpected_fields_are_rejected(http: httpx.AsyncClient, state: Ap
 
 async def test_oversized_body_is_413(state: AppState) -> None:
     small = state.settings.model_copy(update={"max_body_bytes": 2048})
-    app = create_app(AppState(small, state.app, state.pool, state.redis, state.keys,
-                              state.store, state.streams, state.client))
+    app = create_app(dataclasses.replace(state, settings=small))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         big = {"type": "echo", "payload": {"value": "x" * 5000}}
@@ -274,8 +274,7 @@ async def test_request_id_is_echoed_or_made(http: httpx.AsyncClient) -> None:
 
 async def test_api_keys_guard_everything_but_health_and_docs(state: AppState) -> None:
     keyed = state.settings.model_copy(update={"api_keys": ["s3cret", "other"]})
-    app = create_app(AppState(keyed, state.app, state.pool, state.redis, state.keys,
-                              state.store, state.streams, state.client))
+    app = create_app(dataclasses.replace(state, settings=keyed))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         denied = await http.post("/v1/tasks", json={"type": "echo", "payload": {}})
@@ -344,8 +343,7 @@ async def test_an_unexpected_error_is_a_500_problem_with_the_request_id(state: A
     conveyor = Conveyor()
     conveyor.registry = state.app.registry
     conveyor.include_router(broken)
-    app = create_app(AppState(state.settings, conveyor, state.pool, state.redis, state.keys,
-                              state.store, state.streams, state.client))
+    app = create_app(dataclasses.replace(state, app=conveyor))
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         response = await http.get("/boom", headers={"X-Request-ID": "req-42"})

@@ -17,7 +17,7 @@ from conveyor.cron.relay import Relay
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState, open_state
 from conveyor.worker.worker import Worker
-from tests.conftest import eventually
+from tests.conftest import eventually, judge
 from tests.receiver import Receiver, serve_receiver
 
 
@@ -32,7 +32,8 @@ async def running(shop_state: AppState) -> AsyncIterator[httpx.AsyncClient]:
     """API, a worker, and the relay (which publishes tasks enqueued in user transactions)."""
     stop = Shutdown(10)
     relay = Relay(shop_state.redis, shop_state.keys, shop_state.streams, shop_state.store,
-                  ["webhook"], interval_s=60, grace_s=60, ttl_s=3)  # the scan stays out of it
+                  ["webhook"], liveness=judge(shop_state),
+                  interval_s=60, grace_s=60, ttl_s=3)  # the scan stays out of it
     services = [asyncio.create_task(Worker(shop_state, types=["webhook"]).run(stop)),
                 asyncio.create_task(relay.run(stop))]
     transport = httpx.ASGITransport(app=create_app(shop_state))

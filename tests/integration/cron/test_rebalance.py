@@ -12,13 +12,14 @@ from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState
 from conveyor.worker.worker import Worker
 from tests.apps import basic
-from tests.conftest import eventually
+from tests.conftest import eventually, judge
 
 
 def rebalancer(state: AppState, *, max_requeues: int = 5) -> Rebalancer:
     return Rebalancer(
         state.redis, state.keys, state.streams, state.store, list(state.app.registry.types),
-        interval_s=0.2, ttl_s=state.settings.heartbeat_ttl, max_requeues=max_requeues,
+        liveness=judge(state), interval_s=0.2, ttl_s=state.settings.heartbeat_ttl,
+        max_requeues=max_requeues,
     )
 
 
@@ -85,7 +86,7 @@ async def _gone(state: AppState, task_type: str, name: str) -> bool:
     return name not in await consumers(state, task_type)
 
 
-async def test_a_live_worker_keeps_what_it_refreshes_and_loses_what_it_forgot(
+async def test_a_live_worker_keeps_its_running_task_and_loses_what_it_never_started(
     state: AppState,
 ) -> None:
     await state.streams.ensure_group("echo")
@@ -94,11 +95,10 @@ async def test_a_live_worker_keeps_what_it_refreshes_and_loses_what_it_forgot(
     live = "alive-1"
     name = consumer_name(live, "echo")
     kept, forgotten = await state.streams.read("echo", name, 10, None)
-    await state.store.mark_running([kept_task, forgotten_task], live)
-    await state.redis.set(state.keys.worker(live), b"{}", px=60_000)  # its heartbeat is alive
+    await state.store.mark_running([kept_task], live)  # the other's reply was lost: never run
     deadline = asyncio.get_running_loop().time() + state.settings.heartbeat_ttl + 0.3
-    while asyncio.get_running_loop().time() < deadline:  # it beats, refreshing one message
-        await state.streams.refresh("echo", name, [kept.stream_id])
+    while asyncio.get_running_loop().time() < deadline:  # alive, yet refreshing nothing:
+        await beat(state, live)  # both messages' idle times pass the TTL
         await asyncio.sleep(0.5)
     requeued, dead = await rebalancer(state).rebalance("echo")
     assert (requeued, dead) == (1, 0)
@@ -111,6 +111,11 @@ async def test_a_live_worker_keeps_what_it_refreshes_and_loses_what_it_forgot(
     copy = await state.streams.read("echo", consumer_name("other", "echo"), 10, None)
     assert [(m.task_id, m.requeues) for m in copy] == [(forgotten_task, 1)]
     assert forgotten.task_id == forgotten_task
+
+
+async def beat(state: AppState, worker_id: str) -> None:
+    await state.workers.beat(worker_id, host="h", pid=1, types=["echo"], concurrency=1,
+                             info={}, running=[])
 
 
 async def test_a_message_idle_for_less_than_the_ttl_stays(state: AppState) -> None:

@@ -13,7 +13,7 @@ from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState
 from conveyor.worker.worker import Worker
 from tests.apps import basic
-from tests.conftest import eventually
+from tests.conftest import eventually, judge
 
 StartWorker = Callable[..., Awaitable[Worker]]
 
@@ -21,7 +21,7 @@ StartWorker = Callable[..., Awaitable[Worker]]
 def relay(state: AppState, grace_s: float = 0.5) -> Relay:
     return Relay(
         state.redis, state.keys, state.streams, state.store, list(state.app.registry.types),
-        interval_s=0.2, grace_s=grace_s, ttl_s=state.settings.heartbeat_ttl,
+        liveness=judge(state), interval_s=0.2, grace_s=grace_s, ttl_s=state.settings.heartbeat_ttl,
     )
 
 
@@ -96,7 +96,12 @@ async def test_running_task_of_a_dead_worker_whose_message_was_lost_is_requeued(
         task_id,
     )
     await start_worker()
-    assert await relay(state).relay_orphans() == 1
+    r = relay(state)
+    now = [0.0]
+    r.liveness.clock = lambda: now[0]
+    assert await r.relay_orphans() == 0  # stale at one look is not yet dead
+    now[0] += r.liveness.confirm_s
+    assert await r.relay_orphans() == 1  # and still stale a confirmation window later
     await eventually(lambda: succeeded(state, [task_id]))
     record = await state.store.get(task_id)
     assert record is not None

@@ -22,7 +22,7 @@ from conveyor.state import AppState, open_state
 from conveyor.testing.servers import PostgresServer, RedisServer
 from conveyor.worker.worker import Worker
 from tests.apps import basic
-from tests.conftest import eventually, make_settings
+from tests.conftest import eventually, judge, make_settings
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ async def run_worker(state: AppState) -> tuple[Worker, Shutdown, asyncio.Task[No
 def start_relay(state: AppState, stop: Shutdown) -> asyncio.Task[None]:
     """A relay with a short grace, running until `stop` begins."""
     relay = Relay(state.redis, state.keys, state.streams, state.store, ["echo"],
-                  interval_s=0.2, grace_s=0.5, ttl_s=3)
+                  liveness=judge(state), interval_s=0.2, grace_s=0.5, ttl_s=3)
     return asyncio.create_task(relay.run(stop))
 
 

@@ -15,7 +15,7 @@ from conveyor.state import AppState
 from conveyor.store.tasks import TaskRecord
 from conveyor.worker.worker import Worker
 from tests.apps import basic
-from tests.conftest import eventually
+from tests.conftest import eventually, judge
 
 StartWorker = Callable[..., Awaitable[Worker]]
 
@@ -176,25 +176,41 @@ async def test_drain_finishes_in_flight_work_and_acks_it(state: AppState) -> Non
         assert record is not None
         assert record.status == "succeeded"
     assert await pending(state, "sleep") == 0
-    assert not await state.redis.exists(state.keys.worker(worker.worker_id))
+    assert await state.workers.live(60) == []  # its row is gone at once
 
 
 async def _running(n: int) -> bool:
     return basic.probe.running >= n
 
 
-async def test_drain_timeout_abandons_work_to_the_rebalancer(state: AppState) -> None:
+async def test_drain_timeout_hands_work_back_to_a_live_worker_at_once(
+    state: AppState, start_worker: StartWorker
+) -> None:
     task_id = await enqueue(state, "sleep", {"seconds": 30})
     worker = Worker(state, types=["sleep"])
     shutdown = Shutdown(drain_timeout_s=0.3)
     running = asyncio.create_task(worker.run(shutdown))
     await eventually(lambda: _running(1))
+    survivor = await start_worker(types=["sleep"])  # idle, blocked in its read
     shutdown.begin("test")
     await asyncio.wait_for(running, 10)
+    stopped = time.monotonic()
+
+    async def started_elsewhere() -> bool:
+        record = await state.store.get(uuid.UUID(task_id))
+        return (record is not None and record.status == "running"
+                and record.worker == survivor.worker_id)
+
+    await eventually(started_elsewhere, timeout_s=10, interval_s=0.01)
+    waited_s = time.monotonic() - stopped
+    print(f"handed back and started elsewhere {waited_s * 1000:.0f} ms after the stop "
+          f"(read block {state.settings.read_block * 1000:.0f} ms)")
+    # Long before the rebalancer could have (a whole TTL of idleness, then its tick).
+    assert waited_s < state.settings.heartbeat_ttl
     record = await state.store.get(uuid.UUID(task_id))
     assert record is not None
-    assert record.status == "running"  # not recorded: its message stays pending
-    assert await pending(state, "sleep") == 1
+    assert record.attempts == 1  # the interrupted attempt is not counted
+    assert basic.probe.runs[task_id] == 2
 
 
 async def test_a_long_task_on_a_live_worker_is_not_taken_away(
@@ -204,7 +220,7 @@ async def test_a_long_task_on_a_live_worker_is_not_taken_away(
     task_id = await enqueue(state, "sleep", {"seconds": 5})
     await start_worker(types=["sleep"])
     rebalancer = Rebalancer(
-        state.redis, state.keys, state.streams, state.store, ["sleep"],
+        state.redis, state.keys, state.streams, state.store, ["sleep"], liveness=judge(state),
         interval_s=0.5, ttl_s=state.settings.heartbeat_ttl, max_requeues=5,
     )
     shutdown = Shutdown()

@@ -32,8 +32,6 @@ def test_keys_of_one_type_are_distinct() -> None:
 
 def test_process_keys_use_the_prefix() -> None:
     keys = Keys("t1")
-    assert keys.worker("host-1-abc") == "t1:worker:host-1-abc"
-    assert keys.workers == "t1:workers"
     assert keys.lock("rebalance") == "t1:lock:rebalance"
     assert Keys().stream("x").startswith("conveyor:")
 

@@ -1,45 +1,30 @@
-"""`/v1/workers`: live workers, read from their heartbeat records."""
+"""`/v1/workers`: live workers, from their rows in Postgres (see store/workers.py)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
-
-import orjson
 from fastapi import APIRouter
 from starlette.responses import Response
 
 from conveyor.api.deps import StateDep
 from conveyor.api.models import WorkersOut
 from conveyor.api.responses import OrjsonResponse
-from conveyor.queue.connection import translate
 
 router = APIRouter(prefix="/v1/workers", tags=["operations"])
 
 
-def _when(seconds: Any) -> str:
-    return datetime.fromtimestamp(float(seconds), UTC).isoformat()
-
-
 @router.get("", response_model=WorkersOut, summary="Workers whose heartbeat is alive")
 async def list_workers(state: StateDep) -> Response:
-    keys = state.keys
-    with translate("workers.list"):
-        raw_members: Any = await state.redis.smembers(keys.workers)
-        members = sorted(m.decode() for m in raw_members)
-        async with state.redis.pipeline(transaction=False) as pipe:
-            for worker_id in members:
-                pipe.get(keys.worker(worker_id))
-            records = await pipe.execute() if members else []
-        gone = [w for w, r in zip(members, records, strict=True) if r is None]
-        if gone:
-            await state.redis.srem(keys.workers, *gone)
-    workers = []
-    for raw in records:
-        if raw is None:
-            continue
-        record = orjson.loads(raw)
-        record["started_at"] = _when(record["started_at"])
-        record["last_beat"] = _when(record["last_beat"])
-        workers.append(record)
+    rows = await state.workers.live(state.settings.heartbeat_ttl)
+    workers = [
+        {
+            "id": w.id, "host": w.host, "pid": w.pid, "types": w.types,
+            "concurrency": w.concurrency,
+            "in_flight": w.running,  # live, from the task record
+            "processed": int(w.info.get("processed", 0)),
+            "tasks": w.info.get("tasks", []),
+            "started_at": w.started_at.isoformat(),
+            "last_beat": w.beat_at.isoformat(),
+        }
+        for w in rows
+    ]
     return OrjsonResponse({"workers": workers})

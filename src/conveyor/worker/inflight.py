@@ -1,0 +1,113 @@
+"""The in-flight table: every message a worker holds, from its read until it is settled, and
+the handler and lease of those whose task is running. Its one owner; consumers, the recorder
+and the heartbeat go through these methods.
+
+The heartbeat refreshes the idle time of everything held (so the rebalancer leaves it alone),
+checks the leases of what runs, and reports the table; the drain hands back what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from conveyor.queue.streams import Message
+from conveyor.registry import Lease
+
+Key = tuple[str, bytes]  # (task type, stream id)
+
+
+@dataclass(slots=True)
+class Held:
+    """One message held by this worker. `attempt`, `handler` and `lease` are set once its task
+    is running here."""
+
+    task_type: str
+    consumer: str
+    message: Message
+    since: float
+    attempt: int | None = None
+    handler: asyncio.Future[None] | None = None
+    lease: Lease | None = None
+    cancellable: bool = False  # a coroutine handler: cancelled when its lease is lost
+
+    @property
+    def key(self) -> Key:
+        return (self.task_type, self.message.stream_id)
+
+    @property
+    def task_id(self) -> str:
+        return str(self.message.task_id) if self.message.task_id else ""
+
+
+class InFlight:
+    """(type, stream id) → Held, for one worker."""
+
+    def __init__(self) -> None:
+        self._held: dict[Key, Held] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def __iter__(self) -> Iterator[Held]:
+        return iter(list(self._held.values()))
+
+    def hold(self, task_type: str, consumer: str, messages: Iterable[Message]) -> None:
+        """Messages just read: held until released."""
+        now = time.monotonic()
+        for m in messages:
+            self._held[(task_type, m.stream_id)] = Held(task_type, consumer, m, now)
+
+    def running(
+        self, task_type: str, stream_id: bytes, attempt: int, handler: asyncio.Future[None],
+        lease: Lease, *, cancellable: bool,
+    ) -> None:
+        """The message's task is running here, at `attempt`, in `handler`."""
+        held = self._held.get((task_type, stream_id))
+        if held is not None:
+            held.attempt, held.handler, held.lease = attempt, handler, lease
+            held.cancellable = cancellable
+
+    def release(self, keys: Iterable[Key]) -> None:
+        """Stop holding these messages (settled, handed back, or left pending)."""
+        for key in keys:
+            self._held.pop(key, None)
+
+    def by_consumer(self) -> dict[tuple[str, str], list[bytes]]:
+        """Stream ids held, per (type, consumer): what the heartbeat refreshes."""
+        out: dict[tuple[str, str], list[bytes]] = defaultdict(list)
+        for held in self._held.values():
+            out[(held.task_type, held.consumer)].append(held.message.stream_id)
+        return out
+
+    def leases(self) -> list[tuple[uuid.UUID, int]]:
+        """(task id, attempt) of every task running here: what the lease check asks about."""
+        return [(h.message.task_id, h.attempt) for h in self._held.values()
+                if h.attempt is not None and h.message.task_id is not None]
+
+    def task_ids(self, *, exclude: Iterable[Key] = ()) -> set[str]:
+        """Task ids held, but for the messages `exclude`."""
+        skip = set(exclude)
+        return {h.task_id for k, h in self._held.items() if k not in skip}
+
+    def lose(
+        self, asked: Iterable[tuple[uuid.UUID, int]], owned: set[uuid.UUID]
+    ) -> list[Held]:
+        """Of the running tasks `asked` about, those not `owned` any more: mark their lease
+        lost, cancel coroutine handlers (others run on, their outcome discarded), return them."""
+        gone = {pair for pair in asked if pair[0] not in owned}
+        lost = []
+        for held in self._held.values():
+            if held.lease is None or held.lease.lost:
+                continue
+            if (held.message.task_id, held.attempt) not in gone:
+                continue
+            held.lease.lost = True
+            if held.cancellable and held.handler is not None:
+                held.handler.cancel()
+            lost.append(held)
+        return lost
