@@ -49,6 +49,29 @@ def redis_server(scratch: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, to restart, stop or wipe."""
+    base = Path(tempfile.mkdtemp(prefix="conveyor-redis-"))
+    server = RedisServer(base)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of the test's own, to restart or stop."""
+    base = Path(tempfile.mkdtemp(prefix="conveyor-pg-"))
+    base.chmod(0o755)
+    server = PostgresServer(base)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
 def judge(state: AppState) -> Liveness:
     """The liveness judge the cron service builds, for loops a test runs itself."""
     return Liveness(state.workers, ttl_s=state.settings.heartbeat_ttl,

@@ -50,3 +50,18 @@ async def work(payload: Work, ctx: TaskContext) -> dict[str, str]:
 @app.cron("* * * * * *")
 async def tick(ctx: TaskContext) -> None:
     await _redis(ctx).incr(f"{ctx.settings.key_prefix}:test:cron:{ctx.run_at.isoformat()}")
+
+
+class Stall(BaseModel):
+    first_attempt_s: float
+    later_attempts_s: float = 0.5
+
+
+@app.task("stall", payload=Stall, max_attempts=5, timeout=120)
+async def stall(payload: Stall, ctx: TaskContext) -> dict[str, str]:
+    """Long on its first attempt, short on the next: a run to take over from a stalled
+    worker, finished soon by the one that takes it."""
+    redis = _redis(ctx)
+    await redis.incr(runs_key(ctx.settings.key_prefix, ctx.task_id))
+    await asyncio.sleep(payload.first_attempt_s if ctx.attempt == 1 else payload.later_attempts_s)
+    return {"worker": ctx.worker_id}

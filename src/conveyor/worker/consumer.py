@@ -107,7 +107,14 @@ class Consumer:
         Every message is in `in_flight` from its read until it is acked (or given up), so the
         heartbeat keeps it from looking abandoned while Postgres is slow or away.
         """
-        self.in_flight.hold(self.task_type.name, self.name, messages)
+        fresh = self.in_flight.hold(self.task_type.name, self.name, messages)
+        if len(fresh) < len(messages):
+            log.info("consumer.message.redelivered", task_type=self.task_type.name,
+                     held_already=len(messages) - len(fresh))
+            self.slots.give(len(messages) - len(fresh))
+            messages = fresh
+            if not messages:
+                return
         undecodable = [m for m in messages if m.task_id is None]
         by_task: dict[uuid.UUID, Message] = {}
         duplicates: list[Message] = []

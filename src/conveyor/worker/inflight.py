@@ -56,11 +56,18 @@ class InFlight:
     def __iter__(self) -> Iterator[Held]:
         return iter(list(self._held.values()))
 
-    def hold(self, task_type: str, consumer: str, messages: Iterable[Message]) -> None:
-        """Messages just read: held until released."""
+    def hold(self, task_type: str, consumer: str, messages: Iterable[Message]) -> list[Message]:
+        """Messages just read: held until released. Returns those newly held; a message
+        already held (the very entry delivered again, after its group was recreated at id 0)
+        is left to the holder it has."""
         now = time.monotonic()
+        fresh = []
         for m in messages:
-            self._held[(task_type, m.stream_id)] = Held(task_type, consumer, m, now)
+            key = (task_type, m.stream_id)
+            if key not in self._held:
+                self._held[key] = Held(task_type, consumer, m, now)
+                fresh.append(m)
+        return fresh
 
     def running(
         self, task_type: str, stream_id: bytes, attempt: int, handler: asyncio.Future[None],

@@ -4,11 +4,7 @@ with no restart of its own and no task lost."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,27 +21,6 @@ from tests.apps import basic
 from tests.conftest import eventually, judge, make_settings
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    base = Path(tempfile.mkdtemp(prefix="conveyor-redis-"))
-    server = RedisServer(base)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    base = Path(tempfile.mkdtemp(prefix="conveyor-pg-"))
-    base.chmod(0o755)
-    server = PostgresServer(base)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(base, ignore_errors=True)
 
 
 async def run_worker(state: AppState) -> tuple[Worker, Shutdown, asyncio.Task[None]]:
