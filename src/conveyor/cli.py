@@ -36,7 +36,7 @@ from conveyor.runtime.supervisor import Service, ServicesFailed, supervise
 from conveyor.state import AppState, open_state
 from conveyor.store.migrate import migrate
 from conveyor.store.pool import open_pool
-from conveyor.store.workers import Liveness
+from conveyor.store.workers import Liveness, confirmation_s
 from conveyor.worker.worker import Worker
 
 log = structlog.get_logger("conveyor")
@@ -88,7 +88,7 @@ def build_services(state: AppState, roles: Roles, *, worker_types: list[str] | N
         services.append(CronScheduler(state.client, list(state.app.registry.cron_jobs.values())))
         # One judge of liveness for both loops, so they share what they have seen.
         liveness = Liveness(state.workers, ttl_s=settings.heartbeat_ttl,
-                            confirm_s=settings.heartbeat_interval)
+                            confirm_s=confirmation_s(settings.heartbeat_interval))
         services.append(Rebalancer(
             state.redis, state.keys, state.streams, state.store, types, liveness=liveness,
             interval_s=settings.rebalance_interval, ttl_s=settings.heartbeat_ttl,

@@ -126,6 +126,13 @@ class WorkerStore:
         return len(rows)
 
 
+def confirmation_s(heartbeat_interval_s: float) -> float:
+    """How long a stale beat must be watched before its worker is judged dead: a beat period,
+    plus a margin for a worker whose beats failed (Postgres was down) to get one through once
+    Postgres is back (it retries every second)."""
+    return heartbeat_interval_s + 1.0
+
+
 class Liveness:
     """Judges workers dead: stale beat (older than `ttl_s`, or no row) observed by this judge
     continuously for `confirm_s`. Share one per process between the loops that judge."""

@@ -65,8 +65,8 @@ async def status(state: AppState, task_id: uuid.UUID) -> str | None:
 
 
 async def blocked_readers(state: AppState) -> bool:
-    clients: str = (await state.redis.execute_command("CLIENT", "LIST")).decode()
-    return "cmd=xreadgroup" in clients and "flags=b" in clients
+    clients: list[dict[str, str]] = await state.redis.client_list()
+    return any(c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "") for c in clients)
 
 
 Fault = Callable[[AppState], Awaitable[object]]
