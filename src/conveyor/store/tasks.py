@@ -178,7 +178,7 @@ class TaskStore:
             UPDATE {t} AS t
             SET status = c.status,
                 result = CASE WHEN c.status = 'succeeded' THEN c.result::jsonb ELSE t.result END,
-                last_error = CASE WHEN c.status = 'succeeded' THEN t.last_error ELSE c.error END,
+                last_error = CASE WHEN c.status = 'succeeded' THEN NULL ELSE c.error END,
                 run_at = CASE WHEN c.status = 'queued'
                               THEN now() + c.delay * interval '1 second' ELSE t.run_at END,
                 finished_at = CASE WHEN c.status = 'queued' THEN NULL ELSE now() END
