@@ -264,6 +264,14 @@ class TaskStore:
 
     # -- reads -----------------------------------------------------------------------------
 
+    async def with_keys(self, keys: Sequence[tuple[str, str]]) -> list[TaskRecord]:
+        """Tasks named by these (type, idempotency key) pairs, those that exist."""
+        if not keys:
+            return []
+        rows = await self._fetch("tasks.with_keys", self._existing_sql,
+                                 [k[0] for k in keys], [k[1] for k in keys])
+        return [_record(r) for r in rows]
+
     async def get(self, task_id: uuid.UUID) -> TaskRecord | None:
         row = await self._fetchrow(
             "tasks.get", f"SELECT {_COLUMNS} FROM {self.table} AS t WHERE t.id = $1", task_id
