@@ -20,7 +20,7 @@ from conveyor.runtime.shutdown import Shutdown
 
 log = structlog.get_logger("conveyor.signals")
 HANDLED = (signal.SIGINT, signal.SIGTERM)
-DEBOUNCE_S = 0.5  # far above a doubled delivery (< 1 ms), far below a deliberate second press
+DEBOUNCE_S = 0.3  # far above a doubled delivery (< 1 ms), below a deliberate second press
 
 
 def install(
