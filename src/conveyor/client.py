@@ -93,7 +93,8 @@ class Client:
         self, type_: str, payload: BaseModel | Mapping[str, Any], *,
         idempotency_key: str | None = None, delay_s: float = 0.0, max_attempts: int | None = None,
     ) -> Inserted:
-        """Enqueue one task; with an idempotency key already used, return the first task."""
+        """Enqueue one task; with an idempotency key already used, return the first task
+        (IdempotencyConflict if its payload differs)."""
         request = TaskRequest(type_, payload, idempotency_key, delay_s, max_attempts)
         return (await self.enqueue_many([request]))[0]
 
@@ -101,10 +102,13 @@ class Client:
         """Enqueue tasks in one transaction and one Redis pipeline; results in request order.
 
         Calls made at the same time are merged into one statement: each call's tasks commit
-        together, with those of the calls beside it.
+        together, with those of the calls beside it. A key already naming a task with another
+        payload raises IdempotencyConflict; several tasks are checked before anything is
+        written, so the call stands or falls whole (short of a concurrent call taking the key
+        between that check and the insert, which the check after the insert still reports).
         """
         new = [self.prepare(r) for r in requests]
-        if len(new) > 1 and any(t.idempotency_key for t in new):  # whole, or not at all
+        if len(new) > 1 and any(t.idempotency_key for t in new):
             _refuse_reused_keys(new, await self.store.with_keys(_keys(new)))
         inserted = await self._coalescer.submit(new)
         _refuse_reused_keys(new, [i.record for i in inserted if not i.created])
