@@ -58,13 +58,14 @@ async def test_a_doubled_sigint_drains_and_a_later_one_forces(
     remove = signals.install(shutdown, clock=clock)
     try:
         os.kill(os.getpid(), signal.SIGINT)
+        await until(lambda: shutdown.begun)
         clock.now += 0.00015  # the same keypress, seen twice 0.15 ms apart
         os.kill(os.getpid(), signal.SIGINT)
         await until(lambda: "shutdown.signal.ignored" in events(logs))
         assert shutdown.begun
         assert not shutdown.forced
         assert shutdown.reason == "SIGINT"
-        clock.now += signals.DEBOUNCE_S  # a deliberate second Ctrl+C
+        clock.now += signals.DEBOUNCE_S  # a deliberate second Ctrl+C, DEBOUNCE_S after the first
         os.kill(os.getpid(), signal.SIGTERM)
         await until(lambda: shutdown.forced)
     finally:
