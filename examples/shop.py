@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 from conveyor import Conveyor
 from conveyor.api.deps import StateDep
@@ -32,6 +32,8 @@ ORDERS = """CREATE TABLE IF NOT EXISTS public.shop_orders (
 
 
 class Order(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 422, not dropped
+
     item: str = Field(min_length=1)
     quantity: int
     notify_url: HttpUrl

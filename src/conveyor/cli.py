@@ -37,6 +37,7 @@ from conveyor.state import AppState, open_state
 from conveyor.store.migrate import migrate
 from conveyor.store.pool import open_pool
 from conveyor.store.workers import Liveness, confirmation_s
+from conveyor.tasks import webhook
 from conveyor.worker.worker import Worker
 
 log = structlog.get_logger("conveyor")
@@ -82,7 +83,9 @@ def build_services(state: AppState, roles: Roles, *, worker_types: list[str] | N
         services.append(ApiServer(create_app(state), host=settings.host, port=settings.port,
                                   drain_timeout_s=settings.drain_timeout))
     if roles.worker:
-        services.append(Worker(state, types=worker_types))
+        worker = Worker(state, types=worker_types)
+        webhook.warn_if_development_secret(settings, worker.types)
+        services.append(worker)
     if roles.cron:
         types = list(state.app.registry.types)
         services.append(CronScheduler(state.client, list(state.app.registry.cron_jobs.values())))

@@ -12,11 +12,19 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
 
 from conveyor import metrics
-from conveyor.errors import InvalidTransition, PayloadInvalid, TaskNotFound, Unavailable
+from conveyor.errors import (
+    IdempotencyConflict,
+    InvalidTransition,
+    PayloadInvalid,
+    ReusedKey,
+    TaskNotFound,
+    Unavailable,
+)
 from conveyor.queue.streams import Publish, TaskStreams
 from conveyor.registry import Registry
 from conveyor.runtime.coalescer import Coalescer
@@ -85,7 +93,8 @@ class Client:
         self, type_: str, payload: BaseModel | Mapping[str, Any], *,
         idempotency_key: str | None = None, delay_s: float = 0.0, max_attempts: int | None = None,
     ) -> Inserted:
-        """Enqueue one task; with an idempotency key already used, return the first task."""
+        """Enqueue one task; with an idempotency key already used, return the first task
+        (IdempotencyConflict if its payload differs)."""
         request = TaskRequest(type_, payload, idempotency_key, delay_s, max_attempts)
         return (await self.enqueue_many([request]))[0]
 
@@ -93,9 +102,17 @@ class Client:
         """Enqueue tasks in one transaction and one Redis pipeline; results in request order.
 
         Calls made at the same time are merged into one statement: each call's tasks commit
-        together, with those of the calls beside it.
+        together, with those of the calls beside it. A key already naming a task with another
+        payload raises IdempotencyConflict; several tasks are checked before anything is
+        written, so the call stands or falls whole (short of a concurrent call taking the key
+        between that check and the insert, which the check after the insert still reports).
         """
-        return await self._coalescer.submit([self.prepare(r) for r in requests])
+        new = [self.prepare(r) for r in requests]
+        if len(new) > 1 and any(t.idempotency_key for t in new):
+            _refuse_reused_keys(new, await self.store.with_keys(_keys(new)))
+        inserted = await self._coalescer.submit(new)
+        _refuse_reused_keys(new, [i.record for i in inserted if not i.created])
+        return inserted
 
     async def _flush(self, calls: list[list[NewTask]]) -> list[list[Inserted]]:
         new = [task for call in calls for task in call]
@@ -156,6 +173,33 @@ class Client:
         self, *, type_: str | None, status: Status | None, before: uuid.UUID | None, limit: int
     ) -> list[TaskRecord]:
         return await self.store.list_tasks(type_=type_, status=status, before=before, limit=limit)
+
+
+def _keys(tasks: Sequence[NewTask]) -> list[tuple[str, str]]:
+    return [(t.type, t.idempotency_key) for t in tasks if t.idempotency_key]
+
+
+def _refuse_reused_keys(new: Sequence[NewTask], existing: Sequence[TaskRecord]) -> None:
+    """IdempotencyConflict if a key of `new` names a task (earlier, or earlier in `new`) whose
+    payload differs; payloads are compared as JSON values, so key order and spacing do not
+    count. The same key with the same payload is a repeat: it returns the first task."""
+    first: dict[tuple[str, str], tuple[Any, str | None, int | None]] = {
+        (r.type, r.idempotency_key): (r.payload, str(r.id), None)
+        for r in existing if r.idempotency_key
+    }
+    reused = []
+    for index, task in enumerate(new):
+        if not task.idempotency_key:
+            continue
+        key = (task.type, task.idempotency_key)
+        payload = orjson.loads(task.payload_json)
+        if key not in first:
+            first[key] = (payload, None, index)
+        elif first[key][0] != payload:
+            _, task_id, first_index = first[key]
+            reused.append(ReusedKey(index, task.type, task.idempotency_key, task_id, first_index))
+    if reused:
+        raise IdempotencyConflict(reused)
 
 
 async def insert_in_transaction(

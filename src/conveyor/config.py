@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     api_max_pending: int = Field(default=1000, ge=1)
     pg_acquire_timeout: float = Field(default=5.0, gt=0)
+    metrics_key: SecretStr | None = None  # a bearer key for /metrics only
+    metrics_open: bool = False  # /metrics needs no key at all
+    metrics_cache: float = Field(default=2.0, ge=0)  # longest reuse of the queue-depth reading
 
     # Worker
     concurrency: int = Field(default=5, ge=1, le=10_000)
@@ -90,6 +93,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("metrics_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
 
     @field_validator("database_schema", "key_prefix")
     @classmethod

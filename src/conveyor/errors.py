@@ -7,7 +7,8 @@ exception from a handler is retried under the task type's `RetryPolicy`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 
 class ConveyorError(Exception):
@@ -72,6 +73,34 @@ class UnknownTaskType(ConveyorError):
 
 class PayloadInvalid(ConveyorError):
     """A payload does not match its task type's model."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReusedKey:
+    """One task of a request whose idempotency key already names a task with another payload:
+    an earlier task (`task_id`) or an earlier task of the same request (`first_index`)."""
+
+    index: int  # position in the request (0 for a single task)
+    type: str
+    key: str
+    task_id: str | None = None
+    first_index: int | None = None
+
+
+class IdempotencyConflict(ConveyorError):
+    """An idempotency key was reused with a different payload; nothing was enqueued."""
+
+    def __init__(self, reused: Sequence[ReusedKey]) -> None:
+        self.reused = list(reused)
+        first = self.reused[0]
+        named = (f"task {first.task_id}" if first.task_id is not None
+                 else f"task {first.first_index} of this request")
+        more = f" (and {len(self.reused) - 1} more)" if len(self.reused) > 1 else ""
+        super().__init__(
+            f"idempotency key {first.key!r} of type {first.type!r} already names {named}, "
+            f"whose payload differs{more}; send the same payload to read that task, or use "
+            "a new key for a new task"
+        )
 
 
 class Overloaded(Unavailable):

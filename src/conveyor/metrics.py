@@ -74,6 +74,14 @@ OUTAGES = Counter(
     "conveyor_outages_total", "Times a component lost Postgres or Redis.", ["component"]
 )
 
+QUEUE_DEPTH = Gauge(
+    "conveyor_queue_depth",
+    "Messages of a task type in Redis, read when /metrics is scraped (reused for "
+    "METRICS_CACHE seconds): undelivered (in the stream, not yet read by a worker), delayed "
+    "(waiting for their time), pending (read by a worker, not yet acked).",
+    ["type", "state"],
+)
+
 
 @dataclass(frozen=True, slots=True)
 class TypeMeters:

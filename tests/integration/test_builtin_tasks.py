@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 from PIL import Image
 
 from conveyor.api.app import create_app
@@ -143,3 +144,27 @@ async def test_thumbnail_rejects_bad_input_before_it_is_stored(
     count = await builtin_state.pool.fetchval(
         f"SELECT count(*) FROM {builtin_state.store.table}")
     assert count == 0
+
+
+async def test_a_webhook_worker_warns_at_start_of_the_development_secret(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import SecretStr
+    from structlog.testing import capture_logs
+
+    from conveyor import cli
+    from conveyor.config import DEV_WEBHOOK_SECRET
+    from conveyor.tasks import webhook
+
+    monkeypatch.setattr(webhook, "log", structlog.get_logger("conveyor.webhook"))
+    development = settings.model_copy(update={"webhook_secret": SecretStr(DEV_WEBHOOK_SECRET)})
+    async with open_state(development, builtin) as state:
+        with capture_logs() as logs:
+            services = cli.build_services(state, cli.Roles(api=True, cron=True))
+            assert not [e for e in logs if e["event"] == "webhook.secret.development"]
+            services = cli.build_services(state, cli.Roles(worker=True))
+        warned = [e for e in logs if e["event"] == "webhook.secret.development"]
+        assert [e["log_level"] for e in warned] == ["warning"]
+        for service in services:
+            if isinstance(service, Worker):
+                service.executor.close()

@@ -8,21 +8,66 @@ field of that type's payload.
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from conveyor.registry import Registry
-from conveyor.store.tasks import TaskRecord
+from conveyor.store.tasks import Status, TaskRecord
 
 MAX_BATCH = 1000
 MAX_DELAY_S = 365 * 24 * 3600
 
 
+class TaskSummary(BaseModel):
+    """A task as listings show it by default: everything but its payload and result."""
+
+    id: uuid.UUID
+    type: str
+    status: Status
+    idempotency_key: str | None
+    attempts: int
+    max_attempts: int
+    last_error: str | None
+    worker: str | None
+    created_at: datetime
+    run_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+SUMMARY_FIELDS = tuple(TaskSummary.model_fields)
+
+
 class TaskPage(BaseModel):
-    tasks: list[TaskRecord]
+    tasks: list[TaskSummary | TaskRecord] = Field(
+        description="summaries, or whole tasks (with payload and result) with `fields=full`"
+    )
     next_cursor: str | None = Field(description="pass as `cursor` for the next page")
+
+
+class FieldError(BaseModel):
+    path: str = Field(description="the failing field, dotted (`payload.url`, `query.limit`)")
+    loc: list[str | int]
+    message: str
+    type: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem: the body of every error answer."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    request_id: str | None = Field(default=None, description="also in `X-Request-ID`")
+    errors: list[FieldError] | None = Field(
+        default=None, description="validation errors: each failing field"
+    )
 
 
 class BatchOut(BaseModel):

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from conveyor.api.responses import problem
 from conveyor.errors import (
     ConveyorError,
+    IdempotencyConflict,
     InvalidTransition,
     Overloaded,
     PayloadInvalid,
@@ -75,7 +76,8 @@ def install(app: FastAPI, type_names: set[str]) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
+        title = {404: "Not found", 405: "Method not allowed",
+                 415: "Unsupported media type"}.get(exc.status_code, "HTTP error")
         return problem(exc.status_code, title, str(exc.detail),
                        request_id=request_id_of(request),
                        headers=dict(exc.headers) if exc.headers else None)
@@ -86,6 +88,12 @@ def install(app: FastAPI, type_names: set[str]) -> None:
             return problem(404, "Task not found", f"no task has id {exc}", request_id=rid)
         if isinstance(exc, InvalidTransition):
             return problem(409, "Conflict", str(exc), request_id=rid, status_now=exc.status)
+        if isinstance(exc, IdempotencyConflict):
+            conflicts = [{"index": r.index, "type": r.type, "idempotency_key": r.key,
+                          "task_id": r.task_id, "first_index": r.first_index}
+                         for r in exc.reused]
+            return problem(409, "Idempotency key reused", str(exc), request_id=rid,
+                           conflicts=conflicts)
         if isinstance(exc, UnknownTaskType):
             known = ", ".join(sorted(type_names)) or "none"
             return problem(422, "Unknown task type",

@@ -178,7 +178,7 @@ class TaskStore:
             UPDATE {t} AS t
             SET status = c.status,
                 result = CASE WHEN c.status = 'succeeded' THEN c.result::jsonb ELSE t.result END,
-                last_error = CASE WHEN c.status = 'succeeded' THEN t.last_error ELSE c.error END,
+                last_error = CASE WHEN c.status = 'succeeded' THEN NULL ELSE c.error END,
                 run_at = CASE WHEN c.status = 'queued'
                               THEN now() + c.delay * interval '1 second' ELSE t.run_at END,
                 finished_at = CASE WHEN c.status = 'queued' THEN NULL ELSE now() END
@@ -263,6 +263,14 @@ class TaskStore:
         return out
 
     # -- reads -----------------------------------------------------------------------------
+
+    async def with_keys(self, keys: Sequence[tuple[str, str]]) -> list[TaskRecord]:
+        """Tasks named by these (type, idempotency key) pairs, those that exist."""
+        if not keys:
+            return []
+        rows = await self._fetch("tasks.with_keys", self._existing_sql,
+                                 [k[0] for k in keys], [k[1] for k in keys])
+        return [_record(r) for r in rows]
 
     async def get(self, task_id: uuid.UUID) -> TaskRecord | None:
         row = await self._fetchrow(

@@ -4,6 +4,10 @@ Headers: `X-Conveyor-Timestamp` (Unix seconds), `X-Conveyor-Signature` (`sha256=
 `<timestamp>.<body>` under CONVEYOR_WEBHOOK_SECRET), `X-Conveyor-Task-Id` (delivery is at least
 once: receivers deduplicate on it). 2xx succeeds; 5xx, 408, 429, timeouts and connection errors
 are retried (after `Retry-After` when the receiver sends one); any other 4xx fails at once.
+
+Receivers check a delivery with `verify_request(secret, headers, body)`. Unless
+CONVEYOR_WEBHOOK_SECRET is set, deliveries are signed with a development secret that anyone can
+read here, and a worker that sends webhooks says so when it starts.
 """
 
 from __future__ import annotations
@@ -11,20 +15,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx
 import orjson
+import structlog
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
+from conveyor.config import DEV_WEBHOOK_SECRET, Settings
 from conveyor.errors import Fail, Retry
-from conveyor.registry import TaskContext
+from conveyor.registry import TaskContext, TaskType
 
 SIGNATURE_HEADER = "X-Conveyor-Signature"
 TIMESTAMP_HEADER = "X-Conveyor-Timestamp"
 TASK_ID_HEADER = "X-Conveyor-Task-Id"
 _RETRYABLE_4XX = {408, 429}
 MAX_RETRY_AFTER_S = 3600.0
+log = structlog.get_logger("conveyor.webhook")
 
 
 class WebhookPayload(BaseModel):
@@ -39,22 +47,51 @@ class WebhookPayload(BaseModel):
     timeout_s: float = Field(default=10.0, gt=0, le=120, description="per-attempt timeout")
 
 
-def sign(secret: bytes, timestamp: str, body: bytes) -> str:
+def _key(secret: str | bytes) -> bytes:
+    return secret.encode() if isinstance(secret, str) else secret
+
+
+def sign(secret: str | bytes, timestamp: str, body: bytes) -> str:
     """The signature header value for `body` sent at `timestamp`."""
-    digest = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    digest = hmac.new(_key(secret), timestamp.encode() + b"." + body,
+                      hashlib.sha256).hexdigest()
     return f"sha256={digest}"
 
 
 def verify(
-    secret: bytes, timestamp: str, body: bytes, signature: str, *,
+    secret: str | bytes, timestamp: str, body: bytes, signature: str, *,
     tolerance_s: float = 300.0, now: float | None = None,
 ) -> bool:
-    """What a receiver checks: a matching signature on a recent timestamp."""
+    """What a receiver checks: a matching signature on a recent timestamp (within
+    `tolerance_s` of `now`, so a recorded delivery cannot be replayed later)."""
     try:
         age = abs((now if now is not None else time.time()) - int(timestamp))
     except ValueError:
         return False
     return age <= tolerance_s and hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+def verify_request(
+    secret: str | bytes, headers: Mapping[str, str], body: bytes, *,
+    tolerance_s: float = 300.0, now: float | None = None,
+) -> bool:
+    """`verify` a delivery as a receiver gets it: its headers (any capitalisation, as web
+    frameworks hand them over) and its raw body, before parsing it."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    return verify(secret, lower.get(TIMESTAMP_HEADER.lower(), ""), body,
+                  lower.get(SIGNATURE_HEADER.lower(), ""), tolerance_s=tolerance_s, now=now)
+
+
+def warn_if_development_secret(settings: Settings, task_types: Iterable[TaskType]) -> bool:
+    """Log a warning when these types include webhooks signed with the development secret
+    (CONVEYOR_WEBHOOK_SECRET unset); True if so."""
+    sends = [t.name for t in task_types if t.handler is send_webhook]
+    if not sends or settings.webhook_secret.get_secret_value() != DEV_WEBHOOK_SECRET:
+        return False
+    log.warning("webhook.secret.development", task_types=sends,
+                detail="webhooks are signed with the public development secret; set "
+                       "CONVEYOR_WEBHOOK_SECRET so receivers can trust the signature")
+    return True
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -67,7 +104,7 @@ async def send_webhook(payload: WebhookPayload, ctx: TaskContext) -> dict[str, A
     """Deliver one webhook; the result records the receiver's status and the time taken."""
     body = orjson.dumps(payload.body)
     timestamp = str(int(time.time()))
-    secret = ctx.settings.webhook_secret.get_secret_value().encode()
+    secret = ctx.settings.webhook_secret.get_secret_value()
     headers = {
         **payload.headers,
         "Content-Type": "application/json",

@@ -234,9 +234,14 @@ class Consumer:
                 self.in_flight.release([key])
                 return
             if outcome.status != "succeeded":
-                log.info("task.failed", task_id=str(task.id), task_type=task.type,
-                         attempt=task.attempt, will_retry=outcome.status == "queued",
-                         error=(outcome.error or "").splitlines()[-1:])
+                # Retry and Fail are the handler's own decision; anything else (an exception,
+                # a timeout) is a warning carrying the stored traceback.
+                error = outcome.error or ""
+                asked = error.startswith(("retry requested: ", "failed: "))
+                (log.info if asked else log.warning)(
+                    "task.failed", task_id=str(task.id), task_type=task.type,
+                    attempt=task.attempt, will_retry=outcome.status == "queued",
+                    error=error.splitlines()[-1:] if asked else error)
             await self.recorder.submit(message.stream_id, outcome)
         except BaseException:
             # Cancelled at the drain deadline (the worker hands the message back), a forced

@@ -84,3 +84,23 @@ async def test_a_rolled_back_order_leaves_no_task_and_no_message(
 async def test_user_routes_are_in_the_openapi_document(running: httpx.AsyncClient) -> None:
     spec = (await running.get("/openapi.json")).json()
     assert "/shop/orders" in spec["paths"]
+
+
+async def test_a_misspelt_field_is_refused_not_dropped(shop_state: AppState) -> None:
+    transport = httpx.ASGITransport(app=create_app(shop_state))
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+        order = await http.post("/shop/orders", json={
+            "item": "book", "quantity": 2, "notify_url": "https://example.com/hook",
+            "gift_wrap": True})
+        assert order.status_code == 422
+        assert order.json()["errors"][0]["path"] == "gift_wrap"
+        hook = await http.post("/v1/tasks", json={"type": "webhook", "payload": {
+            "url": "https://example.com/hook", "bdy": {"order": 7}}})
+        assert hook.status_code == 422
+        assert hook.json()["errors"][0]["path"] == "payload.bdy"
+        thumb = await http.post("/v1/tasks", json={"type": "thumbnail", "payload": {
+            "image_base64": "", "width": 1, "height": 1, "quality": 90}})
+        assert thumb.status_code == 422
+        assert "payload.quality" in [e["path"] for e in thumb.json()["errors"]]
+    count = await shop_state.pool.fetchval(f"SELECT count(*) FROM {shop_state.store.table}")
+    assert count == 0

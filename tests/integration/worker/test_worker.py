@@ -8,11 +8,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
 from conveyor.cron.rebalance import Rebalancer
 from conveyor.queue.keys import GROUP
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState
 from conveyor.store.tasks import TaskRecord
+from conveyor.worker import consumer as consumer_module
 from conveyor.worker.worker import Worker
 from tests.apps import basic
 from tests.conftest import eventually, judge
@@ -62,8 +67,26 @@ async def test_failure_is_retried_with_backoff_until_it_succeeds(
     record = await wait_for(state, task_id, "succeeded")
     assert record.attempts == 3
     assert record.result == {"attempts": 3}
-    assert "planned failure 2" in (record.last_error or "")
+    assert record.last_error is None  # an earlier attempt's error does not outlive the success
     assert basic.probe.runs[task_id] == 3
+
+
+async def test_an_unexpected_exception_is_a_warning_with_its_traceback(
+    state: AppState, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A logger cached by an earlier `logs.configure()` would bypass capture_logs.
+    monkeypatch.setattr(consumer_module, "log", structlog.get_logger("conveyor.consumer"))
+    with capture_logs() as logs:
+        crash = await enqueue(state, "flaky", {"failures": 1})
+        refused = await enqueue(state, "refuse", {})
+        await start_worker()
+        await wait_for(state, crash, "succeeded")
+        await wait_for(state, refused, "dead")
+    failed = {e["task_id"]: e for e in logs if e["event"] == "task.failed"}
+    assert failed[crash]["log_level"] == "warning"
+    assert "Traceback" in failed[crash]["error"]
+    assert "RuntimeError: planned failure 1" in failed[crash]["error"]
+    assert failed[refused]["log_level"] == "info"  # Fail (and Retry) are the handler's choice
 
 
 async def test_always_failing_task_goes_dead_then_retry_brings_it_back(

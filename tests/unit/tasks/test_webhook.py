@@ -7,8 +7,13 @@ import hmac
 import time
 
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
-from conveyor.tasks.webhook import WebhookPayload, sign, verify
+from conveyor.config import DEV_WEBHOOK_SECRET, Settings
+from conveyor.tasks import app as builtin
+from conveyor.tasks import webhook
+from conveyor.tasks.webhook import WebhookPayload, sign, verify, verify_request
 
 SECRET = b"s3cret"
 BODY = b'{"event":"done","id":1}'
@@ -84,3 +89,30 @@ def test_payload_defaults_and_validation() -> None:
                 {"url": "https://e.x", "extra": 1}):
         with pytest.raises(ValueError, match="validation error"):
             WebhookPayload.model_validate(bad)
+
+
+def test_verify_request_reads_the_headers_in_any_case() -> None:
+    signature = sign("s3cret", TS, BODY)
+    headers = {"x-conveyor-timestamp": TS, "X-CONVEYOR-SIGNATURE": signature}
+    assert verify_request("s3cret", headers, BODY, now=1700000000)
+    assert verify_request(SECRET, headers, BODY, now=1700000000)  # bytes or str
+    assert not verify_request("other", headers, BODY, now=1700000000)
+    assert not verify_request("s3cret", {"X-Conveyor-Timestamp": TS}, BODY, now=1700000000)
+    assert not verify_request("s3cret", headers, BODY, now=1700000000 + 301)
+
+
+def test_the_development_secret_is_a_warning_for_webhook_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A logger cached by an earlier `logs.configure()` would bypass capture_logs.
+    monkeypatch.setattr(webhook, "log", structlog.get_logger("conveyor.webhook"))
+    types = list(builtin.registry)
+    thumbnail_only = [t for t in types if t.name == "thumbnail"]
+    development = Settings(webhook_secret=DEV_WEBHOOK_SECRET)
+    configured = Settings(webhook_secret="set-in-production")
+    with capture_logs() as logs:
+        assert webhook.warn_if_development_secret(development, types)
+        assert not webhook.warn_if_development_secret(development, thumbnail_only)
+        assert not webhook.warn_if_development_secret(configured, types)
+    assert [(e["event"], e["log_level"], e["task_types"]) for e in logs] == [
+        ("webhook.secret.development", "warning", ["webhook"])]

@@ -5,25 +5,27 @@ The router is built per app because the request body's schema comes from the reg
 """
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Depends, Query
 from pydantic import BaseModel
 from starlette.responses import Response
 
 from conveyor.api.deps import AdmissionDep, ClientDep
-from conveyor.api.models import BatchOut, TaskPage, request_models
+from conveyor.api.guards import JSON_MEDIA_TYPES, require_json
+from conveyor.api.models import SUMMARY_FIELDS, BatchOut, TaskPage, request_models
 from conveyor.api.responses import OrjsonResponse
 from conveyor.client import TaskRequest
 from conveyor.registry import Registry
 from conveyor.store.tasks import Status, TaskRecord
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+_ENQUEUE_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "malformed JSON"},
-    401: {"description": "missing or wrong API key"},
+    409: {"description": "an idempotency key reused with another payload; `conflicts` "
+                         "names each"},
     413: {"description": "body over MAX_BODY_BYTES"},
+    415: {"description": f"the body is not {JSON_MEDIA_TYPES}"},
     422: {"description": "unknown type or invalid payload; `errors` lists the fields"},
-    503: {"description": "Postgres or Redis unavailable; retry after `Retry-After`"},
 }
 
 
@@ -44,14 +46,19 @@ def _task(record: TaskRecord, status_code: int = 200, **headers: str) -> Respons
 def build_router(registry: Registry) -> APIRouter:
     """The tasks router for the types in `registry`."""
     single, batch = request_models(registry)
-    router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=_ERRORS)
+    router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
     @router.post(
         "",
         status_code=202,
         response_model=TaskRecord,
         summary="Enqueue a task",
-        responses={200: {"model": TaskRecord, "description": "idempotency key seen: first task"}},
+        dependencies=[Depends(require_json)],
+        responses={
+            200: {"model": TaskRecord,
+                  "description": "idempotency key seen with the same payload: the first task"},
+            **_ENQUEUE_ERRORS,
+        },
     )
     async def create_task(
         body: Annotated[single, Body()],  # type: ignore[valid-type]
@@ -65,7 +72,8 @@ def build_router(registry: Registry) -> APIRouter:
                      Location=f"/v1/tasks/{record.id}")
 
     @router.post("/batch", status_code=202, response_model=BatchOut,
-                 summary="Enqueue up to 1000 tasks in one transaction")
+                 summary="Enqueue up to 1000 tasks in one transaction",
+                 dependencies=[Depends(require_json)], responses=_ENQUEUE_ERRORS)
     async def create_batch(
         body: Annotated[batch, Body()],  # type: ignore[valid-type]
         client: ClientDep,
@@ -87,10 +95,16 @@ def build_router(registry: Registry) -> APIRouter:
         cursor: Annotated[
             uuid.UUID | None, Query(description="`next_cursor` of the previous page")
         ] = None,
+        fields: Annotated[Literal["summary", "full"], Query(
+            description="`summary`: no payload or result (read a task for those); "
+                        "`full`: whole tasks")] = "summary",
     ) -> Response:
         records = await client.list_tasks(type_=type, status=status, before=cursor, limit=limit)
         next_cursor = str(records[-1].id) if len(records) == limit else None
-        return OrjsonResponse({"tasks": records, "next_cursor": next_cursor})
+        tasks: list[Any] = records
+        if fields == "summary":
+            tasks = [{name: getattr(r, name) for name in SUMMARY_FIELDS} for r in records]
+        return OrjsonResponse({"tasks": tasks, "next_cursor": next_cursor})
 
     @router.get("/{task_id}", response_model=TaskRecord, summary="Read a task")
     async def get_task(task_id: uuid.UUID, client: ClientDep) -> Response:
