@@ -63,7 +63,10 @@ async def open_state(
         client = Client(store, streams, app.registry, default_max_attempts=settings.max_attempts,
                         pinned=pinned)
         app.bind(client)
-        yield AppState(settings, app, pool, redis, keys, store, streams, client)
+        try:
+            yield AppState(settings, app, pool, redis, keys, store, streams, client)
+        finally:
+            app.unbind(client)
     finally:
         await pinned.release()
         await redis.aclose()
