@@ -212,15 +212,29 @@ def error_from(response: httpx.Response) -> ApiError:
     elif kind is Conflict and "status_now" in problem:
         kind = InvalidTransition
     elif kind is InvalidRequest:
-        errors = problem.get("errors")
-        paths = [str(e.get("path", "")) for e in errors if isinstance(e, dict)] \
-            if isinstance(errors, list) else []
-        if title == "Unknown task type":
+        found = problem.get("errors")
+        errors = [e for e in found if isinstance(e, dict)] if isinstance(found, list) else []
+        if title == "Unknown task type" or any(_names_unknown_type(e) for e in errors):
             kind = UnknownTaskType
-        elif title == "Invalid payload" or (paths and all(
-                p == "payload" or p.startswith("payload.") for p in paths)):
+        elif title == "Invalid payload" or (errors and all(
+                _in_payload(str(e.get("path", ""))) for e in errors)):
             kind = PayloadInvalid
     return kind(response.status_code, problem, response.headers)
+
+
+def _names_unknown_type(error: Mapping[str, Any]) -> bool:
+    # Validation of the request's `type` against the registered ones: the discriminated union
+    # rejects the tag, or (with one type registered) its literal does.
+    path = str(error.get("path", ""))
+    return error.get("type") == "union_tag_invalid" or (
+        error.get("type") == "literal_error" and path.rsplit(".", 1)[-1] == "type")
+
+
+def _in_payload(path: str) -> bool:
+    """`payload.x` or `tasks.3.payload.x`: a field of a payload."""
+    parts = path.split(".")
+    return parts[0] == "payload" or (len(parts) > 2 and parts[0] == "tasks"
+                                     and parts[2] == "payload")
 
 
 # -- clients -----------------------------------------------------------------------------------
