@@ -44,7 +44,8 @@ class TaskDefinition(Generic[P, Params, R]):
         resize.enqueue_sync(Resize(url=u, width=128))       # from blocking code (Django, Flask)
 
     Enqueueing goes through the connections of the process: those of a running Conveyor
-    service, or of an open `conveyor.producer.Producer`.
+    service, of an open `conveyor.producer.Producer`, or of the app's `SyncProducer` (which
+    connects at the first such call).
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class Conveyor:
         self.routers: list[tuple[APIRouter, str]] = []
         # Clients of the processes' open states, newest last, each with the loop it lives on.
         self._bound: list[tuple[Client, asyncio.AbstractEventLoop]] = []
+        self._connect: Callable[[], None] | None = None  # a SyncProducer's open(), blocking
 
     def task(
         self,
@@ -208,7 +210,15 @@ class Conveyor:
         """Detach `client` when its state closes; an earlier one still open takes over."""
         self._bound = [(c, loop) for c, loop in self._bound if c is not client]
 
+    def connect_on_demand(self, connect: Callable[[], None] | None) -> None:
+        """Have `connect` (blocking; it must bind a client) called when a task is enqueued
+        through a definition and no client is bound: how a `SyncProducer` opens lazily.
+        None forgets it."""
+        self._connect = connect
+
     def _binding(self) -> tuple[Client, asyncio.AbstractEventLoop]:
+        if not self._bound and self._connect is not None:
+            self._connect()
         if not self._bound:
             raise ConfigError(
                 "no Conveyor connections in this process: run inside a Conveyor service, or "
@@ -218,6 +228,8 @@ class Conveyor:
 
     async def submit(self, request: TaskRequest) -> TaskRecord:
         """Enqueue `request` through the process's connections (see `TaskDefinition`)."""
+        if not self._bound and self._connect is not None:
+            await asyncio.to_thread(self._connect)  # connecting blocks: not on this loop
         client, loop = self._binding()
         if loop is asyncio.get_running_loop():
             return (await client.enqueue_many([request]))[0].record

@@ -5,7 +5,7 @@ Django or Flask app, a script), straight into PostgreSQL and Redis.
         await resize.enqueue(Resize(url=u, width=128))
 
     producer = SyncProducer(app)                      # blocking code; connects at first use
-    producer.enqueue(resize, Resize(url=u, width=128))
+    producer.enqueue(resize, Resize(url=u, width=128))  # or resize.enqueue_sync(Resize(...))
 
 Neither applies migrations unless `migrate=True`: the schema belongs to the services, and a
 producer finding it missing or behind stops with a `ConfigError` that says to migrate.
@@ -141,7 +141,8 @@ class SyncProducer:
 
     Its connections live on an event loop in a thread of its own, closed by `close()`, by
     leaving `with`, or at interpreter exit. In a forked child (a pre-forking server) it
-    connects anew. While open, the app's `resize.enqueue_sync(...)` uses it too.
+    connects anew. The app's task definitions use it too (`resize.enqueue_sync(...)`), and
+    connect it when they need it.
     """
 
     def __init__(
@@ -153,6 +154,7 @@ class SyncProducer:
         )
         self._lock = threading.Lock()
         self._running: tuple[int, _LoopThread, Producer] | None = None
+        app.connect_on_demand(self.open)
 
     def open(self) -> None:
         """Connect now rather than at the first call."""
