@@ -36,7 +36,8 @@ Status = Literal["queued", "running", "succeeded", "dead", "cancelled"]
 
 
 class Task(BaseModel):
-    """A task as the API returns it. Fields a listing leaves out are None."""
+    """A task as the API returns it; `payload` and `result` are None where a listing's
+    summary leaves them out. Fields the API adds later are ignored."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -45,13 +46,13 @@ class Task(BaseModel):
     status: Status
     payload: Any = None
     idempotency_key: str | None = None
-    attempts: int = 0
-    max_attempts: int = 0
+    attempts: int
+    max_attempts: int
     result: Any = None
     last_error: str | None = None
     worker: str | None = None
     created_at: datetime
-    run_at: datetime | None = None
+    run_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
