@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import os
 import sys
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
@@ -112,8 +113,9 @@ class Conveyor:
     def __init__(self) -> None:
         self.registry = Registry()
         self.routers: list[tuple[APIRouter, str]] = []
-        # Clients of the processes' open states, newest last, each with the loop it lives on.
-        self._bound: list[tuple[Client, asyncio.AbstractEventLoop]] = []
+        # Clients of the process's open states, newest last, each with the loop it lives on
+        # and the process that opened it (a forked child inherits the list, not the loops).
+        self._states: list[tuple[Client, asyncio.AbstractEventLoop, int]] = []
         self._connect: Callable[[], None] | None = None  # a SyncProducer's open(), blocking
 
     def task(
@@ -204,11 +206,16 @@ class Conveyor:
 
     def bind(self, client: Client) -> None:
         """Attach an open state's client, on the running loop (done by `open_state`)."""
-        self._bound.append((client, asyncio.get_running_loop()))
+        self._states.append((client, asyncio.get_running_loop(), os.getpid()))
 
     def unbind(self, client: Client) -> None:
         """Detach `client` when its state closes; an earlier one still open takes over."""
-        self._bound = [(c, loop) for c, loop in self._bound if c is not client]
+        self._states = [entry for entry in self._states if entry[0] is not client]
+
+    @property
+    def _bound(self) -> list[tuple[Client, asyncio.AbstractEventLoop]]:
+        pid = os.getpid()
+        return [(client, loop) for client, loop, owner in self._states if owner == pid]
 
     def connect_on_demand(self, connect: Callable[[], None] | None) -> None:
         """Have `connect` (blocking; it must bind a client) called when a task is enqueued

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 PRODUCER_SCRIPT = """
 import json
+import os
 from conveyor.producer import SyncProducer
 from tests.apps.produced import Number, app, cube, square
 
@@ -36,7 +38,14 @@ producer = SyncProducer(app)                       # settings from the environme
 second = cube.enqueue_sync(Number(n=4), idempotency_key="cube-4")   # connects the producer
 first = producer.enqueue(square, Number(n=3))
 again = cube.enqueue_sync(Number(n=4), idempotency_key="cube-4")
-print(json.dumps([str(first.id), str(second.id), str(again.id)]))
+child = os.fork()
+if child == 0:  # the parent's connections and loop thread are not the child's: it connects anew
+    forked = square.enqueue_sync(Number(n=5))
+    producer.close()
+    print(json.dumps({"forked": str(forked.id)}), flush=True)
+    os._exit(0)
+assert os.waitpid(child, 0)[1] == 0
+print(json.dumps([str(first.id), str(second.id), str(again.id)]), flush=True)
 # Not closed: the atexit hook closes it, and the daemon loop thread never holds up the exit.
 """
 
@@ -69,6 +78,21 @@ async def schema_exists(settings: Settings) -> bool:
         await conn.close()
 
 
+def run_script(env: dict[str, str]) -> tuple[int, str, str]:
+    """Run PRODUCER_SCRIPT in a session of its own, so that a hung run (its fork included)
+    is killed whole."""
+    proc = subprocess.Popen([sys.executable, "-c", PRODUCER_SCRIPT], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        stderr += "\n(timed out after 60 s)"
+    return proc.returncode, stdout, stderr
+
+
 @pytest.mark.slow
 async def test_a_producer_in_another_process_enqueues_tasks_a_worker_runs(
     state: AppState, start_worker: Callable[..., Awaitable[Worker]]
@@ -84,16 +108,16 @@ async def test_a_producer_in_another_process_enqueues_tasks_a_worker_runs(
         "CONVEYOR_DATABASE_SCHEMA": settings.database_schema,
         "CONVEYOR_KEY_PREFIX": settings.key_prefix,
     })
-    done = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-c", PRODUCER_SCRIPT], env=env, cwd=ROOT,
-        capture_output=True, text=True, timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    first, second, again = json.loads(done.stdout.strip().splitlines()[-1])
+    returncode, stdout, stderr = await asyncio.to_thread(run_script, env)
+    assert returncode == 0, stderr
+    forked_line, last_line = stdout.strip().splitlines()[-2:]
+    forked = json.loads(forked_line)["forked"]
+    first, second, again = json.loads(last_line)
     assert again == second  # the idempotency key returned the first task
     await start_worker()
     squared = await finished(state, first)
     assert (squared.status, squared.result) == ("succeeded", {"square": 9})
+    assert (await finished(state, forked)).result == {"square": 25}
     cubed = await finished(state, second)
     assert cubed.status == "succeeded", cubed.last_error
     assert cubed.result["cube"] == 64
