@@ -5,15 +5,21 @@
     @app.task("resize", payload=ResizePayload, max_attempts=5, timeout=60)
     async def resize(payload: ResizePayload, ctx: TaskContext) -> dict: ...
 
+    await resize.enqueue(ResizePayload(...))      # typed: the payload must be a ResizePayload
+
     @app.cron("*/30 * * * * *")
     async def every_half_minute(ctx: TaskContext) -> None: ...
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import inspect
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+import os
+import sys
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 from fastapi import APIRouter
 from pydantic import BaseModel
@@ -25,6 +31,80 @@ from conveyor.store.pool import Connection
 from conveyor.store.tasks import TaskRecord
 
 H = TypeVar("H", bound=Callable[..., Any])
+P = TypeVar("P", bound=BaseModel)
+Params = ParamSpec("Params")
+R = TypeVar("R")
+T = TypeVar("T")
+
+
+class TaskDefinition(Generic[P, Params, R]):
+    """What `@app.task` returns: still callable as the handler, and a typed producer of its
+    tasks (mypy checks the payload's type).
+
+        await resize.enqueue(Resize(url=u, width=128))      # from async code
+        resize.enqueue_sync(Resize(url=u, width=128))       # from blocking code (Django, Flask)
+
+    Enqueueing goes through the connections of the process: those of a running Conveyor
+    service, of an open `conveyor.producer.Producer`, or of the app's `SyncProducer` (which
+    connects at the first such call).
+    """
+
+    def __init__(
+        self, app: Conveyor, name: str, payload_model: type[P],
+        handler: Callable[Concatenate[P, Params], R],
+    ) -> None:
+        self.app = app
+        self.name = name
+        self.payload_model = payload_model
+        self.handler = handler
+        functools.update_wrapper(self, handler)  # __module__, __qualname__, __doc__, __wrapped__
+
+    def __call__(self, payload: P, /, *args: Params.args, **kwargs: Params.kwargs) -> R:
+        return self.handler(payload, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<TaskDefinition {self.name!r} of {self.handler!r}>"
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        # A process pool pickles its handler by module-level name, which now names this object:
+        # pickled by that name, it arrives as itself. Registered under another name
+        # (`app.task(...)(fn)`), it is pickled as the plain handler, which that name holds.
+        qualname: str = getattr(self.handler, "__qualname__", "")
+        found: Any = sys.modules.get(self.__module__)
+        for part in qualname.split("."):
+            found = getattr(found, part, None)
+        if found is self:
+            return qualname
+        return (_same, (self.handler,))
+
+    def request(
+        self, payload: P, *, idempotency_key: str | None = None, delay_s: float = 0.0,
+        max_attempts: int | None = None,
+    ) -> TaskRequest:
+        """A request for one task of this type (for `Producer.enqueue_many`)."""
+        return TaskRequest(self.name, payload, idempotency_key, delay_s, max_attempts)
+
+    async def enqueue(
+        self, payload: P, *, idempotency_key: str | None = None, delay_s: float = 0.0,
+        max_attempts: int | None = None,
+    ) -> TaskRecord:
+        """Insert and publish one task; with an idempotency key already used, the first task."""
+        request = self.request(payload, idempotency_key=idempotency_key, delay_s=delay_s,
+                               max_attempts=max_attempts)
+        return await self.app.submit(request)
+
+    def enqueue_sync(
+        self, payload: P, *, idempotency_key: str | None = None, delay_s: float = 0.0,
+        max_attempts: int | None = None,
+    ) -> TaskRecord:
+        """`enqueue` for blocking code: waits for the task to be stored and returns it."""
+        request = self.request(payload, idempotency_key=idempotency_key, delay_s=delay_s,
+                               max_attempts=max_attempts)
+        return self.app.submit_sync(request)
+
+
+def _same(value: T) -> T:
+    return value
 
 
 class Conveyor:
@@ -33,35 +113,43 @@ class Conveyor:
     def __init__(self) -> None:
         self.registry = Registry()
         self.routers: list[tuple[APIRouter, str]] = []
-        self._client: Client | None = None
+        # Clients of the process's open states, newest last, each with the loop it lives on
+        # and the process that opened it (a forked child inherits the list, not the loops).
+        self._states: list[tuple[Client, asyncio.AbstractEventLoop, int]] = []
+        self._connect: Callable[[], None] | None = None  # a SyncProducer's open(), blocking
 
     def task(
         self,
         name: str,
         *,
-        payload: type[BaseModel],
+        payload: type[P],
         max_attempts: int | None = None,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         process: bool = False,
         description: str | None = None,
-    ) -> Callable[[H], H]:
-        """Register a handler `(payload, ctx) -> result` for task type `name`.
+    ) -> Callable[[Callable[Concatenate[P, Params], R]], TaskDefinition[P, Params, R]]:
+        """Register a handler `(payload, ctx) -> result` for task type `name`; returns its
+        `TaskDefinition` (callable as the handler, with `enqueue` and `enqueue_sync`).
 
         Coroutine functions run on the event loop; plain functions run in a thread, or in a
         process pool with `process=True` (CPU-bound work; the function must be importable).
         `timeout` is seconds per attempt; the result must be JSON-serialisable (or a model).
         """
 
-        def register(handler: H) -> H:
+        def register(
+            handler: Callable[Concatenate[P, Params], R],
+        ) -> TaskDefinition[P, Params, R]:
             is_async = inspect.iscoroutinefunction(handler)
             if process and is_async:
                 raise ConfigError(f"task type {name!r}: process handlers must be plain functions")
+            definition = TaskDefinition(self, name, payload, handler)
             self.registry.add(
                 TaskType(
                     name=name,
                     payload_model=payload,
-                    handler=handler,
+                    # Pickled by name for the process pool: see TaskDefinition.__reduce__.
+                    handler=definition if process else handler,
                     run_in="loop" if is_async else ("process" if process else "thread"),
                     max_attempts=max_attempts,
                     timeout_s=timeout,
@@ -69,7 +157,7 @@ class Conveyor:
                     description=description or inspect.getdoc(handler) or "",
                 )
             )
-            return handler
+            return definition
 
         return register
 
@@ -117,8 +205,60 @@ class Conveyor:
         self.routers.append((router, prefix))
 
     def bind(self, client: Client) -> None:
-        """Attach the running process's client (done by the composition root)."""
-        self._client = client
+        """Attach an open state's client, on the running loop (done by `open_state`)."""
+        self._states.append((client, asyncio.get_running_loop(), os.getpid()))
+
+    def unbind(self, client: Client) -> None:
+        """Detach `client` when its state closes; an earlier one still open takes over."""
+        self._states = [entry for entry in self._states if entry[0] is not client]
+
+    @property
+    def _bound(self) -> list[tuple[Client, asyncio.AbstractEventLoop]]:
+        pid = os.getpid()
+        return [(client, loop) for client, loop, owner in self._states if owner == pid]
+
+    def connect_on_demand(self, connect: Callable[[], None] | None) -> None:
+        """Have `connect` (blocking; it must bind a client) called when a task is enqueued
+        through a definition and no client is bound: how a `SyncProducer` opens lazily.
+        None forgets it."""
+        self._connect = connect
+
+    def _binding(self) -> tuple[Client, asyncio.AbstractEventLoop]:
+        if not self._bound and self._connect is not None:
+            self._connect()
+        if not self._bound:
+            raise ConfigError(
+                "no Conveyor connections in this process: run inside a Conveyor service, or "
+                "open a conveyor.producer.Producer(app) (or SyncProducer) first"
+            )
+        return self._bound[-1]
+
+    async def submit(self, request: TaskRequest) -> TaskRecord:
+        """Enqueue `request` through the process's connections (see `TaskDefinition`)."""
+        if not self._bound and self._connect is not None:
+            await asyncio.to_thread(self._connect)  # connecting blocks: not on this loop
+        client, loop = self._binding()
+        if loop is asyncio.get_running_loop():
+            return (await client.enqueue_many([request]))[0].record
+        # Opened on another loop (a SyncProducer's thread): run it there.
+        return await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(_record_of(client, request), loop)
+        )
+
+    def submit_sync(self, request: TaskRequest) -> TaskRecord:
+        """`submit` for blocking code, which must not run on the loop serving the connections
+        (that would wait on itself): from there, await `submit` instead."""
+        client, loop = self._binding()
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise ConfigError(
+                f"enqueue_sync({request.type!r}) called on the event loop that serves "
+                "Conveyor's connections would block it: await enqueue(...) there"
+            )
+        return asyncio.run_coroutine_threadsafe(_record_of(client, request), loop).result()
 
     async def enqueue(
         self,
@@ -134,7 +274,13 @@ class Conveyor:
 
         Commit, and the task runs; roll back, and it never existed: no row, no message.
         """
-        if self._client is None:
+        if not self._bound:
             raise ConfigError("Conveyor.enqueue needs a running Conveyor process (state not open)")
         request = TaskRequest(type_, payload, idempotency_key, delay_s, max_attempts)
-        return await insert_in_transaction(self._client, conn, request)
+        return await insert_in_transaction(self._binding()[0], conn, request)
+
+
+def _record_of(client: Client, request: TaskRequest) -> Coroutine[Any, Any, TaskRecord]:
+    async def run() -> TaskRecord:
+        return (await client.enqueue_many([request]))[0].record
+    return run()

@@ -67,7 +67,10 @@ async def open_state(
         workers = WorkerStore(pool, settings.database_schema,
                               acquire_timeout_s=settings.pg_acquire_timeout)
         app.bind(client)
-        yield AppState(settings, app, pool, redis, keys, store, streams, client, workers)
+        try:
+            yield AppState(settings, app, pool, redis, keys, store, streams, client, workers)
+        finally:
+            app.unbind(client)
     finally:
         await pinned.release()
         await redis.aclose()

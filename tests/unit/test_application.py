@@ -2,21 +2,42 @@
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
+import pickle
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, assert_type
 
 import pytest
 from pydantic import BaseModel
 
-from conveyor.application import Conveyor
+from conveyor.application import Conveyor, TaskDefinition
 from conveyor.config import Settings
 from conveyor.errors import ConfigError
 from conveyor.registry import CronJob, CronTick, RetryPolicy, TaskContext
+from conveyor.store.tasks import TaskRecord
 
 
 class Resize(BaseModel):
     width: int
+
+
+class Color(BaseModel):
+    name: str
+
+
+_APP = Conveyor()
+
+
+@_APP.task("crunch", payload=Resize, process=True)
+def crunch(payload: Resize, ctx: TaskContext) -> int:
+    return payload.width * 2
+
+
+def square(payload: Resize, ctx: TaskContext) -> int:
+    return payload.width ** 2
 
 
 def context(task_type: str = "t") -> TaskContext:
@@ -34,14 +55,20 @@ def context(task_type: str = "t") -> TaskContext:
 # -- task --------------------------------------------------------------------------------------
 
 
-def test_async_handler_runs_in_loop_and_decorator_returns_it() -> None:
+async def test_async_handler_runs_in_loop_and_decorator_returns_its_definition() -> None:
     app = Conveyor()
 
     async def resize(payload: Resize, ctx: TaskContext) -> int:
+        """Shrinks."""
         return payload.width
 
     decorated = app.task("resize", payload=Resize)(resize)
-    assert decorated is resize
+    assert isinstance(decorated, TaskDefinition)
+    assert decorated.handler is resize
+    assert (decorated.name, decorated.payload_model) == ("resize", Resize)
+    assert decorated.__module__ == __name__
+    assert decorated.__doc__ == "Shrinks."
+    assert await decorated(Resize(width=4), context()) == 4  # callable as the handler
     registered = app.registry.get("resize")
     assert registered.run_in == "loop"
     assert registered.handler is resize
@@ -56,8 +83,8 @@ def test_sync_handler_runs_in_thread() -> None:
         return payload.width
 
     assert app.registry.get("resize").run_in == "thread"
-    assert app.registry.get("resize").handler is resize
-    assert resize(Resize(width=3), context()) == 3  # still the plain function
+    assert app.registry.get("resize").handler is resize.handler
+    assert resize(Resize(width=3), context()) == 3  # still callable as the plain function
 
 
 def test_sync_handler_with_process_runs_in_process() -> None:
@@ -66,8 +93,53 @@ def test_sync_handler_with_process_runs_in_process() -> None:
     def resize(payload: Resize, ctx: TaskContext) -> int:
         return payload.width
 
-    assert app.task("resize", payload=Resize, process=True)(resize) is resize
+    definition = app.task("resize", payload=Resize, process=True)(resize)
+    assert definition.handler is resize
     assert app.registry.get("resize").run_in == "process"
+    assert app.registry.get("resize").handler is definition
+
+
+def test_a_decorated_process_handler_pickles_by_its_module_level_name() -> None:
+    pickled = pickle.dumps(functools.partial(crunch, Resize(width=2)))
+    assert b"crunch" in pickled
+    assert b"TaskDefinition" not in pickled
+    restored = pickle.loads(pickled)
+    assert restored.func is crunch
+    assert restored(context()) == 4
+
+
+def test_a_process_handler_registered_by_call_pickles_as_the_plain_function() -> None:
+    definition = Conveyor().task("square", payload=Resize, process=True)(square)
+    restored = pickle.loads(pickle.dumps(definition))
+    assert restored is square
+
+
+def test_a_decorated_process_handler_runs_in_a_spawned_process() -> None:
+    handler = _APP.registry.get("crunch").handler
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        assert pool.submit(handler, Resize(width=5), context()).result(timeout=60) == 10
+
+
+async def test_enqueue_without_connections_says_how_to_get_them() -> None:
+    with pytest.raises(ConfigError, match="Producer"):
+        await crunch.enqueue(Resize(width=1))
+    with pytest.raises(ConfigError, match="Producer"):
+        crunch.enqueue_sync(Resize(width=1))
+
+
+def typed_payloads(wrong: Color) -> None:
+    """Never called: mypy checks it (a needless ignore is an error under strict mypy)."""
+    assert_type(crunch.enqueue_sync(Resize(width=1)), TaskRecord)
+    crunch.enqueue_sync(wrong)  # type: ignore[arg-type]
+    crunch.enqueue_sync({"width": 1})  # type: ignore[arg-type]
+    assert_type(crunch(Resize(width=1), context()), int)
+    crunch(wrong, context())  # type: ignore[arg-type]
+
+    async def handler(payload: Color, ctx: TaskContext) -> None:
+        return None
+
+    Conveyor().task("mismatch", payload=Resize)(handler)  # type: ignore[arg-type]
 
 
 def test_async_handler_with_process_is_rejected() -> None:

@@ -64,3 +64,13 @@ async def migrate(pool: Pool, schema: str) -> list[int]:
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied
+
+
+async def pending(pool: Pool, schema: str) -> list[int]:
+    """Versions shipped with the package that `schema` has not applied (all, if none ran)."""
+    with translate("migrate.pending"):
+        table = await pool.fetchval("SELECT to_regclass($1)", f"{schema}.migrations")
+        done = set() if table is None else {
+            r["version"] for r in await pool.fetch(f"SELECT version FROM {schema}.migrations")
+        }
+    return [m.version for m in migrations() if m.version not in done]
