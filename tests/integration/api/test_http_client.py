@@ -124,10 +124,12 @@ async def test_async_client_covers_every_method(served: Served) -> None:
         assert delayed.run_at - delayed.created_at >= timedelta(seconds=59)
         batch = await conveyor.enqueue_many([
             http.TaskSpec("flaky", {"failures": 0}),
-            http.TaskSpec("echo", Echo(value=3), idempotency_key="k-1"),
+            http.TaskSpec("echo", Echo(value="hi"), idempotency_key="k-1"),
         ])
         assert batch.created == 1
         assert batch.tasks[1].id == task.id
+        with pytest.raises(http.Conflict, match="k-1"):  # the key, with another payload
+            await conveyor.enqueue("echo", {"value": "other"}, idempotency_key="k-1")
         got = await conveyor.get(task.id)
         assert got == task
 
