@@ -299,18 +299,18 @@ def _why(log_lines: list[str], limit: int = 3) -> list[str]:
             entry = json.loads(line)
         except ValueError:
             if line and not line.startswith(" "):
-                found.append(line[:300])
+                found.append(line)
             continue
         if isinstance(entry, dict) and entry.get("level") in ("warning", "error", "critical"):
-            found.append(f"{entry['level']} {entry.get('event')}: {_innermost(entry)}"[:300])
-    return found[-limit:]
+            found.append(f"{entry['level']} {entry.get('event')}: {_innermost(entry)}")
+    return [" ".join(line.split())[:300] for line in found[-limit:]]
 
 
 def _innermost(entry: Any) -> str:
     """The deepest `exc_type: exc_value` of a structlog exception, else the `error` field."""
     best = str(entry.get("error", "")) if isinstance(entry, dict) else ""
     if isinstance(entry, dict) and "exc_type" in entry and not entry.get("exceptions"):
-        return f"{entry['exc_type']}: {entry.get('exc_value', '')}".replace("\n", " ")
+        return f"{entry['exc_type']}: {entry.get('exc_value', '')}"
     children = entry.get("exception") or entry.get("exceptions") if isinstance(
         entry, dict) else entry
     if isinstance(children, list):
@@ -339,6 +339,10 @@ class Proc:
         return self._started
 
 
+# Per pid, wall-clock windows in which that process was not a live worker.
+Windows = dict[int, list[tuple[float, float]]]
+
+
 class Cluster:
     """The servers and Conveyor processes of one chaos run, and what was done to each process.
 
@@ -354,7 +358,7 @@ class Cluster:
         self.procs: list[Proc] = []
         self.signalled: set[int] = set()
         self.stalled: set[int] = set()
-        self.impaired: dict[int, list[tuple[float, float]]] = {}
+        self.impaired: Windows = {}
         self._spawned = 0
 
     def settings(self) -> Settings:
@@ -579,23 +583,24 @@ class Injector:
         self.done("worker stall")
 
     async def flushall(self) -> None:
-        """FLUSHALL the live Redis, once a long task runs (waiting at most one long task)."""
+        """FLUSHALL the live Redis once a long task runs and a worker is blocked in a read
+        (waiting at most two long tasks' length for both; a backlog keeps reads from
+        blocking)."""
         running_long = ("SELECT count(*) FROM chaos.runs WHERE work_ms >= $1"
                         " AND finished_at IS NULL"
                         " AND started_at > clock_timestamp() - $2::interval")
-        window = self.plan.long_ms / 1000
-        deadline = time.monotonic() + window
-        long_now = 0
-        while self.plan.long_share > 0 and time.monotonic() < deadline:
-            long_now = await _count(self.state, running_long, self.plan.long_ms,
-                                    timedelta(seconds=window))
-            if long_now:
-                break
-            await asyncio.sleep(0.1)
+        window = timedelta(milliseconds=self.plan.long_ms)
+        deadline = time.monotonic() + 2 * window.total_seconds()
         async with Redis.from_url(self.cluster.redis.url) as redis:
-            clients = await redis.client_list()
-            blocked = sum(c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")
-                          for c in clients)
+            while True:
+                long_now = (await _count(self.state, running_long, self.plan.long_ms, window)
+                            if self.plan.long_share > 0 else 0)
+                blocked = sum(c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")
+                              for c in await redis.client_list())
+                ready = blocked > 0 and (long_now > 0 or self.plan.long_share <= 0)
+                if ready or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
             await redis.flushall()
         self.say(f"Redis FLUSHALL: {long_now} long tasks running, {blocked} clients blocked"
                  " in XREADGROUP")
@@ -665,38 +670,52 @@ def _worker_pid(worker_id: str) -> int:
     return int(worker_id.rsplit("-", 2)[1])
 
 
-def _overlaps(rows: list[asyncpg.Record], cluster: Cluster) -> tuple[list[str], int]:
-    """Pairs of runs of one task that overlap in time: (those on live workers, the others).
+@dataclass(frozen=True)
+class Run:
+    """One handler run from chaos.runs; times are Unix seconds, `finished` None if unwritten."""
 
-    A run's end is its recorded end; without one, its worker's SIGKILL if that came later,
-    else its start plus its planned work (the handler failed on writing its end).
+    task_id: str
+    worker: str
+    attempt: int
+    work_ms: int
+    started: float
+    finished: float | None
+
+
+def overlaps(runs: list[Run], impaired: Windows) -> tuple[list[str], int]:
+    """Pairs of runs of one task that overlap in time: (those on live workers, how many others).
+
+    `impaired` holds per pid the windows in which that process was not a live worker (from its
+    SIGKILL on: `(t, inf)`; a stall: `(stop, cont + grace)`). A pair is excused when either
+    worker has such a window meeting the overlap. A run's end is its recorded end; without one,
+    the kill of its worker if one came after its start, else its start plus its planned work
+    (its handler failed writing its end).
     """
-    def end_of(row: asyncpg.Record) -> float:
-        if row["finished"] is not None:
-            return float(row["finished"])
-        pid = _worker_pid(row["worker"])
-        kills = [a for a, b in cluster.impaired.get(pid, []) if b == math.inf
-                 and a >= row["started"]]
-        return min(kills) if kills else float(row["started"]) + row["work_ms"] / 1000
+    def end_of(run: Run) -> float:
+        if run.finished is not None:
+            return run.finished
+        kills = [a for a, b in impaired.get(_worker_pid(run.worker), [])
+                 if b == math.inf and a >= run.started]
+        return min(kills) if kills else run.started + run.work_ms / 1000
 
-    def impaired(pid: int, lo: float, hi: float) -> bool:
-        return any(a <= hi and lo <= b for a, b in cluster.impaired.get(pid, []))
+    def excused(run: Run, lo: float, hi: float) -> bool:
+        return any(a <= hi and lo <= b for a, b in impaired.get(_worker_pid(run.worker), []))
 
     live: list[str] = []
-    excused = 0
-    for task_id, group in itertools.groupby(rows, key=lambda r: r["task_id"]):
-        runs = [(r, float(r["started"]), end_of(r)) for r in group]
-        for (a, a0, a1), (b, b0, b1) in itertools.combinations(runs, 2):
+    others = 0
+    ordered = sorted(runs, key=lambda r: (r.task_id, r.started))
+    for task_id, group in itertools.groupby(ordered, key=lambda r: r.task_id):
+        spans = [(r, r.started, end_of(r)) for r in group]
+        for (a, a0, a1), (b, b0, b1) in itertools.combinations(spans, 2):
             lo, hi = max(a0, b0), min(a1, b1)
             if lo >= hi:
                 continue
-            if impaired(_worker_pid(a["worker"]), lo, hi) or impaired(
-                    _worker_pid(b["worker"]), lo, hi):
-                excused += 1
+            if excused(a, lo, hi) or excused(b, lo, hi):
+                others += 1
             else:
-                live.append(f"task {task_id}: attempt {a['attempt']} on {a['worker']} and"
-                            f" attempt {b['attempt']} on {b['worker']} overlap {hi - lo:.2f} s")
-    return live, excused
+                live.append(f"task {task_id}: attempt {a.attempt} on {a.worker} and"
+                            f" attempt {b.attempt} on {b.worker} overlap {hi - lo:.2f} s")
+    return live, others
 
 
 async def _check(state: AppState, cluster: Cluster, report: Report) -> None:
@@ -730,7 +749,9 @@ async def _check(state: AppState, cluster: Cluster, report: Report) -> None:
         FROM chaos.runs WHERE task_id IN
           (SELECT task_id FROM chaos.runs GROUP BY task_id HAVING count(*) > 1)
         ORDER BY task_id, started_at""")
-    report.live_overlaps, report.impaired_overlaps = _overlaps(runs, cluster)
+    report.live_overlaps, report.impaired_overlaps = overlaps(
+        [Run(str(r["task_id"]), r["worker"], r["attempt"], r["work_ms"], r["started"],
+             r["finished"]) for r in runs], cluster.impaired)
 
 
 async def _run(cluster: Cluster, plan: Plan) -> Report:
@@ -753,6 +774,11 @@ async def _run(cluster: Cluster, plan: Plan) -> Report:
         report.elapsed_s = drained - began
         report.unclean_stops = await asyncio.to_thread(cluster.stop_processes)
         await _check(state, cluster, report)
+        if not report.ok:
+            for table in (f"{SCHEMA}.tasks", "chaos.runs", "chaos.transitions"):
+                await state.pool.copy_from_query(
+                    f"SELECT * FROM {table} ORDER BY 1", output=cluster.base / f"{table}.csv",
+                    format="csv", header=True)
         if report.faults and report.lost == 0:
             report.drain_after_last_fault_s = drained - max(t for t, _ in report.faults)
     return report
@@ -761,7 +787,8 @@ async def _run(cluster: Cluster, plan: Plan) -> Report:
 def run(plan: Plan, keep: Path | None = None) -> Report:
     """Start everything, run the plan, stop everything; the report says what happened.
 
-    A failed run keeps its process and server logs (not the server data) and says where.
+    A failed run keeps its process and server logs, and the task, run and transition tables
+    as CSV (not the server data), and says where.
     """
     base = keep or Path(tempfile.mkdtemp(prefix="conveyor-chaos-"))
     base.mkdir(parents=True, exist_ok=True)
