@@ -327,7 +327,7 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log: Path
 
-    _started: bool = False
+    _started: bool = field(default=False, init=False)
 
     @property
     def pid(self) -> int:
