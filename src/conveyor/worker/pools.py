@@ -108,6 +108,7 @@ class ProcessPool:
     def __init__(self, size: int) -> None:
         self.size = size
         self._pool: pebble.ProcessPool | None = None
+        self._closed = False
 
     def start(self) -> None:
         """Start the processes now rather than on the first call."""
@@ -115,6 +116,8 @@ class ProcessPool:
             self._pool = self._new()
 
     def _new(self) -> pebble.ProcessPool:
+        if self._closed:
+            raise RuntimeError("the process pool is closed")
         pool = pebble.ProcessPool(
             max_workers=self.size,
             initializer=_ignore_sigint,
@@ -147,6 +150,7 @@ class ProcessPool:
     def close(self) -> None:
         """Stop the processes without waiting here: a running call is killed (the drain has
         already waited for handlers)."""
+        self._closed = True
         if self._pool is not None:
             _dispose(self._pool)
             self._pool = None
