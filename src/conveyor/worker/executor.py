@@ -1,23 +1,21 @@
 """One handler call: async on the loop, blocking in a thread, CPU-bound in a process pool;
 with the type's timeout, and its outcome decided (succeeded, retry later, or dead).
 
-A timed-out thread or process handler cannot be killed: the attempt is recorded as timed out
-and the function runs on in the background until it returns.
+A timed-out coroutine handler is cancelled; a timed-out process handler is killed; a timed-out
+thread handler runs on in the background (see `conveyor.worker.pools`). Either way the attempt
+is recorded as failed, `timed out after N s`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import multiprocessing
-import signal
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import orjson
+from pebble import ProcessExpired
 from pydantic import BaseModel, ValidationError
 
 from conveyor import metrics
@@ -25,21 +23,15 @@ from conveyor.config import Settings
 from conveyor.errors import Fail, Retry
 from conveyor.registry import Lease, RetryPolicy, TaskContext, TaskType
 from conveyor.store.tasks import Outcome, Started
+from conveyor.worker.pools import ProcessPool, ThreadPool, TimedOut
 
 _MAX_ERROR_CHARS = 4000
-Pool = ThreadPoolExecutor | ProcessPoolExecutor
 
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
-
-
-def _ignore_sigint() -> None:
-    # Ctrl+C reaches the whole foreground process group; pool children leave it to the parent,
-    # which drains them.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def describe(exc: BaseException) -> str:
@@ -60,31 +52,21 @@ class Executor:
         self.settings = settings
         self.worker_id = worker_id
         self.default_retry = RetryPolicy(settings.retry_base_delay, settings.retry_max_delay)
-        self._threads = ThreadPoolExecutor(
-            max_workers=settings.concurrency, thread_name_prefix="conveyor-task"
-        )
-        self._processes: ProcessPoolExecutor | None = None
+        # A hung thread call is replaced by a fresh thread, up to `concurrency` at once.
+        self._threads = ThreadPool(settings.concurrency, spare=settings.concurrency)
+        self._processes = ProcessPool(settings.process_pool_size)
 
     def warm_up(self, types: list[TaskType]) -> None:
         """Start the process pool now if any type needs it, rather than on its first task."""
         if any(t.run_in == "process" for t in types):
-            self._process_pool()
-
-    def _process_pool(self) -> ProcessPoolExecutor:
-        if self._processes is None:
-            self._processes = ProcessPoolExecutor(
-                max_workers=self.settings.process_pool_size,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_ignore_sigint,
-            )
-        return self._processes
+            self._processes.start()
 
     def close(self) -> None:
-        """Release the pools without waiting: the drain has already waited for handlers, and a
-        thread still running past it (it cannot be killed) must not block the event loop."""
-        self._threads.shutdown(wait=False, cancel_futures=True)
-        if self._processes is not None:
-            self._processes.shutdown(wait=False, cancel_futures=True)
+        """Release the pools without blocking the event loop: the drain has already waited
+        for handlers; a thread still running past it (it cannot be killed) is left to end, a
+        process is killed."""
+        self._threads.close()
+        self._processes.close()
 
     async def execute(
         self, task_type: TaskType, started: Started, lease: Lease | None = None
@@ -107,25 +89,19 @@ class Executor:
         meters = metrics.type_meters(task_type.name)
         meters.started.inc()
         began = time.perf_counter()
-        pool = self._pool_for(task_type)
         try:
-            if task_type.timeout_s is None:  # no Timeout object (and its task lookups) per task
-                result = await self._call(task_type, payload, ctx, pool)
-            else:
-                async with asyncio.timeout(task_type.timeout_s) as scope:
-                    result = await self._call(task_type, payload, ctx, pool)
+            result = await self._call(task_type, payload, ctx)
+        except TimedOut as exc:
+            return self._retry(task_type, started, str(exc), None)
         except Retry as exc:
             return self._retry(task_type, started, f"retry requested: {exc.reason}", exc.delay_s)
         except Fail as exc:
             return self._dead(started, f"failed: {exc.reason}")
-        except TimeoutError as exc:
-            expired = task_type.timeout_s is not None and scope.expired()
-            error = f"timed out after {task_type.timeout_s} s" if expired else describe(exc)
-            return self._retry(task_type, started, error, None)
-        except BrokenProcessPool as exc:
-            if pool is self._processes:  # a child died; the next process task gets a new pool
-                self._processes = None
+        except BrokenProcessPool as exc:  # the next process call gets a new pool
             return self._retry(task_type, started, f"process pool broke: {exc}", None)
+        except ProcessExpired as exc:  # pebble has already replaced the process
+            return self._retry(task_type, started,
+                               f"handler process died (exit code {exc.exitcode})", None)
         except asyncio.CancelledError as exc:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -147,17 +123,20 @@ class Executor:
         return Outcome(started.id, task_type.name, started.attempt, "succeeded",
                        result_json=result_json)
 
-    async def _call(self, task_type: TaskType, payload: BaseModel, ctx: TaskContext,
-                    pool: Pool | None) -> Any:
-        if pool is None:
-            return await task_type.handler(payload, ctx)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(pool, functools.partial(task_type.handler, payload, ctx))
-
-    def _pool_for(self, task_type: TaskType) -> Pool | None:
+    async def _call(self, task_type: TaskType, payload: BaseModel, ctx: TaskContext) -> Any:
+        timeout_s = task_type.timeout_s
         if task_type.run_in == "loop":
-            return None
-        return self._threads if task_type.run_in == "thread" else self._process_pool()
+            if timeout_s is None:  # no Timeout object (and its task lookups) per task
+                return await task_type.handler(payload, ctx)
+            try:
+                async with asyncio.timeout(timeout_s) as scope:
+                    return await task_type.handler(payload, ctx)
+            except TimeoutError:
+                if scope.expired():
+                    raise TimedOut(timeout_s) from None
+                raise  # the handler's own TimeoutError
+        pool = self._threads if task_type.run_in == "thread" else self._processes
+        return await pool.run(task_type.handler, payload, ctx, timeout_s=timeout_s)
 
     def _retry(
         self, task_type: TaskType, started: Started, error: str, delay_s: float | None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -19,6 +21,7 @@ from conveyor.errors import Fail, Retry
 from conveyor.registry import Handler, RetryPolicy, RunIn, TaskContext, TaskType
 from conveyor.store.tasks import Started
 from conveyor.worker.executor import Executor
+from tests.conftest import eventually
 
 
 class Numbers(BaseModel):
@@ -39,6 +42,35 @@ def process_retry(payload: Numbers, ctx: TaskContext) -> None:
     raise Retry("come back later", delay_s=7.5)
 
 
+def process_sleep(payload: Numbers, ctx: TaskContext) -> int:
+    """Sleeps `a` tenths of a second and returns its pid."""
+    time.sleep(payload.a / 10)
+    return os.getpid()
+
+
+def process_timeout_error(payload: Numbers, ctx: TaskContext) -> None:
+    raise TimeoutError("upstream took too long")
+
+
+def process_exit(payload: Numbers, ctx: TaskContext) -> None:
+    os._exit(payload.a)
+
+
+class Unloadable:
+    """Pickles in the child; fails to unpickle in the parent."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _refuse_to_load, ()
+
+
+def _refuse_to_load() -> None:
+    raise TypeError("cannot be loaded here")
+
+
+def process_unloadable(payload: Numbers, ctx: TaskContext) -> Unloadable:
+    return Unloadable()
+
+
 def make_settings(**overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "database_url": "postgresql://x",
@@ -54,6 +86,15 @@ def make_settings(**overrides: Any) -> Settings:
 @pytest.fixture
 def executor() -> Iterator[Executor]:
     ex = Executor(make_settings(), "worker-1")
+    yield ex
+    ex.close()
+
+
+@pytest.fixture(scope="module")
+def one_process() -> Iterator[Executor]:
+    """An executor with a one-process pool, shared by the process tests (spawning is slow)."""
+    ex = Executor(make_settings(process_pool_size=1), "worker-p")
+    ex.warm_up([make_type(process_add, "process")])
     yield ex
     ex.close()
 
@@ -302,23 +343,191 @@ async def test_sync_handler_exceptions_are_handled_like_async_ones(executor: Exe
 
 
 @pytest.mark.slow
-async def test_process_handler_runs_in_another_process_and_retry_survives_pickling() -> None:
-    executor = Executor(make_settings(process_pool_size=1), "worker-p")
+async def test_process_handler_runs_in_another_process_and_retry_survives_pickling(
+    one_process: Executor,
+) -> None:
+    executor = one_process
+    outcome = await executor.execute(make_type(process_add, "process"), started(attempt=2))
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.result_json is not None
+    result = orjson.loads(outcome.result_json)
+    assert result["total"] == 5
+    assert result["attempt"] == 2
+    assert result["pid"] != os.getpid()
+
+    outcome = await executor.execute(make_type(process_retry, "process"), started(attempt=1))
+    assert outcome.status == "queued", outcome.error
+    assert outcome.delay_s == 7.5
+    assert outcome.error == "retry requested: come back later"
+
+
+# -- handlers that hang past their timeout ----------------------------------------------------
+
+
+async def test_a_hung_thread_no_longer_holds_the_pool() -> None:
+    executor = Executor(make_settings(concurrency=1), "worker-t")  # one thread
+    release = threading.Event()
+    hung_threads: list[threading.Thread] = []
+
+    def hang(payload: Numbers, ctx: TaskContext) -> None:
+        hung_threads.append(threading.current_thread())
+        release.wait(30)
+
+    def quick(payload: Numbers, ctx: TaskContext) -> int:
+        return threading.get_ident()
+
     try:
-        outcome = await executor.execute(make_type(process_add, "process"), started(attempt=2))
+        outcome = await executor.execute(make_type(hang, "thread", timeout_s=0.1), started())
+        assert (outcome.status, outcome.error) == ("queued", "timed out after 0.1 s")
+        (hung,) = hung_threads
+        assert hung.is_alive()
+        # The next call gets a thread of its own at once instead of queueing behind the hung
+        # one (where it would time out too).
+        outcome = await executor.execute(make_type(quick, "thread", timeout_s=2.0), started())
         assert outcome.status == "succeeded", outcome.error
         assert outcome.result_json is not None
-        result = orjson.loads(outcome.result_json)
-        assert result["total"] == 5
-        assert result["attempt"] == 2
-        assert result["pid"] != os.getpid()
-
-        outcome = await executor.execute(make_type(process_retry, "process"), started(attempt=1))
-        assert outcome.status == "queued", outcome.error
-        assert outcome.delay_s == 7.5
-        assert outcome.error == "retry requested: come back later"
+        assert orjson.loads(outcome.result_json) != hung.ident
+        assert hung.is_alive()
+        assert executor._threads.abandoned == 1
     finally:
+        release.set()
         executor.close()
+
+    async def let_go() -> bool:
+        return executor._threads.abandoned == 0 and not hung.is_alive()
+
+    await eventually(let_go)
+
+
+async def test_hung_threads_get_replacements_only_up_to_spare() -> None:
+    executor = Executor(make_settings(concurrency=1), "worker-t")  # one thread, one spare
+    release = threading.Event()
+
+    def hang(payload: Numbers, ctx: TaskContext) -> None:
+        release.wait(30)
+
+    hang_type = make_type(hang, "thread", timeout_s=0.1)
+    try:
+        for _ in range(2):  # the first is replaced, the second is not
+            outcome = await executor.execute(hang_type, started())
+            assert outcome.error == "timed out after 0.1 s"
+        assert executor._threads.abandoned == 2
+        outcome = await executor.execute(hang_type, started())  # waits, never runs
+        assert outcome.error == "timed out after 0.1 s"
+        assert executor._threads.abandoned == 2
+    finally:
+        release.set()
+        executor.close()
+
+
+@pytest.mark.slow
+async def test_a_hung_process_is_killed_and_the_next_call_runs_at_once(
+    one_process: Executor,
+) -> None:
+    executor = one_process
+    first = await executor.execute(make_type(process_sleep, "process"),
+                                   started(payload={"a": 0}))
+    assert first.result_json is not None
+    hung_pid = int(first.result_json)  # the pool's only process, which the next call hangs
+    outcome = await executor.execute(make_type(process_sleep, "process", timeout_s=0.3),
+                                     started(payload={"a": 600}))
+    assert (outcome.status, outcome.error) == ("queued", "timed out after 0.3 s")
+
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    outcome = await executor.execute(make_type(process_sleep, "process", timeout_s=20),
+                                     started(payload={"a": 0}))
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.result_json is not None
+    assert int(outcome.result_json) != hung_pid
+    assert loop.time() - began < 15  # not behind a 60 s sleep
+
+    async def gone() -> bool:
+        try:
+            os.kill(hung_pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    await eventually(gone)
+
+
+@pytest.mark.slow
+async def test_a_process_timeout_counts_from_when_a_process_takes_the_call(
+    one_process: Executor,
+) -> None:
+    executor = one_process
+    # Three 0.5 s calls on one process: the last one ends 1.5 s after it was made, past its
+    # 1.2 s timeout, having run for only 0.5 s of it.
+    task_type = make_type(process_sleep, "process", timeout_s=1.2)
+    outcomes = await asyncio.gather(*(
+        executor.execute(task_type, started(payload={"a": 5})) for _ in range(3)
+    ))
+    assert [o.status for o in outcomes] == ["succeeded"] * 3, [o.error for o in outcomes]
+
+
+@pytest.mark.slow
+async def test_a_process_that_dies_or_breaks_the_pool_is_a_failed_attempt(
+    one_process: Executor,
+) -> None:
+    executor = one_process
+    add = make_type(process_add, "process")
+    outcome = await executor.execute(make_type(process_exit, "process"),
+                                     started(payload={"a": 3}))
+    assert (outcome.status, outcome.error) == ("queued",
+                                               "handler process died (exit code 3)")
+    assert (await executor.execute(add, started())).status == "succeeded"
+
+    outcome = await executor.execute(make_type(process_unloadable, "process"), started())
+    assert outcome.status == "queued"
+    assert outcome.error is not None
+    assert outcome.error.startswith("process pool broke")
+    outcome = await executor.execute(add, started())  # on a new pool
+    assert outcome.status == "succeeded", outcome.error
+
+    outcome = await executor.execute(
+        make_type(process_timeout_error, "process", timeout_s=20), started())
+    assert outcome.status == "queued"
+    assert outcome.error is not None
+    assert "TimeoutError: upstream took too long" in outcome.error
+    assert "timed out after" not in outcome.error
+
+
+@pytest.mark.slow
+async def test_close_does_not_wait_for_hung_handlers() -> None:
+    before = {p.pid for p in multiprocessing.active_children()}
+    executor = Executor(make_settings(process_pool_size=1), "worker-p")
+    executor.warm_up([make_type(process_sleep, "process")])
+    mine = {p.pid for p in multiprocessing.active_children()} - before
+    assert len(mine) == 1
+    began, release = threading.Event(), threading.Event()
+
+    def hang(payload: Numbers, ctx: TaskContext) -> None:
+        began.set()
+        release.wait(30)
+
+    hung_process = asyncio.ensure_future(executor.execute(
+        make_type(process_sleep, "process"), started(payload={"a": 600})))
+    hung_thread = asyncio.ensure_future(executor.execute(make_type(hang, "thread"), started()))
+
+    async def thread_began() -> bool:
+        return began.is_set()
+
+    try:
+        await eventually(thread_began)
+        closing = time.perf_counter()
+        executor.close()
+        assert time.perf_counter() - closing < 0.5
+
+        async def processes_gone() -> bool:
+            return not mine & {p.pid for p in multiprocessing.active_children()}
+
+        await eventually(processes_gone)  # killed, not left to sleep on
+    finally:
+        release.set()
+        hung_process.cancel()
+        hung_thread.cancel()
+        await asyncio.gather(hung_process, hung_thread, return_exceptions=True)
 
 
 # -- payloads and results ----------------------------------------------------------------------
