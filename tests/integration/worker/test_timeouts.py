@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
+from structlog.testing import capture_logs
 
 from conveyor.application import Conveyor
 from conveyor.config import Settings
@@ -82,10 +83,12 @@ async def test_a_hung_handler_times_out_and_the_retry_runs_at_once(
     state: AppState, start_worker: StartWorker, task_type: str, timeout: float
 ) -> None:
     hung = (await state.client.enqueue(task_type, {})).record.id
-    await start_worker(types=[task_type])
-    record = await finished(state, hung)
+    with capture_logs() as logs:
+        await start_worker(types=[task_type])
+        record = await finished(state, hung)
     assert record.status == "succeeded", record.last_error
     assert record.attempts == 2
-    assert record.last_error == f"timed out after {timeout} s"
+    failures = [e for e in logs if e["event"] == "task.failed"]
+    assert [e["error"] for e in failures] == [f"timed out after {timeout} s"]
     result: Any = record.result
     assert result["attempt"] == 2
