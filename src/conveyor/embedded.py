@@ -367,8 +367,9 @@ def _shared_dir(path: Path) -> Path:
 def _shared_home(root: Path) -> Path:
     """SHARED/data/<name>: where the servers of data_dir `root` keep their data, as root."""
     digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
-    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in str(root).strip("/"))
-    home = _shared_dir(SHARED / "data" / f"{name[-60:]}-{digest}")
+    # Short: Postgres's socket path in it must stay under 108 bytes (sun_path).
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in "-".join(root.parts[-2:]))
+    home = _shared_dir(SHARED / "data" / f"{name[-24:]}-{digest}")
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     link = root / "servers"  # for people looking for the data
     if not (link.is_symlink() and link.readlink() == home):
