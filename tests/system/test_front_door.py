@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,13 +187,37 @@ def _private_clone(parent: Path, owner: pwd.struct_passwd) -> Path:
         source = Path(spec.submodule_search_locations[0])
         for tree in (source, source.with_name(f"{package}.libs")):  # the wheel's libraries
             if tree.is_dir():
-                shutil.copytree(tree, site / tree.name, symlinks=True, copy_function=os.link,
-                                ignore=shutil.ignore_patterns("__pycache__"))
-    if owner.pw_uid != 0:
+                shutil.copytree(tree, site / tree.name, symlinks=True,
+                                ignore=shutil.ignore_patterns("__pycache__"),
+                                copy_function=os.link if owner.pw_uid == 0 else shutil.copy2)
+    if owner.pw_uid != 0:  # never a hard link: that would change the venv's own files
         for path in (private, *private.rglob("*")):
-            os.lchown(path, owner.pw_uid, owner.pw_gid)
+            if path.is_dir() or path.lstat().st_nlink == 1:
+                os.lchown(path, owner.pw_uid, owner.pw_gid)
     assert private.stat().st_mode & 0o777 == 0o700
     return repo
+
+
+def interpreter_for(user: str) -> tuple[Path, list[Path]]:
+    """A Python `user` can run with this venv's packages: the venv's own, else (a venv made
+    from a Python under /root, which `nobody` cannot reach) the system's of the same version
+    with the venv's site-packages on its path."""
+    site_packages = Path(sysconfig.get_paths()["purelib"])
+    wanted = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    for python, libraries in ((PYTHON, []), (Path("/usr/bin/python3"), [site_packages])):
+        try:
+            probe = subprocess.run(
+                [str(python), "-c", "import sys, asyncpg, redis.asyncio, uvicorn; "
+                 "print('%d.%d' % sys.version_info[:2])"],
+                user=user, capture_output=True, text=True, timeout=30, check=False,
+                env={"PATH": os.environ.get("PATH", ""),
+                     "PYTHONPATH": os.pathsep.join(map(str, libraries))})
+        except OSError:  # e.g. the venv's interpreter is a link into /root
+            continue
+        if probe.returncode == 0 and probe.stdout.strip() == wanted:
+            return python, libraries
+    pytest.skip(f"no Python {wanted} that user {user} can run with this venv's packages "
+                f"(this venv's is {Path(sys.executable).resolve()})")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to run as root and as nobody)")
@@ -202,13 +227,15 @@ async def test_conveyor_run_from_a_clone_in_a_private_directory_completes_a_task
 ) -> None:
     owner = pwd.getpwnam(user)
     scratch = Path(tempfile.mkdtemp(prefix="conveyor-front-", dir="/tmp"))
+    os.chmod(scratch, 0o711)  # the private dir is the one inside it, as /root is in /
     try:
         repo = _private_clone(scratch, owner)
-        env = clean_env(CONVEYOR_PORT=str(free_port()),
-                        PYTHONPATH=os.pathsep.join(map(str, (repo / ".site", repo / "src"))))
+        python, libraries = interpreter_for(user)
+        env = clean_env(CONVEYOR_PORT=str(free_port()), PYTHONPATH=os.pathsep.join(
+            map(str, (repo / ".site", repo / "src", *libraries))))
         if user != "root":
             env["HOME"] = str(repo)
-        run = Process([str(PYTHON), "-m", "conveyor", "run"], repo, env,
+        run = Process([str(python), "-m", "conveyor", "run"], repo, env,
                       scratch / "run.log", user=None if user == "root" else user)
         processes.append(run)
         await eventually(run.ready, timeout_s=120, interval_s=0.2)
