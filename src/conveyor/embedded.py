@@ -217,8 +217,8 @@ class _Servers:
             return
         user = self.user
         self.as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-        if _barrier(root, user) is not None:
-            self.home = _shared_home(root)
+        if _barrier(root, user) is not None or (root / "servers").is_symlink():
+            self.home = _shared_home(root)  # (once there, the data stays there)
         if _barrier(self.pg_bin / "postgres", user) or _barrier(self.valkey_bin, user):
             self.pg_bin, self.valkey_bin = _shared_binaries(self.pg_bin, self.valkey_bin)
         for target in (self.home, self.pg_bin / "postgres", self.valkey_bin):
