@@ -143,10 +143,12 @@ async def _servers(settings: Settings, embedded_mode: Embedded) -> AsyncIterator
             urls = await stack.enter_async_context(embedded.start(settings.data_dir))
         else:
             urls = await asyncio.to_thread(embedded.attach, settings.data_dir)
+        hint = ({"attach_with": f"conveyor worker --data-dir {urls.data_dir}"}
+                if embedded_mode.mode == "start" else {})
         log.info("embedded.servers", mode=embedded_mode.mode, data_dir=str(urls.data_dir),
                  database_url=urls.database_url,
                  redis_url=urls.redis_url if embedded_mode.show_secrets else urls.redis_redacted,
-                 attach=f"conveyor worker --data-dir {urls.data_dir}")
+                 **hint)
         yield settings.model_copy(
             update={"database_url": urls.database_url, "redis_url": urls.redis_url}
         )
