@@ -356,7 +356,8 @@ def _shared_dir(path: Path) -> Path:
     for directory in (*reversed(path.parents), path):
         if not directory.exists():
             with contextlib.suppress(FileExistsError):
-                directory.mkdir(mode=0o711)
+                directory.mkdir()
+                directory.chmod(0o711)  # whatever the umask
         st = directory.stat()
         if directory.is_relative_to(SHARED) and (st.st_uid != 0 or st.st_mode & 0o022):
             raise ConfigError(f"{directory} must be owned by root and writable by root alone "
@@ -413,7 +414,7 @@ def _shared_binaries(pg_bin: Path, valkey_bin: Path) -> tuple[Path, Path]:
 
 def _link_or_copy(source: str, target: str) -> None:
     """Hard-link a file others may already read (the usual pip install); else copy it and let
-    others read (and, if executable, run) the copy. Directories get 0755 from copytree."""
+    others read (and, if executable, run) the copy."""
     st = os.stat(source)
     if st.st_mode & 0o004:
         with contextlib.suppress(OSError):
