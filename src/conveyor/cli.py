@@ -75,7 +75,8 @@ def load_app(spec: str, app_dir: Path | None = None) -> Conveyor:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"--app {spec!r}: cannot import {module_name!r}: {exc}") from exc
+        raise ConfigError(f"--app {spec!r}: cannot import {module_name!r} (looked first in "
+                          f"{directory}; --app-dir names another directory): {exc}") from exc
     app = getattr(module, attr or "app", None)
     if not isinstance(app, Conveyor):
         raise ConfigError(f"--app {spec!r}: {attr or 'app'} is not a Conveyor instance")
