@@ -199,26 +199,32 @@ def _private_clone(parent: Path, owner: pwd.struct_passwd) -> Path:
     return repo
 
 
-def interpreter_for(user: str) -> tuple[Path, list[Path]]:
-    """A Python `user` can run with this venv's packages: the venv's own, else (a venv made
-    from a Python under /root, which `nobody` cannot reach) the system's of the same version
-    with the venv's site-packages on its path."""
-    site_packages = Path(sysconfig.get_paths()["purelib"])
-    wanted = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    for python, libraries in ((PYTHON, []), (Path("/usr/bin/python3"), [site_packages])):
+def interpreter_for(user: str, scratch: Path) -> tuple[Path, dict[str, str]]:
+    """A Python `user` can run with this venv's packages, and the environment it needs: the
+    venv's own; else, when the venv's base Python lies where `user` cannot go (a pyenv build
+    under /root), a hard-linked copy of that Python's installation (not its site-packages)
+    in `scratch`, with the venv's site-packages on its path."""
+    candidates: list[tuple[Path, dict[str, str]]] = [(PYTHON, {})]
+    base = Path(sys.base_prefix)
+    if not (Path(sys.base_prefix) / "bin").is_relative_to(scratch):
+        copy = scratch / "python"
+        shutil.copytree(base, copy, symlinks=True, copy_function=os.link,
+                        ignore=shutil.ignore_patterns("site-packages"))
+        version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+        candidates.append((copy / "bin" / version, {
+            "PYTHONPATH": sysconfig.get_paths()["purelib"],
+            "LD_LIBRARY_PATH": str(copy / "lib")}))  # its libpython, found by an absolute path
+    for python, env in candidates:
         try:
             probe = subprocess.run(
-                [str(python), "-c", "import sys, asyncpg, redis.asyncio, uvicorn; "
-                 "print('%d.%d' % sys.version_info[:2])"],
-                user=user, capture_output=True, text=True, timeout=30, check=False,
-                env={"PATH": os.environ.get("PATH", ""),
-                     "PYTHONPATH": os.pathsep.join(map(str, libraries))})
+                [str(python), "-c", "import asyncpg, redis.asyncio, uvicorn, PIL"], user=user,
+                capture_output=True, text=True, timeout=60, check=False,
+                env={"PATH": os.environ.get("PATH", ""), **env})
         except OSError:  # e.g. the venv's interpreter is a link into /root
             continue
-        if probe.returncode == 0 and probe.stdout.strip() == wanted:
-            return python, libraries
-    pytest.skip(f"no Python {wanted} that user {user} can run with this venv's packages "
-                f"(this venv's is {Path(sys.executable).resolve()})")
+        if probe.returncode == 0:
+            return python, env
+    pytest.skip(f"no Python that user {user} can run with this venv's packages")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to run as root and as nobody)")
@@ -231,9 +237,10 @@ async def test_conveyor_run_from_a_clone_in_a_private_directory_completes_a_task
     os.chmod(scratch, 0o711)  # the private dir is the one inside it, as /root is in /
     try:
         repo = _private_clone(scratch, owner)
-        python, libraries = interpreter_for(user)
-        env = clean_env(CONVEYOR_PORT=str(free_port()), PYTHONPATH=os.pathsep.join(
-            map(str, (repo / ".site", repo / "src", *libraries))))
+        python, extra = interpreter_for(user, scratch)
+        env = clean_env(**extra, CONVEYOR_PORT=str(free_port()))
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(repo / ".site"), str(repo / "src"), extra.get("PYTHONPATH")) if p)
         if user != "root":
             env["HOME"] = str(repo)
         run = Process([str(python), "-m", "conveyor", "run"], repo, env,
