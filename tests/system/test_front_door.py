@@ -204,26 +204,26 @@ def interpreter_for(user: str, scratch: Path) -> tuple[Path, dict[str, str]]:
     venv's own; else, when the venv's base Python lies where `user` cannot go (a pyenv build
     under /root), a hard-linked copy of that Python's installation (not its site-packages)
     in `scratch`, with the venv's site-packages on its path."""
-    candidates: list[tuple[Path, dict[str, str]]] = [(PYTHON, {})]
-    base = Path(sys.base_prefix)
-    if not (Path(sys.base_prefix) / "bin").is_relative_to(scratch):
-        copy = scratch / "python"
-        shutil.copytree(base, copy, symlinks=True, copy_function=os.link,
-                        ignore=shutil.ignore_patterns("site-packages"))
-        version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-        candidates.append((copy / "bin" / version, {
-            "PYTHONPATH": sysconfig.get_paths()["purelib"],
-            "LD_LIBRARY_PATH": str(copy / "lib")}))  # its libpython, found by an absolute path
-    for python, env in candidates:
+    def runs(python: Path, env: dict[str, str]) -> bool:
         try:
             probe = subprocess.run(
                 [str(python), "-c", "import asyncpg, redis.asyncio, uvicorn, PIL"], user=user,
                 capture_output=True, text=True, timeout=60, check=False,
                 env={"PATH": os.environ.get("PATH", ""), **env})
         except OSError:  # e.g. the venv's interpreter is a link into /root
-            continue
-        if probe.returncode == 0:
-            return python, env
+            return False
+        return probe.returncode == 0
+
+    if runs(PYTHON, {}):
+        return PYTHON, {}
+    copy = scratch / "python"
+    shutil.copytree(sys.base_prefix, copy, symlinks=True, copy_function=os.link,
+                    ignore=shutil.ignore_patterns("site-packages"))
+    python = copy / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    env = {"PYTHONPATH": sysconfig.get_paths()["purelib"],
+           "LD_LIBRARY_PATH": str(copy / "lib")}  # its libpython, else found by an absolute path
+    if runs(python, env):
+        return python, env
     pytest.skip(f"no Python that user {user} can run with this venv's packages")
 
 
