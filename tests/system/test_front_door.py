@@ -3,8 +3,9 @@ nothing beside it, `conveyor run` from a clone under a private (mode 700) direct
 as an unprivileged user, `--app` for a module in the working directory, and a second process
 attached to the embedded servers of `conveyor run`.
 
-Processes run on this venv's Python with PYTHONPATH naming the code under test (a clone's, or
-this checkout's), never the directory of the user's module.
+Processes run on this venv's packages with PYTHONPATH naming the code under test (a clone's,
+or this checkout's), never the directory of the user's module. Building a venv per test would
+take minutes; `tests/system/test_zero_setup.py` runs `make run` itself.
 """
 
 from __future__ import annotations
