@@ -30,6 +30,14 @@ servers:
 test: $(VENV)/.dev servers
 	$(BIN)/python -m pytest
 
+## bench: Conveyor's rows and the installed peers' (see bench/README.md; ARGS="--n 2000 --runs 1")
+bench: $(VENV)/.dev servers
+	$(BIN)/python -m bench $(ARGS)
+
+## chaos: the chaos run (ARGS="--tasks 2000 --kills 3 --redis-wipes 1 --pg-restarts 1")
+chaos: $(VENV)/.dev servers
+	$(BIN)/python -m conveyor.testing.chaos $(ARGS)
+
 ## check: ruff, mypy, import layers
 check: $(VENV)/.dev
 	$(BIN)/ruff check src tests bench scripts examples

@@ -1,2 +1,2 @@
-"""Conveyor's benchmark against the Redis task-queue peers of `shared/bench/peers`
-(see bench/README.md): `python -m bench`."""
+"""Conveyor's benchmark next to the Redis task-queue peers (arq, SAQ, taskiq, Celery, Dramatiq,
+RQ, streaQ) on one workload (see bench/README.md): `python -m bench`."""

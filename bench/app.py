@@ -1,6 +1,6 @@
 """The benchmark's Conveyor app: one task type, `noop`, the peers' workload.
 
-Its handler does what every peer's task does: `bench_peers.amark_done(async_redis())`, i.e.
+Its handler does what every peer's task does (`bench.workload.amark_done`), i.e.
 INCR `bench:done` and stamp `bench:first` / `bench:last`, on a redis-py client of its own.
 Only in the latency phase does the payload carry `t`, the enqueue time (`time.time()` in the
 producer); the handler then also RPUSHes `now - t` to `LATENCY_KEY`.
@@ -11,18 +11,16 @@ producer); the handler then also RPUSHes `now - t` to `LATENCY_KEY`.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from pydantic import BaseModel
 
-from bench.peers import load
+from bench import workload
 from conveyor import Conveyor, TaskContext
 
 TYPE = "noop"
 SPEC = "bench.app:app"
 LATENCY_KEY = "bench:latency"
 
-bench_peers: Any = load()
 app = Conveyor()
 
 
@@ -33,7 +31,7 @@ class Noop(BaseModel):
 @app.task(TYPE, payload=Noop, description="No-op: INCR the peers' done counter.")
 async def noop(payload: Noop, ctx: TaskContext) -> None:
     now = time.time()
-    redis = bench_peers.async_redis()
+    redis = workload.async_redis()
     if payload.t is not None:
         await redis.rpush(LATENCY_KEY, now - payload.t)
-    await bench_peers.amark_done(redis)
+    await workload.amark_done(redis)

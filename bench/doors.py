@@ -1,6 +1,6 @@
-"""Conveyor as `bench_peers.Peer`s: one subclass per door a task comes in by.
+"""Conveyor as `bench.peers.Peer`s: one subclass per door a task comes in by.
 
-`bench_peers.run_once` drives them exactly like the peers: it FLUSHDBs Redis, calls
+`bench.harness.run_once` drives them exactly like the peers: it FLUSHDBs Redis, calls
 `enqueue(n)` (which returns the start and end time of the enqueue loop alone) and starts the
 worker from `worker_argv()`, the real `conveyor worker --app bench.app:app --concurrency 10`.
 
@@ -18,20 +18,17 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 
+from bench import harness as bp
 from bench.app import SPEC, TYPE, Noop, app
 from bench.httpload import build_request, post_all, run_fast
-from bench.peers import load
 from conveyor.client import TaskRequest
 from conveyor.config import Settings
 from conveyor.state import open_state
 from conveyor.store.pool import Pool
-
-bp: Any = load()
 
 RESET_MARK = "bench:conveyor:pg-reset"
 NOOP = Noop()  # the throughput phases' payload: nothing (stored as {"t": null})
@@ -97,7 +94,7 @@ async def status_counts(ctx: Context) -> dict[str, int]:
     return {str(r[0]): int(r[1]) for r in rows}
 
 
-class Door(bp.Peer):  # type: ignore[misc]  # bench_peers is untyped
+class Door(bp.Peer):
     """A Conveyor row: the real worker process; subclasses say how tasks are enqueued."""
 
     dist = "conveyor"
@@ -109,7 +106,7 @@ class Door(bp.Peer):  # type: ignore[misc]  # bench_peers is untyped
 
     def worker_argv(self) -> list[str]:
         return [str(bp.BIN / "conveyor"), "worker", "--app", SPEC,
-                "--concurrency", str(bp.CONCURRENCY)]
+                "--concurrency", str(bp.SETUP.concurrency)]
 
     @property
     def http(self) -> bool:
@@ -143,7 +140,7 @@ class ClientDoor(Door):
     async def _aenqueue(self, n: int) -> tuple[float, float]:
         async with open_state(self.ctx.settings, app) as state:  # not timed
             await reset_if_flushed(self.ctx, state.pool, state.redis)
-            # A backstop to bench_peers' SIGALRM deadline, which a running loop may swallow.
+            # A backstop to the harness's SIGALRM deadline, which a running loop may swallow.
             async with asyncio.timeout(self.ctx.timeout):
                 t0 = time.time()
                 if self.batch == 1:

@@ -14,15 +14,13 @@ import math
 import time
 from typing import Any
 
+from bench import harness as bp
 from bench.app import LATENCY_KEY, TYPE, Noop, app
 from bench.doors import Context, Door, reset_if_flushed
-from bench.peers import load
 from bench.procs import ForeignLoad, peak_rss_mb
 from conveyor.cli import tune_gc
 from conveyor.client import TaskRequest
 from conveyor.state import open_state
-
-bp: Any = load()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -82,7 +80,7 @@ def run_latency(ctx: Context, door: Door, rate: float, seconds: float, log_path:
     import redis
 
     count = max(50, round(rate * seconds))
-    r = redis.Redis.from_url(bp.REDIS_URL)
+    r = redis.Redis.from_url(bp.SETUP.redis_url)
     res: dict[str, Any] = {"rate": rate, "count": count, "batch": batch}
     try:
         r.flushdb()

@@ -156,7 +156,7 @@ def _ready(url: str) -> bool:
 def api_server(argv: list[str], env: dict[str, str], cwd: Path, log_path: Path,
                stop: Any, timeout: float = 30.0) -> Iterator[ApiProcess]:
     """Start `argv --port <free port>` (a `conveyor api`), wait for /readyz, yield it, and stop
-    it with `stop(proc)` (bench_peers.stop_worker: SIGTERM, then SIGKILL of the group)."""
+    it with `stop(proc)` (harness.stop_worker: SIGTERM, then SIGKILL of the group)."""
     host, port = "127.0.0.1", free_port()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([*argv, "--host", host, "--port", str(port)], cwd=cwd, env=env,

@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import harness as bp
 from bench.doors import ClientDoor, Context, HttpDoor
-from bench.peers import load
 from bench.procs import ForeignLoad, cpu_delta, tree_cpu_seconds
 
-bp: Any = load()
 RATE_HZ = 100
 
 
@@ -175,7 +174,7 @@ def profile_drain(ctx: Context, door: ClientDoor, n: int, out_dir: Path, spy: st
 
     dsn = ctx.settings.database_url
     assert dsn
-    r = redis.Redis.from_url(bp.REDIS_URL)
+    r = redis.Redis.from_url(bp.SETUP.redis_url)
     r.flushdb()
     with bp.deadline(ctx.timeout, "profile enqueue"):
         door.enqueue(n)
@@ -216,7 +215,7 @@ def profile_api(ctx: Context, door: HttpDoor, n: int, out_dir: Path, spy: str,
 
     dsn = ctx.settings.database_url
     assert dsn
-    r = redis.Redis.from_url(bp.REDIS_URL)
+    r = redis.Redis.from_url(bp.SETUP.redis_url)
     r.flushdb()
     out = out_dir / "api-single-post.txt"
     pids = {"api": api_pid, **servers}

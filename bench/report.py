@@ -1,4 +1,4 @@
-"""BENCHMARKS.md: bench_peers' own `render` of every row (Conveyor's and the peers'), with
+"""BENCHMARKS.md: the harness's `render` of every row (Conveyor's and the peers'), with
 Conveyor's figures (HTTP doors, latency, memory, Postgres checks, goals, profiles) added."""
 
 from __future__ import annotations
@@ -7,16 +7,14 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from bench.peers import load
-
-bp: Any = load()
+from bench import harness as bp
 
 DOOR_KEYS = ("conveyor-bulk", "conveyor-client", "conveyor-http", "conveyor-http-batch")
 GOAL_BATCH_TASKS_S = 20_000
 GOAL_SINGLE_POST_REQ_S = 3_000
 GOAL_P99_MS = 20.0
 GOAL_RSS_MB = 100.0
-DASH = "\u2013"  # what bench_peers prints for "no value"
+DASH = bp.DASH  # what the table shows for "no value"
 
 
 def ok_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -122,7 +120,7 @@ def conveyor_section(results: dict[str, list[dict[str, Any]]], rows: dict[str, A
            "Every Conveyor task is a row in PostgreSQL: enqueue INSERTs and COMMITs it, then XADDs "
            "its id; the worker marks it running and records its outcome there (compare-and-set) "
            "before it XACKs. The worker is `conveyor worker --app bench.app:app --concurrency "
-           f"{bp.CONCURRENCY}` (log level warning); its `noop` handler calls bench_peers' "
+           f"{bp.SETUP.concurrency}` (log level warning); its `noop` handler calls the workload's "
            "`amark_done`. Postgres is emptied (TRUNCATE) whenever Redis is flushed.", ""]
     http = [k for k in doors if k.startswith("conveyor-http")]
     if http:

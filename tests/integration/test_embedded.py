@@ -173,7 +173,7 @@ async def main():
     interrupted = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGINT, interrupted.set)
     async with embedded.start(Path(sys.argv[1])) as urls:
-        print("READY", json.dumps(urls.__dict__), flush=True)
+        print("READY", json.dumps([urls.database_url, urls.redis_url]), flush=True)
         await interrupted.wait()
         conn = await asyncpg.connect(urls.database_url)
         await conn.execute("INSERT INTO kept VALUES (2, 'written after Ctrl+C')")
@@ -197,7 +197,8 @@ async def spawn_parent(data_dir: Path) -> tuple[asyncio.subprocess.Process, embe
         line = await asyncio.wait_for(proc.stdout.readline(), 60)
         assert line, "parent exited before its servers were ready"
         if line.startswith(b"READY "):
-            return proc, embedded.EmbeddedUrls(**json.loads(line[6:]))
+            database_url, redis_url = json.loads(line[6:])
+            return proc, embedded.EmbeddedUrls(database_url, redis_url, data_dir)
 
 
 async def test_ctrl_c_to_the_group_leaves_servers_to_the_parent(data_dir: Path) -> None:
@@ -279,15 +280,43 @@ async def test_stale_pid_files_of_other_processes_are_ignored(data_dir: Path) ->
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the servers as another user")
-async def test_root_refuses_a_data_dir_the_service_user_cannot_enter() -> None:
+async def test_as_root_a_private_data_dir_keeps_its_server_data_where_the_servers_reach() -> None:
     private = Path(tempfile.mkdtemp(prefix="conveyor-private-", dir="/tmp"))  # mode 0700
+    home: Path | None = None
     try:
-        with pytest.raises(ConfigError, match=f"cannot enter {private}"):
-            async with embedded.start(private / "data"):
-                pass
-        assert not (private / "data").exists()
+        async with embedded.start(private / "data") as urls:
+            home = (private / "data" / "servers").resolve()
+            assert home.is_relative_to(embedded.SHARED / "data")
+            assert (home / "postgres" / "PG_VERSION").exists()
+            assert (home.stat().st_uid, home.stat().st_mode & 0o777) == (0, 0o711)
+            assert (home / "postgres").stat().st_uid != 0  # the service user's
+            assert embedded.attach(private / "data") == urls
+            conn = await asyncpg.connect(urls.database_url)
+            try:
+                assert await conn.fetchval("SELECT current_user") == "postgres"
+            finally:
+                await conn.close()
+        assert os.stat(private).st_mode & 0o777 == 0o700  # nothing widened
+        assert processes_in(home) == []
     finally:
         shutil.rmtree(private, ignore_errors=True)
+        if home is not None:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+async def test_attach_reads_the_live_urls_and_refuses_when_nothing_runs(data_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="no embedded servers are running in"):
+        embedded.attach(data_dir, wait_s=0)
+    async with embedded.start(data_dir) as urls:
+        state = data_dir / embedded.STATE_FILE
+        assert state.stat().st_mode & 0o777 == 0o600
+        assert embedded.attach(data_dir) == urls
+        assert urls.redis_redacted.startswith("redis://:***@127.0.0.1:")
+        assert urls.redis_url.split("@")[0] not in urls.redis_redacted
+    assert not state.exists()
+    state.write_text(json.dumps({"database_url": "x", "redis_url": "y"}))  # left by a SIGKILL
+    with pytest.raises(ConfigError, match="no embedded servers are running in"):
+        embedded.attach(data_dir, wait_s=0)
 
 
 async def test_missing_wheels_say_how_to_install(

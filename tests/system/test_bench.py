@@ -1,6 +1,7 @@
 """The benchmark harness (`bench/`, `python -m bench`) end to end, small: Conveyor's four rows
 and the raw Streams baseline (which needs only redis-py, so no peer packages), N=200, one run,
-in this venv. The harness starts its own PostgreSQL and redis-server."""
+in this venv, plus a peer that is not installed here, which is skipped with a line. The harness
+starts its own PostgreSQL and redis-server."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench.peers import all_peers
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 200
@@ -25,13 +27,17 @@ DOORS = {
 @pytest.mark.timeout(180)
 def test_benchmark_runs_every_row_once_and_writes_one_table(tmp_path: Path) -> None:
     out, raw = tmp_path / "BENCHMARKS.md", tmp_path / "results.json"
+    absent = next((key for key, peer in all_peers().items() if peer.missing()), None)
+    peers = "raw-stream" + (f",{absent}" if absent else "")
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--n", str(N), "--runs", "1", "--peers", "raw-stream",
+        [sys.executable, "-m", "bench", "--n", str(N), "--runs", "1", "--peers", peers,
          "--latency-seconds", "2", "--timeout", "60", "--out", str(out), "--json", str(raw),
          "--logdir", str(tmp_path / "logs")],
         cwd=ROOT, capture_output=True, text=True, timeout=170, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    if absent:
+        assert f"skipping peer {absent}: its " in proc.stdout, proc.stdout[:2000]
     data = json.loads(raw.read_text())
     results = data["results"]
     assert set(results) == {*DOORS, "raw-stream"}
