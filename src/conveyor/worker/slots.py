@@ -87,7 +87,11 @@ class Slots:
         if self._handing or not self._waiters:
             return
         if len(self._waiters) == 1:  # served at once: the single-type worker's hot path
-            self._hand_out()
+            waiter, most = self._waiters.popleft()
+            if not waiter.done():
+                taken = min(self.free, most)
+                self.free -= taken
+                waiter.set_result(taken)
         else:  # on the loop's next turn, with whatever else is given back in this one
             self._handing = True
             asyncio.get_running_loop().call_soon(self._hand_out)
