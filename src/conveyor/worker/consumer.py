@@ -5,8 +5,10 @@ Each read asks for no more messages than there are free slots (`slots.py` says h
 shared). A consumer alone in its worker blocks in XREADGROUP on the slots it took. With several
 types, a read never blocks: one that came back short is followed by a wait, holding no slot,
 for an entry newer than the stream's last one at that read (`TaskStreams.wait_new`, at most
-`read_block`), so an idle stream never sits on a slot a busy one could use. A read that found a
-full batch is followed at once by another for every free slot.
+`read_block`), so an idle stream never sits on a slot a busy one could use. A new entry wakes
+every idle consumer of its type in every such worker: one read gets it, the others get nothing
+and wait again. A read that found a full batch is followed at once by another for every free
+slot.
 """
 
 from __future__ import annotations

@@ -56,10 +56,6 @@ class Slots:
         """Consumers queued for a slot."""
         return len(self._waiters)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     async def take(self, most: int) -> int:
         """Wait for at least one free slot and take up to `most`; 0 once closed."""
         if self._closed:
@@ -78,7 +74,6 @@ class Slots:
             else:
                 self._waiters = collections.deque(w for w in self._waiters if w[0] is not waiter)
             raise
-
 
     def give(self, count: int = 1) -> None:
         if count <= 0:
