@@ -189,6 +189,38 @@ class TaskStreams:
             return []
         return [decode(sid, fields) for sid, fields in reply[0][1]]
 
+    async def read_marked(
+        self, task_type: str, consumer: str, count: int
+    ) -> tuple[list[Message], bytes]:
+        """XREADGROUP up to `count` new messages without blocking, and a mark: the id of the
+        stream's last entry, read just before. When fewer than `count` came back, every entry
+        not yet delivered to the group is newer than the mark, so `wait_new(mark)` sees it."""
+        stream = self.keys.stream(task_type)
+        with translate("streams.read"):
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.xrevrange(stream, count=1)
+                    pipe.xreadgroup(GROUP, consumer, {stream: ">"}, count=count)
+                    last, reply = await pipe.execute()
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.ensure_group(task_type)
+                return [], b"0-0"  # the new group starts at 0: whatever is there is new
+        mark: bytes = last[0][0] if last else b"0-0"
+        if not reply:
+            return [], mark
+        return [decode(sid, fields) for sid, fields in reply[0][1]], mark
+
+    async def wait_new(self, task_type: str, mark: bytes, block_ms: int) -> bool:
+        """Block until the stream has an entry newer than `mark` (True) or `block_ms` passes
+        (False). A plain XREAD: it delivers nothing to the group and leaves nothing pending,
+        so a consumer may wait here without holding a slot."""
+        with translate("streams.wait_new"):
+            reply: Any = await self.redis.xread({self.keys.stream(task_type): mark}, count=1,
+                                                block=block_ms)
+        return bool(reply)
+
     async def settle(
         self,
         task_type: str,

@@ -1,12 +1,14 @@
 """Consumer: one per task type; reads its stream through the group, starts handlers, and
 settles what cannot run.  [consumers A, B]
 
-Each read asks for no more messages than there are free slots. With several consumers in one
-worker, a blocking read takes one slot, and only while no other consumer is waiting for one:
-when slots are short, a consumer reads without blocking, and if its stream was empty it stands
-aside until slots are free again (at most `read_block`), so an idle stream never sits on a slot
-a busy one could use. A read that found a full batch is followed at once by a non-blocking read
-for every free slot.
+Each read asks for no more messages than there are free slots (`slots.py` says how they are
+shared). A consumer alone in its worker blocks in XREADGROUP on the slots it took. With several
+types, a read never blocks: one that came back short is followed by a wait, holding no slot,
+for an entry newer than the stream's last one at that read (`TaskStreams.wait_new`, at most
+`read_block`), so an idle stream never sits on a slot a busy one could use. A new entry wakes
+every idle consumer of its type in every such worker: one read gets it, the others get nothing
+and wait again. A read that found a full batch is followed at once by another for every free
+slot.
 """
 
 from __future__ import annotations
@@ -74,21 +76,34 @@ class Consumer:
 
     async def run(self, shutdown: Shutdown) -> None:
         """Read and dispatch until shutdown begins (the slots close); a read in progress
-        finishes and what it returned is run as part of the drain."""
-        blocking = True
-        stood_aside = False
+        finishes and what it returned is run as part of the drain, a wait for new entries
+        (which holds no slot and claims nothing) is cut short."""
+        name = self.task_type.name
+        blocking = True  # the last read came back short: the stream is drained
+        mark: bytes | None = None  # shared slots: wait, holding none, for entries past this
         while not shutdown.begun:
-            if stood_aside:
-                await self.slots.wait_quiet(self.block_ms / 1000)
-            want = self.slots.capacity if (self.solo or not blocking) else 1
+            want = self.slots.capacity
+            if mark is not None:
+                try:  # claims nothing, so it ends at once when the slots close
+                    arrived = await self.slots.idle(
+                        self.streams.wait_new(name, mark, self.block_ms))
+                except Unavailable as exc:
+                    await self._read_outage.failed(exc, shutdown)
+                    arrived = True
+                # nothing arrived: read anyway, for one slot, as a safety net (a group lost
+                # with Redis's data is recreated by the read)
+                want = want if arrived else 1
+                mark = None
             taken = await self.slots.take(want)
             if taken == 0:
                 return
-            contended = not self.solo and self.slots.waiting > 0
-            block_ms = self.block_ms if blocking and not contended else None
+            last: bytes | None = None
             try:
-                messages = await self.streams.read(self.task_type.name, self.name, taken,
-                                                   block_ms)
+                if self.solo:  # no one else needs the slots: block on them
+                    messages = await self.streams.read(name, self.name, taken,
+                                                       self.block_ms if blocking else None)
+                else:
+                    messages, last = await self.streams.read_marked(name, self.name, taken)
                 self._read_outage.recovered()
             except Unavailable as exc:
                 self.slots.give(taken)
@@ -97,7 +112,7 @@ class Consumer:
             if len(messages) < taken:
                 self.slots.give(taken - len(messages))
             blocking = len(messages) < taken
-            stood_aside = contended and not messages
+            mark = last if blocking else None
             if messages:  # started alongside the next read, so starts can share a statement
                 self.spawn(asyncio.ensure_future(self._start(messages, shutdown)))
 

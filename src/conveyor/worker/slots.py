@@ -1,17 +1,37 @@
 """Slots: the process-wide limit on messages in flight (read and not yet acked).
 
-Consumers take slots before they read, so XREADGROUP never asks for more messages than there
-is room for, and give them back when a message is settled. Slots go to waiting consumers in
-arrival order: a consumer that gives a slot back and asks again queues behind the others, so
-no stream starves. `wait_quiet()` lets an idle consumer stand aside while others need slots.
+A consumer takes slots before it reads, so XREADGROUP never asks for more messages than there
+is room for, and gives them back when a message is settled. Slots go to waiting consumers in
+arrival order: a consumer that gives a slot back and asks again queues behind the others, and
+slots freed together are split among the waiters, so no stream starves while several are busy.
+
+Only a read that may deliver messages holds slots. A worker with several types would lose
+slots to its idle ones if each held one through a blocking XREADGROUP: the busy type runs
+with fewer than `capacity`. So there an idle consumer waits in `idle()` instead, on a read
+that claims nothing (a plain XREAD for entries newer than what its last read saw), holding no
+slot, and takes slots only once its stream has something, for a read that does not block. (A
+worker of one type still blocks in XREADGROUP on its slots: nobody else needs them.) Other
+designs set aside: one XREADGROUP over every type's stream cannot be bounded by the free slots
+(COUNT applies per stream) nor span types on Redis Cluster (each type has its own hash slot);
+a blocking read that gives its slot back when another consumer asks must interrupt a command
+in flight, and cancelling it can lose the race with a delivery (the message is left pending
+here, unread), while CLIENT UNBLOCK needs a known connection per consumer, which a pooled
+client does not give.
+
+`close()` ends every read loop at shutdown: waiters in `take()` get 0, and reads waiting in
+`idle()` are cancelled (they claim nothing, so nothing is lost).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from conveyor import metrics
+
+T = TypeVar("T")
 
 
 class Slots:
@@ -21,9 +41,10 @@ class Slots:
         self.capacity = capacity
         self.free = capacity
         self._waiters: collections.deque[tuple[asyncio.Future[int], int]] = collections.deque()
+        self._idle: set[asyncio.Future[Any]] = set()
+        self._handing = False  # a hand-out to the waiters is scheduled
+        self._turn = 0  # where the next split's odd slots begin
         self._closed = False
-        self._quiet = asyncio.Event()  # set while a slot is free and nobody waits for one
-        self._quiet.set()
         metrics.WORKER_IN_FLIGHT.set_function(lambda: self.in_use)  # read at scrape time
 
     @property
@@ -40,10 +61,11 @@ class Slots:
         if self._closed:
             return 0
         if self.free > 0 and not self._waiters:
-            return self._hand(most)
+            taken = min(self.free, most)
+            self.free -= taken
+            return taken
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters.append((waiter, most))
-        self._quiet.clear()
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -51,44 +73,75 @@ class Slots:
                 self.give(waiter.result())
             else:
                 self._waiters = collections.deque(w for w in self._waiters if w[0] is not waiter)
-                if self.free > 0 and not self._waiters:
-                    self._quiet.set()
             raise
-
-    def _hand(self, most: int) -> int:
-        taken = min(self.free, most)
-        self.free -= taken
-        if self.free == 0:
-            self._quiet.clear()
-        return taken
-
-    async def wait_quiet(self, timeout_s: float) -> bool:
-        """Wait until a slot is free with nobody queued for it; False after `timeout_s`."""
-        if self._quiet.is_set() or self._closed:
-            return True
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._quiet.wait()
-        except TimeoutError:
-            return False
-        return True
 
     def give(self, count: int = 1) -> None:
         if count <= 0:
             return
         self.free += count
-        while self._waiters and self.free > 0:
+        if self._handing or not self._waiters:
+            return
+        if len(self._waiters) == 1:  # served at once: the single-type worker's hot path
             waiter, most = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(self._hand(most))
-        if self.free > 0 and not self._waiters:
-            self._quiet.set()
+                taken = min(self.free, most)
+                self.free -= taken
+                waiter.set_result(taken)
+        else:  # on the loop's next turn, with whatever else is given back in this one
+            self._handing = True
+            asyncio.get_running_loop().call_soon(self._hand_out)
+
+    def _hand_out(self) -> None:
+        """Split the free slots among the waiters (each up to what it asked for): one each,
+        oldest first, then the rest one at a time in turn, from where the last split left off.
+        Slots freed in one turn of the loop are so shared, rather than all going to the first
+        waiter (which then reads first, asks first, and takes them all again turn after turn),
+        and no waiter is always the one that gets the odd slot."""
+        self._handing = False
+        waiters = [(w, most) for w, most in self._waiters if not w.done()]
+        grants = [0] * len(waiters)
+        for i in range(min(self.free, len(waiters))):
+            grants[i] = 1
+        self.free -= sum(grants)
+        wanting = [i for i, (_, most) in enumerate(waiters) if grants[i] < most]
+        while self.free > 0 and wanting:
+            i = wanting[self._turn % len(wanting)]
+            self._turn += 1
+            grants[i] += 1
+            self.free -= 1
+            if grants[i] == waiters[i][1]:
+                wanting.remove(i)
+        self._waiters = collections.deque(
+            waiter for waiter, granted in zip(waiters, grants, strict=True) if not granted)
+        for (waiter, _), granted in zip(waiters, grants, strict=True):
+            if granted:
+                waiter.set_result(granted)
+
+    async def idle(self, read: Coroutine[Any, Any, T]) -> T | None:
+        """Run `read`, which must claim no message, holding no slot: its result, or None if
+        the slots close first (which cancels it)."""
+        if self._closed:
+            read.close()
+            return None
+        task = asyncio.ensure_future(read)
+        self._idle.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not self._closed or (current is not None and current.cancelling()):
+                raise  # our own cancellation (awaiting `task` has cancelled it too)
+            return None
+        finally:
+            self._idle.discard(task)
 
     def close(self) -> None:
-        """Stop handing out slots: consumers waiting in take() get 0 and stop reading."""
+        """Stop handing out slots: consumers waiting in take() get 0 and stop reading, and
+        reads waiting in idle() are cancelled."""
         self._closed = True
-        self._quiet.set()
         while self._waiters:
             waiter, _ = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(0)
+        for task in self._idle:
+            task.cancel()

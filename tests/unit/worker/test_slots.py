@@ -1,5 +1,5 @@
-"""Slots: take/give/close, first-come first-served hand-over, and never more than `capacity`
-handed out."""
+"""Slots: take/give/close, first-come first-served hand-over, slots freed together split among
+the waiters, idle reads that hold no slot, and never more than `capacity` handed out."""
 
 from __future__ import annotations
 
@@ -133,6 +133,21 @@ async def test_cancelled_waiter_that_was_handed_slots_gives_them_back() -> None:
     assert await slots.take(1) == 1
 
 
+async def test_cancelled_waiter_handed_slots_in_a_split_gives_them_back() -> None:
+    slots = Slots(2)
+    await slots.take(2)
+    waiters = [asyncio.create_task(slots.take(1)) for _ in range(2)]
+    await asyncio.sleep(0)
+    slots.give(1)  # two wait: handed out on the loop's next turn
+    await asyncio.sleep(0)
+    assert slots.free == 0  # handed to the first waiter, which has not resumed yet
+    waiters[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiters[0]
+    assert await asyncio.wait_for(waiters[1], 1) == 1  # given back, and on to the next
+    assert slots.free == 0
+
+
 async def test_cancelled_waiter_does_not_swallow_slots() -> None:
     slots = Slots(1)
     await slots.take(1)
@@ -146,28 +161,6 @@ async def test_cancelled_waiter_does_not_swallow_slots() -> None:
     slots.give(1)
     assert await asyncio.wait_for(other, 1) == 1
     assert slots.in_use == 1
-
-
-async def test_wait_quiet() -> None:
-    slots = Slots(1)
-    assert await slots.wait_quiet(0.01) is True
-    await slots.take(1)
-    assert await slots.wait_quiet(0.01) is False
-    loop = asyncio.get_running_loop()
-    loop.call_later(0.005, slots.give, 1)
-    assert await slots.wait_quiet(1.0) is True
-
-
-async def test_wait_quiet_is_false_while_someone_waits() -> None:
-    slots = Slots(1)
-    await slots.take(1)
-    waiter = asyncio.create_task(slots.take(1))
-    await asyncio.sleep(0)
-    slots.give(1)  # goes to the waiter: still no free slot
-    assert await slots.wait_quiet(0.01) is False
-    assert await waiter == 1
-    slots.close()
-    assert await slots.wait_quiet(0.01) is True
 
 
 async def test_never_more_than_capacity_across_concurrent_takers() -> None:
@@ -197,3 +190,166 @@ async def test_never_more_than_capacity_across_concurrent_takers() -> None:
     assert peak == capacity
     assert handed_out >= 160
     assert (slots.free, slots.in_use, slots.waiting) == (capacity, 0, 0)
+
+
+async def test_slots_freed_together_are_split_among_waiters() -> None:
+    slots = Slots(6)
+    await slots.take(6)
+    first = asyncio.create_task(slots.take(6))
+    second = asyncio.create_task(slots.take(6))
+    await asyncio.sleep(0)
+    for _ in range(5):  # handlers ending in one turn of the loop
+        slots.give(1)
+    # the first waiter does not get all five, to take them all again turn after turn
+    assert list(await asyncio.wait_for(asyncio.gather(first, second), 1)) == [3, 2]
+    assert (slots.free, slots.waiting) == (0, 0)
+
+
+async def test_the_odd_slot_of_a_split_goes_round() -> None:
+    slots = Slots(3)
+    await slots.take(3)
+    grants: list[list[int]] = []
+    for _ in range(2):
+        first = asyncio.create_task(slots.take(3))
+        second = asyncio.create_task(slots.take(3))
+        await asyncio.sleep(0)
+        slots.give(3)
+        grants.append(list(await asyncio.wait_for(asyncio.gather(first, second), 1)))
+    assert grants == [[2, 1], [1, 2]]
+
+
+async def test_a_split_gives_no_waiter_more_than_it_asked_for() -> None:
+    slots = Slots(6)
+    await slots.take(6)
+    small = asyncio.create_task(slots.take(1))
+    large = asyncio.create_task(slots.take(6))
+    await asyncio.sleep(0)
+    slots.give(6)
+    assert list(await asyncio.wait_for(asyncio.gather(small, large), 1)) == [1, 5]
+    assert slots.free == 0
+
+
+async def test_a_split_short_of_slots_serves_the_oldest_and_keeps_the_rest_queued() -> None:
+    slots = Slots(3)
+    await slots.take(3)
+    waiters = [asyncio.create_task(slots.take(2)) for _ in range(3)]
+    await asyncio.sleep(0)
+    slots.give(2)
+    await asyncio.sleep(0.005)
+    assert [w.done() for w in waiters] == [True, True, False]
+    assert [w.result() for w in waiters[:2]] == [1, 1]
+    assert slots.waiting == 1
+    slots.give(1)
+    assert await asyncio.wait_for(waiters[2], 1) == 1
+
+
+async def test_a_lone_waiter_is_served_at_once() -> None:
+    slots = Slots(2)
+    await slots.take(2)
+    waiter = asyncio.create_task(slots.take(2))
+    await asyncio.sleep(0)
+    slots.give(1)
+    assert slots.free == 0  # handed over in give(), not on a later turn
+    slots.give(1)  # nobody waits any more: it stays free for the next take
+    assert await waiter == 1
+    assert slots.free == 1
+
+
+async def test_busy_consumers_share_the_slots_evenly() -> None:
+    """Two consumers that always have work, each taking what it can and running a handler per
+    slot (handlers of one batch end together): over many rounds both run about as many."""
+    slots = Slots(5)
+    runs = {"a": 0, "b": 0}
+    handlers: list[asyncio.Task[None]] = []
+
+    async def handler(name: str) -> None:
+        await asyncio.sleep(0.002)
+        runs[name] += 1
+        slots.give(1)
+
+    async def consumer(name: str) -> None:
+        while sum(runs.values()) < 300:
+            got = await slots.take(5)
+            await asyncio.sleep(0)  # the read
+            handlers.extend(asyncio.create_task(handler(name)) for _ in range(got))
+
+    await asyncio.wait_for(asyncio.gather(consumer("a"), consumer("b")), 10)
+    await asyncio.gather(*handlers)
+    assert min(runs.values()) >= 0.45 * sum(runs.values())
+
+
+async def test_idle_runs_the_read_without_holding_a_slot() -> None:
+    slots = Slots(1)
+
+    async def read() -> str:
+        assert slots.free == 1
+        await asyncio.sleep(0.005)
+        return "arrived"
+
+    assert await slots.idle(read()) == "arrived"
+    assert slots.free == 1
+
+
+async def test_close_cuts_idle_reads_short() -> None:
+    slots = Slots(1)
+    began, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def read() -> str:
+        began.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "arrived"
+
+    idle = [asyncio.create_task(slots.idle(read())) for _ in range(3)]
+    await asyncio.wait_for(began.wait(), 1)
+    slots.close()
+    assert await asyncio.wait_for(asyncio.gather(*idle), 1) == [None, None, None]
+    assert cancelled.is_set()
+
+
+async def test_idle_after_close_does_not_read() -> None:
+    slots = Slots(1)
+    slots.close()
+    began = False
+
+    async def read() -> str:
+        nonlocal began
+        began = True
+        return "arrived"
+
+    assert await slots.idle(read()) is None
+    assert not began
+
+
+async def test_idle_raises_what_the_read_raises() -> None:
+    slots = Slots(1)
+
+    async def read() -> None:
+        raise RuntimeError("redis away")
+
+    with pytest.raises(RuntimeError, match="redis away"):
+        await slots.idle(read())
+
+
+async def test_cancelling_the_caller_of_idle_cancels_the_read_and_raises() -> None:
+    slots = Slots(1)
+    began, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def read() -> None:
+        began.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    idle = asyncio.create_task(slots.idle(read()))
+    await asyncio.wait_for(began.wait(), 1)
+    idle.cancel()
+    slots.close()  # closing too does not turn the caller's own cancellation into None
+    with pytest.raises(asyncio.CancelledError):
+        await idle
+    assert cancelled.is_set()
