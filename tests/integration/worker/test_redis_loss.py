@@ -38,19 +38,23 @@ async def running(
 ) -> AsyncIterator[Running]:
     """A worker plus the cron service's rebalance and relay, ticking fast (heartbeat 1 s,
     TTL 3 s), so that anything that would take a live worker's task away gets its chance."""
-    settings = make_settings(postgres, own_redis.url)
+    settings = make_settings(postgres, own_redis.url, pg_pool_max=12)  # two workers pin four
     async with open_state(settings, app) as state:
         stop = Shutdown(10)
-        worker = Worker(state, types=["sleep", "echo"])
+        # One worker of one type (it blocks in XREADGROUP) runs the long task; one of two
+        # types (its idle consumers wait in a plain XREAD, holding no slot) runs the rest.
+        worker = Worker(state, types=["sleep"])
+        other = Worker(state, types=["echo", "flaky"])
         liveness = judge(state)
-        types = ["sleep", "echo"]
+        types = ["sleep", "echo", "flaky"]
         rebalancer = Rebalancer(state.redis, state.keys, state.streams, state.store, types,
                                 liveness=liveness, interval_s=0.3,
                                 ttl_s=settings.heartbeat_ttl, max_requeues=5)
         relay = Relay(state.redis, state.keys, state.streams, state.store, types,
                       liveness=liveness, interval_s=0.3, grace_s=1.0,
                       ttl_s=settings.heartbeat_ttl)
-        services = [asyncio.create_task(s.run(stop)) for s in (worker, rebalancer, relay)]
+        services = [asyncio.create_task(s.run(stop))
+                    for s in (worker, other, rebalancer, relay)]
         yield Running(state, worker, services)
         for service in services:
             assert not service.done(), "a service exited on its own"
@@ -65,8 +69,10 @@ async def status(state: AppState, task_id: uuid.UUID) -> str | None:
 
 
 async def blocked_readers(state: AppState) -> bool:
+    """Both kinds of blocked read are waiting: XREADGROUP and the idle XREAD."""
     clients: list[dict[str, str]] = await state.redis.client_list()
-    return any(c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "") for c in clients)
+    blocked = {c.get("cmd") for c in clients if "b" in c.get("flags", "")}
+    return {"xreadgroup", "xread"} <= blocked
 
 
 Fault = Callable[[AppState], Awaitable[object]]
@@ -77,11 +83,11 @@ async def flushall(state: AppState) -> object:
 
 
 async def delete_streams(state: AppState) -> object:
-    return await state.redis.delete(state.keys.stream("sleep"), state.keys.stream("echo"))
+    return await state.redis.delete(*(state.keys.stream(t) for t in ("sleep", "echo", "flaky")))
 
 
 async def destroy_groups(state: AppState) -> object:
-    for task_type in ("sleep", "echo"):
+    for task_type in ("sleep", "echo", "flaky"):
         await state.redis.xgroup_destroy(state.keys.stream(task_type), GROUP)
     return None
 
@@ -97,7 +103,7 @@ async def test_redis_loses_its_data_under_a_live_worker(
     long_task = (await state.client.enqueue(
         "sleep", {"seconds": ttl_s + 2.5}, max_attempts=max_attempts)).record.id
     await eventually(lambda: _began(long_task))
-    await eventually(lambda: blocked_readers(state))  # the echo consumer waits in XREADGROUP
+    await eventually(lambda: blocked_readers(state))
     await fault(state)
     after = [(await state.client.enqueue("echo", {})).record.id for _ in range(5)]
     for task_id in after:
