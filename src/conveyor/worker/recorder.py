@@ -173,12 +173,11 @@ class Recorder:
             raise
         stored = {r.task_id: r for r in recorded}
         progress.stored.update(stored)
+        progress.todo = [o for o in progress.todo if o.task_id not in stored]
         missed = [o for o in outcomes if o.task_id not in stored]
         if missed and progress.interrupted:
             progress.stored.update(await self._already_recorded(missed))
-        for o in missed:
-            if o.task_id not in progress.stored:
-                progress.superseded.add(o.task_id)
+        progress.superseded.update(o.task_id for o in missed if o.task_id not in progress.stored)
         progress.todo = [o for o in progress.todo if o.task_id not in progress.settled]
 
     async def _already_recorded(self, outcomes: list[Outcome]) -> dict[uuid.UUID, Recorded]:
