@@ -46,12 +46,16 @@ class Settler:
         shutdown: Shutdown,
     ) -> bool:
         """Schedule retries, dead-letter, then ack (one pipeline), retried while Redis is
-        away; False if given up once the drain deadline has passed (the messages stay
-        pending)."""
+        away; False if given up once the drain deadline has passed, or refused by Redis (the
+        messages stay pending)."""
         if not acks and not delays and not dead:
             return True
-        done = await self._outage.until_done(self._settle, task_type, acks, delays, dead,
-                                             shutdown=shutdown)
+        try:
+            done = await self._outage.until_done(self._settle, task_type, acks, delays, dead,
+                                                 shutdown=shutdown)
+        except Exception:  # left pending: the rebalancer re-queues it once idle a TTL
+            log.exception("settler.failed", task_type=task_type, messages=len(acks))
+            return False
         return done is not None
 
     async def _settle(
