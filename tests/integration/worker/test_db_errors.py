@@ -39,9 +39,10 @@ def fault_sql(schema: str) -> str:
 
     `faults(path, sqlstate, times, task_id)`: the first `times` updates on `path` ('start':
     queued → running, 'record': running → anything else), of `task_id` or of any task, raise
-    `sqlstate`; a sequence per path counts them (sequences are not rolled back with the
-    failed statement). `fenced(pid)`: every update from that backend fails read-only, as on a
-    primary demoted under its open connections."""
+    `sqlstate` (or, for 'cancel', are cancelled by the server as a statement timeout would
+    cancel them: query_canceled, 57014); a sequence per path counts them (sequences are not
+    rolled back with the failed statement). `fenced(pid)`: every update from that backend
+    fails read-only, as on a primary demoted under its open connections."""
     s = schema
     return f"""
     CREATE TABLE {s}.faults (path text NOT NULL, sqlstate text NOT NULL, times int NOT NULL,
@@ -68,6 +69,10 @@ def fault_sql(schema: str) -> str:
         FOR f IN SELECT * FROM {s}.faults
                  WHERE path = p AND (task_id IS NULL OR task_id = NEW.id) LOOP
             IF nextval(('{s}.fault_' || p)::regclass) <= f.times THEN
+                IF f.sqlstate = 'cancel' THEN  -- a real cancel, as a statement timeout does
+                    PERFORM pg_cancel_backend(pg_backend_pid());
+                    PERFORM pg_sleep(5);
+                END IF;
                 RAISE EXCEPTION 'injected % on %', f.sqlstate, p USING ERRCODE = f.sqlstate;
             END IF;
         END LOOP;
@@ -144,7 +149,7 @@ async def stop_worker(stop: Shutdown, running: asyncio.Task[None]) -> None:
     await asyncio.wait_for(running, 15)
 
 
-@pytest.mark.parametrize("sqlstate", ["40P01", "40001", "57014", "25006"])
+@pytest.mark.parametrize("sqlstate", ["40P01", "40001", "cancel", "25006"])
 async def test_conflicts_on_start_and_record_are_retried(
     faulty: AppState, workers: None, sqlstate: str
 ) -> None:
