@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,13 @@ from structlog.testing import capture_logs
 
 from conveyor.application import Conveyor
 from conveyor.config import Settings
+from conveyor.errors import Unavailable
 from conveyor.queue.keys import GROUP
 from conveyor.registry import TaskContext
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState, open_state
+from conveyor.store.pool import Pinned
+from conveyor.store.tasks import Outcome, Recorded, TaskStore
 from conveyor.testing.servers import PostgresServer, RedisServer
 from conveyor.worker.worker import Worker
 from tests.apps import basic
@@ -257,6 +260,35 @@ async def test_an_outcome_that_cannot_be_recorded_at_all_is_not_acked(
     assert len(entries) == 1  # its message alone stays pending, for the rebalancer
     # ... and is no longer refreshed by this worker's heartbeat, so the rebalancer takes it.
     assert all(h.task_id != str(lost) for h in worker.in_flight.values())
+    await stop_worker(stop, running)
+
+
+class LosesOneReply(TaskStore):
+    """The real store, but the reply to its first `record` is lost after Postgres committed."""
+
+    lose = 1
+
+    async def record(
+        self, outcomes: Sequence[Outcome], worker: str, *, via: Pinned | None = None
+    ) -> list[Recorded]:
+        recorded = await super().record(outcomes, worker, via=via)
+        if self.lose:
+            self.lose -= 1
+            raise Unavailable("tasks.record", "connection lost before the reply")
+        return recorded
+
+
+async def test_an_outcome_whose_reply_was_lost_keeps_its_retry(state: AppState,
+                                                               workers: None) -> None:
+    worker, stop, running = start(state, ["flaky"])
+    worker.recorder.store = LosesOneReply(state.pool, state.settings.database_schema)
+    with capture_logs() as logs:
+        task_id = (await state.client.enqueue("flaky", {"failures": 1})).record.id
+        # The first attempt's retry was recorded, then its statement "failed": the retry of
+        # that statement misses its compare-and-set, yet the retry is scheduled all the same.
+        await eventually(lambda: all_succeeded(state, [task_id]))
+    assert (await statuses(state, [task_id]))[task_id] == ("succeeded", 2)
+    assert not any(e["event"] == "worker.outcome.superseded" for e in logs)
     await stop_worker(stop, running)
 
 
