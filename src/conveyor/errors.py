@@ -31,6 +31,18 @@ class Unavailable(ConveyorError):
         super().__init__(f"{op}: {detail}" if detail else op)
 
 
+class Conflict(Unavailable):
+    """Postgres aborted the statement to settle a race (deadlock, serialization failure, lock
+    or statement timeout): running it again will most likely succeed. Every loop retries it as
+    it retries an outage, with backoff."""
+
+
+class Failover(Unavailable):
+    """The server will not take the statement now (read-only after a failover, shutting down,
+    in recovery): the connection is dropped, so the retry reconnects, perhaps to a new
+    primary."""
+
+
 def unavailable_on(
     kinds: tuple[type[BaseException], ...],
     transient: Callable[[BaseException], bool] = lambda exc: False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -13,7 +13,7 @@ import orjson
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
-from conveyor.errors import Overloaded, Unavailable, unavailable_on
+from conveyor.errors import Conflict, Failover, Overloaded, Unavailable
 
 log = structlog.get_logger("conveyor.store")
 
@@ -33,10 +33,55 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
+# SQLSTATEs of a statement that lost a race: serialization_failure, deadlock_detected,
+# lock_not_available (lock_timeout), query_canceled (statement_timeout, a cancel request).
+_CONFLICT = frozenset({"40001", "40P01", "55P03", "57014"})
+# SQLSTATEs of a server that will not take writes on this connection: read_only_sql_transaction
+# (a primary demoted under a pooled connection), admin_shutdown, crash_shutdown,
+# cannot_connect_now ("the database system is in recovery", "... is starting up").
+_FAILOVER = frozenset({"25006", "57P01", "57P02", "57P03"})
 
 
-# Connection-level driver errors become `Unavailable(op)`; others (a bad query) pass through.
-translate = unavailable_on(_UNAVAILABLE)
+def classify(exc: BaseException) -> type[Unavailable] | None:
+    """The one classification of driver errors, for every loop: `Failover` (drop the
+    connection, retry), `Conflict` (retry the statement), `Unavailable` (an outage: wait and
+    retry), or None: permanent, a statement Postgres refuses (a value it cannot store, a
+    constraint, a trigger's error), which callers settle with the reason instead of retrying."""
+    if isinstance(exc, Unavailable):
+        return type(exc)
+    sqlstate = getattr(exc, "sqlstate", None) if isinstance(exc, asyncpg.PostgresError) else None
+    if sqlstate in _FAILOVER:
+        return Failover
+    if sqlstate in _CONFLICT:
+        return Conflict
+    if isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError):
+        return None  # asyncpg's client-side DataError: an argument it cannot encode
+    if isinstance(exc, _UNAVAILABLE):
+        return Unavailable
+    return None
+
+
+@contextlib.contextmanager
+def translate(op: str) -> Iterator[None]:
+    """Re-raise driver errors as the `Unavailable` subclass `classify` names, with `op`;
+    permanent errors pass through unchanged."""
+    try:
+        yield
+    except Unavailable:
+        raise
+    except Exception as exc:
+        kind = classify(exc)
+        if kind is None:
+            raise
+        raise kind(op, f"{type(exc).__name__}: {exc}") from exc
+
+
+async def _drop_if_failover(pool: Pool, exc: BaseException) -> None:
+    """After a failover every pooled connection may point at the old primary: expire them all,
+    so each is closed on release (or next acquire) and replaced by a fresh one."""
+    if classify(exc) is Failover:
+        log.warning("store.failover", error=f"{type(exc).__name__}: {exc}")
+        await pool.expire_connections()
 
 
 def _dumps(value: Any) -> str:
@@ -83,13 +128,29 @@ async def acquire(pool: Pool, timeout_s: float, op: str) -> PoolConnectionProxy[
         raise Overloaded(f"{op}: no Postgres connection free within {timeout_s} s") from None
 
 
+@contextlib.asynccontextmanager
+async def borrowed(pool: Pool, timeout_s: float, op: str) -> AsyncIterator[Connection]:
+    """A pooled connection for one operation, errors translated; returned to the pool after,
+    closed instead if it reported a failover."""
+    with translate(op):
+        conn = await acquire(pool, timeout_s, op)
+        try:
+            yield conn
+        except BaseException as exc:
+            await _drop_if_failover(pool, exc)
+            raise
+        finally:
+            await pool.release(conn)
+
+
 class Pinned:
     """One pooled connection kept by a single owner across many statements, sparing the
     acquire, release and session reset of each (two round trips fewer per statement).
 
     For one coroutine at a time (asyncpg runs one statement per connection). After a failed
     statement the connection goes back to the pool, whose reset replaces it if it is broken,
-    and the next use takes a fresh one.
+    and the next use takes a fresh one; after a failover it is closed, and the next use
+    reconnects.
     """
 
     def __init__(self, pool: Pool, *, acquire_timeout_s: float = 5.0) -> None:
@@ -104,7 +165,8 @@ class Pinned:
                 self._conn = await acquire(self.pool, self.acquire_timeout_s, op)
             try:
                 yield self._conn
-            except BaseException:
+            except BaseException as exc:
+                await _drop_if_failover(self.pool, exc)
                 await self.release()
                 raise
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from conveyor.store.pool import Connection, Pinned, Pool, acquire, translate
+from conveyor.store.pool import Connection, Pinned, Pool, borrowed, translate
 
 Status = Literal["queued", "running", "succeeded", "dead", "cancelled"]
 STATUSES: tuple[Status, ...] = ("queued", "running", "succeeded", "dead", "cancelled")
@@ -109,6 +109,9 @@ class NotStarted:
     # Running on the very worker that asked: its own start, whose reply was lost before a
     # retry, or a copy of a message it is already working on. The caller tells them apart.
     running_here: Started | None = None
+    # Postgres refused to start it, for this reason (an error retrying does not cure): the task
+    # is left as it is, and its message pending.
+    refused: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,12 +200,8 @@ class TaskStore:
             async with via.connection(op) as pinned:
                 yield pinned
             return
-        with translate(op):
-            conn = await acquire(self.pool, self.acquire_timeout_s, op)
-            try:
-                yield conn
-            finally:
-                await self.pool.release(conn)
+        async with borrowed(self.pool, self.acquire_timeout_s, op) as conn:
+            yield conn
 
     async def _fetch(self, op: str, sql: str, *args: Any, via: Pinned | None = None
                      ) -> list[Any]:

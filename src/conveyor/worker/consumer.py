@@ -1,5 +1,5 @@
-"""Consumer: one per task type; reads its stream through the group, starts handlers, and
-settles what cannot run.  [consumers A, B]
+"""Consumer: one per task type; reads its stream through the group and starts handlers; what
+cannot run goes to the settler.  [consumers A, B]
 
 Each read asks for no more messages than there are free slots (`slots.py` says how they are
 shared). A consumer alone in its worker blocks in XREADGROUP on the slots it took. With several
@@ -31,6 +31,7 @@ from conveyor.store.tasks import NotStarted, Started, TaskStore
 from conveyor.worker.executor import Executor
 from conveyor.worker.inflight import InFlight
 from conveyor.worker.recorder import Recorder
+from conveyor.worker.settler import Settler
 from conveyor.worker.slots import Slots
 from conveyor.worker.starter import Starter
 
@@ -70,7 +71,7 @@ class Consumer:
         self.block_ms = block_ms
         self.solo = solo
         self._read_outage = Outage(f"consumer.{task_type.name}.read")
-        self._settle_outage = Outage(f"consumer.{task_type.name}.settle")
+        self.settler = Settler(store, streams, f"consumer.{task_type.name}.settle")
         self._wait = metrics.type_meters(task_type.name).wait
         self.processed = 0  # handler runs finished
 
@@ -154,11 +155,8 @@ class Consumer:
             self.spawn(asyncio.ensure_future(self._run_one(by_task[task.id], task)))
         unrunnable = undecodable + duplicates + [by_task[ns.id] for ns in not_started]
         if unrunnable:
-            try:
-                await self._settle_unrunnable(undecodable, duplicates, not_started, by_task,
-                                              shutdown)
-            except Exception:  # left pending: the rebalancer re-queues it once idle a TTL
-                log.exception("consumer.settle.failed", task_type=self.task_type.name)
+            await self.settler.unrunnable(self.task_type.name, undecodable, duplicates,
+                                          not_started, by_task, shutdown)
             self._release(unrunnable)
 
     def _adopt(
@@ -181,53 +179,6 @@ class Consumer:
         """Stop holding `messages` (acked, or left pending) and free their slots."""
         self.in_flight.release((self.task_type.name, m.stream_id) for m in messages)
         self.slots.give(len(messages))
-
-    async def _settle_unrunnable(
-        self,
-        undecodable: list[Message],
-        duplicates: list[Message],
-        not_started: list[NotStarted],
-        by_task: dict[uuid.UUID, Message],
-        shutdown: Shutdown,
-    ) -> None:
-        """Ack messages whose task is not runnable, re-delaying early ones and dead-lettering
-        what cannot be decoded or has no attempts left."""
-        acks = [m.stream_id for m in undecodable + duplicates]
-        dead = [("", f"{m.error} (stream entry {m.stream_id.decode()})") for m in undecodable]
-        delays = []
-        exhausted = []
-        name = self.task_type.name
-        if duplicates:
-            metrics.MESSAGES_DROPPED.labels(name, "duplicate").inc(len(duplicates))
-        for ns in not_started:
-            acks.append(by_task[ns.id].stream_id)
-            if ns.status is None:
-                dead.append((str(ns.id), "no such task in Postgres"))
-                metrics.MESSAGES_DROPPED.labels(name, "unknown").inc()
-            elif ns.exhausted:
-                exhausted.append(ns.id)
-            elif ns.status == "queued" and ns.run_at is not None:
-                delays.append((ns.id, int(ns.run_at.timestamp() * 1000)))
-                metrics.MESSAGES_DROPPED.labels(name, "early").inc()
-            else:
-                metrics.MESSAGES_DROPPED.labels(name, ns.status).inc()
-        for m in undecodable:
-            metrics.DEAD_LETTERED.labels(name, "undecodable").inc()
-            log.warning("consumer.message.undecodable", task_type=name, error=m.error)
-        while True:
-            try:
-                if exhausted:
-                    reason = "worker lost during the final attempt"
-                    for task_id in await self.store.kill(exhausted, reason):
-                        dead.append((str(task_id), reason))
-                        metrics.DEAD_LETTERED.labels(name, "attempts").inc()
-                    exhausted = []
-                await self.streams.settle(name, acks, delays=delays, dead=dead)
-                return
-            except Unavailable as exc:
-                if shutdown.forced or (shutdown.begun and shutdown.drain_remaining() <= 0):
-                    return
-                await self._settle_outage.failed(exc)
 
     async def _run_one(self, message: Message, task: Started) -> None:
         """Run one handler; its slot is free once the outcome is handed to the recorder (which

@@ -3,16 +3,19 @@ Redis (retry schedule, dead letter, ack), on one pinned Postgres connection.
 
 Batches form by themselves: outcomes that arrive while one batch is written go into the next,
 so a busy worker writes hundreds of rows per round trip and an idle one writes at once.
-Postgres first, then Redis: a message is acked only once its outcome is recorded. The buffer
-is bounded (`capacity`): when Postgres or Redis is away or slow, `submit()` waits, the
-handlers that finished hold their slots, and the consumers stop reading.
+Postgres first, then Redis: the store reports per outcome what it stored, and the settler acks
+only those and the superseded (another attempt owns the task). An outcome not recorded stays
+pending: retried while Postgres is away, read-only or in conflict; left for the rebalancer if
+Postgres refuses even a `dead` record of it. The buffer is bounded (`capacity`): when Postgres
+or Redis is away or slow, `submit()` waits, the handlers that finished hold their slots, and
+the consumers stop reading.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections import defaultdict
+import uuid
 from collections.abc import Callable, Sequence
 
 import structlog
@@ -26,6 +29,7 @@ from conveyor.runtime.shutdown import Shutdown
 from conveyor.store.pool import Pinned
 from conveyor.store.tasks import Outcome, Recorded, TaskStore
 from conveyor.worker.executor import storable
+from conveyor.worker.settler import Settler
 
 log = structlog.get_logger("conveyor.recorder")
 
@@ -36,7 +40,7 @@ Entry = tuple[bytes, Outcome]
 class Recorder:
     """Batched `record` + `settle` for one worker. Options: `capacity` (outcomes waiting to be
     written), `max_batch` (rows per statement); `on_settled` gets the (type, stream id) of the
-    messages acked."""
+    messages this worker no longer holds (acked, or lost and left for the rebalancer)."""
 
     def __init__(
         self,
@@ -56,6 +60,7 @@ class Recorder:
         self.on_settled = on_settled
         self.max_batch = max_batch
         self._queue: asyncio.Queue[Entry | None] = asyncio.Queue(maxsize=capacity)
+        self.settler = Settler(store, streams, "worker.settle")
         self._outage = Outage("worker.record")
         self._finished: dict[tuple[str, str], Counter] = {}
 
@@ -102,78 +107,127 @@ class Recorder:
             await self._write(rest[start:start + self.max_batch], shutdown)
 
     async def _write(self, batch: list[Entry], shutdown: Shutdown) -> None:
-        """Record, then settle: each retried on its own, so an outcome recorded before Redis
-        failed is not recorded again (it would read as superseded and lose its retry)."""
-        outcomes = [outcome for _, outcome in batch]
-        recorded = await self._outage.until_done(self._record, outcomes, shutdown=shutdown)
-        if recorded is None:
-            log.warning("recorder.abandoned", outcomes=len(batch))
-            return
-        by_id = {r.task_id: r for r in recorded}
-        if not await self._outage.until_done(self._settle, batch, by_id, shutdown=shutdown):
+        """Record, then settle: only what Postgres accounts for is acked. The recording's
+        progress is kept across retries, so an outcome recorded before a failure is not
+        recorded again (it would read as superseded and lose its retry schedule)."""
+        progress = _Progress([outcome for _, outcome in batch])
+        if await self._outage.until_done(self._record, progress, shutdown=shutdown) is None:
+            log.warning("recorder.abandoned", outcomes=len(progress.todo))  # left pending
+        unsettled = progress.lost | {o.task_id for o in progress.todo}
+        if not await self.settler.recorded(batch, progress.stored, unsettled, shutdown):
             log.warning("recorder.unacked", outcomes=len(batch))  # recorded; left pending
-        self.on_settled([(outcome.task_type, stream_id) for stream_id, outcome in batch])
-        self._count(outcomes, recorded)
+        # Lost outcomes are no longer held either: the rebalancer hands them on once idle.
+        waiting = {o.task_id for o in progress.todo}
+        self.on_settled([(outcome.task_type, stream_id) for stream_id, outcome in batch
+                         if outcome.task_id not in waiting])
+        self._count(progress)
 
-    async def _record(self, outcomes: list[Outcome]) -> list[Recorded]:
-        """One statement for the batch; should it fail for a reason other than an outage (a
-        value Postgres refuses), each outcome is recorded alone, and one that still fails is
-        recorded as dead with the reason, so one bad outcome never stalls the others."""
-        try:
-            return await self.store.record(outcomes, self.worker_id, via=self.pinned)
-        except Unavailable:
-            raise
-        except Exception as exc:
-            if len(outcomes) > 1:
-                log.warning("recorder.batch.refused", outcomes=len(outcomes), error=str(exc))
-                recorded: list[Recorded] = []
-                for outcome in outcomes:
-                    recorded += await self._record([outcome])
-                return recorded
-            log.error("recorder.outcome.refused", task_id=str(outcomes[0].task_id),
-                      error=str(exc))
-            dead = dataclasses.replace(
-                outcomes[0], status="dead", result_json=None,
-                error=storable(f"the outcome could not be stored: {type(exc).__name__}: {exc}"),
-            )
+    async def _record(self, progress: _Progress) -> bool:
+        """One statement for the batch; should Postgres refuse it (not an outage or a
+        conflict: a value it will not store), each outcome is recorded alone, and one that
+        still fails is recorded as dead with the reason, so one bad outcome never stalls the
+        others. Raises Unavailable for `until_done` to retry what is left."""
+        if not progress.alone:
             try:
-                return await self.store.record([dead], self.worker_id, via=self.pinned)
+                await self._statement(progress, progress.todo)
+                return True
             except Unavailable:
                 raise
-            except Exception:  # left un-acked: re-run elsewhere once this worker is gone
-                log.exception("recorder.outcome.lost", task_id=str(outcomes[0].task_id))
-                return []
-
-    async def _settle(self, batch: list[Entry], by_id: dict[object, Recorded]) -> bool:
-        by_type: dict[str, list[Entry]] = defaultdict(list)
-        for entry in batch:
-            by_type[entry[1].task_type].append(entry)
-        for task_type, entries in by_type.items():
-            delays, dead = [], []
-            for _, outcome in entries:
-                r = by_id.get(outcome.task_id)
-                if r is None:
-                    continue
-                if r.status == "queued":
-                    delays.append((r.task_id, int(r.run_at.timestamp() * 1000)))
-                elif r.status == "dead":
-                    dead.append((str(r.task_id), outcome.error or "dead"))
-            await self.streams.settle(
-                task_type, [stream_id for stream_id, _ in entries], delays=delays, dead=dead
-            )
+            except Exception as exc:
+                progress.alone = True
+                if len(progress.todo) > 1:
+                    log.warning("recorder.batch.refused", outcomes=len(progress.todo),
+                                error=str(exc))
+        for outcome in list(progress.todo):
+            try:
+                await self._statement(progress, [outcome])
+            except Unavailable:
+                raise
+            except Exception as exc:
+                await self._refused(progress, outcome, exc)
         return True
 
-    def _count(self, outcomes: list[Outcome], recorded: list[Recorded]) -> None:
-        kept = {r.task_id for r in recorded}
+    async def _refused(self, progress: _Progress, outcome: Outcome, exc: Exception) -> None:
+        """Record an outcome Postgres refused as dead with the reason; if even that is
+        refused, it is lost: left un-acked, to be run again elsewhere."""
+        log.error("recorder.outcome.refused", task_id=str(outcome.task_id), error=str(exc))
+        dead = dataclasses.replace(
+            outcome, status="dead", result_json=None,
+            error=storable(f"the outcome could not be stored: {type(exc).__name__}: {exc}"),
+        )
+        try:
+            await self._statement(progress, [dead])
+        except Unavailable:
+            raise
+        except Exception:
+            log.exception("recorder.outcome.lost", task_id=str(outcome.task_id))
+            progress.todo.remove(outcome)
+            progress.lost.add(outcome.task_id)
+
+    async def _statement(self, progress: _Progress, outcomes: list[Outcome]) -> None:
+        """Record `outcomes` (one statement) and note in `progress` what was stored."""
+        try:
+            recorded = await self.store.record(outcomes, self.worker_id, via=self.pinned)
+        except Unavailable:
+            progress.interrupted = True  # its writes may have committed unseen
+            raise
+        stored = {r.task_id: r for r in recorded}
+        progress.stored.update(stored)
+        progress.todo = [o for o in progress.todo if o.task_id not in stored]
+        missed = [o for o in outcomes if o.task_id not in stored]
+        if missed and progress.interrupted:
+            progress.stored.update(await self._already_recorded(missed))
+        progress.superseded.update(o.task_id for o in missed if o.task_id not in progress.stored)
+        progress.todo = [o for o in progress.todo if o.task_id not in progress.settled]
+
+    async def _already_recorded(self, outcomes: list[Outcome]) -> dict[uuid.UUID, Recorded]:
+        """Outcomes found recorded by this worker: an earlier statement of this batch that
+        committed although its reply was lost (a compare-and-set miss is not a supersession
+        then)."""
+        found = {}
         for o in outcomes:
-            outcome = _OUTCOME_METRIC[o.status] if o.task_id in kept else "superseded"
-            if outcome == "superseded":
+            row = await self.store.get(o.task_id)
+            if (row is not None and row.status == o.status and row.worker == self.worker_id
+                    and row.attempts == o.attempt):
+                found[o.task_id] = Recorded(o.task_id, row.status, row.run_at)
+        return found
+
+    def _count(self, progress: _Progress) -> None:
+        for o in progress.outcomes:
+            if o.task_id in progress.stored:
+                outcome = _OUTCOME_METRIC[progress.stored[o.task_id].status]
+            elif o.task_id in progress.superseded:
+                outcome = "superseded"
                 log.warning("worker.outcome.superseded", task_id=str(o.task_id),
                             attempt=o.attempt, task_type=o.task_type)
-            elif outcome == "dead":
+            elif o.task_id in progress.lost:
+                outcome = "lost"
+            else:
+                continue  # abandoned at shutdown: counted by whoever runs it again
+            if outcome == "dead":
                 metrics.DEAD_LETTERED.labels(o.task_type, "attempts").inc()
             key = (o.task_type, outcome)
             counter = self._finished.get(key)
             if counter is None:
                 counter = self._finished[key] = metrics.TASKS_FINISHED.labels(*key)
             counter.inc()
+
+
+@dataclasses.dataclass(slots=True)
+class _Progress:
+    """How far one batch's recording has got; kept across the retries of `_write`."""
+
+    outcomes: list[Outcome]
+    todo: list[Outcome] = dataclasses.field(default_factory=list)
+    stored: dict[uuid.UUID, Recorded] = dataclasses.field(default_factory=dict)
+    superseded: set[uuid.UUID] = dataclasses.field(default_factory=set)
+    lost: set[uuid.UUID] = dataclasses.field(default_factory=set)
+    alone: bool = False  # Postgres refused the batch: record one outcome per statement
+    interrupted: bool = False  # a statement failed with its outcome unknown
+
+    def __post_init__(self) -> None:
+        self.todo = list(self.outcomes)
+
+    @property
+    def settled(self) -> set[uuid.UUID]:
+        return set(self.stored) | self.superseded | self.lost

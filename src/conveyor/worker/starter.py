@@ -2,9 +2,11 @@
 Postgres connection.
 
 Batches form by themselves: ids that arrive while one statement runs go into the next. While
-Postgres is away the batch is retried and its consumers wait, holding their slots; once the
-drain deadline has passed at shutdown, waiting starts are given up (their messages stay
-pending for the rebalancer).
+Postgres is away, or the statement lost a race (a deadlock, a failover), the batch is retried
+and its consumers wait, holding their slots; once the drain deadline has passed at shutdown,
+waiting starts are given up (their messages stay pending for the rebalancer). A batch Postgres
+refuses is started one task at a time; a task whose start is refused alone is reported
+`refused` and left as it is, its message pending.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ import asyncio
 import uuid
 from dataclasses import dataclass, field
 
+import structlog
+
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.store.pool import Pinned
 from conveyor.store.tasks import NotStarted, Started, TaskStore
+
+log = structlog.get_logger("conveyor.starter")
 
 Result = tuple[list[Started], list[NotStarted]]
 
@@ -87,7 +93,26 @@ class Starter:
 
     async def _mark(self, batch: list[_Request], shutdown: Shutdown) -> Result | None:
         ids = [i for request in batch for i in request.ids]
-        return await self._outage.until_done(self._mark_ids, ids, shutdown=shutdown)
+        try:
+            return await self._outage.until_done(self._mark_ids, ids, shutdown=shutdown)
+        except Exception as exc:  # refused: start them one by one, so one task fails alone
+            log.warning("starter.batch.refused", tasks=len(ids), error=_describe(exc))
+        started: list[Started] = []
+        not_started: list[NotStarted] = []
+        for task_id in dict.fromkeys(ids):
+            try:
+                result = await self._outage.until_done(self._mark_ids, [task_id],
+                                                       shutdown=shutdown)
+            except Exception as exc:
+                log.error("starter.task.refused", task_id=str(task_id), error=_describe(exc))
+                not_started.append(NotStarted(task_id, None, None, False,
+                                              refused=_describe(exc)))
+                continue
+            if result is None:
+                return None
+            started += result[0]
+            not_started += result[1]
+        return started, not_started
 
     async def _mark_ids(self, ids: list[uuid.UUID]) -> Result:
         return await self.store.mark_running(ids, self.worker_id, via=self.pinned)
@@ -101,3 +126,7 @@ async def _first(*waits: object) -> None:
     finally:
         for task in tasks:
             task.cancel()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -51,6 +51,17 @@ async def _within(task: asyncio.Task[None], timeout_s: float) -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
+class WorkerFailed(Exception):
+    """One of the worker's own tasks (a consumer, the starter, the recorder, the forwarder,
+    the heartbeat) failed; the worker cancelled its handlers and stopped. Unrecorded outcomes
+    stay pending."""
+
+    def __init__(self, worker_id: str, failed: BaseExceptionGroup[BaseException]) -> None:
+        first = failed.exceptions[0]
+        self.errors = list(failed.exceptions)
+        super().__init__(f"worker {worker_id} stopped: {type(first).__name__}: {first}")
+
+
 def new_worker_id() -> str:
     """Unique per process and start: host, pid and a random suffix."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -171,11 +182,25 @@ class Worker:
             for handler in list(self.handlers):
                 handler.cancel()
             raise
+        except BaseExceptionGroup as failed:  # one of the worker's own tasks failed
+            aux_stop.force()
+            await self._abandon()
+            raise WorkerFailed(self.worker_id, failed) from failed.exceptions[0]
         finally:
             self.executor.close()
             for pinned in self._pinned:
                 await pinned.release()
         log.info("worker.stopped", worker=self.worker_id, processed=self.processed)
+
+    async def _abandon(self) -> None:
+        """Cancel every handler and start still running and wait for them (bounded): their
+        outcomes were not recorded, so their messages stay pending for the rebalancer."""
+        abandoned = list(self.handlers)
+        for handler in abandoned:
+            handler.cancel()
+        if abandoned:
+            log.warning("worker.abandoned", handlers=len(abandoned))
+            await asyncio.wait(abandoned, timeout=AFTER_DRAIN_S)
 
     async def _prepare(self, shutdown: Shutdown) -> None:
         """Create missing groups and write the first beat; wait for Redis and Postgres if they
