@@ -98,8 +98,12 @@ async def test_always_failing_task_goes_dead_then_retry_brings_it_back(
     assert record.attempts == 3 == record.max_attempts
     assert "always fails" in (record.last_error or "")
     assert "gave up after 3 attempts" in (record.last_error or "")
-    letters: Any = await state.redis.xrange(state.keys.dead("doomed"))
-    assert [fields[b"id"].decode() for _, fields in letters] == [task_id]
+
+    async def dead_lettered() -> bool:  # Postgres first, then the settle in Redis
+        letters: Any = await state.redis.xrange(state.keys.dead("doomed"))
+        return [fields[b"id"].decode() for _, fields in letters] == [task_id]
+
+    await eventually(dead_lettered)
     assert basic.probe.runs[task_id] == 3
 
     again = await state.client.retry(uuid.UUID(task_id))
