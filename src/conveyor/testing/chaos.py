@@ -12,8 +12,10 @@ and injects the faults at random moments meanwhile.
 
 What it records, in the `chaos` schema of the same database:
 
-- `chaos.runs`: one row per handler run, written as the handler starts (task, worker, attempt)
-  and marked `ok` with its end time just before the handler returns;
+- `runs/<pid>.jsonl` in the run's directory: a line per handler run as it starts (task,
+  worker, attempt) and one as it ends, `ok` when it is about to return its result — appended
+  to a local file, so neither a Postgres nor a Redis fault can lose or delay it, and a SIGKILL
+  loses nothing already written;
 - `chaos.transitions`: every status write to a task (old and new status, attempts, worker),
   by a trigger on the tasks table;
 - `chaos.faults`: the injected Postgres error, if one is active; a BEFORE UPDATE trigger on the
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -65,7 +68,8 @@ from conveyor.testing.servers import PostgresServer, RedisServer
 SCHEMA = "conveyor"
 FINAL = ("succeeded", "dead", "cancelled")
 app = Conveyor()
-_pools: dict[int, asyncpg.Pool[asyncpg.Record]] = {}
+RUNS_DIR_ENV = "CHAOS_RUNS_DIR"  # where handlers append their run lines (set by the Cluster)
+_run_log: list[int] = []  # this process's open run file, once opened
 
 
 class Effect(BaseModel):
@@ -73,48 +77,62 @@ class Effect(BaseModel):
     work_ms: int = 0
 
 
-async def _handler_pool(ctx: TaskContext) -> asyncpg.Pool[asyncpg.Record]:
-    loop_id = id(asyncio.get_running_loop())
-    if loop_id not in _pools:
-        assert ctx.settings.database_url
-        _pools[loop_id] = await asyncpg.create_pool(ctx.settings.database_url, min_size=1,
-                                                    max_size=4)
-    return _pools[loop_id]
+@dataclass(frozen=True)
+class Run:
+    """One handler run from the run files; times are Unix seconds, `finished` None if no end
+    was noted (its worker was killed mid-run)."""
+
+    task_id: str
+    worker: str
+    attempt: int
+    work_ms: int
+    started: float
+    finished: float | None
+    ok: bool = False
+
+
+def _note(line: dict[str, Any]) -> None:
+    """Append one run line to this process's run file (one write: a line is never torn)."""
+    if not _run_log:
+        path = Path(os.environ[RUNS_DIR_ENV]) / f"{os.getpid()}.jsonl"
+        _run_log.append(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+    os.write(_run_log[0], (json.dumps(line) + "\n").encode())
 
 
 @app.task("effect", payload=Effect, max_attempts=100, timeout=30,
           retry=RetryPolicy(base_delay_s=0.2, max_delay_s=2.0))
 async def effect(payload: Effect, ctx: TaskContext) -> dict[str, int]:
-    """Record this run's start in chaos.runs, pretend to work for `work_ms`, record its end.
-
-    The end is written before returning: a run marked ok is one whose effect happened. A failed
-    end write fails the run (the task retries); an interrupted run still gets its end time,
-    if Postgres takes it.
-    """
-    pool = await _handler_pool(ctx)
-    run_id = await pool.fetchval(
-        "INSERT INTO chaos.runs (task_id, worker, attempt, work_ms) VALUES ($1, $2, $3, $4)"
-        " RETURNING id", ctx.task_id, ctx.worker_id, ctx.attempt, payload.work_ms,
-    )
+    """Note this run's start, pretend to work for `work_ms`, note its end: `ok` just before
+    returning (a run noted ok is one whose effect happened), not ok if it was interrupted."""
+    run = {"task": ctx.task_id, "worker": ctx.worker_id, "attempt": ctx.attempt}
+    _note({**run, "work_ms": payload.work_ms, "started": time.time()})
+    ok = False
     try:
         await asyncio.sleep(payload.work_ms / 1000)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await pool.execute(
-                "UPDATE chaos.runs SET finished_at = clock_timestamp() WHERE id = $1", run_id)
-        raise
-    await pool.execute(
-        "UPDATE chaos.runs SET finished_at = clock_timestamp(), ok = true WHERE id = $1", run_id)
+        ok = True
+    finally:
+        _note({**run, "finished": time.time(), "ok": ok})
     return {"n": payload.n}
+
+
+def read_runs(directory: Path) -> list[Run]:
+    """Every handler run noted in `directory`, with its end if one was noted."""
+    runs: dict[tuple[str, str, int], Run] = {}
+    for path in sorted(directory.glob("*.jsonl")):
+        for raw in path.read_text().splitlines():
+            line = json.loads(raw)
+            key = (line["task"], line["worker"], line["attempt"])
+            if "started" in line:
+                runs[key] = Run(line["task"], line["worker"], line["attempt"],
+                                line["work_ms"], line["started"], None)
+            elif key in runs:
+                runs[key] = dataclasses.replace(runs[key], finished=line["finished"],
+                                                ok=line["ok"])
+    return list(runs.values())
 
 
 CHAOS_SQL = f"""
 CREATE SCHEMA IF NOT EXISTS chaos;
-CREATE TABLE IF NOT EXISTS chaos.runs (
-  id bigserial PRIMARY KEY, task_id uuid NOT NULL, worker text NOT NULL,
-  attempt integer NOT NULL, work_ms integer NOT NULL,
-  started_at timestamptz NOT NULL DEFAULT clock_timestamp(), finished_at timestamptz,
-  ok boolean NOT NULL DEFAULT false);
 CREATE TABLE IF NOT EXISTS chaos.transitions (
   id bigserial PRIMARY KEY, task_id uuid NOT NULL, old_status text, new_status text NOT NULL,
   attempts integer NOT NULL, worker text, at timestamptz NOT NULL DEFAULT clock_timestamp());
@@ -355,6 +373,9 @@ class Cluster:
         self.plan = plan
         self.pg = PostgresServer(base / "postgres")
         self.redis = RedisServer(base / "redis", persistent=True)
+        self.runs_dir = base / "runs"  # the handlers' run files
+        self.runs_dir.mkdir(exist_ok=True)
+        self.runs_dir.chmod(0o777)
         self.procs: list[Proc] = []
         self.signalled: set[int] = set()
         self.stalled: set[int] = set()
@@ -367,7 +388,8 @@ class Cluster:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
         env.update({"DATABASE_URL": self.pg.dsn, "REDIS_URL": self.redis.url,
-                    "CONVEYOR_LOG_FORMAT": "json", "CONVEYOR_LOG_LEVEL": "info"})
+                    "CONVEYOR_LOG_FORMAT": "json", "CONVEYOR_LOG_LEVEL": "info",
+                    RUNS_DIR_ENV: str(self.runs_dir)})
         env.update({f"CONVEYOR_{k.upper()}": str(v) for k, v in _TIMINGS.items()})
         return env
 
@@ -586,15 +608,16 @@ class Injector:
         """FLUSHALL the live Redis once a long task runs and a worker is blocked in a read
         (waiting at most two long tasks' length for both; a backlog keeps reads from
         blocking)."""
-        running_long = ("SELECT count(*) FROM chaos.runs WHERE work_ms >= $1"
-                        " AND finished_at IS NULL"
-                        " AND started_at > clock_timestamp() - $2::interval")
         window = timedelta(milliseconds=self.plan.long_ms)
         deadline = time.monotonic() + 2 * window.total_seconds()
         async with Redis.from_url(self.cluster.redis.url) as redis:
             while True:
-                long_now = (await _count(self.state, running_long, self.plan.long_ms, window)
-                            if self.plan.long_share > 0 else 0)
+                now = time.time()
+                long_now = sum(
+                    r.work_ms >= self.plan.long_ms and r.finished is None
+                    and r.started > now - window.total_seconds()
+                    for r in read_runs(self.cluster.runs_dir)
+                ) if self.plan.long_share > 0 else 0
                 blocked = sum(c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")
                               for c in await redis.client_list())
                 ready = blocked > 0 and (long_now > 0 or self.plan.long_share <= 0)
@@ -670,33 +693,21 @@ def _worker_pid(worker_id: str) -> int:
     return int(worker_id.rsplit("-", 2)[1])
 
 
-@dataclass(frozen=True)
-class Run:
-    """One handler run from chaos.runs; times are Unix seconds, `finished` None if unwritten."""
-
-    task_id: str
-    worker: str
-    attempt: int
-    work_ms: int
-    started: float
-    finished: float | None
-
-
 def overlaps(runs: list[Run], impaired: Windows) -> tuple[list[str], int]:
     """Pairs of runs of one task that overlap in time: (those on live workers, how many others).
 
     `impaired` holds per pid the windows in which that process was not a live worker (from its
     SIGKILL on: `(t, inf)`; a stall: `(stop, cont + grace)`). A pair is excused when either
-    worker has such a window meeting the overlap. A run's end is its recorded end; without one,
-    the kill of its worker if one came after its start, else its start plus its planned work
-    (its handler failed writing its end).
+    worker has such a window meeting the overlap. A run's end is its noted end; without one
+    (its worker was killed mid-run), the kill of its worker, else never: a run that simply
+    stopped with no kill to explain it overlaps everything after it.
     """
     def end_of(run: Run) -> float:
         if run.finished is not None:
             return run.finished
         kills = [a for a, b in impaired.get(_worker_pid(run.worker), [])
                  if b == math.inf and a >= run.started]
-        return min(kills) if kills else run.started + run.work_ms / 1000
+        return min(kills) if kills else math.inf
 
     def excused(run: Run, lo: float, hi: float) -> bool:
         return any(a <= hi and lo <= b for a, b in impaired.get(_worker_pid(run.worker), []))
@@ -724,7 +735,8 @@ async def _check(state: AppState, cluster: Cluster, report: Report) -> None:
     report.final = {r["status"]: r["count"] for r in rows}
     report.enqueued = sum(report.final.values())
     report.succeeded = report.final.get("succeeded", 0)
-    report.handler_runs = await _count(state, "SELECT count(*) FROM chaos.runs")
+    runs = read_runs(cluster.runs_dir)
+    report.handler_runs = len(runs)
     histories = await _retrying(fetch, f"""
         WITH h AS (
           SELECT task_id, id, new_status, count(*) FILTER (WHERE new_status IN {FINAL})
@@ -737,21 +749,17 @@ async def _check(state: AppState, cluster: Cluster, report: Report) -> None:
         WHERE task_id IN (SELECT task_id FROM h WHERE finals_before > 0)
         GROUP BY task_id ORDER BY task_id""")
     report.recorded_twice = [f"task {r['task_id']}: {r['history']}" for r in histories]
+    ok_runs: dict[str, int] = {}
+    for r in runs:
+        if r.ok:
+            ok_runs[r.task_id] = ok_runs.get(r.task_id, 0) + 1
     dead = await _retrying(fetch, f"""
-        SELECT t.id, t.status, t.attempts, count(*) AS ok_runs FROM {SCHEMA}.tasks t
-        JOIN chaos.runs r ON r.task_id = t.id AND r.ok
-        WHERE t.status IN ('dead', 'cancelled') GROUP BY t.id ORDER BY t.id""")
+        SELECT t.id, t.status, t.attempts FROM {SCHEMA}.tasks t
+        WHERE t.status IN ('dead', 'cancelled') AND t.id = ANY($1::uuid[]) ORDER BY t.id""",
+                           list(ok_runs))
     report.dead_but_ran_ok = [f"task {r['id']}: {r['status']} after {r['attempts']} attempts,"
-                              f" {r['ok_runs']} runs finished ok" for r in dead]
-    runs = await _retrying(fetch, """
-        SELECT task_id, worker, attempt, work_ms, extract(epoch FROM started_at)::float8 AS started,
-               extract(epoch FROM finished_at)::float8 AS finished
-        FROM chaos.runs WHERE task_id IN
-          (SELECT task_id FROM chaos.runs GROUP BY task_id HAVING count(*) > 1)
-        ORDER BY task_id, started_at""")
-    report.live_overlaps, report.impaired_overlaps = overlaps(
-        [Run(str(r["task_id"]), r["worker"], r["attempt"], r["work_ms"], r["started"],
-             r["finished"]) for r in runs], cluster.impaired)
+                              f" {ok_runs[str(r['id'])]} runs finished ok" for r in dead]
+    report.live_overlaps, report.impaired_overlaps = overlaps(runs, cluster.impaired)
 
 
 async def _run(cluster: Cluster, plan: Plan) -> Report:
@@ -775,7 +783,7 @@ async def _run(cluster: Cluster, plan: Plan) -> Report:
         report.unclean_stops = await asyncio.to_thread(cluster.stop_processes)
         await _check(state, cluster, report)
         if not report.ok:
-            for table in (f"{SCHEMA}.tasks", "chaos.runs", "chaos.transitions"):
+            for table in (f"{SCHEMA}.tasks", "chaos.transitions"):
                 await state.pool.copy_from_query(
                     f"SELECT * FROM {table} ORDER BY 1", output=cluster.base / f"{table}.csv",
                     format="csv", header=True)

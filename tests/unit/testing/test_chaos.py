@@ -42,6 +42,6 @@ def test_a_killed_workers_unfinished_run_ends_at_the_kill() -> None:
     assert overlaps([_run("h-10-ff", 0.0, None), _run("h-20-ee", 1.5, 3.0)], killed) == ([], 0)
 
 
-def test_an_unfinished_run_of_a_live_worker_lasts_its_planned_work() -> None:
-    live, _ = overlaps([_run("h-10-ff", 0.0, None), _run("h-20-ee", 0.1, 1.0)], {})
-    assert live == ["task t1: attempt 1 on h-10-ff and attempt 1 on h-20-ee overlap 0.10 s"]
+def test_an_unfinished_run_no_kill_explains_overlaps_every_later_run() -> None:
+    live, _ = overlaps([_run("h-10-ff", 0.0, None), _run("h-20-ee", 5.0, 6.0)], {})
+    assert live == ["task t1: attempt 1 on h-10-ff and attempt 1 on h-20-ee overlap 1.00 s"]
