@@ -28,6 +28,7 @@ from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState
 from conveyor.store.pool import Pinned
 from conveyor.worker.consumer import Consumer
+from conveyor.worker.dispatcher import Dispatcher
 from conveyor.worker.executor import Executor
 from conveyor.worker.forwarder import Forwarder
 from conveyor.worker.heartbeat import Heartbeat
@@ -97,22 +98,17 @@ class Worker:
             state.store, state.streams, self._pinned[1], self.worker_id,
             on_settled=self._settled, capacity=max(100, 4 * settings.concurrency),
         )
-        self.consumers = [
-            Consumer(
-                t,
-                worker_id=self.worker_id,
-                store=state.store,
-                streams=state.streams,
-                executor=self.executor,
-                starter=self.starter,
-                recorder=self.recorder,
-                slots=self.slots,
-                in_flight=self.in_flight,
-                spawn=self._spawn,
-                block_ms=int(settings.read_block * 1000),
-                solo=len(self.types) == 1,
-            )
+        self.dispatchers = [
+            Dispatcher(t, store=state.store, streams=state.streams, executor=self.executor,
+                       starter=self.starter, recorder=self.recorder, slots=self.slots,
+                       in_flight=self.in_flight, spawn=self._spawn)
             for t in self.types
+        ]
+        self.consumers = [
+            Consumer(d.task_type, worker_id=self.worker_id, streams=state.streams,
+                     slots=self.slots, dispatcher=d, spawn=self._spawn,
+                     block_ms=int(settings.read_block * 1000), solo=len(self.types) == 1)
+            for d in self.dispatchers
         ]
         self.forwarder = Forwarder(
             state.streams, wanted, interval_s=settings.forward_interval
@@ -141,7 +137,7 @@ class Worker:
     @property
     def processed(self) -> int:
         """Handler runs finished by this worker."""
-        return sum(c.processed for c in self.consumers)
+        return sum(d.processed for d in self.dispatchers)
 
     def _settled(self, keys: Sequence[tuple[str, bytes]]) -> None:
         self.in_flight.release(keys)

@@ -17,7 +17,7 @@ from conveyor.queue.keys import GROUP
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState
 from conveyor.store.tasks import TaskRecord
-from conveyor.worker import consumer as consumer_module
+from conveyor.worker import dispatcher as dispatcher_module
 from conveyor.worker.worker import Worker
 from tests.apps import basic
 from tests.conftest import eventually, judge
@@ -75,7 +75,7 @@ async def test_an_unexpected_exception_is_a_warning_with_its_traceback(
     state: AppState, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A logger cached by an earlier `logs.configure()` would bypass capture_logs.
-    monkeypatch.setattr(consumer_module, "log", structlog.get_logger("conveyor.consumer"))
+    monkeypatch.setattr(dispatcher_module, "log", structlog.get_logger("conveyor.dispatcher"))
     with capture_logs() as logs:
         crash = await enqueue(state, "flaky", {"failures": 1})
         refused = await enqueue(state, "refuse", {})
