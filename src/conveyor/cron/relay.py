@@ -11,11 +11,13 @@ holds nothing (the rebalancer empties it first) lost their message with Redis: t
 
 Besides the scan, the relay publishes at once the tasks that `Conveyor.enqueue` commits inside
 a caller's transaction (a NOTIFY, see `store.notify`). However many relays run, one listens: the
-holder of a Redis lease (`lock:relay.listen`, TTL `lease_ttl_s`, renewed every third of it),
-which publishes only while a third of the TTL is left, so no two relays publish one NOTIFY. The
-others stand by and take the lease when it is released (shutdown) or expires (its holder died
-or lost Redis). Notifications sent in between reach nobody; the scan publishes those tasks once
-they are overdue by `grace_s`, as it does for any task whose publish was lost.
+holder of a Redis lease (`lock:relay.listen`, TTL `lease_ttl_s`, renewed every third of it).
+It publishes only while, by its own clock, a third of the TTL is left, so no two relays publish
+one NOTIFY unless a holder stalls for a third of the TTL between that check and its XADD (a
+duplicate then is as harmless as any other). The others stand by and take the lease when it is
+released (shutdown) or expires (its holder died or lost Redis). Notifications sent in between
+reach nobody; the scan publishes those tasks once they are overdue by `grace_s`, as it does for
+any task whose publish was lost.
 """
 
 from __future__ import annotations
