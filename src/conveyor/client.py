@@ -28,6 +28,8 @@ from conveyor.errors import (
 from conveyor.queue.streams import Publish, TaskStreams
 from conveyor.registry import Registry
 from conveyor.runtime.coalescer import Coalescer
+from conveyor.store import notify
+from conveyor.store.notify import Enqueued
 from conveyor.store.pool import Connection, Pinned
 from conveyor.store.tasks import Inserted, NewTask, Status, TaskRecord, TaskStore, new_task_id
 
@@ -207,16 +209,14 @@ async def insert_in_transaction(
 ) -> TaskRecord:
     """Insert a task on the caller's connection and transaction; publish after commit.
 
-    The row is visible to workers only if the caller commits. A `NOTIFY`, which Postgres
-    delivers only on commit, tells the relay to publish it at once (payload
-    `type:id:run_at_ms`, the last part empty unless delayed); if nobody listens, the relay's
-    periodic scan publishes it after its grace period.
+    The row is visible to workers only if the caller commits. A NOTIFY (`store.notify`), which
+    Postgres delivers only on commit, tells the relay to publish it at once; if no relay
+    listens, the relay's periodic scan publishes it after its grace period.
     """
     new = client.prepare(request)
     inserted = (await client.store.insert([new], conn=conn))[0]
     record = inserted.record
     if inserted.created:
-        at_ms = str(int(record.run_at.timestamp() * 1000)) if new.delay_s > 0 else ""
-        await conn.execute("SELECT pg_notify($1, $2)", client.store.channel,
-                           f"{record.type}:{record.id}:{at_ms}")
+        at_ms = int(record.run_at.timestamp() * 1000) if new.delay_s > 0 else None
+        await notify.send(conn, client.store.channel, Enqueued(record.type, record.id, at_ms))
     return record

@@ -10,8 +10,15 @@ it first) lost their message with Redis: they go back to `queued` and are publis
 running on a live worker is never touched, whatever Redis lost. A duplicate message is
 harmless: the worker's compare-and-set on `queued → running` lets only one copy run.
 
-Besides the scan, the relay listens for the NOTIFY that `Conveyor.enqueue` sends on commit, and
-publishes those tasks at once.
+Besides the scan, the relay publishes at once the tasks that `Conveyor.enqueue` commits inside
+a caller's transaction (a NOTIFY, see `store.notify`). However many relays run, one listens: the
+holder of a Redis lease (`lock:relay.listen`, TTL `lease_ttl_s`, renewed every third of it).
+It publishes only while, by its own clock, a third of the TTL is left, so no two relays publish
+one NOTIFY unless a holder stalls for a third of the TTL between that check and its XADD (a
+duplicate then is as harmless as any other). The others stand by and take the lease when it is
+released (shutdown) or expires (its holder died or lost Redis). Notifications sent in between
+reach nobody; the scan publishes those tasks once they are overdue by `grace_s`, as it does for
+any task whose publish was lost.
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ from conveyor.cron._locked import LockedLoop
 from conveyor.errors import Unavailable
 from conveyor.queue.connection import Redis
 from conveyor.queue.keys import Keys, consumer_name
+from conveyor.queue.lock import Lock
 from conveyor.queue.streams import Publish, TaskStreams
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
-from conveyor.store.pool import Connection, translate
+from conveyor.store import notify
+from conveyor.store.notify import Enqueued
+from conveyor.store.pool import translate
 from conveyor.store.tasks import TaskStore
 from conveyor.store.workers import Liveness
 
@@ -42,7 +52,8 @@ NOTIFIED_MAX = 10_000  # notified tasks waiting to be published; past it, left t
 class Relay(LockedLoop):
     """Options: `grace_s` (how overdue a queued task must be before it counts as lost),
     `ttl_s` (heartbeat TTL), `scan_limit` (largest backlog read per type), `page` (rows per
-    query)."""
+    query), `lease_ttl_s` (listener lease; by default three intervals, at least 1 s: how long a
+    dead listener goes unreplaced)."""
 
     name = "relay"
 
@@ -60,6 +71,7 @@ class Relay(LockedLoop):
         ttl_s: float,
         scan_limit: int = 10_000,
         page: int = 1000,
+        lease_ttl_s: float | None = None,
     ) -> None:
         super().__init__(redis, keys, streams, store, types, interval_s=interval_s)
         self.liveness = liveness
@@ -67,7 +79,10 @@ class Relay(LockedLoop):
         self.ttl_s = ttl_s
         self.scan_limit = scan_limit
         self.page = page
-        self._notified: list[Publish] = []
+        lease_s = lease_ttl_s if lease_ttl_s is not None else max(1.0, 3 * interval_s)
+        self.lease = Lock(redis, keys.lock("relay.listen"), ttl_ms=int(lease_s * 1000))
+        self._renew_s = lease_s / 3
+        self._notified: list[Publish] = []  # filled by the listener only while leading
         self._wake = asyncio.Event()
 
     async def run(self, shutdown: Shutdown) -> None:
@@ -135,52 +150,73 @@ class Relay(LockedLoop):
                             tasks=len(requeued))
         return published
 
-    # -- NOTIFY from transactional enqueue -------------------------------------------------
+    # -- NOTIFY from transactional enqueue: one listener, the lease holder -----------------
 
-    def _on_notify(self, conn: Connection, pid: int, channel: str, payload: object) -> None:
-        if not isinstance(payload, str):
-            return
-        task_type, _, rest = payload.partition(":")
-        raw_id, _, at_ms = rest.partition(":")
-        try:
-            task_id = uuid.UUID(raw_id)
-        except ValueError:
-            log.warning("relay.notify.malformed", payload=payload[:200])
-            return
+    @property
+    def leading(self) -> bool:
+        """True while this relay holds the listener lease (by its own clock)."""
+        return self.lease.held()
+
+    def _on_notify(self, task: Enqueued) -> None:
         if len(self._notified) >= NOTIFIED_MAX:
             return  # Redis is not keeping up: the periodic scan publishes it after the grace
-        self._notified.append(Publish(task_type, task_id, int(at_ms) if at_ms else None))
+        self._notified.append(Publish(task.task_type, task.task_id, task.run_at_ms))
         self._wake.set()
 
     async def _listen(self, shutdown: Shutdown) -> None:
+        """Stand by until the lease is free; then listen and publish while it is held."""
         outage = Outage("relay.listen")
         while not shutdown.begun:
             try:
-                with translate("relay.listen"):
-                    async with self.store.pool.acquire() as conn:
-                        await self._serve_notifications(conn, shutdown)
+                if await self.lease.acquire():
+                    log.info("relay.listen.leading")
+                    try:
+                        await self._lead(shutdown)
+                    finally:
+                        self._notified.clear()  # not published: the scan will find them
+                        await self.lease.release()
+                    log.info("relay.listen.stood_down")
                 outage.recovered()
             except Unavailable as exc:
                 await outage.failed(exc, shutdown)
+                continue
+            except Exception:
+                log.exception("relay.listen.failed")
+            await shutdown.wait(self._renew_s)
 
-    async def _serve_notifications(self, conn: Connection, shutdown: Shutdown) -> None:
-        lost = asyncio.Event()
-        conn.add_termination_listener(lambda _c: lost.set())
-        await conn.add_listener(self.store.channel, self._on_notify)
-        try:
-            while not shutdown.begun and not lost.is_set():
-                self._wake.clear()
-                if self._notified:
-                    batch, self._notified = self._notified, []
-                    try:
-                        await self.streams.publish(batch)
-                    except Unavailable as exc:
-                        log.warning("relay.notify.deferred", tasks=len(batch), error=str(exc))
-                waiter = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait({waiter}, timeout=1.0)
-                waiter.cancel()
-        finally:
-            if not conn.is_closed():
-                await conn.remove_listener(self.store.channel, self._on_notify)
+    async def _lead(self, shutdown: Shutdown) -> None:
+        """LISTEN, renew the lease every third of its TTL and publish what is notified; return
+        when shutdown begins or the lease is lost."""
+        clock = asyncio.get_running_loop().time
+        with translate("relay.listen"):
+            async with self.store.pool.acquire() as conn, \
+                    notify.listening(conn, self.store.channel, self._on_notify) as lost:
+                renew_at = clock() + self._renew_s
+                while not shutdown.begun and not lost.is_set():
+                    self._wake.clear()
+                    # Publish only with a third of the TTL left, so that a standby cannot have
+                    # taken over by the time the publish lands.
+                    if clock() >= renew_at or (self._notified and not self._may_publish()):
+                        if not await self.lease.extend():
+                            log.warning("relay.listen.lease_lost")
+                            return
+                        renew_at = clock() + self._renew_s
+                    await self._publish_notified()
+                    waiter = asyncio.ensure_future(self._wake.wait())
+                    await asyncio.wait({waiter}, timeout=max(0.0, renew_at - clock()))
+                    waiter.cancel()
+                await self._publish_notified()
         if lost.is_set():
             raise Unavailable("relay.listen", "listener connection lost")
+
+    def _may_publish(self) -> bool:
+        return self.lease.held(margin_s=self._renew_s)
+
+    async def _publish_notified(self) -> None:
+        if not self._notified or not self._may_publish():
+            return
+        batch, self._notified = self._notified, []
+        try:
+            await self.streams.publish(batch)
+        except Unavailable as exc:
+            log.warning("relay.notify.deferred", tasks=len(batch), error=str(exc))

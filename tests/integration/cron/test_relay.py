@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from conveyor.client import TaskRequest
 from conveyor.cron.relay import Relay
@@ -143,3 +144,106 @@ async def test_transactional_enqueue_publishes_on_commit_only(
         stop.begin()
         await relaying
 
+
+
+# -- one listener however many relays run ---------------------------------------------------
+
+
+async def streamed(state: AppState, task_type: str = "echo") -> list[uuid.UUID]:
+    """Task ids of every message on the type's stream, in order."""
+    entries: Any = await state.redis.xrange(state.keys.stream(task_type))
+    return [uuid.UUID(fields[b"id"].decode()) for _, fields in entries]
+
+
+async def enqueue_in_transaction(state: AppState) -> uuid.UUID:
+    async with state.pool.acquire() as conn, conn.transaction():
+        return (await state.app.enqueue(conn, "echo", {})).id
+
+
+def listening_relay(state: AppState) -> Relay:
+    """Scan out of the way (a minute's grace): only the listener can publish within a test."""
+    return Relay(
+        state.redis, state.keys, state.streams, state.store, list(state.app.registry.types),
+        interval_s=0.2, grace_s=60, ttl_s=state.settings.heartbeat_ttl, lease_ttl_s=2.0,
+    )
+
+
+async def test_three_relays_publish_a_transactional_enqueue_once(state: AppState) -> None:
+    relays = [listening_relay(state) for _ in range(3)]
+    stop = Shutdown()
+    running = [asyncio.create_task(r.run(stop)) for r in relays]
+    try:
+        await eventually(lambda: _true(any(r.leading for r in relays)))
+        first = await enqueue_in_transaction(state)
+        await eventually(lambda: _len_at_least(state, 1))
+        # Every relay saw the first NOTIFY before the second: once the second is on the stream
+        # a copy of the first from another relay would be there too.
+        second = await enqueue_in_transaction(state)
+        await eventually(lambda: _len_at_least(state, 2))
+        assert await streamed(state) == [first, second]
+        assert sum(r.leading for r in relays) == 1
+    finally:
+        stop.begin()
+        await asyncio.gather(*running)
+    assert await state.redis.get(state.keys.lock("relay.listen")) is None  # released on stop
+
+
+async def test_a_standby_takes_over_when_the_listener_stops(state: AppState) -> None:
+    a, b = listening_relay(state), listening_relay(state)
+    stop_a, stop_b = Shutdown(), Shutdown()
+    running_a = asyncio.create_task(a.run(stop_a))
+    await eventually(lambda: _true(a.leading))
+    running_b = asyncio.create_task(b.run(stop_b))
+    try:
+        stop_a.begin()
+        await running_a
+        await eventually(lambda: _true(b.leading))
+        task_id = await enqueue_in_transaction(state)
+        await eventually(lambda: _len_at_least(state, 1))
+        assert await streamed(state) == [task_id]
+    finally:
+        stop_b.begin()
+        await running_b
+
+
+async def test_a_task_notified_while_the_listener_is_dead_is_published_all_the_same(
+    state: AppState,
+) -> None:
+    def relay_(grace_s: float) -> Relay:
+        return Relay(
+            state.redis, state.keys, state.streams, state.store,
+            list(state.app.registry.types), interval_s=0.2, grace_s=grace_s,
+            ttl_s=state.settings.heartbeat_ttl, lease_ttl_s=2.0,
+        )
+
+    dead, standby = relay_(60), relay_(0.5)
+    stop_dead, stop = Shutdown(), Shutdown()
+    running_dead = asyncio.create_task(dead.run(stop_dead))
+    await eventually(lambda: _true(dead.leading))
+    # Killed: it stops listening but never releases its lease, which runs out on its own.
+    running_dead.cancel()
+    await asyncio.gather(running_dead, return_exceptions=True)
+    lease = state.keys.lock("relay.listen")
+    assert await state.redis.set(lease, dead.lease.token, nx=True, px=dead.lease.ttl_ms)
+    running = asyncio.create_task(standby.run(stop))
+    try:
+        missed = await enqueue_in_transaction(state)  # nobody listens: the scan's job
+        assert not standby.leading
+        await eventually(lambda: _true(standby.leading), timeout_s=10)
+        heard = await enqueue_in_transaction(state)
+        await eventually(lambda: _has(state, {missed, heard}), timeout_s=10)
+    finally:
+        stop.begin()
+        await running
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _len_at_least(state: AppState, n: int) -> bool:
+    return len(await streamed(state)) >= n
+
+
+async def _has(state: AppState, ids: set[uuid.UUID]) -> bool:
+    return ids <= set(await streamed(state))

@@ -1,0 +1,86 @@
+"""The NOTIFY sent when a task is enqueued inside a caller's transaction: its one writer
+(`send`) and its one reader (`parse`, `listening`).  [PostgreSQL]
+
+Postgres delivers a NOTIFY only if the transaction that sent it commits, so a listener learns of
+committed tasks at once. The payload is `type:id:run_at_ms`, the last part empty unless the task
+is delayed; the id and time are split off the right, so a type name may hold a colon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from conveyor.store.pool import Connection
+
+log = structlog.get_logger("conveyor.store.notify")
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """A task committed inside a caller's transaction: to its stream now, or to its delayed set
+    until `run_at_ms` (Unix milliseconds)."""
+
+    task_type: str
+    task_id: uuid.UUID
+    run_at_ms: int | None = None
+
+
+def payload(task: Enqueued) -> str:
+    at_ms = "" if task.run_at_ms is None else str(task.run_at_ms)
+    return f"{task.task_type}:{task.task_id}:{at_ms}"
+
+
+def parse(text: str) -> Enqueued:
+    """The task a payload names; ValueError if it is not one `payload` writes."""
+    rest, sep, at_ms = text.rpartition(":")
+    task_type, sep2, raw_id = rest.rpartition(":")
+    try:
+        if not sep or not sep2 or not task_type:
+            raise ValueError("too few parts")
+        return Enqueued(task_type, uuid.UUID(raw_id), int(at_ms) if at_ms else None)
+    except ValueError as exc:
+        raise ValueError(f"not a type:id:run_at_ms payload ({exc}): {text[:200]!r}") from exc
+
+
+async def send(conn: Connection, channel: str, task: Enqueued) -> None:
+    """Queue the NOTIFY on `conn`'s transaction; Postgres delivers it on commit only."""
+    await conn.execute("SELECT pg_notify($1, $2)", channel, payload(task))
+
+
+@contextlib.asynccontextmanager
+async def listening(
+    conn: Connection, channel: str, deliver: Callable[[Enqueued], None]
+) -> AsyncIterator[asyncio.Event]:
+    """LISTEN on `conn` while inside; `deliver` gets each task notified (a malformed payload is
+    logged and skipped). Yields an event set if the connection is lost.
+
+    Only commits after the LISTEN took effect are delivered: a caller taking over from another
+    listener needs a backstop for what was sent in between.
+    """
+    lost = asyncio.Event()
+
+    def on_notify(_conn: object, _pid: int, _channel: str, text: object) -> None:
+        try:
+            task = parse(str(text))
+        except ValueError as exc:
+            log.warning("notify.malformed", payload=str(text)[:200], error=str(exc))
+            return
+        deliver(task)
+
+    def on_lost(_conn: object) -> None:
+        lost.set()
+
+    conn.add_termination_listener(on_lost)
+    await conn.add_listener(channel, on_notify)
+    try:
+        yield lost
+    finally:
+        conn.remove_termination_listener(on_lost)
+        if not conn.is_closed():
+            await conn.remove_listener(channel, on_notify)
