@@ -18,7 +18,7 @@ from conveyor.application import Conveyor
 from conveyor.config import Settings
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState, open_state
-from conveyor.store.workers import Liveness, confirmation_s
+from conveyor.store.workers import Liveness, confirmation_s, watch_gap_s
 from conveyor.testing.servers import PostgresServer, RedisServer
 from conveyor.worker.worker import Worker
 from tests.apps import basic
@@ -74,8 +74,10 @@ def own_postgres() -> Iterator[PostgresServer]:
 
 def judge(state: AppState) -> Liveness:
     """The liveness judge the cron service builds, for loops a test runs itself."""
-    return Liveness(state.workers, ttl_s=state.settings.heartbeat_ttl,
-                    confirm_s=confirmation_s(state.settings.heartbeat_interval))
+    settings = state.settings
+    return Liveness(state.workers, ttl_s=settings.heartbeat_ttl,
+                    confirm_s=confirmation_s(settings.heartbeat_interval),
+                    watch_gap_s=watch_gap_s(settings.rebalance_interval, settings.relay_interval))
 
 
 def make_settings(postgres: PostgresServer, redis_url: str, **overrides: Any) -> Settings:

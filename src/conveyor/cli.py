@@ -37,7 +37,7 @@ from conveyor.runtime.supervisor import Service, ServicesFailed, supervise
 from conveyor.state import AppState, open_state
 from conveyor.store.migrate import migrate
 from conveyor.store.pool import open_pool
-from conveyor.store.workers import Liveness, confirmation_s
+from conveyor.store.workers import Liveness, confirmation_s, watch_gap_s
 from conveyor.tasks import webhook
 from conveyor.worker.worker import Worker
 
@@ -101,8 +101,11 @@ def build_services(state: AppState, roles: Roles, *, worker_types: list[str] | N
         types = list(state.app.registry.types)
         services.append(CronScheduler(state.client, list(state.app.registry.cron_jobs.values())))
         # One judge of liveness for both loops, so they share what they have seen.
-        liveness = Liveness(state.workers, ttl_s=settings.heartbeat_ttl,
-                            confirm_s=confirmation_s(settings.heartbeat_interval))
+        liveness = Liveness(
+            state.workers, ttl_s=settings.heartbeat_ttl,
+            confirm_s=confirmation_s(settings.heartbeat_interval),
+            watch_gap_s=watch_gap_s(settings.rebalance_interval, settings.relay_interval),
+        )
         services.append(Rebalancer(
             state.redis, state.keys, state.streams, state.store, types, liveness=liveness,
             interval_s=settings.rebalance_interval, ttl_s=settings.heartbeat_ttl,

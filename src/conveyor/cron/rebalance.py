@@ -62,7 +62,9 @@ class Rebalancer(LockedLoop):
 
         A message is abandoned when it has been idle a whole heartbeat TTL: its worker is
         dead, or alive but not running its task (a live worker refreshes every message it
-        holds at each beat, and a task running on it per Postgres is its own).
+        holds at each beat). A task running on a live worker per Postgres stays with it: it
+        runs there, or the worker's own beat gives it back if it lost track of it. For a live
+        worker nothing is written to Postgres at all, so a start it commits meanwhile stands.
         """
         consumers = await self.streams.consumers(task_type)
         dead_workers = await self.liveness.dead({worker_of(c.name) for c in consumers})
@@ -77,8 +79,9 @@ class Rebalancer(LockedLoop):
                 continue
             stale = await self.streams.stale_pending(task_type, consumer.name, self.min_idle_ms)
             # Claim first: XCLAIM re-checks the idle time atomically, so what its worker just
-            # refreshed stays with it. Then the tasks go back to queued in Postgres, and only
-            # then do copies go on the stream: a worker reading a copy finds its task runnable.
+            # refreshed stays with it. Then a dead worker's tasks go back to queued in
+            # Postgres, and only then do copies go on the stream: a worker reading a copy
+            # finds its task runnable.
             claimed = await self.streams.claim(task_type, consumer.name, stale,
                                                min_idle_ms=self.min_idle_ms)
             if alive and claimed:  # its running tasks are its own: they stay (claimed back)
@@ -87,7 +90,8 @@ class Rebalancer(LockedLoop):
                 claimed = [m for m in claimed if m.task_id not in mine]
             if not claimed:
                 continue
-            await self.store.requeue([m.task_id for m in claimed if m.task_id], worker)
+            if not alive:
+                await self.store.requeue([m.task_id for m in claimed if m.task_id], worker)
             requeued, dead = await self.streams.requeue(task_type, claimed,
                                                         max_requeues=self.max_requeues)
             if dead:

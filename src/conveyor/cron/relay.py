@@ -98,8 +98,7 @@ class Relay(LockedLoop):
         for task_type in self.types:
             await self.relay_overdue(task_type)
         await self.relay_orphans()
-        # A dead worker's row is evidence only while it is being judged: keep it ten TTLs.
-        await self.liveness.workers.prune(10 * self.ttl_s)
+        await self.liveness.prune()
 
     async def relay_overdue(self, task_type: str) -> int:
         """Publish overdue queued tasks of `task_type` that Redis does not hold."""

@@ -64,15 +64,17 @@ end
 return {requeued, dead}
 """
 
-_LOST_STATE = ("NOGROUP", "UNBLOCKED")
+_LOST_STATE = ("NOGROUP", "UNBLOCKED", "no such key")
 
 
 def lost_state(exc: ResponseError) -> bool:
     """The reply says the stream or its group is gone (Redis restarted without its data, a
     FLUSHALL, a deleted key or a destroyed group; a blocked read is answered UNBLOCKED): the
     caller recreates what it needs and carries on."""
-    text = str(exc)  # redis-py drops the "ERR " of generic errors
-    return text.startswith(_LOST_STATE) or "no such key" in text
+    # Searched, not matched at the start: redis-py drops the "ERR " of generic errors, and a
+    # pipeline wraps a command's error in "Command # n (...) of pipeline caused error: ...".
+    text = str(exc)
+    return any(marker in text for marker in _LOST_STATE)
 
 
 _CHUNK = 500  # ids per script call: keeps Lua's unpack() and each call's latency small
@@ -154,6 +156,11 @@ class TaskStreams:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    async def _recreate_group(self, task_type: str, lost: ResponseError) -> None:
+        """A read found the stream or its group gone: make them again and say so."""
+        log.warning("streams.group.recreated", task_type=task_type, reason=str(lost)[:200])
+        await self.ensure_group(task_type)
+
     async def publish(self, items: Sequence[Publish]) -> None:
         """XADD ready tasks and ZADD delayed ones, in one pipeline."""
         if not items:
@@ -181,9 +188,7 @@ class TaskStreams:
             except ResponseError as exc:
                 if not lost_state(exc):
                     raise
-                log.warning("streams.group.recreated", task_type=task_type,
-                            reason=str(exc)[:200])
-                await self.ensure_group(task_type)
+                await self._recreate_group(task_type, exc)
                 return []
         if not reply:
             return []
@@ -203,9 +208,9 @@ class TaskStreams:
                     pipe.xreadgroup(GROUP, consumer, {stream: ">"}, count=count)
                     last, reply = await pipe.execute()
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not lost_state(exc):
                     raise
-                await self.ensure_group(task_type)
+                await self._recreate_group(task_type, exc)
                 return [], b"0-0"  # the new group starts at 0: whatever is there is new
         mark: bytes = last[0][0] if last else b"0-0"
         if not reply:
@@ -247,25 +252,22 @@ class TaskStreams:
                     pipe.xack(self.keys.stream(task_type), GROUP, *acks)
                 await pipe.execute()
 
-    async def refresh(
-        self, task_type: str, consumer: str, stream_ids: Sequence[bytes]
-    ) -> set[bytes]:
-        """Reset the idle time of entries this consumer is still working on (heartbeat);
-        returns those Redis still had pending (any other was taken, or lost with Redis's
-        data: the task record, not this answer, says which)."""
+    async def refresh(self, task_type: str, consumer: str, stream_ids: Sequence[bytes]) -> None:
+        """Reset the idle time of entries this consumer is still working on (heartbeat).
+
+        Which entries Redis still had is not asked: it is not the lease (after a wipe it would
+        name none, yet the tasks are still this worker's); Postgres's is (store/workers.py)."""
         if not stream_ids:
-            return set()
+            return
         with translate("streams.refresh"):
             try:
-                kept: Any = await self.redis.xclaim(
+                await self.redis.xclaim(
                     self.keys.stream(task_type), GROUP, consumer, 0, list(stream_ids),
                     justid=True,
                 )
             except ResponseError as exc:
                 if not lost_state(exc):
                     raise
-                return set()
-        return set(kept)
 
     async def forward(self, task_type: str, limit: int = 1000) -> int:
         """Move due delayed tasks of `task_type` to its stream; returns how many moved."""

@@ -26,7 +26,6 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
-    asyncpg.InterfaceError,
     # A connection the server dropped mid-operation can surface as a protocol-state error; the
     # pool's reset on release then fails and the connection is replaced.
     asyncpg.exceptions.InternalClientError,
@@ -54,11 +53,21 @@ def classify(exc: BaseException) -> type[Unavailable] | None:
         return Failover
     if sqlstate in _CONFLICT:
         return Conflict
-    if isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError):
-        return None  # asyncpg's client-side DataError: an argument it cannot encode
+    if isinstance(exc, asyncpg.InterfaceError):
+        # The client's own errors: about the connection ("connection is closed", "... has
+        # been released back to the pool") they are an outage; anything else (an argument
+        # it cannot encode, a wrong number of them, an unsupported feature) is permanent.
+        return Unavailable if _about_the_connection(exc) else None
     if isinstance(exc, _UNAVAILABLE):
         return Unavailable
     return None
+
+
+def _about_the_connection(exc: asyncpg.InterfaceError) -> bool:
+    if type(exc) is not asyncpg.InterfaceError:  # ClientConfigurationError, DataError, ...
+        return False
+    text = str(exc)
+    return "connection" in text or "another operation is in progress" in text
 
 
 @contextlib.contextmanager

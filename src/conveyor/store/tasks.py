@@ -6,6 +6,7 @@ redelivered or stale message can never run a finished task or record a completio
     queued ──mark_running──▶ running ──record──▶ succeeded | dead | queued (retry)
     queued ──cancel──▶ cancelled;  dead | cancelled ──retry──▶ queued
     running (worker lost) ──requeue──▶ queued
+    running (drain deadline) ──hand_back──▶ queued (the attempt not counted)
 
 Batched statements take arrays and `unnest` them: one round trip for many rows.
 """

@@ -3,14 +3,16 @@ its beat, its lease on the tasks it runs, and the judgement that a worker is dea
 
 Liveness lives in Postgres, not Redis, so that losing Redis's data (a restart without
 persistence, `FLUSHALL`) cannot make a live worker look dead. A worker writes its row before it
-reads its first message and refreshes it every heartbeat interval; the same statement answers
-which of the tasks it runs are still its own (the lease check): a task re-queued while the
-worker was stalled comes back missing, and the worker stops working on it.
+reads its first message, refreshes it every heartbeat interval and deletes it when it stops
+cleanly; the same statement answers which of the tasks it runs are still its own (the lease
+check: a task re-queued while the worker was stalled comes back missing, and the worker stops
+working on it), and gives back the tasks it runs per Postgres but has lost track of.
 
-A worker is judged dead only on evidence its judge saw itself: its beat older than the TTL, seen
-again and again by the same `Liveness` over a whole confirmation window. A beat that is stale
-only because Postgres was down a while (nobody could beat) is refreshed within that window once
-it is back, so a Postgres restart does not make every worker look dead either.
+A worker with no row is dead. One with a row is judged dead only on evidence its judge saw
+itself: its beat older than the TTL, seen again and again by the same `Liveness` over a whole
+confirmation window. A beat that is stale only because Postgres was down a while (nobody could
+beat) is refreshed within that window once it is back, so a Postgres restart does not make
+every worker look dead either.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -40,6 +42,16 @@ class WorkerRow:
     running: int  # tasks running on it now, per the task record
 
 
+@dataclass(slots=True)
+class Beat:
+    """What one beat learned: its time (by Postgres's clock), the (task id, attempt) pairs
+    still this worker's, and the tasks it had lost track of, now queued again."""
+
+    at: datetime
+    owned: set[tuple[uuid.UUID, int]] = field(default_factory=set)
+    forgotten: list[uuid.UUID] = field(default_factory=list)
+
+
 class WorkerStore:
     """All SQL on the workers table of one schema."""
 
@@ -49,18 +61,32 @@ class WorkerStore:
         self.table = f"{schema}.workers"
         self.tasks = f"{schema}.tasks"
         # $1 id, $2 host, $3 pid, $4 types, $5 concurrency, $6 info; $7/$8 the (task id,
-        # attempt) pairs the worker runs. Writes the beat; returns the ids still running on
-        # this worker at that attempt (a data-modifying WITH runs whatever the SELECT reads).
+        # attempt) pairs the worker runs; $9 every task id it holds a message of; $10 the
+        # time of its previous beat (None at the first). Writes the beat (a data-modifying
+        # WITH runs whatever the SELECT reads) and returns, as (id, attempts, owned):
+        # - owned: the pairs asked about that are still running here at that attempt;
+        # - not owned: tasks running here that the worker holds no message of and that started
+        #   before its previous beat (so a start committed while this beat was in flight is
+        #   not among them): it lost track of them; they go back to queued, as a requeue does.
         self._beat_sql = f"""
             WITH beat AS (
               INSERT INTO {self.table} AS w (id, host, pid, types, concurrency, info)
               VALUES ($1, $2, $3, $4::text[], $5, $6::jsonb)
               ON CONFLICT (id) DO UPDATE SET beat_at = now(), info = EXCLUDED.info
-              RETURNING 1)
-            SELECT t.id FROM {self.tasks} AS t
+              RETURNING beat_at),
+            forgotten AS (
+              UPDATE {self.tasks} AS t SET status = 'queued'
+              WHERE t.status = 'running' AND t.worker = $1 AND t.started_at < $10
+                AND NOT (t.id = ANY($9::uuid[]))
+              RETURNING t.id, t.attempts)
+            SELECT 'beat', NULL::uuid, NULL::int, b.beat_at FROM beat AS b
+            UNION ALL
+            SELECT 'owned', t.id, t.attempts, NULL FROM {self.tasks} AS t
             JOIN unnest($7::uuid[], $8::int[]) AS h(id, attempt) ON t.id = h.id
             WHERE t.status = 'running' AND t.worker = $1 AND t.attempts = h.attempt
-              AND t.id = ANY($7::uuid[])"""
+              AND t.id = ANY($7::uuid[])
+            UNION ALL
+            SELECT 'forgotten', f.id, f.attempts, NULL FROM forgotten AS f"""
 
     async def _fetch(self, op: str, sql: str, *args: Any) -> list[Any]:
         with translate(op):
@@ -72,33 +98,44 @@ class WorkerStore:
 
     async def beat(
         self, worker_id: str, *, host: str, pid: int, types: Sequence[str], concurrency: int,
-        info: dict[str, Any], running: Sequence[tuple[uuid.UUID, int]],
-    ) -> set[uuid.UUID]:
-        """Refresh the worker's row; returns which of `running` (task id, attempt) it still
-        owns. The rest were taken from it (re-queued while it looked dead)."""
+        info: dict[str, Any], running: Sequence[tuple[uuid.UUID, int]] = (),
+        held: Iterable[uuid.UUID] = (), previous: datetime | None = None,
+    ) -> Beat:
+        """Refresh the worker's row; say which of `running` (task id, attempt) it still owns
+        (the rest were taken from it, re-queued while it looked dead), and re-queue what runs
+        here per Postgres but is not `held` and started before the `previous` beat."""
         rows = await self._fetch(
             "workers.beat", self._beat_sql, worker_id, host, pid, list(types), concurrency,
-            info, [t for t, _ in running], [a for _, a in running],
+            info, [t for t, _ in running], [a for _, a in running], list(held), previous,
         )
-        return {r[0] for r in rows}
+        beat = Beat(at=next(r[3] for r in rows if r[0] == "beat"))
+        for kind, task_id, attempt, _ in rows:
+            if kind == "owned":
+                beat.owned.add((task_id, attempt))
+            elif kind == "forgotten":
+                beat.forgotten.append(task_id)
+        return beat
 
     async def remove(self, worker_id: str) -> None:
         """A clean stop: the worker is gone at once, not after its TTL."""
         await self._fetch("workers.remove", f"DELETE FROM {self.table} WHERE id = $1",
                           worker_id)
 
-    async def fresh(self, worker_ids: Iterable[str], ttl_s: float) -> set[str]:
-        """The subset of `worker_ids` whose beat is within `ttl_s` (by Postgres's clock)."""
+    async def known_and_fresh(
+        self, worker_ids: Iterable[str], ttl_s: float
+    ) -> tuple[set[str], set[str]]:
+        """Of `worker_ids`: those with a row, and those whose beat is within `ttl_s` (by
+        Postgres's clock)."""
         ids = sorted(set(worker_ids))
         if not ids:
-            return set()
+            return set(), set()
         rows = await self._fetch(
             "workers.fresh",
-            f"SELECT id FROM {self.table} WHERE id = ANY($1::text[])"
-            " AND beat_at > now() - $2 * interval '1 second'",
+            f"SELECT id, beat_at > now() - $2 * interval '1 second' FROM {self.table}"
+            " WHERE id = ANY($1::text[])",
             ids, ttl_s,
         )
-        return {r[0] for r in rows}
+        return {r[0] for r in rows}, {r[0] for r in rows if r[1]}
 
     async def live(self, ttl_s: float) -> list[WorkerRow]:
         """Workers whose beat is within `ttl_s`, with the count of tasks running on each."""
@@ -126,6 +163,12 @@ class WorkerStore:
         return len(rows)
 
 
+def watch_gap_s(*loop_intervals_s: float) -> float:
+    """The longest gap between two looks of a judge shared by loops ticking at these
+    intervals that still counts as watching throughout (a tick may run late)."""
+    return 2 * max(loop_intervals_s) + 1.0
+
+
 def confirmation_s(heartbeat_interval_s: float) -> float:
     """How long a stale beat must be watched before its worker is judged dead: a beat period,
     plus a margin for a worker whose beats failed (Postgres was down) to get one through once
@@ -134,16 +177,23 @@ def confirmation_s(heartbeat_interval_s: float) -> float:
 
 
 class Liveness:
-    """Judges workers dead: stale beat (older than `ttl_s`, or no row) observed by this judge
-    continuously for `confirm_s`. Share one per process between the loops that judge."""
+    """Judges workers dead: a worker with no row (it stopped, or was pruned) at once; one whose
+    beat is older than `ttl_s` once this judge has seen it so continuously for `confirm_s`,
+    looking at least every `watch_gap_s` (a longer gap, or a look that failed, starts the
+    count again: staleness seen through blind spells is no evidence). Share one per process
+    between the loops that judge.
+
+    A worker writes its row before it reads a message, so every worker that holds a message
+    or runs a task has one until it stops."""
 
     def __init__(
-        self, workers: WorkerStore, *, ttl_s: float, confirm_s: float,
+        self, workers: WorkerStore, *, ttl_s: float, confirm_s: float, watch_gap_s: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.workers = workers
         self.ttl_s = ttl_s
         self.confirm_s = confirm_s
+        self.watch_gap_s = watch_gap_s
         self.clock = clock
         # worker id → (first seen stale, last seen stale), by `clock`. An observation gap
         # longer than the window restarts the count: the staleness must be watched throughout.
@@ -154,21 +204,29 @@ class Liveness:
         ids = {w for w in worker_ids if w}
         if not ids:
             return set()
-        fresh = await self.workers.fresh(ids, self.ttl_s)
+        try:
+            known, fresh = await self.workers.known_and_fresh(ids, self.ttl_s)
+        except BaseException:
+            self._stale.clear()  # blind meanwhile: what was seen before proves nothing now
+            raise
         now = self.clock()
-        gap = max(self.confirm_s, self.ttl_s)
-        dead = set()
-        for worker in ids:
+        dead = ids - known
+        for worker in known:
             if worker in fresh:
                 self._stale.pop(worker, None)
                 continue
             first, last = self._stale.get(worker, (now, now))
-            if now - last > gap:
+            if now - last > self.watch_gap_s:
                 first = now
             self._stale[worker] = (first, now)
             if now - first >= self.confirm_s:
                 dead.add(worker)
         for worker, (_, last) in list(self._stale.items()):
-            if now - last > 10 * gap:  # no longer asked about: forget it
+            if now - last > self.watch_gap_s:  # not looked at since: forget it
                 del self._stale[worker]
         return dead
+
+    async def prune(self) -> int:
+        """Delete rows stale for ten TTLs: long judged dead, and no longer evidence of
+        anything (a missing row reads as dead)."""
+        return await self.workers.prune(10 * self.ttl_s)

@@ -123,15 +123,15 @@ class Dispatcher:
         self.slots.give(len(messages))
 
     async def _run_one(self, message: Message, task: Started) -> None:
-        """Run one handler; its slot is free once the outcome is handed to the recorder (which
-        acks the message, and drops it from `in_flight`, after recording it). An outcome whose
-        lease was lost meanwhile is discarded: the task belongs to another attempt now."""
+        """Run one handler; its slot is free once it ends, its outcome handed to the recorder
+        (which acks the message, and drops it from `in_flight`, after recording it). An outcome
+        whose lease was lost meanwhile is discarded: the task belongs to another attempt now.
+        Cancelled at the drain deadline, it stays in `in_flight` for the worker to hand back."""
         key = (self.task_type.name, message.stream_id)
         lease = Lease()
         handler = asyncio.current_task()
         assert handler is not None
-        self.in_flight.running(*key, task.attempt, handler, lease,
-                               cancellable=self.task_type.run_in == "loop")
+        self.in_flight.running(*key, task.attempt, handler, lease, run_in=self.task_type.run_in)
         try:
             outcome = await self.executor.execute(self.task_type, task, lease)
             if lease.lost:
@@ -150,10 +150,17 @@ class Dispatcher:
                     "task.failed", task_id=str(task.id), task_type=task.type,
                     attempt=task.attempt, will_retry=outcome.status == "queued",
                     error=error.splitlines()[-1:] if asked else error)
-            await self.recorder.submit(message.stream_id, outcome)
+            self.in_flight.submitted(key)
+            # Shielded: a drain deadline that strikes while the buffer is full must not throw
+            # away a finished handler's outcome.
+            await asyncio.shield(self.recorder.submit(message.stream_id, outcome))
+        except asyncio.CancelledError:
+            if lease.lost:
+                self.in_flight.release([key])
+            # Otherwise the drain deadline or a forced stop: the entry stays for the worker to
+            # hand back (or to leave pending, for the rebalancer once this worker is gone).
+            raise
         except BaseException:
-            # Cancelled at the drain deadline (the worker hands the message back), a forced
-            # stop (left pending, for the rebalancer once this worker is gone), or a lost lease.
             self.in_flight.release([key])
             raise
         finally:

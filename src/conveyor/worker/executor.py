@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
+from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -60,6 +61,10 @@ class Executor:
         """Start the process pool now if any type needs it, rather than on its first task."""
         if any(t.run_in == "process" for t in types):
             self._processes.start()
+
+    def threads_running(self) -> list[Future[Any]]:
+        """Thread handler calls still running (a thread cannot be stopped)."""
+        return self._threads.running()
 
     def close(self) -> None:
         """Release the pools without blocking the event loop: the drain has already waited

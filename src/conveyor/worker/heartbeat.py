@@ -10,10 +10,11 @@ stalled past the TTL): their handlers are cancelled, or their outcomes discarded
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
-import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -31,7 +32,7 @@ _REPORTED_TASKS = 50  # task ids listed in the record; the count is always exact
 
 
 class Heartbeat:
-    """Beats for `worker_id` every `interval_s`; the beat lives `ttl_s`."""
+    """Beats for `worker_id` every `interval_s` (the judge allows it the heartbeat TTL)."""
 
     def __init__(
         self,
@@ -40,7 +41,6 @@ class Heartbeat:
         worker_id: str,
         *,
         interval_s: float,
-        ttl_s: float,
         types: list[str],
         concurrency: int,
         in_flight: InFlight,
@@ -50,12 +50,12 @@ class Heartbeat:
         self.streams = streams
         self.worker_id = worker_id
         self.interval_s = interval_s
-        self.ttl_s = ttl_s
         self.types = types
         self.concurrency = concurrency
         self.in_flight = in_flight
         self.counters = counters
-        self.started_at = time.time()
+        self._host = socket.gethostname()
+        self._previous: datetime | None = None  # the last beat's time, by Postgres's clock
         self._outage = Outage("worker.heartbeat")
         self._refresh_outage = Outage("worker.heartbeat.refresh")
 
@@ -73,20 +73,25 @@ class Heartbeat:
                 log.warning("heartbeat.remove.failed", error=str(exc))
 
     async def tick(self) -> bool:
-        """One beat; False if Postgres did not take it (logged once per outage). A Redis
-        failure to refresh idle times is logged apart: the beat itself still counts."""
+        """One beat; False if Postgres did not take it (logged once per outage). Then the
+        refresh of idle times in Redis, bounded by half an interval so that a hung Redis
+        never delays the next beat; its failure is logged apart."""
         try:
-            await self.refresh()
+            await self.beat()
+            ok = True
+            self._outage.recovered()
+        except Unavailable as exc:
+            self._outage.note(exc)
+            ok = False
+        try:
+            async with asyncio.timeout(max(0.5, self.interval_s / 2)):
+                await self.refresh()
             self._refresh_outage.recovered()
         except Unavailable as exc:
             self._refresh_outage.note(exc)
-        try:
-            await self.beat()
-        except Unavailable as exc:
-            self._outage.note(exc)
-            return False
-        self._outage.recovered()
-        return True
+        except TimeoutError:
+            self._refresh_outage.note(Unavailable("streams.refresh", "Redis did not answer"))
+        return ok
 
     def info(self) -> dict[str, Any]:
         """What the worker is doing, as GET /v1/workers shows it."""
@@ -103,13 +108,19 @@ class Heartbeat:
             await self.streams.refresh(task_type, consumer, ids)
 
     async def beat(self) -> None:
-        """Write the beat, and give up the tasks Postgres says are no longer ours."""
+        """Write the beat, give up the tasks Postgres says are no longer ours, and learn which
+        tasks it gave back because this worker had lost track of them."""
         asked = self.in_flight.leases()
-        owned = await self.workers.beat(
-            self.worker_id, host=socket.gethostname(), pid=os.getpid(), types=self.types,
+        beat = await self.workers.beat(
+            self.worker_id, host=self._host, pid=os.getpid(), types=self.types,
             concurrency=self.concurrency, info=self.info(), running=asked,
+            held=self.in_flight.held_ids(), previous=self._previous,
         )
-        for held in self.in_flight.lose(asked, owned):
+        self._previous = beat.at
+        if beat.forgotten:
+            log.warning("worker.tasks.forgotten", tasks=[str(t) for t in beat.forgotten],
+                        reason="running here per Postgres, held nowhere here: queued again")
+        for held in self.in_flight.lose(asked, beat.owned):
             metrics.LEASES_LOST.labels(held.task_type).inc()
             log.warning("task.lease.lost", task_id=held.task_id, task_type=held.task_type,
                         attempt=held.attempt, cancelled=held.cancellable,

@@ -1,6 +1,6 @@
 """The in-flight table: every message a worker holds, from its read until it is settled, and
-the handler and lease of those whose task is running. Its one owner; consumers, the recorder
-and the heartbeat go through these methods.
+the handler and lease of those whose task is running. This class is its one owner: the
+dispatchers, the recorder's callback, the heartbeat and the drain go through its methods.
 
 The heartbeat refreshes the idle time of everything held (so the rebalancer leaves it alone),
 checks the leases of what runs, and reports the table; the drain hands back what is left.
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from conveyor.queue.streams import Message
-from conveyor.registry import Lease
+from conveyor.registry import Lease, RunIn
 
 Key = tuple[str, bytes]  # (task type, stream id)
 
@@ -33,7 +33,12 @@ class Held:
     attempt: int | None = None
     handler: asyncio.Future[None] | None = None
     lease: Lease | None = None
-    cancellable: bool = False  # a coroutine handler: cancelled when its lease is lost
+    run_in: RunIn = "loop"  # a coroutine ("loop") is cancelled when its lease is lost
+    submitted: bool = False  # its outcome is with the recorder: no lease left to check
+
+    @property
+    def cancellable(self) -> bool:
+        return self.run_in == "loop"
 
     @property
     def key(self) -> Key:
@@ -71,13 +76,18 @@ class InFlight:
 
     def running(
         self, task_type: str, stream_id: bytes, attempt: int, handler: asyncio.Future[None],
-        lease: Lease, *, cancellable: bool,
+        lease: Lease, *, run_in: RunIn,
     ) -> None:
         """The message's task is running here, at `attempt`, in `handler`."""
         held = self._held.get((task_type, stream_id))
         if held is not None:
-            held.attempt, held.handler, held.lease = attempt, handler, lease
-            held.cancellable = cancellable
+            held.attempt, held.handler, held.lease, held.run_in = attempt, handler, lease, run_in
+
+    def submitted(self, key: Key) -> None:
+        """The handler finished and its outcome is with the recorder (to be settled)."""
+        held = self._held.get(key)
+        if held is not None:
+            held.submitted = True
 
     def release(self, keys: Iterable[Key]) -> None:
         """Stop holding these messages (settled, handed back, or left pending)."""
@@ -92,9 +102,14 @@ class InFlight:
         return out
 
     def leases(self) -> list[tuple[uuid.UUID, int]]:
-        """(task id, attempt) of every task running here: what the lease check asks about."""
+        """(task id, attempt) of every task whose handler runs here: what the lease check
+        asks about."""
         return [(h.message.task_id, h.attempt) for h in self._held.values()
-                if h.attempt is not None and h.message.task_id is not None]
+                if h.attempt is not None and h.message.task_id is not None and not h.submitted]
+
+    def held_ids(self) -> set[uuid.UUID]:
+        """Every task id this worker holds a message of, in any state."""
+        return {h.message.task_id for h in self._held.values() if h.message.task_id}
 
     def task_ids(self, *, exclude: Iterable[Key] = ()) -> set[str]:
         """Task ids held, but for the messages `exclude`."""
@@ -102,14 +117,15 @@ class InFlight:
         return {h.task_id for k, h in self._held.items() if k not in skip}
 
     def lose(
-        self, asked: Iterable[tuple[uuid.UUID, int]], owned: set[uuid.UUID]
+        self, asked: Iterable[tuple[uuid.UUID, int]], owned: set[tuple[uuid.UUID, int]]
     ) -> list[Held]:
-        """Of the running tasks `asked` about, those not `owned` any more: mark their lease
-        lost, cancel coroutine handlers (others run on, their outcome discarded), return them."""
-        gone = {pair for pair in asked if pair[0] not in owned}
+        """Of the (task id, attempt) pairs `asked` about, those not `owned` any more: mark
+        their lease lost, cancel coroutine handlers (others run on, their outcome discarded),
+        return them."""
+        gone = {pair for pair in asked if pair not in owned}
         lost = []
         for held in self._held.values():
-            if held.lease is None or held.lease.lost:
+            if held.lease is None or held.lease.lost or held.submitted:
                 continue
             if (held.message.task_id, held.attempt) not in gone:
                 continue

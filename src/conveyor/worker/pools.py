@@ -55,6 +55,7 @@ class ThreadPool:
         self._pool = self._new()
         self._lock = threading.Lock()  # _abandoned is released from the abandoned threads
         self._abandoned = 0
+        self._calls: set[Future[Any]] = set()  # submitted and not yet done
 
     def _new(self) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(max_workers=self.size, thread_name_prefix="conveyor-task")
@@ -64,8 +65,14 @@ class ThreadPool:
         """Calls past their timeout whose threads are still running."""
         return self._abandoned
 
+    def running(self) -> list[Future[Any]]:
+        """Calls not yet done, their coroutine cancelled or not (a thread runs on)."""
+        return [f for f in list(self._calls) if not f.done()]
+
     async def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None) -> Any:
         future = self._pool.submit(fn, *args)
+        self._calls.add(future)
+        future.add_done_callback(self._calls.discard)  # from the thread: a set op is atomic
         if timeout_s is None:  # no Timeout object (and its task lookups) per call
             return await asyncio.wrap_future(future)
         try:

@@ -18,6 +18,7 @@ import os
 import secrets
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 
@@ -118,7 +119,6 @@ class Worker:
             state.streams,
             self.worker_id,
             interval_s=settings.heartbeat_interval,
-            ttl_s=settings.heartbeat_ttl,
             types=wanted,
             concurrency=settings.concurrency,
             in_flight=self.in_flight,
@@ -218,22 +218,48 @@ class Worker:
             _, pending = await asyncio.wait(
                 set(self.handlers), timeout=shutdown.drain_remaining()
             )
-            if pending:
-                log.warning("worker.drain.timeout", abandoned=len(self.handlers))
-                abandoned = set(self.handlers)
-                running = [h for h in self.in_flight if h.handler in abandoned]
-                for handler in abandoned:
-                    handler.cancel()
-                await asyncio.gather(*abandoned, return_exceptions=True)
-                if not shutdown.forced:  # a forced stop leaves them pending, as a crash would
-                    await self._hand_back([h for h in running
-                                           if h.handler is not None and h.handler.cancelled()])
+            if not pending:
+                continue
+            log.warning("worker.drain.timeout", abandoned=len(pending))
+            abandoned = set(self.handlers)
+            for handler in abandoned:
+                handler.cancel()
+            _, stuck = await asyncio.wait(abandoned, timeout=AFTER_DRAIN_S)
+            if stuck:  # a handler that does not let itself be cancelled
+                log.error("worker.drain.stuck", handlers=len(stuck))
+                return
+            if shutdown.forced:  # left pending, as a crash would leave them
+                return
+            await self._hand_back(await self._unfinished(shutdown))
         log.info("worker.drain.finished", processed=self.processed)
+
+    async def _unfinished(self, shutdown: Shutdown) -> list[Held]:
+        """Tasks whose handlers were cancelled before handing over an outcome, once nothing
+        runs them any more: a thread cannot be stopped, so the worker waits for its threads
+        (beating meanwhile, so no one else takes their tasks) before it gives them back."""
+        unfinished = [h for h in self.in_flight
+                      if h.attempt is not None and not h.submitted
+                      and h.handler is not None and h.handler.done()]
+        threads = self.executor.threads_running()
+        if threads and any(h.run_in == "thread" for h in unfinished):
+            log.warning("worker.drain.threads", running=len(threads),
+                        detail="thread handlers cannot be stopped: waiting for them to return")
+            done = asyncio.gather(*(asyncio.wrap_future(f) for f in threads),
+                                  return_exceptions=True)
+            forced = asyncio.ensure_future(shutdown.wait_forced())
+            either: set[asyncio.Future[Any]] = {done, forced}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            forced.cancel()
+            if shutdown.forced:
+                done.cancel()
+                return []
+        return unfinished
 
     async def _hand_back(self, held: list[Held]) -> None:
         """Give tasks whose handlers were cancelled at the drain deadline back at once: queued
         again in Postgres (this attempt not counted), then a fresh message on the stream and
-        the old one acked. What cannot be handed back stays pending for the rebalancer."""
+        the old one acked. What cannot be handed back stays pending for the rebalancer (once
+        this worker's row is gone, at its stop)."""
         if not held:
             return
         try:
@@ -254,6 +280,7 @@ class Worker:
                 if dead:
                     await self.state.store.kill(dead, "delivery limit reached")
                 metrics.HANDED_BACK.labels(task_type).inc(len(items))
+                self.in_flight.release(h.key for h in items)
             log.info("worker.handed_back", tasks=len(back))
         except Unavailable as exc:
             log.warning("worker.hand_back.failed", tasks=len(held), error=str(exc))

@@ -96,6 +96,9 @@ async def test_running_task_of_a_dead_worker_whose_message_was_lost_is_requeued(
         f"UPDATE {state.store.table} SET started_at = now() - interval '1 hour' WHERE id = $1",
         task_id,
     )
+    await state.workers.beat("ghost", host="h", pid=1, types=["echo"], concurrency=1, info={})
+    await state.pool.execute(  # its last beat, long ago
+        f"UPDATE {state.workers.table} SET beat_at = now() - interval '1 hour'")
     await start_worker()
     r = relay(state)
     now = [0.0]
@@ -164,7 +167,8 @@ def listening_relay(state: AppState) -> Relay:
     """Scan out of the way (a minute's grace): only the listener can publish within a test."""
     return Relay(
         state.redis, state.keys, state.streams, state.store, list(state.app.registry.types),
-        interval_s=0.2, grace_s=60, ttl_s=state.settings.heartbeat_ttl, lease_ttl_s=2.0,
+        liveness=judge(state), interval_s=0.2, grace_s=60, ttl_s=state.settings.heartbeat_ttl,
+        lease_ttl_s=2.0,
     )
 
 
@@ -212,7 +216,8 @@ async def test_a_task_notified_while_the_listener_is_dead_is_published_all_the_s
     def relay_(grace_s: float) -> Relay:
         return Relay(
             state.redis, state.keys, state.streams, state.store,
-            list(state.app.registry.types), interval_s=0.2, grace_s=grace_s,
+            list(state.app.registry.types), liveness=judge(state), interval_s=0.2,
+            grace_s=grace_s,
             ttl_s=state.settings.heartbeat_ttl, lease_ttl_s=2.0,
         )
 

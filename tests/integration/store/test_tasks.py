@@ -221,7 +221,7 @@ def outcome(task_id: uuid.UUID, attempt: int = 1, status: Any = "succeeded", **k
     return Outcome(task_id, "echo", attempt, status, **kwargs)
 
 
-async def test_record_success_stores_the_result_and_keeps_the_last_error(
+async def test_record_success_stores_the_result_and_clears_the_last_error(
     state: AppState,
 ) -> None:
     [task_id] = await running_on(state, "w1")
@@ -233,7 +233,7 @@ async def test_record_success_stores_the_result_and_keeps_the_last_error(
     assert [(r.task_id, r.status) for r in recorded] == [(task_id, "succeeded")]
     assert row.status == "succeeded"
     assert row.result == {"ok": True}
-    assert row.last_error == "boom on a previous attempt"
+    assert row.last_error is None  # an earlier attempt's error does not outlive the success
     assert row.finished_at is not None
 
 

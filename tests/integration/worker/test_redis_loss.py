@@ -56,10 +56,10 @@ async def running(
         services = [asyncio.create_task(s.run(stop))
                     for s in (worker, other, rebalancer, relay)]
         yield Running(state, worker, services)
-        for service in services:
-            assert not service.done(), "a service exited on its own"
+        exited = [s for s in services if s.done()]
         stop.begin("test over")
-        await asyncio.wait_for(asyncio.gather(*services), 15)
+        await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), 15)
+        assert not exited, f"services exited on their own: {exited}"
         await state.pool.execute(f"DROP SCHEMA {settings.database_schema} CASCADE")
 
 

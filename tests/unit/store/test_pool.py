@@ -29,6 +29,14 @@ from conveyor.store.pool import classify, translate
         (asyncpg.exceptions.UntranslatableCharacterError("\\u0000"), None),
         (asyncpg.exceptions.UniqueViolationError("duplicate key"), None),
         (_base.DataError("invalid input for query argument $1"), None),  # client-side
+        (asyncpg.InterfaceError("connection is closed"), Unavailable),
+        (asyncpg.InterfaceError("cannot call Connection.fetch(): connection has been released"
+                                " back to the pool"), Unavailable),
+        (asyncpg.InterfaceError("cannot perform operation: another operation is in progress"),
+         Unavailable),
+        (asyncpg.InterfaceError("the server expects 2 arguments for this query, 1 was passed"),
+         None),
+        (asyncpg.exceptions.ClientConfigurationError("bad connection option"), None),
         (ValueError("not a driver error"), None),
     ],
 )
