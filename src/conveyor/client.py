@@ -209,13 +209,16 @@ async def insert_in_transaction(
 ) -> TaskRecord:
     """Insert a task on the caller's connection and transaction; publish after commit.
 
-    The row is visible to workers only if the caller commits. A NOTIFY (`store.notify`), which
-    Postgres delivers only on commit, tells the relay to publish it at once; if no relay
-    listens, the relay's periodic scan publishes it after its grace period.
+    The row is visible to workers only if the caller commits. A key already naming a task is a
+    repeat (that task is returned) or, with another payload, IdempotencyConflict. A NOTIFY
+    (`store.notify`), which Postgres delivers only on commit, tells the relay to publish it at
+    once; if no relay listens, the relay's periodic scan publishes it after its grace period.
     """
     new = client.prepare(request)
     inserted = (await client.store.insert([new], conn=conn))[0]
     record = inserted.record
+    if not inserted.created:
+        _refuse_reused_keys([new], [record])  # the same key for another payload: refused
     if inserted.created:
         at_ms = int(record.run_at.timestamp() * 1000) if new.delay_s > 0 else None
         await notify.send(conn, client.store.channel, Enqueued(record.type, record.id, at_ms))

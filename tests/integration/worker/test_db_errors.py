@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import tempfile
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, MutableMapping, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, MutableMapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -322,17 +319,6 @@ async def gate_task(payload: Nothing, ctx: TaskContext) -> None:
     gate.waiting += 1
     await gate.opened.wait()
     gate.finished += 1
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    base = Path(tempfile.mkdtemp(prefix="conveyor-pg-"))
-    base.chmod(0o755)
-    server = PostgresServer(base)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -5,11 +5,7 @@ idle types' waits end at once at shutdown and come back after a Redis restart.""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -105,16 +101,6 @@ async def test_shutdown_cuts_idle_waits_short(state: AppState) -> None:
     stop.begin("test")
     await asyncio.wait_for(running, 20)
     assert time.monotonic() - began < 10
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    base = Path(tempfile.mkdtemp(prefix="conveyor-redis-"))
-    server = RedisServer(base)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(base, ignore_errors=True)
 
 
 async def test_idle_types_wait_through_a_redis_restart(
