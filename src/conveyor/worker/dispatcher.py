@@ -150,10 +150,8 @@ class Dispatcher:
                     "task.failed", task_id=str(task.id), task_type=task.type,
                     attempt=task.attempt, will_retry=outcome.status == "queued",
                     error=error.splitlines()[-1:] if asked else error)
-            self.in_flight.submitted(key)
-            # Shielded: a drain deadline that strikes while the buffer is full must not throw
-            # away a finished handler's outcome.
-            await asyncio.shield(self.recorder.submit(message.stream_id, outcome))
+            self.in_flight.submitted(key)  # a drain deadline from here on keeps the outcome
+            await self.recorder.submit(message.stream_id, outcome)
         except asyncio.CancelledError:
             if lease.lost:
                 self.in_flight.release([key])

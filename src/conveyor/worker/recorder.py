@@ -65,8 +65,13 @@ class Recorder:
         self._finished: dict[tuple[str, str], Counter] = {}
 
     async def submit(self, stream_id: bytes, outcome: Outcome) -> None:
-        """Hand over an outcome; waits only while the buffer is full."""
-        await self._queue.put((stream_id, outcome))
+        """Hand over an outcome; waits only while the buffer is full. The wait is shielded: a
+        caller cancelled meanwhile (a drain deadline) does not take the outcome back."""
+        entry = (stream_id, outcome)
+        if not self._queue.full():  # the common case: no task for the shield
+            self._queue.put_nowait(entry)
+            return
+        await asyncio.shield(self._queue.put(entry))
 
     async def run(self, shutdown: Shutdown, until: Shutdown) -> None:
         """Write until `until` begins and the buffer is empty; once the drain deadline of
