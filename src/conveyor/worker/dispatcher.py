@@ -111,9 +111,9 @@ class Dispatcher:
         if not mine:
             return [], not_started
         batch = {(self.task_type.name, by_task[ns.id].stream_id) for ns in mine}
-        held = self.in_flight.task_ids(exclude=batch)
+        held = self.in_flight.held_ids(exclude=batch)
         adopted = [ns.running_here for ns in mine
-                   if ns.running_here is not None and str(ns.id) not in held]
+                   if ns.running_here is not None and ns.id not in held]
         taken = {t.id for t in adopted}
         return adopted, [ns for ns in not_started if ns.id not in taken]
 

@@ -107,14 +107,12 @@ class InFlight:
         return [(h.message.task_id, h.attempt) for h in self._held.values()
                 if h.attempt is not None and h.message.task_id is not None and not h.submitted]
 
-    def held_ids(self) -> set[uuid.UUID]:
-        """Every task id this worker holds a message of, in any state."""
-        return {h.message.task_id for h in self._held.values() if h.message.task_id}
-
-    def task_ids(self, *, exclude: Iterable[Key] = ()) -> set[str]:
-        """Task ids held, but for the messages `exclude`."""
+    def held_ids(self, *, exclude: Iterable[Key] = ()) -> set[uuid.UUID]:
+        """Every task id this worker holds a message of, in any state, but for the messages
+        `exclude`."""
         skip = set(exclude)
-        return {h.task_id for k, h in self._held.items() if k not in skip}
+        return {h.message.task_id for k, h in self._held.items()
+                if h.message.task_id and k not in skip}
 
     def lose(
         self, asked: Iterable[tuple[uuid.UUID, int]], owned: set[tuple[uuid.UUID, int]]

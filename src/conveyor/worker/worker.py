@@ -189,14 +189,22 @@ class Worker:
         log.info("worker.stopped", worker=self.worker_id, processed=self.processed)
 
     async def _abandon(self) -> None:
-        """Cancel every handler and start still running and wait for them (bounded): their
-        outcomes were not recorded, so their messages stay pending for the rebalancer."""
-        abandoned = list(self.handlers)
-        for handler in abandoned:
+        """Cancel every handler and start still running: their outcomes were not recorded,
+        so their messages stay pending for the rebalancer."""
+        if self.handlers:
+            log.warning("worker.abandoned", handlers=len(self.handlers))
+            await self._cancel_handlers()
+
+    async def _cancel_handlers(self) -> set[asyncio.Future[None]]:
+        """Cancel every handler and start still running and wait for them, at most
+        AFTER_DRAIN_S; returns those that did not end (they let no cancellation in)."""
+        cancelled = set(self.handlers)
+        for handler in cancelled:
             handler.cancel()
-        if abandoned:
-            log.warning("worker.abandoned", handlers=len(abandoned))
-            await asyncio.wait(abandoned, timeout=AFTER_DRAIN_S)
+        if not cancelled:
+            return set()
+        _, stuck = await asyncio.wait(cancelled, timeout=AFTER_DRAIN_S)
+        return stuck
 
     async def _prepare(self, shutdown: Shutdown) -> None:
         """Create missing groups and write the first beat; wait for Redis and Postgres if they
@@ -221,10 +229,7 @@ class Worker:
             if not pending:
                 continue
             log.warning("worker.drain.timeout", abandoned=len(pending))
-            abandoned = set(self.handlers)
-            for handler in abandoned:
-                handler.cancel()
-            _, stuck = await asyncio.wait(abandoned, timeout=AFTER_DRAIN_S)
+            stuck = await self._cancel_handlers()
             if stuck:  # a handler that does not let itself be cancelled
                 log.error("worker.drain.stuck", handlers=len(stuck))
                 return
