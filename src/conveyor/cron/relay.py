@@ -83,6 +83,7 @@ class Relay(LockedLoop):
         self.lease = Lock(redis, keys.lock("relay.listen"), ttl_ms=int(lease_s * 1000))
         self._renew_s = lease_s / 3
         self._notified: list[Publish] = []  # filled by the listener only while leading
+        self._listening = False  # set by the listener while its LISTEN is in place
         self._wake = asyncio.Event()
 
     async def run(self, shutdown: Shutdown) -> None:
@@ -156,6 +157,12 @@ class Relay(LockedLoop):
         """True while this relay holds the listener lease (by its own clock)."""
         return self.lease.held()
 
+    @property
+    def listening(self) -> bool:
+        """True while this relay's LISTEN is in place (a NOTIFY sent before reaches nobody,
+        and is left to the scan)."""
+        return self._listening
+
     def _on_notify(self, task: Enqueued) -> None:
         if len(self._notified) >= NOTIFIED_MAX:
             return  # Redis is not keeping up: the periodic scan publishes it after the grace
@@ -186,27 +193,35 @@ class Relay(LockedLoop):
     async def _lead(self, shutdown: Shutdown) -> None:
         """LISTEN, renew the lease every third of its TTL and publish what is notified; return
         when shutdown begins or the lease is lost."""
-        clock = asyncio.get_running_loop().time
         with translate("relay.listen"):
             async with self.store.pool.acquire() as conn, \
                     notify.listening(conn, self.store.channel, self._on_notify) as lost:
-                renew_at = clock() + self._renew_s
-                while not shutdown.begun and not lost.is_set():
-                    self._wake.clear()
-                    # Publish only with a third of the TTL left, so that a standby cannot have
-                    # taken over by the time the publish lands.
-                    if clock() >= renew_at or (self._notified and not self._may_publish()):
-                        if not await self.lease.extend():
-                            log.warning("relay.listen.lease_lost")
-                            return
-                        renew_at = clock() + self._renew_s
-                    await self._publish_notified()
-                    waiter = asyncio.ensure_future(self._wake.wait())
-                    await asyncio.wait({waiter}, timeout=max(0.0, renew_at - clock()))
-                    waiter.cancel()
-                await self._publish_notified()
+                self._listening = True
+                try:
+                    await self._serve(shutdown, lost)
+                finally:
+                    self._listening = False
         if lost.is_set():
             raise Unavailable("relay.listen", "listener connection lost")
+
+    async def _serve(self, shutdown: Shutdown, lost: asyncio.Event) -> None:
+        """Publish what is notified and renew the lease, until shutdown or a lost lease."""
+        clock = asyncio.get_running_loop().time
+        renew_at = clock() + self._renew_s
+        while not shutdown.begun and not lost.is_set():
+            self._wake.clear()
+            # Publish only with a third of the TTL left, so that a standby cannot have
+            # taken over by the time the publish lands.
+            if clock() >= renew_at or (self._notified and not self._may_publish()):
+                if not await self.lease.extend():
+                    log.warning("relay.listen.lease_lost")
+                    return
+                renew_at = clock() + self._renew_s
+            await self._publish_notified()
+            waiter = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait({waiter}, timeout=max(0.0, renew_at - clock()))
+            waiter.cancel()
+        await self._publish_notified()
 
     def _may_publish(self) -> bool:
         return self.lease.held(margin_s=self._renew_s)

@@ -133,6 +133,7 @@ async def test_transactional_enqueue_publishes_on_commit_only(
     relaying = asyncio.create_task(r.run(stop))
     await start_worker()
     try:
+        await eventually(lambda: _true(r.listening))  # a NOTIFY before its LISTEN is lost
         async with state.pool.acquire() as conn:
             async with conn.transaction():
                 committed = await state.app.enqueue(conn, "echo", {"value": "kept"})
