@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AliasChoices,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     ValidationError,
     field_validator,
@@ -83,6 +84,10 @@ class Settings(BaseSettings):
     # Built-in tasks
     webhook_secret: SecretStr = SecretStr(DEV_WEBHOOK_SECRET)
 
+    # Webhook egress guard: ranges of the denied table that outbound requests may reach anyway
+    # (cloud metadata addresses stay refused)
+    webhook_allow_cidrs: Annotated[list[IPvAnyNetwork], NoDecode] = Field(default_factory=list)
+
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -90,6 +95,13 @@ class Settings(BaseSettings):
     @field_validator("api_keys", "worker_types", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_allow_cidrs", mode="before")
+    @classmethod
+    def _split_cidrs(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value

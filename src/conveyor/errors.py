@@ -149,5 +149,11 @@ class Fail(Exception):
         super().__init__(reason)
 
 
+class EgressDenied(Fail):
+    """An outbound request to a destination the egress policy refuses (a non-public address,
+    a cloud metadata address, a refused port): permanent, so a handler that lets it out fails
+    its task at once. `reason` names the host, the address and the rule."""
+
+
 def _make_retry(reason: str, delay_s: float | None) -> Retry:
     return Retry(reason, delay_s=delay_s)

@@ -12,6 +12,7 @@ import structlog
 from conveyor.application import Conveyor
 from conveyor.client import Client
 from conveyor.config import Settings
+from conveyor.egress.policy import EgressPolicy, installed
 from conveyor.errors import ConfigError
 from conveyor.queue.connection import Redis, open_redis, translate
 from conveyor.queue.keys import Keys
@@ -68,7 +69,10 @@ async def open_state(
                               acquire_timeout_s=settings.pg_acquire_timeout)
         app.bind(client)
         try:
-            yield AppState(settings, app, pool, redis, keys, store, streams, client, workers)
+            # Payload validation (webhook URLs) checks against this state's allowed ranges.
+            with installed(EgressPolicy.from_settings(settings)):
+                yield AppState(settings, app, pool, redis, keys, store, streams, client,
+                               workers)
         finally:
             app.unbind(client)
     finally:

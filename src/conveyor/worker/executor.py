@@ -21,6 +21,8 @@ from pydantic import BaseModel, ValidationError
 
 from conveyor import metrics
 from conveyor.config import Settings
+from conveyor.egress.client import OutboundHttp
+from conveyor.egress.policy import EgressPolicy
 from conveyor.errors import Fail, Retry
 from conveyor.registry import Lease, RetryPolicy, TaskContext, TaskType
 from conveyor.store.tasks import Outcome, Started
@@ -49,9 +51,11 @@ def storable(text: str) -> str:
 class Executor:
     """Runs handlers and turns what they do into an `Outcome`."""
 
-    def __init__(self, settings: Settings, worker_id: str) -> None:
+    def __init__(self, settings: Settings, worker_id: str,
+                 http: OutboundHttp | None = None) -> None:
         self.settings = settings
         self.worker_id = worker_id
+        self.http = http or OutboundHttp(EgressPolicy.from_settings(settings))
         self.default_retry = RetryPolicy(settings.retry_base_delay, settings.retry_max_delay)
         # A hung thread call is replaced by a fresh thread, up to `concurrency` at once.
         self._threads = ThreadPool(settings.concurrency, spare=settings.concurrency)
@@ -86,6 +90,7 @@ class Executor:
             worker_id=self.worker_id,
             settings=self.settings,
             lease=lease or Lease(),
+            http=self.http,
         )
         try:
             payload = task_type.payload_model.model_validate(started.payload)
