@@ -3,6 +3,7 @@ client of a worker that handlers reach as `ctx.http.client`."""
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import httpx
@@ -21,12 +22,14 @@ DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 def guarded_client(
     policy: EgressPolicy = DEFAULT_POLICY, *, resolver: Resolver = system_resolver,
     timeout: httpx.Timeout = DEFAULT_TIMEOUT,
-    max_response_bytes: int | None = MAX_RESPONSE_BYTES, **options: Any,
+    max_response_bytes: int | None = MAX_RESPONSE_BYTES,
+    verify: ssl.SSLContext | bool = True, **options: Any,
 ) -> httpx.AsyncClient:
     """An `httpx.AsyncClient` on a `GuardedTransport`: redirects not followed (a hop that is
     followed anyway, with `follow_redirects=True` on a request, is checked like the first),
-    proxy variables ignored, connect and read timeouts; `options` go to httpx."""
-    transport = GuardedTransport(policy, resolver=resolver,
+    proxy variables ignored, connect and read timeouts; `verify` as httpx's (a context
+    trusting a private CA, say); `options` go to `httpx.AsyncClient`."""
+    transport = GuardedTransport(policy, resolver=resolver, verify=verify,
                                  max_response_bytes=max_response_bytes)
     return httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False,
                              timeout=timeout, **options)

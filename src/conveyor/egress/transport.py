@@ -100,11 +100,10 @@ class GuardedBackend(AsyncNetworkBackend):
 class _Capped(httpx.AsyncByteStream):
     """A response body that ends after `limit` bytes, closing the connection under it."""
 
-    def __init__(self, stream: httpx.AsyncByteStream, limit: int,
-                 extensions: dict[str, Any]) -> None:
+    def __init__(self, stream: httpx.AsyncByteStream, limit: int) -> None:
         self._stream = stream
         self._limit = limit
-        self._extensions = extensions
+        self.extensions: dict[str, Any] = {}  # the response's, where TRUNCATED is set
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         left = self._limit
@@ -112,7 +111,7 @@ class _Capped(httpx.AsyncByteStream):
             if len(chunk) > left:  # one byte past the limit: the body is cut here
                 if left:
                     yield chunk[:left]
-                self._extensions[TRUNCATED] = True
+                self.extensions[TRUNCATED] = True
                 break
             left -= len(chunk)
             yield chunk
@@ -154,10 +153,9 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
         if self.max_response_bytes is None:
             return response
         assert isinstance(response.stream, httpx.AsyncByteStream)
-        extensions = dict(response.extensions)
-        extensions[TRUNCATED] = False
-        return httpx.Response(
-            status_code=response.status_code, headers=response.headers,
-            stream=_Capped(response.stream, self.max_response_bytes, extensions),
-            extensions=extensions,
-        )
+        capped = _Capped(response.stream, self.max_response_bytes)
+        cut = httpx.Response(status_code=response.status_code, headers=response.headers,
+                             stream=capped, extensions=response.extensions)
+        cut.extensions[TRUNCATED] = False
+        capped.extensions = cut.extensions  # httpx copies the mapping it is given
+        return cut

@@ -129,7 +129,7 @@ def test_ports(port: int, allowed: bool) -> None:
 
 
 def test_the_policy_comes_from_the_settings() -> None:
-    settings = Settings(webhook_allow_cidrs="127.0.0.1/32, fd00::/8")  # type: ignore[arg-type]
+    settings = Settings(webhook_allow_cidrs="127.0.0.1/32, fd00::/8")
     policy = EgressPolicy.from_settings(settings)
     assert [str(n) for n in policy.allow] == ["127.0.0.1/32", "fd00::/8"]
     assert Settings().webhook_allow_cidrs == []
