@@ -50,7 +50,8 @@ class WebhookPayload(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: HttpUrl = Field(description="http(s) URL of the receiver")
+    url: HttpUrl = Field(description="http(s) URL of the receiver: a public destination "
+                                     "(a non-public address or a service port is a 422)")
     body: dict[str, Any] | list[Any] = Field(default_factory=dict, description="JSON to send")
     headers: dict[str, str] = Field(default_factory=dict, max_length=32,
                                     description="extra request headers")

@@ -74,7 +74,7 @@ async def test_a_rolled_back_order_leaves_no_task_and_no_message(
 ) -> None:
     item = f"pen-{uuid.uuid4().hex[:8]}"
     refused = await running.post("/shop/orders", json={
-        "item": item, "quantity": 0, "notify_url": "http://127.0.0.1:9/hook"})
+        "item": item, "quantity": 0, "notify_url": "http://127.0.0.1:8009/hook"})
     assert refused.status_code == 422
     assert refused.headers["content-type"] == "application/problem+json"
     await asyncio.sleep(0.5)  # time for a NOTIFY to arrive, were there one
