@@ -49,4 +49,7 @@ def destination_refusal(host: str, port: int, policy: EgressPolicy) -> str | Non
     if address is None:
         return None
     why = policy.address_refusal(address)
-    return None if why is None else (f"{host}: {why}" if str(address) != host else why)
+    if why is None:
+        return None
+    written = host.strip().removeprefix("[").removesuffix("]")
+    return why if written == str(address) else f"{host} is {address}: {why}"

@@ -39,7 +39,7 @@ def test_loopback_names(host: str, loopback: bool) -> None:
 
 @pytest.mark.parametrize(("host", "port", "named"), [
     ("127.0.0.1", 80, "127.0.0.1 is loopback"),
-    ("2130706433", 80, "2130706433: 127.0.0.1 is loopback"),
+    ("2130706433", 80, "2130706433 is 127.0.0.1: 127.0.0.1 is loopback"),
     ("0x7f000001", 443, "127.0.0.1 is loopback"),
     ("0.0.0.0", 80, "'this network'"),
     ("[::ffff:127.0.0.1]", 80, "(127.0.0.1) is loopback"),
