@@ -73,7 +73,8 @@ def new_worker_id() -> str:
 
 class Worker:
     """Runs the handlers of `types` (default: every registered type), at most
-    `settings.concurrency` messages in flight."""
+    `settings.concurrency` messages in flight. Handlers share `http` (`ctx.http`: by default a
+    guarded client under the settings' egress policy), closed when the worker stops."""
 
     name = "worker"
 
