@@ -208,9 +208,9 @@ async def test_bootstrap_keys_are_admin_and_table_keys_work_beside_them(
 async def test_without_any_key_loopback_is_open_and_elsewhere_closed(state: AppState) -> None:
     async with http_for(state) as http:  # 127.0.0.1, no keys: `make run`
         assert (await http.post("/v1/tasks", json=ECHO)).status_code == 202
-    async with http_for(state, host="0.0.0.0") as http:  # noqa: S104 - never bound here
+    async with http_for(state, host="0.0.0.0") as http:  # an in-process app: never bound
         assert_problem(await http.get("/v1/tasks"), 401, "no API keys are configured")
-    async with http_for(state, host="0.0.0.0", allow_anonymous=True) as http:  # noqa: S104
+    async with http_for(state, host="0.0.0.0", allow_anonymous=True) as http:
         assert (await http.get("/v1/tasks")).status_code == 200
     # A key made while an API runs closes it (within API_KEY_CACHE).
     async with http_for(state, api_key_cache=0.0) as http:
