@@ -1,0 +1,31 @@
+"""Pure parts of api/auth.py (no servers): loopback addresses, bearer parsing, type limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from conveyor.api.auth import Principal, bearer, is_loopback
+from conveyor.errors import Forbidden
+
+
+def test_only_loopback_addresses_count_as_loopback() -> None:
+    for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "::", "192.0.2.1", "10.0.0.1", "example.com", ""):
+        assert not is_loopback(host), host
+
+
+def test_bearer_takes_the_token_of_a_bearer_header_only() -> None:
+    assert bearer("Bearer abc") == "abc"
+    assert bearer("bearer  abc ") == "abc"
+    for header in (None, "", "Bearer", "Bearer ", "Basic abc", "abc"):
+        assert bearer(header) is None, header
+
+
+def test_a_type_limited_principal_names_every_type_it_may_not_enqueue() -> None:
+    limited = Principal("ci", frozenset({"tasks:enqueue"}), frozenset({"webhook"}))
+    limited.check_types(["webhook", "webhook"])
+    with pytest.raises(Forbidden, match="may not enqueue a, thumbnail") as refused:
+        limited.check_types(["thumbnail", "webhook", "a"])
+    assert refused.value.types == ["a", "thumbnail"]
+    Principal("any", frozenset({"tasks:enqueue"})).check_types(["thumbnail"])
