@@ -4,8 +4,9 @@ FastAPI dependencies (so the OpenAPI document shows each route's 401, 403 and 42
 Keys are the bootstrap keys of `CONVEYOR_API_KEYS` (admin, compared in constant time against
 every one) and the keys of the `api_keys` table (store/keys.py), looked up by their id and
 kept here for `API_KEY_CACHE` seconds, so a request costs no Postgres query and a revoke takes
-effect within that time. With no key at all the API is open (anonymous admin), but only when
-it is bound to a loopback address or `CONVEYOR_ALLOW_ANONYMOUS` is set.
+effect within that time (while Postgres is down, keys seen before are served as they were).
+With no key at all the API is open (anonymous admin), but only when it is bound to a loopback
+address or `CONVEYOR_ALLOW_ANONYMOUS` is set.
 
 Order per request: authenticate (401), count against the key's rate limit (429), then the
 route's scope (403), so refused requests count too. Health, readiness and docs need no key.
@@ -113,7 +114,12 @@ class Authenticator:
     async def _has_table_keys(self) -> bool:
         at, value = self._any_active
         if self.clock() - at >= self.cache_s:
-            value = await self.store.any_active()
+            try:
+                value = await self.store.any_active()
+            except Unavailable:
+                if at == -float("inf"):
+                    raise
+                return value  # Postgres is away: what was last read stands
             self._any_active = (self.clock(), value)
         return value
 
@@ -130,7 +136,12 @@ class Authenticator:
         cached = self._rows.get(key_id)
         if cached is not None and self.clock() - cached[0] < self.cache_s:
             return cached[1]
-        row = await self.store.get(key_id)
+        try:
+            row = await self.store.get(key_id)
+        except Unavailable:
+            if cached is None:
+                raise
+            return cached[1]  # Postgres is away: a key seen before is served as it was
         if len(self._rows) >= _CACHE_MAX:
             self._rows.clear()
         self._rows[key_id] = (self.clock(), row)

@@ -31,6 +31,7 @@ from conveyor.store.pool import Pool, borrowed
 
 PREFIX = "cvk"
 KEY_PATTERN = re.compile(r"cvk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,99}$"  # printable, shell- and URL-friendly
 _ID_BYTES, _SECRET_BYTES = 8, 32
 
 READ, ENQUEUE, MANAGE, ADMIN = "tasks:read", "tasks:enqueue", "tasks:manage", "admin"
@@ -130,9 +131,10 @@ class KeyStore:
         rate: Rate | None = None, expires_in_s: float | None = None,
     ) -> tuple[KeyRecord, str]:
         """A new key: its row and the key itself, which exists nowhere else from now on.
-        ValueError for an empty name or an unknown scope; KeyNameTaken if the name is."""
-        if not name.strip():
-            raise ValueError("a key needs a name")
+        ValueError for a bad name or an unknown scope; KeyNameTaken if the name is."""
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise ValueError(f"key name {name!r}: 1-100 letters, digits and . _ : @ / -, "
+                             "starting with a letter or digit")
         wanted = check_scopes(scopes)
         key_id, secret = secrets.token_hex(_ID_BYTES), secrets.token_urlsafe(_SECRET_BYTES)
         # $1 id, $2 name, $3 digest, $4 scopes, $5 types (NULL: all), $6/$7 rate (NULL:
@@ -146,7 +148,7 @@ class KeyStore:
         async with borrowed(self.pool, self.acquire_timeout_s, "keys.create") as conn:
             try:
                 row = await conn.fetchrow(
-                    sql, key_id, name.strip(), digest(secret), wanted,
+                    sql, key_id, name, digest(secret), wanted,
                     list(types) if types else None, rate.count if rate else None,
                     rate.period_s if rate else None, expires_in_s,
                 )

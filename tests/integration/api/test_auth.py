@@ -333,3 +333,21 @@ async def test_the_openapi_document_shows_401_403_and_429_per_route(state: AppSt
         assert scope in responses["403"]["description"], path
         assert paths[path][method]["security"] == [{"bearer": []}]
     assert "401" not in paths["/healthz"]["get"]["responses"]
+
+
+async def test_with_postgres_down_keys_seen_before_still_work(
+    own_postgres: PostgresServer, redis_server: RedisServer
+) -> None:
+    from tests.apps import basic
+
+    settings = make_settings(own_postgres, redis_server.url, api_key_cache=0.0)
+    async with open_state(settings, basic.app) as state:
+        seen = await make_key(state, ["tasks:read"])
+        unseen = await make_key(state, ["tasks:read"])
+        async with http_for(state) as http:
+            assert (await http.get("/v1/queues", headers=auth(seen))).status_code == 200
+            own_postgres.stop()
+            # Every look-up fails now; the key read a moment ago is served as it was.
+            # (/v1/queues reads Postgres too: 503, but past the key.)
+            assert (await http.get("/metrics", headers=auth(seen))).status_code == 200
+            assert_problem(await http.get("/v1/queues", headers=auth(unseen)), 503)

@@ -45,8 +45,9 @@ async def test_names_are_unique_and_scopes_checked(state: AppState) -> None:
         await store.create("ci", ["tasks:read"])
     with pytest.raises(ValueError, match="tasks:write"):
         await store.create("other", ["tasks:write"])
-    with pytest.raises(ValueError, match="name"):
-        await store.create(" ", ["admin"])
+    for bad in (" ", "", "a b", "-x", "nul\x00", "ci\n", "x" * 101):
+        with pytest.raises(ValueError, match="key name"):
+            await store.create(bad, ["admin"])
 
 
 async def test_revoke_keeps_the_first_time_and_any_active_follows(state: AppState) -> None:

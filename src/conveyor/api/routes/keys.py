@@ -14,7 +14,7 @@ from conveyor.api.auth import Authenticator, forbidden, requires
 from conveyor.api.deps import StateDep
 from conveyor.api.responses import OrjsonResponse
 from conveyor.errors import KeyNotFound
-from conveyor.store.keys import ADMIN, KeyStore
+from conveyor.store.keys import ADMIN, NAME_PATTERN, KeyStore
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"],
                    dependencies=[Depends(requires[ADMIN])], responses=forbidden(ADMIN))
@@ -53,7 +53,7 @@ async def list_keys(state: StateDep) -> Response:
              summary="Revoke an API key (in effect everywhere within API_KEY_CACHE seconds)",
              responses={404: {"description": "no key has this name"}})
 async def revoke_key(request: Request, state: StateDep,
-                     name: Annotated[str, Path(max_length=200)]) -> Response:
+                     name: Annotated[str, Path(pattern=NAME_PATTERN)]) -> Response:
     record = await _store(state).revoke(name)
     if record is None:
         raise KeyNotFound(name)
