@@ -5,6 +5,7 @@ services, signals, supervisor.
     conveyor api | worker | cron    one service, to scale out; without URLs, attached to
                       the embedded servers of a running `conveyor run` (same data dir)
     conveyor migrate  apply database migrations and exit
+    conveyor keys create | list | revoke    API keys (the new key alone on stdout)
 """
 
 from __future__ import annotations
@@ -14,19 +15,22 @@ import contextlib
 import gc
 import importlib
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+import orjson
 import structlog
 import typer
 
 from conveyor import __version__, logs
 from conveyor.api.app import create_app
+from conveyor.api.auth import check_exposure
 from conveyor.api.server import ApiServer
 from conveyor.application import Conveyor
-from conveyor.config import Settings, load_settings
+from conveyor.config import Settings, load_settings, parse_duration, parse_rate
 from conveyor.cron.rebalance import Rebalancer
 from conveyor.cron.relay import Relay
 from conveyor.cron.scheduler import CronScheduler
@@ -35,6 +39,7 @@ from conveyor.runtime import signals
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.runtime.supervisor import Service, ServicesFailed, supervise
 from conveyor.state import AppState, open_state
+from conveyor.store.keys import SCOPES, KeyStore
 from conveyor.store.migrate import migrate
 from conveyor.store.pool import open_pool
 from conveyor.store.workers import Liveness, confirmation_s, watch_gap_s
@@ -195,6 +200,8 @@ async def serve(settings: Settings, app: Conveyor, roles: Roles,
                                            shutdown)
             if state is None:
                 return EXIT_OK
+            if roles.api:  # before anything listens
+                await check_exposure(ready, KeyStore(state.pool, ready.database_schema))
             services = build_services(state, roles, worker_types=worker_types)
             tune_gc()
             log.info("conveyor.started", version=__version__,
@@ -350,6 +357,121 @@ def migrate_command(log_level: LogOpt = None) -> None:
     applied = _run(apply())
     typer.echo(f"applied: {applied or 'nothing, up to date'}")
 
+
+keys_cli = typer.Typer(name="keys", no_args_is_help=True,
+                       help="API keys: create (the key is shown once), list, revoke.")
+cli.add_typer(keys_cli)
+ROW = "{name:<20} {prefix:<22} {state:<8} {scopes:<28} {types:<16} {rate:<8} {expires:<20} {used}"
+
+
+@contextlib.asynccontextmanager
+async def _key_store(settings: Settings) -> AsyncIterator[KeyStore]:
+    """The api_keys table of DATABASE_URL, or of the embedded servers of a running
+    `conveyor run` on the same data dir; migrated first."""
+    async with _servers(settings, Embedded("attach")) as ready:
+        if not ready.database_url:
+            raise ConfigError("DATABASE_URL is not set")
+        pool = await open_pool(ready.database_url, min_size=1, max_size=1)
+        try:
+            await migrate(pool, ready.database_schema)
+            yield KeyStore(pool, ready.database_schema)
+        finally:
+            await pool.close()
+
+
+def _keys(data_dir: Path | None, action: Callable[[KeyStore], Awaitable[T]]) -> T:
+    """Run `action` on the key store; errors as one line on stderr and a non-zero exit."""
+    try:
+        settings = load_settings({"data_dir": data_dir})
+    except ConfigError as exc:
+        typer.echo(f"conveyor: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    logs.configure("warning", settings.log_format)
+
+    async def run() -> T:
+        async with _key_store(settings) as store:
+            return await action(store)
+
+    try:
+        return _run(run())
+    except (ConfigError, ValueError) as exc:
+        typer.echo(f"conveyor: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    except ConveyorError as exc:
+        typer.echo(f"conveyor: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+def _list_of(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+@keys_cli.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="a unique name for the key")],
+    scopes: Annotated[str, typer.Option(help=f"comma-separated: {', '.join(SCOPES)}")],
+    types: Annotated[str | None, typer.Option(
+        help="comma-separated task types it may enqueue (default: all)")] = None,
+    expires_in: Annotated[str | None, typer.Option(
+        help="lifetime: 90s, 15m, 12h or 30d (default: none)")] = None,
+    rate: Annotated[str | None, typer.Option(
+        help="its rate limit: N/s, N/m or N/h (default: CONVEYOR_API_RATE_LIMIT)")] = None,
+    data_dir: AttachDirOpt = None,
+) -> None:
+    """Create a key and print it, alone, on stdout: `KEY=$(conveyor keys create ...)`. It is
+    stored only as a hash: it cannot be shown again."""
+    try:
+        lifetime = parse_duration(expires_in) if expires_in else None
+        limit = parse_rate(rate) if rate else None
+    except ValueError as exc:
+        typer.echo(f"conveyor: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+    async def create(store: KeyStore) -> str:
+        _, key = await store.create(name, _list_of(scopes), types=_list_of(types) or None,
+                                    rate=limit, expires_in_s=lifetime)
+        return key
+
+    typer.echo(_keys(data_dir, create))
+
+
+@keys_cli.command("list")
+def keys_list(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON array")] = False,
+    data_dir: AttachDirOpt = None,
+) -> None:
+    """Every key (revoked and expired ones too), without secrets."""
+
+    async def read(store: KeyStore) -> list[dict[str, Any]]:
+        now = datetime.now(UTC)
+        return [k.public(now) for k in await store.list()]
+
+    keys = _keys(data_dir, read)
+    if as_json:
+        typer.echo(orjson.dumps(keys, option=orjson.OPT_INDENT_2).decode())
+        return
+    typer.echo(ROW.format(name="NAME", prefix="PREFIX", state="STATE", scopes="SCOPES",
+                          types="TYPES", rate="RATE", expires="EXPIRES", used="LAST USED"))
+    for k in keys:
+        typer.echo(ROW.format(
+            name=k["name"], prefix=k["prefix"], state=k["state"], scopes=",".join(k["scopes"]),
+            types=",".join(k["types"]) if k["types"] else "all", rate=k["rate"] or "default",
+            expires=(k["expires_at"] or "never")[:19], used=(k["last_used_at"] or "never")[:19],
+        ))
+
+
+@keys_cli.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="the key's name")],
+                data_dir: AttachDirOpt = None) -> None:
+    """Revoke a key: refused by every API process within CONVEYOR_API_KEY_CACHE seconds."""
+
+    async def revoke(store: KeyStore) -> bool:
+        return await store.revoke(name) is not None
+
+    if not _keys(data_dir, revoke):
+        typer.echo(f"conveyor: no API key is named {name!r}", err=True)
+        raise typer.Exit(EXIT_FAILED)
+    typer.echo(f"revoked {name}", err=True)
 
 
 def main() -> None:

@@ -9,13 +9,15 @@ import time
 from collections.abc import Callable, Sequence
 
 import structlog
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from conveyor import metrics as meters
+from conveyor.api.auth import forbidden, metrics_access
 from conveyor.errors import Unavailable
 from conveyor.queue.streams import TaskStreams
+from conveyor.store.keys import READ
 
 router = APIRouter(tags=["health"])
 log = structlog.get_logger("conveyor.api")
@@ -69,7 +71,8 @@ class QueueDepth:
                 meters.QUEUE_DEPTH.labels(task_type, "pending").set(s.pending)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            dependencies=[Depends(metrics_access)], responses=forbidden(READ))
 async def metrics(request: Request) -> Response:
     depth: QueueDepth = request.app.state.queue_depth
     await depth.refresh()
