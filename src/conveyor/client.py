@@ -16,7 +16,7 @@ import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
 
-from conveyor import metrics
+from conveyor import metrics, tracing
 from conveyor.errors import (
     IdempotencyConflict,
     InvalidTransition,
@@ -89,6 +89,7 @@ class Client:
             or self.default_max_attempts,
             idempotency_key=request.idempotency_key,
             delay_s=max(0.0, request.delay_s),
+            trace_context=tracing.current_context(),
         )
 
     async def enqueue(
@@ -109,12 +110,14 @@ class Client:
         written, so the call stands or falls whole (short of a concurrent call taking the key
         between that check and the insert, which the check after the insert still reports).
         """
-        new = [self.prepare(r) for r in requests]
-        if len(new) > 1 and any(t.idempotency_key for t in new):
-            _refuse_reused_keys(new, await self.store.with_keys(_keys(new)))
-        inserted = await self._coalescer.submit(new)
-        _refuse_reused_keys(new, [i.record for i in inserted if not i.created])
-        return inserted
+        with tracing.enqueue_span(requests) as span:  # the tasks carry its context
+            new = [self.prepare(r) for r in requests]
+            tracing.enqueued(span, [t.id for t in new])
+            if len(new) > 1 and any(t.idempotency_key for t in new):
+                _refuse_reused_keys(new, await self.store.with_keys(_keys(new)))
+            inserted = await self._coalescer.submit(new)
+            _refuse_reused_keys(new, [i.record for i in inserted if not i.created])
+            return inserted
 
     async def _flush(self, calls: list[list[NewTask]]) -> list[list[Inserted]]:
         new = [task for call in calls for task in call]
@@ -214,12 +217,15 @@ async def insert_in_transaction(
     (`store.notify`), which Postgres delivers only on commit, tells the relay to publish it at
     once; if no relay listens, the relay's periodic scan publishes it after its grace period.
     """
-    new = client.prepare(request)
-    inserted = (await client.store.insert([new], conn=conn))[0]
-    record = inserted.record
-    if not inserted.created:
-        _refuse_reused_keys([new], [record])  # the same key for another payload: refused
-    if inserted.created:
-        at_ms = int(record.run_at.timestamp() * 1000) if new.delay_s > 0 else None
-        await notify.send(conn, client.store.channel, Enqueued(record.type, record.id, at_ms))
-    return record
+    with tracing.enqueue_span([request]) as span:  # the task carries its context
+        new = client.prepare(request)
+        tracing.enqueued(span, [new.id])
+        inserted = (await client.store.insert([new], conn=conn))[0]
+        record = inserted.record
+        if not inserted.created:
+            _refuse_reused_keys([new], [record])  # the same key for another payload: refused
+        if inserted.created:
+            at_ms = int(record.run_at.timestamp() * 1000) if new.delay_s > 0 else None
+            await notify.send(conn, client.store.channel,
+                              Enqueued(record.type, record.id, at_ms))
+        return record

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     # Built-in tasks
     webhook_secret: SecretStr = SecretStr(DEV_WEBHOOK_SECRET)
 
+    # Tracing (OpenTelemetry; needs the `otel` extra; exporter set by the OTEL_* variables)
+    tracing: bool = False
+
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

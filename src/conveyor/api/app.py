@@ -7,6 +7,7 @@ from fastapi import Depends, FastAPI
 from starlette.middleware import Middleware
 
 import conveyor
+from conveyor import tracing
 from conveyor.api import docs, openapi, problems
 from conveyor.api.admission import Admission
 from conveyor.api.guards import reject_unknown_query
@@ -26,8 +27,9 @@ With `CONVEYOR_API_KEYS` set, use **Authorize** to send a key.
 
 
 def create_app(state: AppState) -> FastAPI:
-    """A new API app over `state`. Middleware, outermost first: request id, access log and
-    metrics, body limit, API keys (FastAPI's own error layer stays outermost)."""
+    """A new API app over `state`. Middleware, outermost first: a span per request (with
+    tracing on), request id, access log and metrics, body limit, API keys (FastAPI's own error
+    layer stays outermost)."""
     settings = state.settings
     registry = state.app.registry
     metrics_key = settings.metrics_key
@@ -48,6 +50,8 @@ def create_app(state: AppState) -> FastAPI:
             ),
         ],
     )
+    if tracing.enabled():
+        app.add_middleware(tracing.HttpSpans, routes=app.router.routes)
     app.state.conveyor = state
     app.state.admission = Admission(settings.api_max_pending)
     app.state.queue_depth = metrics.QueueDepth(
