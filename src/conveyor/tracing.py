@@ -1,7 +1,7 @@
 """Tracing: OpenTelemetry spans for HTTP requests, enqueues and attempts, and the W3C trace
 context each task carries from the span that enqueued it to every attempt that runs it.
 
-    POST /v1/tasks             SERVER    (opentelemetry-instrumentation-asgi)
+    POST /v1/tasks             SERVER    (FastAPI's own, given `provider()`: see api/app.py)
     └─ enqueue resize          PRODUCER  its context is stored with the task (`trace_context`)
        ├─ run resize #1        CONSUMER  on a worker, parented by the stored context
        └─ run resize #2        CONSUMER  the retry: the same parent, the same trace
@@ -31,14 +31,10 @@ from conveyor.errors import ConfigError
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer, TracerProvider
-    from starlette.routing import BaseRoute
-    from starlette.types import ASGIApp, Receive, Scope, Send
 
 INSTRUMENTATION = "conveyor"
 SYSTEM = "conveyor"  # messaging.system
 DEFAULT_SERVICE_NAME = "conveyor"
-# Probes and scrapes make no spans unless OTEL_PYTHON_ASGI_EXCLUDED_URLS says otherwise.
-DEFAULT_EXCLUDED_URLS = "/healthz,/readyz,/metrics"
 EXTRA_MISSING = ("tracing needs OpenTelemetry's SDK: pip install 'conveyor[otel]' "
                  "(or unset CONVEYOR_TRACING)")
 
@@ -91,6 +87,11 @@ def enable(provider: TracerProvider | None = None) -> Callable[[], None]:
             provider, close = built, built.shutdown
     _tracer, _provider = provider.get_tracer(INSTRUMENTATION), provider
     return close
+
+
+def provider() -> TracerProvider | None:
+    """The tracer provider spans go to while tracing is on; None while it is off."""
+    return _provider
 
 
 def disable() -> None:
@@ -239,37 +240,3 @@ def failed(exc: BaseException) -> None:
         return
     from opentelemetry import trace
     trace.get_current_span().record_exception(exc)
-
-
-# -- HTTP ------------------------------------------------------------------------------------
-
-class HttpSpans:
-    """ASGI middleware: a SERVER span per HTTP request (opentelemetry-instrumentation-asgi,
-    which continues a caller's `traceparent`), named for its route template (`GET
-    /v1/tasks/{task_id}`), so ids do not make a name each. Add it only while tracing is on."""
-
-    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute]) -> None:
-        try:
-            from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-        except ImportError as exc:
-            raise ConfigError(EXTRA_MISSING) from exc
-        assert _provider is not None, "HttpSpans with tracing off"
-        self.routes = routes
-        excluded = os.environ.get("OTEL_PYTHON_ASGI_EXCLUDED_URLS", DEFAULT_EXCLUDED_URLS)
-        self.app = OpenTelemetryMiddleware(
-            app, excluded_urls=excluded, default_span_details=self._details,
-            tracer_provider=_provider, exclude_spans=["receive", "send"],
-        )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app(scope, receive, send)
-
-    def _details(self, scope: Scope) -> tuple[str, dict[str, str]]:
-        from starlette.routing import Match
-        method = str(scope.get("method") or "HTTP")
-        for route in self.routes:
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                path = str(getattr(route, "path", scope.get("path", "")))
-                return f"{method} {path}", {"http.route": path}
-        return method, {}  # no route: the raw path would make a name per URL

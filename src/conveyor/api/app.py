@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+from typing import Any
+
 from fastapi import Depends, FastAPI
+from fastapi.telemetry import TelemetryConfig
 from starlette.middleware import Middleware
 
 import conveyor
@@ -18,6 +22,8 @@ from conveyor.api.middleware.request_id import RequestIdMiddleware
 from conveyor.api.routes import health, metrics, queues, tasks, workers
 from conveyor.state import AppState
 
+_PROBES = frozenset({"/healthz", "/readyz", METRICS_PATH})  # no spans: polled all day
+
 DESCRIPTION = """Durable tasks on PostgreSQL and Redis Streams.
 
 Enqueue a task with `POST /v1/tasks`; its `payload` must match the schema of its `type`
@@ -27,9 +33,8 @@ With `CONVEYOR_API_KEYS` set, use **Authorize** to send a key.
 
 
 def create_app(state: AppState) -> FastAPI:
-    """A new API app over `state`. Middleware, outermost first: a span per request (with
-    tracing on), request id, access log and metrics, body limit, API keys (FastAPI's own error
-    layer stays outermost)."""
+    """A new API app over `state`. Middleware, outermost first: request id, access log and
+    metrics, body limit, API keys (FastAPI's own error layer, and its spans, stay outermost)."""
     settings = state.settings
     registry = state.app.registry
     metrics_key = settings.metrics_key
@@ -39,6 +44,7 @@ def create_app(state: AppState) -> FastAPI:
         description=DESCRIPTION,
         docs_url=None,
         redoc_url=None,
+        telemetry=_telemetry(),
         middleware=[
             Middleware(RequestIdMiddleware),
             Middleware(AccessLogMiddleware),
@@ -50,8 +56,6 @@ def create_app(state: AppState) -> FastAPI:
             ),
         ],
     )
-    if tracing.enabled():
-        app.add_middleware(tracing.HttpSpans, routes=app.router.routes)
     app.state.conveyor = state
     app.state.admission = Admission(settings.api_max_pending)
     app.state.queue_depth = metrics.QueueDepth(
@@ -70,3 +74,18 @@ def create_app(state: AppState) -> FastAPI:
     for router, prefix in state.app.routers:
         app.include_router(router, prefix=prefix)
     return app
+
+
+def _telemetry() -> TelemetryConfig:
+    """FastAPI's own OpenTelemetry: while Conveyor's tracing is on, a SERVER span per request
+    (named for its route, continuing a caller's `traceparent`; probes and scrapes make none);
+    never its metrics or logs, which Conveyor has of its own. Off, it does nothing at all."""
+    provider = tracing.provider()
+    return {
+        "tracing": provider is not None, "tracer_provider": provider, "metrics": False,
+        "logs": False, "operation_spans": False, "auto_configure": False, "exclude": _probe,
+    }
+
+
+def _probe(scope: MutableMapping[str, Any]) -> bool:
+    return scope.get("path") in _PROBES
