@@ -41,7 +41,6 @@ EXTRA_MISSING = ("tracing needs OpenTelemetry's SDK: pip install 'conveyor[otel]
 # The switch: the tracer (and its provider) while tracing is on, None while it is off.
 _tracer: Tracer | None = None
 _provider: TracerProvider | None = None
-_NOTHING: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
 class _Named(Protocol):
@@ -161,11 +160,10 @@ def current_context() -> dict[str, str] | None:
 
 # -- spans -----------------------------------------------------------------------------------
 
-def enqueue_span(tasks: Sequence[_Named]) -> contextlib.AbstractContextManager[Span | None]:
+def enqueue_span(tasks: Sequence[_Named]) -> contextlib.AbstractContextManager[Span]:
     """A PRODUCER span around one enqueue call (of one task or a batch), current inside: the
-    tasks prepared there carry its context. Nothing while tracing is off."""
-    if _tracer is None:
-        return _NOTHING
+    tasks prepared there carry its context. Only while tracing is on (see `enabled`)."""
+    assert _tracer is not None, "enqueue_span with tracing off"
     return _enqueue_span(_tracer, tasks)
 
 
@@ -187,9 +185,9 @@ def _enqueue_span(tracer: Tracer, tasks: Sequence[_Named]) -> Iterator[Span]:
         yield span
 
 
-def enqueued(span: Span | None, task_ids: Sequence[Any]) -> None:
+def enqueued(span: Span, task_ids: Sequence[Any]) -> None:
     """Name the enqueued task on its enqueue span (for one task; a batch is counted)."""
-    if span is not None and len(task_ids) == 1:
+    if len(task_ids) == 1:
         span.set_attribute("conveyor.task.id", str(task_ids[0]))
         span.set_attribute("messaging.message.id", str(task_ids[0]))
 

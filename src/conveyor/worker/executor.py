@@ -75,21 +75,20 @@ class Executor:
         self._threads.close()
         self._processes.close()
 
-    async def execute(
+    async def traced(
         self, task_type: TaskType, started: Started, lease: Lease | None = None
     ) -> Outcome:
-        """Run one attempt and decide what becomes of the task; with tracing on, in a span
-        that is a child of the one that enqueued the task."""
-        if not tracing.enabled():
-            return await self._execute(task_type, started, lease)
+        """`execute` in a span that is a child of the one that enqueued the task (tracing on:
+        see `conveyor.tracing`)."""
         with tracing.attempt_span(started, self.worker_id) as span:
-            outcome = await self._execute(task_type, started, lease)
+            outcome = await self.execute(task_type, started, lease)
             tracing.outcome(span, outcome.status, outcome.error)
             return outcome
 
-    async def _execute(
-        self, task_type: TaskType, started: Started, lease: Lease | None
+    async def execute(
+        self, task_type: TaskType, started: Started, lease: Lease | None = None
     ) -> Outcome:
+        """Run one attempt and decide what becomes of the task."""
         ctx = TaskContext(
             task_id=str(started.id),
             task_type=task_type.name,
