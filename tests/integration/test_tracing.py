@@ -1,10 +1,12 @@
 """Tracing on real servers, spans caught by the OTel SDK's in-memory exporter: the worker's
 attempt span is a child of the enqueue span, itself a child of the HTTP request's span (which
 continues the caller's `traceparent`); retries share the trace; a task the relay republished
-keeps its context; a task enqueued by a handler continues the handler's trace."""
+keeps its context; a task enqueued by a handler, or by blocking code through a SyncProducer,
+continues the trace it was enqueued in; tracing off, nothing is made or stored."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
@@ -21,6 +23,7 @@ from conveyor.api.app import create_app
 from conveyor.application import Conveyor
 from conveyor.client import TaskRequest
 from conveyor.cron.relay import Relay
+from conveyor.producer import SyncProducer
 from conveyor.state import AppState
 from conveyor.worker.worker import Worker
 from tests.apps import traced
@@ -189,6 +192,25 @@ async def test_a_task_enqueued_by_a_handler_continues_its_trace(
     assert parent_of(child_enqueue) == span_id(parent_run)
     assert parent_of(child_run) == span_id(child_enqueue)
     assert trace_id(child_run) == trace_id(parent_run)
+
+
+async def test_a_sync_producer_enqueue_continues_the_callers_trace(
+    state: AppState, start_worker: StartWorker, spans: InMemorySpanExporter,
+    provider: TracerProvider,
+) -> None:
+    """Blocking code (a Django view, say) enqueues through a SyncProducer, whose connections
+    live on a loop of their own in another thread: the caller's span still parents it."""
+    await start_worker()
+    producer = SyncProducer(traced.app, state.settings)
+    try:
+        with provider.get_tracer("test").start_as_current_span("view") as view:
+            record = await asyncio.to_thread(producer.enqueue, "echo", {"value": "sync"})
+    finally:
+        await asyncio.to_thread(producer.close)
+    [run] = await attempts(spans, str(record.id), 1)
+    enqueue = one(spans.get_finished_spans(), "enqueue echo")
+    assert parent_of(enqueue) == view.get_span_context().span_id
+    assert parent_of(run) == span_id(enqueue)
 
 
 async def test_with_tracing_off_no_span_is_made_and_no_context_stored(
