@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from conveyor import http as conveyor_http
 from conveyor import tracing
 from conveyor.api.app import create_app
 from conveyor.application import Conveyor
@@ -211,6 +212,21 @@ async def test_a_sync_producer_enqueue_continues_the_callers_trace(
     enqueue = one(spans.get_finished_spans(), "enqueue echo")
     assert parent_of(enqueue) == view.get_span_context().span_id
     assert parent_of(run) == span_id(enqueue)
+
+
+async def test_the_api_client_carries_the_callers_trace_to_the_api(
+    state: AppState, start_worker: StartWorker, spans: InMemorySpanExporter,
+    provider: TracerProvider,
+) -> None:
+    await start_worker()
+    transport = httpx.ASGITransport(app=create_app(state))
+    async with conveyor_http.AsyncClient("http://t", transport=transport) as api:
+        with provider.get_tracer("test").start_as_current_span("caller") as caller:
+            task = await api.enqueue("echo", {"value": "over http"})
+    [run] = await attempts(spans, str(task.id), 1)
+    server = one(spans.get_finished_spans(), "POST /v1/tasks")
+    assert parent_of(server) == caller.get_span_context().span_id
+    assert trace_id(run) == caller.get_span_context().trace_id
 
 
 async def test_with_tracing_off_no_span_is_made_and_no_context_stored(
