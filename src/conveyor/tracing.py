@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from conveyor.errors import ConfigError
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.trace import Span, Tracer, TracerProvider
 
 INSTRUMENTATION = "conveyor"
@@ -68,57 +69,58 @@ def enabled() -> bool:
     return _tracer is not None
 
 
-def enable(provider: TracerProvider | None = None) -> Callable[[], None]:
+def enable(provider: TracerProvider | None = None) -> Callable[[], object]:
     """Make spans from now on, through `provider`, else the global tracer provider if one is
     set, else a new SDK provider set up from the `OTEL_*` variables (and made the global one).
-    Returns what flushes and stops a provider built here (nothing for one given or found)."""
+    Returns what flushes a provider built here (nothing for one given or found); it stays the
+    global one, for later states of the process, and is shut down at interpreter exit."""
     global _tracer, _provider  # the on/off switch the hot paths read
     try:
         from opentelemetry import trace
     except ImportError as exc:  # pragma: no cover - the api ships with FastAPI
         raise ConfigError(EXTRA_MISSING) from exc
-    close: Callable[[], None] = _nothing
+    flush: Callable[[], object] = _nothing
     if provider is None:
         provider = trace.get_tracer_provider()
         if isinstance(provider, trace.ProxyTracerProvider):  # nobody set one up
             built = _build_provider()
             trace.set_tracer_provider(built)
-            provider, close = built, built.shutdown
+            provider, flush = built, built.force_flush
     _tracer, _provider = provider.get_tracer(INSTRUMENTATION), provider
-    return close
+    return flush
 
 
-def provider() -> TracerProvider | None:
+def current_provider() -> TracerProvider | None:
     """The tracer provider spans go to while tracing is on; None while it is off."""
     return _provider
 
 
 def disable() -> None:
-    """Make no more spans (a provider built by `enable` is left to its closer)."""
+    """Make no more spans."""
     global _tracer, _provider  # noqa: PLW0603
     _tracer = _provider = None
 
 
 @contextlib.contextmanager
 def enabled_by(on: bool) -> Iterator[None]:
-    """Inside, tracing is on if `on` (CONVEYOR_TRACING) or it already was; a provider built
-    for it is flushed and stopped at exit, and tracing turned off again."""
+    """Inside, tracing is on if `on` (CONVEYOR_TRACING) or it already was; turned on here, it
+    is turned off at exit, the spans of a provider built for it flushed."""
     if not on or enabled():
         yield
         return
-    close = enable()
+    flush = enable()
     try:
         yield
     finally:
         disable()
-        close()
+        flush()
 
 
 def _nothing() -> None:
     return None
 
 
-def _build_provider() -> Any:
+def _build_provider() -> SdkTracerProvider:
     try:
         from opentelemetry.sdk.resources import SERVICE_NAME, Resource
         from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider

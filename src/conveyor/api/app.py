@@ -80,7 +80,7 @@ def _telemetry() -> TelemetryConfig:
     """FastAPI's own OpenTelemetry: while Conveyor's tracing is on, a SERVER span per request
     (named for its route, continuing a caller's `traceparent`; probes and scrapes make none);
     never its metrics or logs, which Conveyor has of its own. Off, it does nothing at all."""
-    provider = tracing.provider()
+    provider = tracing.current_provider()
     return {
         "tracing": provider is not None, "tracer_provider": provider, "metrics": False,
         "logs": False, "operation_spans": False, "auto_configure": False, "exclude": _probe,
