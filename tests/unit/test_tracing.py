@@ -1,6 +1,7 @@
 """Tracing's switch: off, the enqueue and attempt paths import and make nothing of
 OpenTelemetry; on by setting, a provider is built from the OTEL_* variables, flushed after and
-kept for the process's later states. Each case runs in a fresh interpreter: the global tracer provider can be set once only."""
+kept for the process's later states. Each case runs in a fresh interpreter: the global tracer
+provider can be set once only."""
 
 from __future__ import annotations
 
