@@ -229,6 +229,23 @@ async def test_the_api_client_carries_the_callers_trace_to_the_api(
     assert trace_id(run) == caller.get_span_context().trace_id
 
 
+async def test_a_transactional_enqueue_stores_its_spans_context(
+    state: AppState, spans: InMemorySpanExporter, provider: TracerProvider
+) -> None:
+    with provider.get_tracer("test").start_as_current_span("caller") as caller:
+        async with state.pool.acquire() as conn, conn.transaction():
+            record = await traced.app.enqueue(conn, "echo", {"value": "in a transaction"})
+    enqueue = one(spans.get_finished_spans(), "enqueue echo")
+    assert parent_of(enqueue) == caller.get_span_context().span_id
+    stored = await state.pool.fetchval(
+        f"SELECT trace_context FROM {state.settings.database_schema}.tasks WHERE id = $1",
+        record.id)
+    assert list(stored) == ["traceparent"]
+    version, trace, parent, _flags = stored["traceparent"].split("-")
+    assert (version, trace, parent) == ("00", f"{trace_id(enqueue):032x}",
+                                        f"{span_id(enqueue):016x}")
+
+
 async def test_with_tracing_off_no_span_is_made_and_no_context_stored(
     state: AppState, start_worker: StartWorker, provider: TracerProvider
 ) -> None:
