@@ -127,12 +127,15 @@ def _build_provider() -> SdkTracerProvider:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
     except ImportError as exc:
         raise ConfigError(EXTRA_MISSING) from exc
+    kind = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+    if kind not in ("otlp", "console", "none"):
+        raise ConfigError(f"OTEL_TRACES_EXPORTER={kind!r}: Conveyor builds 'otlp', 'console' "
+                          "or 'none'; for another, set a global tracer provider first")
     # Resource.create lets given attributes win over OTEL_SERVICE_NAME: name it only if unset.
     named = "OTEL_SERVICE_NAME" in os.environ or "service.name=" in os.environ.get(
         "OTEL_RESOURCE_ATTRIBUTES", "")
     resource = Resource.create({} if named else {SERVICE_NAME: DEFAULT_SERVICE_NAME})
     provider = SdkTracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER
-    kind = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
     if kind == "otlp":
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -141,9 +144,6 @@ def _build_provider() -> SdkTracerProvider:
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     elif kind == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-    elif kind != "none":
-        raise ConfigError(f"OTEL_TRACES_EXPORTER={kind!r}: Conveyor builds 'otlp', 'console' "
-                          "or 'none'; for another, set a global tracer provider first")
     return provider
 
 
