@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     api_rate_limit: Rate | None = None  # default per-key limit; a key's own rate replaces it
     api_key_cache: float = Field(default=5.0, ge=0)  # reuse of a looked-up key; revoke delay
 
+    # Tracing (OpenTelemetry; needs the `otel` extra; exporter set by the OTEL_* variables)
+    tracing: bool = False
+
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from conveyor import tracing
 from conveyor.application import Conveyor
 from conveyor.client import Client
 from conveyor.config import Settings
@@ -42,7 +43,17 @@ class AppState:
 async def open_state(
     settings: Settings, app: Conveyor, *, apply_migrations: bool = True
 ) -> AsyncIterator[AppState]:
-    """Connect to Postgres and Redis (migrating first), yield the state, close both at exit."""
+    """Connect to Postgres and Redis (migrating first), yield the state, close both at exit.
+    With `settings.tracing`, tracing is on meanwhile (see `conveyor.tracing`)."""
+    with tracing.enabled_by(settings.tracing):
+        async with _open_state(settings, app, apply_migrations=apply_migrations) as state:
+            yield state
+
+
+@contextlib.asynccontextmanager
+async def _open_state(
+    settings: Settings, app: Conveyor, *, apply_migrations: bool
+) -> AsyncIterator[AppState]:
     if not settings.database_url or not settings.redis_url:
         raise ConfigError("DATABASE_URL and REDIS_URL must both be set (or neither, for `run`)")
     pool = await open_pool(

@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+from typing import Any
+
 from fastapi import Depends, FastAPI
+from fastapi.telemetry import TelemetryConfig
 from starlette.middleware import Middleware
 
 import conveyor
+from conveyor import tracing
 from conveyor.api import docs, openapi, problems
 from conveyor.api.admission import Admission
 from conveyor.api.auth import (
@@ -27,6 +32,8 @@ from conveyor.queue.ratelimit import RateLimiter
 from conveyor.state import AppState
 from conveyor.store.keys import KeyStore
 
+_PROBES = frozenset({"/healthz", "/readyz", METRICS_PATH})  # no spans: polled all day
+
 DESCRIPTION = """Durable tasks on PostgreSQL and Redis Streams.
 
 Enqueue a task with `POST /v1/tasks`; its `payload` must match the schema of its `type`
@@ -38,8 +45,8 @@ With API keys configured, use **Authorize** to send one; each route says the sco
 
 def create_app(state: AppState) -> FastAPI:
     """A new API app over `state`. Middleware, outermost first: request id, access log and
-    metrics, body limit (FastAPI's own error layer stays outermost); API keys, scopes and
-    rate limits are route dependencies (api/auth.py)."""
+    metrics, body limit (FastAPI's own error layer, and its spans, stay outermost); API keys,
+    scopes and rate limits are route dependencies (api/auth.py)."""
     settings = state.settings
     registry = state.app.registry
     metrics_key = settings.metrics_key
@@ -49,6 +56,7 @@ def create_app(state: AppState) -> FastAPI:
         description=DESCRIPTION,
         docs_url=None,
         redoc_url=None,
+        telemetry=_telemetry(),
         middleware=[
             Middleware(RequestIdMiddleware),
             Middleware(AccessLogMiddleware),
@@ -91,3 +99,18 @@ def create_app(state: AppState) -> FastAPI:
         app.include_router(router, prefix=prefix, dependencies=[Depends(require(scope))],
                            responses=forbidden(scope))
     return app
+
+
+def _telemetry() -> TelemetryConfig:
+    """FastAPI's own OpenTelemetry: while Conveyor's tracing is on, a SERVER span per request
+    (named for its route, continuing a caller's `traceparent`; probes and scrapes make none);
+    never its metrics or logs, which Conveyor has of its own. Off, it does nothing at all."""
+    provider = tracing.current_provider()
+    return {
+        "tracing": provider is not None, "tracer_provider": provider, "metrics": False,
+        "logs": False, "operation_spans": False, "auto_configure": False, "exclude": _probe,
+    }
+
+
+def _probe(scope: MutableMapping[str, Any]) -> bool:
+    return scope.get("path") in _PROBES
