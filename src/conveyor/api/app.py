@@ -15,6 +15,7 @@ from conveyor.api.middleware.auth import METRICS_PATH, ApiKeyMiddleware, is_open
 from conveyor.api.middleware.body_limit import BodyLimitMiddleware
 from conveyor.api.middleware.request_id import RequestIdMiddleware
 from conveyor.api.routes import health, metrics, queues, tasks, workers
+from conveyor.queue.backlog import Backlog
 from conveyor.state import AppState
 
 DESCRIPTION = """Durable tasks on PostgreSQL and Redis Streams.
@@ -25,9 +26,10 @@ With `CONVEYOR_API_KEYS` set, use **Authorize** to send a key.
 """
 
 
-def create_app(state: AppState) -> FastAPI:
+def create_app(state: AppState, backlog: Backlog | None = None) -> FastAPI:
     """A new API app over `state`. Middleware, outermost first: request id, access log and
-    metrics, body limit, API keys (FastAPI's own error layer stays outermost)."""
+    metrics, body limit, API keys (FastAPI's own error layer stays outermost). `backlog` is
+    the process's reader of the queue gauges, when other services of it share one."""
     settings = state.settings
     registry = state.app.registry
     metrics_key = settings.metrics_key
@@ -50,7 +52,7 @@ def create_app(state: AppState) -> FastAPI:
     )
     app.state.conveyor = state
     app.state.admission = Admission(settings.api_max_pending)
-    app.state.queue_depth = metrics.QueueDepth(
+    app.state.backlog = backlog or Backlog(
         state.streams, list(registry.types), settings.metrics_cache
     )
     problems.install(app, set(registry.types))
