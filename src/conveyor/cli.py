@@ -132,6 +132,43 @@ def build_services(state: AppState, roles: Roles, *, worker_types: list[str] | N
     return services
 
 
+class _Noted:
+    """A service that calls `done` when it returns, however it ends."""
+
+    def __init__(self, service: Service, done: Callable[[], None]) -> None:
+        self.service = service
+        self.name = service.name
+        self.done = done
+
+    async def run(self, shutdown: Shutdown) -> None:
+        try:
+            await self.service.run(shutdown)
+        finally:
+            self.done()
+
+
+def metrics_last(services: list[Service]) -> list[Service]:
+    """`services`, the metrics server stopping only after all the others (so their drain
+    shows in its metrics and its `/healthz` answers through it)."""
+    servers = [s for s in services if isinstance(s, MetricsServer)]
+    others = [s for s in services if not isinstance(s, MetricsServer)]
+    if not servers:
+        return services
+    left = len(others)
+
+    def one_done() -> None:
+        nonlocal left
+        left -= 1
+        if left == 0:
+            for server in servers:
+                server.drained.set()
+
+    if not others:
+        for server in servers:
+            server.drained.set()
+    return [*(_Noted(s, one_done) for s in others), *servers]
+
+
 def _metrics_key(settings: Settings) -> str | None:
     return settings.metrics_key.get_secret_value() if settings.metrics_key else None
 
@@ -211,7 +248,7 @@ async def _serve_until_stopped(settings: Settings, compose: Compose) -> int:
                 return EXIT_OK
             log.info("conveyor.started", version=__version__,
                      services=[s.name for s in services], embedded=settings.embedded)
-            await supervise(services, shutdown)
+            await supervise(metrics_last(services), shutdown)
         code = EXIT_FORCED if shutdown.forced else EXIT_OK
         log.info("conveyor.stopped", reason=shutdown.reason, exit_code=code)
         return code

@@ -100,14 +100,20 @@ async def test_two_processes_share_the_work_sum_their_metrics_and_drain_on_sigte
     assert health is not None
     assert health.json() == {"status": "ok", "processes": 2, "wanted": 2, "restarts": 0}
 
-    draining = [(await client.enqueue("work", {"seconds": 2})).record.id for _ in range(2)]
+    draining = [(await client.enqueue("work", {"seconds": 3})).record.id for _ in range(2)]
+
+    async def running() -> int:
+        return int(await state.redis.get(f"{state.keys.prefix}:test:running") or 0)
 
     async def both_running() -> bool:
-        value = await state.redis.get(f"{state.keys.prefix}:test:running")
-        return int(value or 0) == 2
+        return await running() == 2
 
     await eventually(both_running, timeout_s=20)
     proc.signal(signal.SIGTERM)
+    during = await get(port, "/healthz")  # the metrics port serves through the drain
+    assert await running() == 2
+    assert during is not None
+    assert during.status_code == 200
     assert proc.wait(40) == 0, proc.output()[-3000:]
     assert await succeeded(state, draining)
     for task_id in draining:

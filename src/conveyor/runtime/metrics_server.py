@@ -4,10 +4,13 @@ supervisor).  [metrics]
 
 Before each scrape it awaits `before_scrape` (the backlog reading, cached by its owner). With
 `CONVEYOR_METRICS_KEY` set, `/metrics` needs `Authorization: Bearer <key>`; `/healthz` is open.
+It serves on through the process's drain: it stops once `drained` is set (by the composition,
+when the process's other services have stopped) or the stop is forced.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -22,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from conveyor.runtime.http_server import HttpServer
+from conveyor.runtime.shutdown import Shutdown
 
 Health = Callable[[], dict[str, object]]
 
@@ -63,8 +67,29 @@ class MetricsServer(HttpServer):
         self.before_scrape = before_scrape
         self.health: Health = health or dict
         self.key = key
+        self.drained = asyncio.Event()
         app = Starlette(routes=[Route("/metrics", self._metrics), Route("/healthz", self._healthz)])
         super().__init__(app, host=host, port=port, drain_timeout_s=1.0)
+
+    async def run(self, shutdown: Shutdown) -> None:
+        own = Shutdown(drain_timeout_s=1.0)
+
+        async def follow() -> None:
+            await shutdown.wait()
+            ends = {asyncio.ensure_future(self.drained.wait()),
+                    asyncio.ensure_future(shutdown.wait_forced())}
+            _, pending = await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in pending:
+                waiter.cancel()
+            own.begin(shutdown.reason or "stopped")
+            if shutdown.forced:
+                own.force()
+
+        follower = asyncio.create_task(follow())
+        try:
+            await super().run(own)
+        finally:
+            follower.cancel()
 
     async def _metrics(self, request: Request) -> Response:
         if self.key is not None:
