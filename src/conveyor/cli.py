@@ -170,7 +170,10 @@ def metrics_last(services: list[Service]) -> list[Service]:
 
 
 def _metrics_key(settings: Settings) -> str | None:
-    return settings.metrics_key.get_secret_value() if settings.metrics_key else None
+    """The key the metrics port asks for: METRICS_KEY, unless METRICS_OPEN."""
+    if settings.metrics_key is None or settings.metrics_open:
+        return None
+    return settings.metrics_key.get_secret_value()
 
 
 def tune_gc() -> None:
