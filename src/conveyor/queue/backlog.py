@@ -33,13 +33,11 @@ class Backlog:
     def __init__(
         self, streams: TaskStreams, task_types: Sequence[str], max_age_s: float,
         clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.streams = streams
         self.task_types = list(task_types)
         self.max_age_s = max_age_s
         self.clock = clock
-        self.wall_clock = wall_clock
         self.reads = 0
         self._read_at = -math.inf
         self._lock = asyncio.Lock()  # one read at a time; the others wait and reuse it
@@ -57,7 +55,7 @@ class Backlog:
             try:
                 async with asyncio.timeout(READ_TIMEOUT_S):
                     stats = await self.streams.stats(self.task_types)
-                    oldest = await self.streams.oldest_undelivered_ms(self.task_types)
+                    ages = await self.streams.oldest_undelivered_age_ms(self.task_types)
             except (Unavailable, TimeoutError) as exc:
                 for gauge in meters.BACKLOG:
                     gauge.clear()
@@ -65,7 +63,6 @@ class Backlog:
                 return
             finally:
                 self._read_at = self.clock()
-            now_ms = self.wall_clock() * 1000
             for gauge in meters.BACKLOG:
                 gauge.clear()
             for task_type, s in stats.items():
@@ -75,6 +72,5 @@ class Backlog:
                 meters.QUEUE_DEPTH.labels(task_type, "pending").set(s.pending)
                 lag = s.undelivered + s.pending if s.undelivered is not None else s.length
                 meters.QUEUE_LAG.labels(task_type).set(lag)
-                since_ms = oldest.get(task_type)
-                age_s = max(0.0, (now_ms - since_ms) / 1000) if since_ms is not None else 0.0
-                meters.QUEUE_OLDEST_AGE.labels(task_type).set(age_s)
+                age_ms = ages.get(task_type)
+                meters.QUEUE_OLDEST_AGE.labels(task_type).set((age_ms or 0) / 1000)

@@ -431,9 +431,11 @@ class TaskStreams:
             )
         return out
 
-    async def oldest_undelivered_ms(self, task_types: Iterable[str]) -> dict[str, int | None]:
-        """When each type's oldest undelivered entry entered its stream (the millisecond part
-        of its id), None when nothing waits: two pipelines, one command per type in each."""
+    async def oldest_undelivered_age_ms(self, task_types: Iterable[str]
+                                        ) -> dict[str, int | None]:
+        """How long each type's oldest undelivered entry has been in its stream, by Redis's
+        clock (the one its ids come from), None when nothing waits: two pipelines, one command
+        per type in each."""
         types = list(task_types)
         with translate("streams.oldest_undelivered"):
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -446,10 +448,12 @@ class TaskStreams:
                              if isinstance(found, list) else None)
                     start = "(" + group["last-delivered-id"].decode() if group else "-"
                     pipe.xrange(self.keys.stream(t), min=start, max="+", count=1)
-                firsts = await pipe.execute(raise_on_error=False)
+                pipe.time()
+                *firsts, (seconds, micros) = await pipe.execute(raise_on_error=False)
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
         out: dict[str, int | None] = {}
         for t, entries in zip(types, firsts, strict=True):
-            out[t] = (int(entries[0][0].split(b"-")[0])
+            out[t] = (max(0, now_ms - int(entries[0][0].split(b"-")[0]))
                       if isinstance(entries, list) and entries else None)
         return out
 

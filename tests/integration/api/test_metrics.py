@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from typing import Any
 
 import httpx
@@ -117,11 +116,17 @@ async def test_lag_counts_undelivered_and_pending_and_the_oldest_age_is_the_firs
     for i in range(3):
         await state.client.enqueue("echo", {"value": i})
     await state.redis.xreadgroup(GROUP, "probe", {state.keys.stream("echo"): ">"}, count=1)
-    later = time.time() + 100
-    reader = Backlog(state.streams, ["echo", "refuse"], max_age_s=0, wall_clock=lambda: later)
+    reader = Backlog(state.streams, ["echo", "refuse"], max_age_s=0)
     await reader.refresh()
     text = generate_latest().decode()
     assert gauge(text, "conveyor_queue_lag") == {"echo": 3, "refuse": 0}
-    ages = gauge(text, "conveyor_queue_oldest_age_seconds")
-    assert ages["refuse"] == 0
-    assert 100 <= ages["echo"] < 160  # the second message waits since it was enqueued
+    first = gauge(text, "conveyor_queue_oldest_age_seconds")
+    assert first["refuse"] == 0
+    await asyncio.sleep(0.3)
+    await reader.refresh()
+    later = gauge(generate_latest().decode(), "conveyor_queue_oldest_age_seconds")
+    assert later["echo"] >= first["echo"] + 0.29  # the second message still waits (ms clock)
+    await state.redis.xreadgroup(GROUP, "probe", {state.keys.stream("echo"): ">"}, count=2)
+    await reader.refresh()
+    drained = gauge(generate_latest().decode(), "conveyor_queue_oldest_age_seconds")
+    assert drained["echo"] == 0  # nothing undelivered
