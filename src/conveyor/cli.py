@@ -286,10 +286,14 @@ async def serve(settings: Settings, app: Conveyor, roles: Roles,
 
 
 async def serve_processes(settings: Settings, app: Conveyor, count: int, command: list[str],
+                          worker_types: list[str] | None = None,
                           embedded_mode: Embedded = Embedded("attach")) -> int:
     """Supervise `count` processes running `command` (each a `conveyor worker`). With a
     metrics port, this process serves it: the children's metrics summed (prometheus_client's
     multiprocess mode, in a directory of its own), and the backlog gauges read here."""
+    unknown = [t for t in worker_types or settings.worker_types if t not in app.registry.types]
+    if unknown:  # refused here, not by every child in a restart loop
+        raise ConfigError(f"worker types not registered: {', '.join(unknown)}")
 
     async def compose(stack: contextlib.AsyncExitStack, shutdown: Shutdown
                       ) -> list[Service] | None:
@@ -350,7 +354,8 @@ def _launch(roles: Roles, app_spec: str, overrides: dict[str, Any],
             raise ConfigError("set both DATABASE_URL and REDIS_URL, or neither (embedded "
                               "servers: `conveyor run` starts them, other commands attach)")
         if processes > 1 and child_command:
-            code = _run(serve_processes(settings, app, processes, child_command, embedded_mode))
+            code = _run(serve_processes(settings, app, processes, child_command, worker_types,
+                                        embedded_mode))
         else:
             code = _run(serve(settings, app, roles, worker_types, embedded_mode))
     except ConfigError as exc:

@@ -9,7 +9,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from conveyor.cli import cli, cpu_count, parse_processes, worker_child_command
+from conveyor.application import Conveyor
+from conveyor.cli import cli, cpu_count, parse_processes, serve_processes, worker_child_command
+from conveyor.config import Settings
+from conveyor.errors import ConfigError
 
 
 def test_processes_take_a_positive_number_or_auto() -> None:
@@ -25,6 +28,12 @@ def test_a_bad_processes_value_is_a_usage_error_naming_it() -> None:
     result = CliRunner().invoke(cli, ["worker", "--processes", "zero"])
     assert result.exit_code == 2
     assert "'zero' is not a positive whole number" in result.output
+
+
+async def test_unknown_types_are_refused_before_any_child_starts() -> None:
+    settings = Settings(database_url="postgresql://127.0.0.1:1/x", redis_url="redis://x:1")
+    with pytest.raises(ConfigError, match="worker types not registered: nope"):
+        await serve_processes(settings, Conveyor(), 2, ["false"], ["nope"])
 
 
 def test_each_child_is_this_worker_as_one_process(tmp_path: Path) -> None:
