@@ -4,6 +4,7 @@ services, signals, supervisor.
     conveyor run      API + worker + cron in one process (embedded servers without URLs)
     conveyor api | worker | cron    one service, to scale out; without URLs, attached to
                       the embedded servers of a running `conveyor run` (same data dir)
+    conveyor worker --processes N   N worker processes under one supervisor
     conveyor migrate  apply database migrations and exit
     conveyor keys create | list | revoke    API keys (the new key alone on stdout)
 """
@@ -14,7 +15,9 @@ import asyncio
 import contextlib
 import gc
 import importlib
+import os
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,7 +28,7 @@ import orjson
 import structlog
 import typer
 
-from conveyor import __version__, logs
+from conveyor import __version__, logs, metrics
 from conveyor.api.app import create_app
 from conveyor.api.auth import check_exposure
 from conveyor.api.server import ApiServer
@@ -35,7 +38,13 @@ from conveyor.cron.rebalance import Rebalancer
 from conveyor.cron.relay import Relay
 from conveyor.cron.scheduler import CronScheduler
 from conveyor.errors import ConfigError, ConveyorError
+from conveyor.queue.backlog import Backlog
+from conveyor.queue.connection import open_redis
+from conveyor.queue.keys import Keys
+from conveyor.queue.streams import TaskStreams
 from conveyor.runtime import signals
+from conveyor.runtime.children import Children, follow_supervisor
+from conveyor.runtime.metrics_server import MetricsServer, aggregate_registry
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.runtime.supervisor import Service, ServicesFailed, supervise
 from conveyor.state import AppState, open_state
@@ -95,9 +104,13 @@ def build_services(state: AppState, roles: Roles, *, worker_types: list[str] | N
     """The services of this process, in start order."""
     settings = state.settings
     services: list[Service] = []
+    backlog = Backlog(state.streams, list(state.app.registry.types), settings.metrics_cache)
     if roles.api:
-        services.append(ApiServer(create_app(state), host=settings.host, port=settings.port,
-                                  drain_timeout_s=settings.drain_timeout))
+        services.append(ApiServer(create_app(state, backlog), host=settings.host,
+                                  port=settings.port, drain_timeout_s=settings.drain_timeout))
+    if settings.metrics_port is not None:
+        services.append(MetricsServer(host=settings.host, port=settings.metrics_port,
+                                      before_scrape=backlog.refresh, key=_metrics_key(settings)))
     if roles.worker:
         worker = Worker(state, types=worker_types)
         webhook.warn_if_development_secret(settings, worker.types)
@@ -122,6 +135,50 @@ def build_services(state: AppState, roles: Roles, *, worker_types: list[str] | N
             ttl_s=settings.heartbeat_ttl,
         ))
     return services
+
+
+class _Noted:
+    """A service that calls `done` when it returns, however it ends."""
+
+    def __init__(self, service: Service, done: Callable[[], None]) -> None:
+        self.service = service
+        self.name = service.name
+        self.done = done
+
+    async def run(self, shutdown: Shutdown) -> None:
+        try:
+            await self.service.run(shutdown)
+        finally:
+            self.done()
+
+
+def metrics_last(services: list[Service]) -> list[Service]:
+    """`services`, the metrics server stopping only after all the others (so their drain
+    shows in its metrics and its `/healthz` answers through it)."""
+    servers = [s for s in services if isinstance(s, MetricsServer)]
+    others = [s for s in services if not isinstance(s, MetricsServer)]
+    if not servers:
+        return services
+    left = len(others)
+
+    def one_done() -> None:
+        nonlocal left
+        left -= 1
+        if left == 0:
+            for server in servers:
+                server.drained.set()
+
+    if not others:
+        for server in servers:
+            server.drained.set()
+    return [*(_Noted(s, one_done) for s in others), *servers]
+
+
+def _metrics_key(settings: Settings) -> str | None:
+    """The key the metrics port asks for: METRICS_KEY, unless METRICS_OPEN."""
+    if settings.metrics_key is None or settings.metrics_open:
+        return None
+    return settings.metrics_key.get_secret_value()
 
 
 def tune_gc() -> None:
@@ -184,29 +241,22 @@ async def _unless_shutdown(step: Coroutine[Any, Any, T], shutdown: Shutdown) -> 
     return None
 
 
-async def serve(settings: Settings, app: Conveyor, roles: Roles,
-                worker_types: list[str] | None = None,
-                embedded_mode: Embedded = Embedded("start")) -> int:
-    """Run the chosen services until a signal or a failure; returns the exit code."""
+Compose = Callable[[contextlib.AsyncExitStack, Shutdown], Awaitable[list[Service] | None]]
+
+
+async def _serve_until_stopped(settings: Settings, compose: Compose) -> int:
+    """Install the signal handlers, build the services (None: shutdown came first), run them
+    until a signal or a failure; returns the exit code."""
     shutdown = Shutdown(settings.drain_timeout)
     remove_handlers = signals.install(shutdown)
     try:
         async with contextlib.AsyncExitStack() as stack:
-            servers = _servers(settings, embedded_mode)
-            ready = await _unless_shutdown(stack.enter_async_context(servers), shutdown)
-            if ready is None:
+            services = await compose(stack, shutdown)
+            if services is None:
                 return EXIT_OK
-            state = await _unless_shutdown(stack.enter_async_context(open_state(ready, app)),
-                                           shutdown)
-            if state is None:
-                return EXIT_OK
-            if roles.api:  # before anything listens
-                await check_exposure(ready, KeyStore(state.pool, ready.database_schema))
-            services = build_services(state, roles, worker_types=worker_types)
-            tune_gc()
             log.info("conveyor.started", version=__version__,
                      services=[s.name for s in services], embedded=settings.embedded)
-            await supervise(services, shutdown)
+            await supervise(metrics_last(services), shutdown)
         code = EXIT_FORCED if shutdown.forced else EXIT_OK
         log.info("conveyor.stopped", reason=shutdown.reason, exit_code=code)
         return code
@@ -216,6 +266,73 @@ async def serve(settings: Settings, app: Conveyor, roles: Roles,
         return EXIT_FAILED
     finally:
         remove_handlers()
+
+
+async def serve(settings: Settings, app: Conveyor, roles: Roles,
+                worker_types: list[str] | None = None,
+                embedded_mode: Embedded = Embedded("start")) -> int:
+    """Run the chosen services until a signal or a failure; returns the exit code."""
+
+    async def compose(stack: contextlib.AsyncExitStack, shutdown: Shutdown
+                      ) -> list[Service] | None:
+        servers = _servers(settings, embedded_mode)
+        ready = await _unless_shutdown(stack.enter_async_context(servers), shutdown)
+        if ready is None:
+            return None
+        state = await _unless_shutdown(stack.enter_async_context(open_state(ready, app)),
+                                       shutdown)
+        if state is None:
+            return None
+        if roles.api:  # before anything listens
+            await check_exposure(ready, KeyStore(state.pool, ready.database_schema))
+        services = build_services(state, roles, worker_types=worker_types)
+        tune_gc()
+        return services
+
+    return await _serve_until_stopped(settings, compose)
+
+
+async def serve_processes(settings: Settings, app: Conveyor, count: int, command: list[str],
+                          worker_types: list[str] | None = None,
+                          embedded_mode: Embedded = Embedded("attach")) -> int:
+    """Supervise `count` processes running `command` (each a `conveyor worker`). With a
+    metrics port, this process serves it: the children's metrics summed (prometheus_client's
+    multiprocess mode, in a directory of its own), and the backlog gauges read here."""
+    unknown = [t for t in worker_types or settings.worker_types if t not in app.registry.types]
+    if unknown:  # refused here, not by every child in a restart loop
+        raise ConfigError(f"worker types not registered: {', '.join(unknown)}")
+
+    async def compose(stack: contextlib.AsyncExitStack, shutdown: Shutdown
+                      ) -> list[Service] | None:
+        env = {k: v for k, v in os.environ.items() if k != "CONVEYOR_METRICS_PORT"}
+        if settings.metrics_port is None:
+            return [Children(command, count, env=env)]
+        from prometheus_client import multiprocess
+
+        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="conveyor-metrics-"))
+        env["PROMETHEUS_MULTIPROC_DIR"] = directory
+
+        def forget(pid: int) -> None:  # its live gauges go; its counts stay in the sums
+            multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+        children = Children(command, count, env=env, on_exit=forget)
+        ready = await _unless_shutdown(
+            stack.enter_async_context(_servers(settings, embedded_mode)), shutdown)
+        if ready is None or ready.redis_url is None:
+            return None
+        redis = open_redis(ready.redis_url, max_connections=4)
+        stack.push_async_callback(redis.aclose)
+        streams = TaskStreams(redis, Keys(settings.key_prefix),
+                              dead_letter_maxlen=settings.dead_letter_maxlen)
+        backlog = Backlog(streams, list(app.registry.types), settings.metrics_cache)
+        server = MetricsServer(
+            host=settings.host, port=settings.metrics_port,
+            registry=aggregate_registry(Path(directory), metrics.BACKLOG),
+            before_scrape=backlog.refresh, health=children.health, key=_metrics_key(settings),
+        )
+        return [children, server]
+
+    return await _serve_until_stopped(settings, compose)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -229,7 +346,9 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 def _launch(roles: Roles, app_spec: str, overrides: dict[str, Any],
             worker_types: list[str] | None = None, *, app_dir: Path | None = None,
-            embedded_mode: Embedded = Embedded("attach")) -> None:
+            embedded_mode: Embedded = Embedded("attach"), processes: int = 1,
+            child_command: list[str] | None = None) -> None:
+    follow_supervisor()
     try:
         settings = load_settings(overrides)
     except ConfigError as exc:
@@ -241,7 +360,11 @@ def _launch(roles: Roles, app_spec: str, overrides: dict[str, Any],
         if not settings.embedded and not (settings.database_url and settings.redis_url):
             raise ConfigError("set both DATABASE_URL and REDIS_URL, or neither (embedded "
                               "servers: `conveyor run` starts them, other commands attach)")
-        code = _run(serve(settings, app, roles, worker_types, embedded_mode))
+        if processes > 1 and child_command:
+            code = _run(serve_processes(settings, app, processes, child_command, worker_types,
+                                        embedded_mode))
+        else:
+            code = _run(serve(settings, app, roles, worker_types, embedded_mode))
     except ConfigError as exc:
         log.error("conveyor.config_error", error=str(exc))
         raise typer.Exit(EXIT_CONFIG) from None
@@ -313,6 +436,39 @@ def api_command(app: AppOpt = DEFAULT_APP, app_dir: AppDirOpt = None, host: Host
                                    "log_level": log_level}, app_dir=app_dir)
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # pragma: no cover - platforms without affinity masks
+
+
+def parse_processes(value: str) -> int:
+    """`--processes`: a positive whole number, or `auto` (the CPU count)."""
+    if value.strip().lower() == "auto":
+        return cpu_count()
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise typer.BadParameter(f"{value!r} is not a positive whole number or 'auto'")
+    return count
+
+
+def worker_child_command(app: str, app_dir: Path | None, concurrency: int | None,
+                         types: str | None, data_dir: Path | None, log_level: str | None,
+                         ) -> list[str]:
+    """The command each process of `worker --processes N` runs: this worker, one process."""
+    command = [sys.executable, "-m", "conveyor", "worker", "--processes", "1", "--app", app,
+               "--app-dir", str((app_dir or Path.cwd()).resolve())]
+    for flag, value in (("--concurrency", concurrency), ("--types", types),
+                        ("--data-dir", data_dir), ("--log-level", log_level)):
+        if value is not None:
+            command += [flag, str(value)]
+    return command
+
+
 @cli.command("worker")
 def worker_command(
     app: AppOpt = DEFAULT_APP,
@@ -320,13 +476,20 @@ def worker_command(
     concurrency: ConcurrencyOpt = None,
     types: Annotated[str | None, typer.Option(help="comma-separated task types (default all)")]
     = None,
+    processes: Annotated[str, typer.Option(
+        help="worker processes: a number, or auto (the CPU count); above 1, this process "
+        "supervises them (restarts one that dies, drains all on SIGTERM)")] = "1",
     data_dir: AttachDirOpt = None,
     log_level: LogOpt = None,
 ) -> None:
-    """A worker alone."""
+    """A worker alone (or --processes N of them)."""
+    count = parse_processes(processes)
     wanted = [t.strip() for t in types.split(",") if t.strip()] if types else None
     _launch(Roles(worker=True), app, {"concurrency": concurrency, "data_dir": data_dir,
-                                      "log_level": log_level}, wanted, app_dir=app_dir)
+                                      "log_level": log_level}, wanted, app_dir=app_dir,
+            processes=count,
+            child_command=worker_child_command(app, app_dir, concurrency, types, data_dir,
+                                               log_level))
 
 
 @cli.command("cron")

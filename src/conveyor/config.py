@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     # Tracing (OpenTelemetry; needs the `otel` extra; exporter set by the OTEL_* variables)
     tracing: bool = False
 
+    # Metrics port of every process (`worker`, `cron`; a multi-process worker's supervisor)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)  # unset: no metrics port
+
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -139,7 +142,7 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("metrics_key", mode="before")
+    @field_validator("metrics_key", "metrics_port", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value

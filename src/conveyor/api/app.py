@@ -28,6 +28,7 @@ from conveyor.api.middleware.access_log import AccessLogMiddleware
 from conveyor.api.middleware.body_limit import BodyLimitMiddleware
 from conveyor.api.middleware.request_id import RequestIdMiddleware
 from conveyor.api.routes import health, keys, metrics, queues, tasks, workers
+from conveyor.queue.backlog import Backlog
 from conveyor.queue.ratelimit import RateLimiter
 from conveyor.state import AppState
 from conveyor.store.keys import KeyStore
@@ -43,10 +44,11 @@ With API keys configured, use **Authorize** to send one; each route says the sco
 """
 
 
-def create_app(state: AppState) -> FastAPI:
+def create_app(state: AppState, backlog: Backlog | None = None) -> FastAPI:
     """A new API app over `state`. Middleware, outermost first: request id, access log and
     metrics, body limit (FastAPI's own error layer, and its spans, stay outermost); API keys,
-    scopes and rate limits are route dependencies (api/auth.py)."""
+    scopes and rate limits are route dependencies (api/auth.py). `backlog` is the process's reader of the
+    queue gauges, when other services of it share one."""
     settings = state.settings
     registry = state.app.registry
     metrics_key = settings.metrics_key
@@ -75,7 +77,7 @@ def create_app(state: AppState) -> FastAPI:
         cache_s=settings.api_key_cache,
     )
     app.state.admission = Admission(settings.api_max_pending)
-    app.state.queue_depth = metrics.QueueDepth(
+    app.state.backlog = backlog or Backlog(
         state.streams, list(registry.types), settings.metrics_cache
     )
     problems.install(app, set(registry.types))
