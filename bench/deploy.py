@@ -84,6 +84,8 @@ class Deployment:
                     self.ctx.api = (api.host, api.port)
             else:
                 self.ctx.api_provider = self._run_api
+                if self.door.http:  # up before the enqueue phase's window opens
+                    self._run_api()
         except BaseException:
             self.stack.close()
             raise
