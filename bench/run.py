@@ -299,6 +299,7 @@ class Bench:
         self.latency: dict[str, Any] | None = None
         self.profiles: list[dict[str, Any]] = []
         self.failed = 0
+        self.workload_us: float | None = None  # the task body's CPU (bench.cpu.workload_us)
         from bench.procs import ForeignLoad
 
         self.cpu_start, self.load_start = bp.cpu_jiffies(), ForeignLoad.now()
@@ -363,7 +364,7 @@ class Bench:
         durability = ("NOT durable (fsync=off)" if args.pg_unsafe else "durable") if (
             "postgres_data_dir" in self.servers) else "given (--database-url)"
         ns = argparse.Namespace(n=args.n, runs=args.runs, n_for=self.n_for,
-                                durability=durability)
+                                durability=durability, workload_us=self.workload_us)
         facts = [*self.facts, f"- CPU steal during the benchmark: {steal:.0f}%",
                  *([others] if others else [])]
         text = render(self.results, self.rows, ns, facts, self.command, self.latency,
@@ -469,6 +470,11 @@ class Bench:
             r.close()
 
     def run(self) -> int:
+        from bench.cpu import workload_us
+
+        self.workload_us = workload_us(self.servers["redis_url"])
+        print(f"the workload's INCR costs its process {self.workload_us:.0f} µs of CPU",
+              flush=True)
         if self.args.analyze:
             self.seed_statistics()
         text = self.runs()
