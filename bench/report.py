@@ -122,7 +122,7 @@ def goals(results: dict[str, list[dict[str, Any]]], rows: dict[str, Any],
     out.append(Goal(f"worker's own CPU per task, draining ({name}), without the workload's "
                     "INCR", f"≤ {GOAL_WORKER_US:.0f} µs",
                     DASH if worker is None else f"{worker:,.0f} µs measured"
-                    + (f" − {workload:,.0f} µs the INCR (measured alone) = **{own:,.0f} µs**"
+                    + (f" minus {workload:,.0f} µs the INCR (measured alone) = **{own:,.0f} µs**"
                        if own is not None else ""),
                     None if own is None else own <= GOAL_WORKER_US))
     pg = e2e.get("postgres")
