@@ -248,7 +248,8 @@ def version(dist: str) -> str:
 
 
 PEER_DISTS = ("arq", "saq", "taskiq", "taskiq-redis", "streaq", "coredis", "celery", "kombu",
-              "dramatiq", "rq", "redis", "hiredis")
+              "dramatiq", "rq", "redis", "hiredis", "pgqueuer", "procrastinate", "psycopg",
+              "psycopg-pool")
 
 
 def machine_facts(r: redis.Redis) -> list[str]:

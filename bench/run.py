@@ -331,8 +331,9 @@ class Bench:
             f"{pg_version} ({pg_note}), shared by Conveyor and the PostgreSQL peers (a "
             "database each); " + versions(
                 ["asyncpg", "fastapi", "starlette", "uvicorn", "uvloop", "pydantic", "orjson"]),
-            f"- Conveyor worker: `conveyor worker --app bench.app:app --concurrency "
-            f"{args.concurrency}`; API: `conveyor api --app bench.app:app`; "
+            f"- Conveyor, split deployment: `conveyor worker --app bench.app:app --concurrency "
+            f"{args.concurrency}`, `conveyor cron`, and `conveyor api --app bench.app:app` for "
+            "the HTTP doors; run deployment: `conveyor run` (all in one); "
             "CONVEYOR_LOG_LEVEL=warning; HTTP load: "
             f"{args.http_connections} keep-alive connections from the driver process",
             "- Postgres planner statistics of the tasks table: "
