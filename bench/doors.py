@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -42,6 +42,16 @@ class Context:
     timeout: float = 120.0
     http_connections: int = 8
     api: tuple[str, int] | None = None  # host, port of the running `conveyor api`
+    # Where the API is while a `bench.deploy.Deployment` decides it (`conveyor run`): returns
+    # the address of an API that is ready.
+    api_provider: Callable[[], tuple[str, int]] | None = None
+
+    def api_address(self) -> tuple[str, int]:
+        if self.api_provider is not None:
+            return self.api_provider()
+        if self.api is None:
+            raise RuntimeError("the HTTP doors need a running `conveyor api`")
+        return self.api
 
     @property
     def tasks_table(self) -> str:
@@ -94,19 +104,39 @@ async def status_counts(ctx: Context) -> dict[str, int]:
     return {str(r[0]): int(r[1]) for r in rows}
 
 
+DEPLOYMENTS = {
+    "split": "separate `conveyor api` + `conveyor worker` + `conveyor cron` processes",
+    "run": "`conveyor run`: API, worker and cron in one process",
+}
+
+
 class Door(bp.Peer):
-    """A Conveyor row: the real worker process; subclasses say how tasks are enqueued."""
+    """A Conveyor row: a door tasks come in by, in a deployment (`split`: `conveyor worker`
+    beside `conveyor api` and `conveyor cron`; `run`: `conveyor run`, all in one process, see
+    `bench.deploy`); subclasses say how tasks are enqueued."""
 
     dist = "conveyor"
     concurrency = "--concurrency {c} (asyncio on uvloop; default 5)"
     key = ""
+    backend = "postgres+redis"
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, deployment: str = "split") -> None:
         self.ctx = ctx
+        self.deployment = deployment
+        self.port = 0  # `conveyor run`'s API port, chosen as each one starts
+
+    def _label(self, key: str, door: str) -> None:
+        """Key and name: the split deployment's rows keep the plain keys."""
+        self.key = key if self.deployment == "split" else key.replace("conveyor-",
+                                                                       "conveyor-run-", 1)
+        self.name = f"conveyor {self.deployment} ({door})"
 
     def worker_argv(self) -> list[str]:
-        return [str(bp.BIN / "conveyor"), "worker", "--app", SPEC,
-                "--concurrency", str(bp.SETUP.concurrency)]
+        c = str(bp.SETUP.concurrency)
+        if self.deployment == "run":
+            return [str(bp.BIN / "conveyor"), "run", "--app", SPEC, "--concurrency", c,
+                    "--host", "127.0.0.1", "--port", str(self.port or "<free port>")]
+        return [str(bp.BIN / "conveyor"), "worker", "--app", SPEC, "--concurrency", c]
 
     @property
     def http(self) -> bool:
@@ -120,17 +150,15 @@ class Door(bp.Peer):
 class ClientDoor(Door):
     """`conveyor.client.Client`, as a library user holds it (`open_state` builds it)."""
 
-    def __init__(self, ctx: Context, batch: int) -> None:
-        super().__init__(ctx)
+    def __init__(self, ctx: Context, batch: int, deployment: str = "split") -> None:
+        super().__init__(ctx, deployment)
         self.batch = batch
         if batch == 1:
-            self.key = "conveyor-client"
-            self.name = "conveyor (client: enqueue, 1 by 1)"
+            self._label("conveyor-client", "client: enqueue, 1 by 1")
             self.enqueue_api = ("`Client.enqueue()` per task, awaited in turn (one INSERT+COMMIT "
                                 "and one XADD each)")
         else:
-            self.key = "conveyor-bulk"
-            self.name = f"conveyor (client: enqueue_many, {batch} per call)"
+            self._label("conveyor-bulk", f"client: enqueue_many, {batch} per call")
             self.enqueue_api = (f"`Client.enqueue_many()` (bulk: one transaction and one "
                                 f"pipeline per {batch} tasks)")
 
@@ -154,23 +182,28 @@ class ClientDoor(Door):
 
 
 class HttpDoor(Door):
-    """POSTs to a running `conveyor api` from `ctx.http_connections` keep-alive connections."""
+    """POSTs to the deployment's API from `connections` keep-alive connections (default:
+    `ctx.http_connections`)."""
 
-    def __init__(self, ctx: Context, batch: int) -> None:
-        super().__init__(ctx)
+    def __init__(self, ctx: Context, batch: int, deployment: str = "split",
+                 connections: int | None = None) -> None:
+        super().__init__(ctx, deployment)
         self.batch = batch
+        self.connections = connections or ctx.http_connections
+        k = self.connections
+        conns = f"{k} connection{'s' if k != 1 else ''}"
         if batch == 1:
-            self.key = "conveyor-http"
             self.path = "/v1/tasks"
-            self.name = "conveyor (HTTP POST /v1/tasks)"
-            self.enqueue_api = "`POST /v1/tasks`, one task per request, {k} connections"
+            self._label("conveyor-http", f"HTTP POST /v1/tasks, {conns}")
+            self.enqueue_api = f"`POST /v1/tasks`, one task per request, {conns}"
         else:
-            self.key = "conveyor-http-batch"
             self.path = "/v1/tasks/batch"
-            self.name = f"conveyor (HTTP POST /v1/tasks/batch, {batch} per request)"
+            key = "conveyor-http-batch" + ("" if batch == bp.BATCH else str(batch))
+            if connections is not None and connections == 1:
+                key += "-1c"
+            self._label(key, f"HTTP POST /v1/tasks/batch, {batch} per request, {conns}")
             self.enqueue_api = (f"`POST /v1/tasks/batch`, {batch} tasks per request, "
-                                "{k} connections")
-        self.enqueue_api = self.enqueue_api.format(k=ctx.http_connections)
+                                f"{conns}" + (" in turn" if k == 1 else " at once"))
 
     @property
     def http(self) -> bool:
@@ -189,21 +222,26 @@ class HttpDoor(Door):
         return out
 
     def enqueue(self, n: int) -> tuple[float, float]:
-        if self.ctx.api is None:
-            raise RuntimeError("the HTTP doors need a running `conveyor api`")
-        host, port = self.ctx.api
+        host, port = self.ctx.api_address()  # waits until it is ready; not timed
         requests: Sequence[bytes] = [build_request(host, port, self.path, b)
                                      for b in self.bodies(n)]
 
         async def go() -> tuple[float, float]:
             await reset_now(self.ctx)  # not timed
-            return await post_all(host, port, requests, connections=self.ctx.http_connections,
+            return await post_all(host, port, requests, connections=self.connections,
                                   timeout=self.ctx.timeout)
 
         return run_fast(go)
 
 
 def make_doors(ctx: Context) -> dict[str, Door]:
-    doors: list[Door] = [ClientDoor(ctx, bp.BATCH), ClientDoor(ctx, 1), HttpDoor(ctx, 1),
-                         HttpDoor(ctx, bp.BATCH)]
+    """Every Conveyor row: each door in each deployment."""
+    doors: list[Door] = []
+    for deployment in DEPLOYMENTS:
+        doors += [ClientDoor(ctx, bp.BATCH, deployment), ClientDoor(ctx, 1, deployment),
+                  HttpDoor(ctx, 1, deployment),
+                  HttpDoor(ctx, bp.BATCH, deployment),
+                  HttpDoor(ctx, bp.BATCH, deployment, connections=1),
+                  HttpDoor(ctx, 500, deployment),
+                  HttpDoor(ctx, 500, deployment, connections=1)]
     return {d.key: d for d in doors}

@@ -90,11 +90,18 @@ def stop_worker(proc: subprocess.Popen[bytes], grace: float = STOP_GRACE_S) -> b
 
 
 class Workers(Protocol):
-    """How `run_once` starts and stops a row's workers (the driver wraps them to watch)."""
+    """How `run_once` starts and stops a row's workers (the driver wraps them to watch), and
+    where it tells them each phase's timed window begins and ends (`bench.cpu` reads CPU
+    time there): `began(phase)`, then `ended(phase, jobs)` with the jobs done in the window;
+    phases: "enqueue", "drain" (first completion seen to the N-th), "e2e"."""
 
     def start(self, peer: Peer, n: int, log_path: Path) -> subprocess.Popen[bytes]: ...
 
     def stop(self, proc: subprocess.Popen[bytes]) -> bool: ...
+
+    def began(self, phase: str) -> None: ...
+
+    def ended(self, phase: str, jobs: int) -> None: ...
 
 
 class PlainWorkers:
@@ -103,6 +110,12 @@ class PlainWorkers:
 
     def stop(self, proc: subprocess.Popen[bytes]) -> bool:
         return stop_worker(proc)
+
+    def began(self, phase: str) -> None:
+        pass
+
+    def ended(self, phase: str, jobs: int) -> None:
+        pass
 
 
 def _done(r: redis.Redis) -> int:
@@ -145,13 +158,20 @@ def run_once(peer: Peer, n: int, timeout: float, log_path: Path,
     try:
         r.flushdb()
         with deadline(timeout, "enqueue"):
+            workers.began("enqueue")
             began, ended = peer.enqueue(n)
+            workers.ended("enqueue", n)
         res["enqueue_s"] = ended - began
 
         spawned = time.time()
         proc = workers.start(peer, n, log_path)
         try:
+            with deadline(timeout, "drain start"):
+                _wait_first(r, proc)
+            workers.began("drain")
+            done_before = _done(r)
             wait_done(r, proc, timeout)
+            workers.ended("drain", n - done_before)
         finally:
             res["drain_clean_stop"] = workers.stop(proc)
         first, first_count, last = _stamps(r)
@@ -165,9 +185,11 @@ def run_once(peer: Peer, n: int, timeout: float, log_path: Path,
                 peer.enqueue(1)
                 _wait_first(r, proc)
             r.delete(DONE_KEY, FIRST_KEY, LAST_KEY)
+            workers.began("e2e")
             with deadline(timeout, "e2e enqueue"):
                 began, ended = peer.enqueue(n)
             wait_done(r, proc, timeout)
+            workers.ended("e2e", n)
             time.sleep(0.2)  # a duplicate execution, if any, reaches the counter
         finally:
             res["e2e_clean_stop"] = workers.stop(proc)
@@ -226,7 +248,8 @@ def version(dist: str) -> str:
 
 
 PEER_DISTS = ("arq", "saq", "taskiq", "taskiq-redis", "streaq", "coredis", "celery", "kombu",
-              "dramatiq", "rq", "redis", "hiredis")
+              "dramatiq", "rq", "redis", "hiredis", "pgqueuer", "procrastinate", "psycopg",
+              "psycopg-pool")
 
 
 def machine_facts(r: redis.Redis) -> list[str]:

@@ -36,6 +36,7 @@ class Peer:
     module = "redis"  # importable when the peer is installed
     concurrency = ""  # what one worker process runs at once ({c}: SETUP.concurrency)
     enqueue_api = ""
+    backend = "redis"  # where its queue lives: "redis", or "postgres" (bench.pg_peers)
 
     def worker_argv(self) -> list[str]:
         raise NotImplementedError
@@ -272,11 +273,15 @@ class RawRedis(Peer):
 
 
 def all_peers() -> dict[str, Peer]:
-    """Every peer by its key on the command line (`--peers`)."""
+    """Every peer by its key on the command line (`--peers`): the Redis peers, then the
+    PostgreSQL ones (`bench.pg_peers`)."""
+    from bench.pg_peers import pg_peers
+
     return {
         "raw-stream": RawRedis("stream"), "raw-list": RawRedis("list"),
         "raw-list1": RawRedis("list1"), "arq": Arq(), "saq": Saq(),
         "taskiq-list": Taskiq("list"), "taskiq-stream": Taskiq("stream"), "streaq": Streaq(),
         "celery-threads": Celery("threads"), "celery-prefork": Celery("prefork"),
         "dramatiq": Dramatiq(), "rq-simple": Rq("SimpleWorker"), "rq": Rq("Worker"),
+        **pg_peers(),
     }

@@ -152,6 +152,18 @@ def _ready(url: str) -> bool:
         return False
 
 
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, log_path: Path
+               ) -> None:
+    """Until the API at `url` answers /readyz with 200; fails if `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    while not _ready(url):
+        if proc.poll() is not None:
+            raise RuntimeError(f"conveyor exited with {proc.returncode} (log: {log_path})")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"conveyor API not ready after {timeout:.0f}s (log: {log_path})")
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def api_server(argv: list[str], env: dict[str, str], cwd: Path, log_path: Path,
                stop: Any, timeout: float = 30.0) -> Iterator[ApiProcess]:
@@ -164,13 +176,7 @@ def api_server(argv: list[str], env: dict[str, str], cwd: Path, log_path: Path,
                                 start_new_session=True)
     api = ApiProcess(proc, host, port)
     try:
-        deadline = time.monotonic() + timeout
-        while not _ready(api.url):
-            if proc.poll() is not None:
-                raise RuntimeError(f"conveyor api exited with {proc.returncode} (log: {log_path})")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"conveyor api not ready after {timeout:.0f}s (log: {log_path})")
-            time.sleep(0.05)
+        wait_ready(api.url, proc, timeout, log_path)
         yield api
     finally:
         stop(proc)

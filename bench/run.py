@@ -32,8 +32,15 @@ from bench import harness as bp
 from bench.peers import all_peers as peer_rows
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_PEERS = "raw-stream,saq,taskiq-stream,dramatiq,streaq"
-DOORS = "conveyor-bulk,conveyor-client,conveyor-http,conveyor-http-batch"
+DEFAULT_PEERS = ("raw-stream,saq,taskiq-stream,dramatiq,streaq,pgqueuer,pgqueuer-fast,"
+                 "procrastinate")
+# Each door in both deployments (split: the plain keys; `conveyor run`: conveyor-run-*), and
+# the per-task client in the split deployment (the latency phase's pace is half its rate).
+_DOOR_SUFFIXES = ("bulk", "http", "http-batch", "http-batch-1c", "http-batch500",
+                  "http-batch500-1c")
+DOORS = ",".join([*(f"conveyor-{d}" for d in _DOOR_SUFFIXES), "conveyor-client",
+                  *(f"conveyor-run-{d}" for d in _DOOR_SUFFIXES)])
+ALL_DOORS = [*DOORS.split(","), "conveyor-run-client"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,7 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peers", default=DEFAULT_PEERS,
                     help=f"peer keys, 'all' or 'none' (default {DEFAULT_PEERS}); peers not "
                     "installed are skipped (bench/requirements-peers.txt installs them)")
-    ap.add_argument("--doors", default=DOORS, help=f"Conveyor rows, or 'none' (default {DOORS})")
+    ap.add_argument("--doors", default=DOORS,
+                    help=f"Conveyor rows, or 'none' (default {DOORS}; also "
+                         "conveyor-run-client)")
     ap.add_argument("--n-for", action="append", default=[], metavar="KEY=N",
                     help="override N for one row, e.g. rq=2000 (repeatable)")
     ap.add_argument("--concurrency", type=int, default=10,
@@ -74,6 +83,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "before the runs so that the planner has the statistics of a "
                          "long-lived table (they survive TRUNCATE); without it the runs start "
                          "on a never analyzed table until autovacuum analyzes it")
+    ap.add_argument("--pg-unsafe", action="store_true",
+                    help="start the private PostgreSQL with fsync, synchronous_commit and "
+                         "full_page_writes off (fast, NOT durable: a crash loses committed "
+                         "tasks; every figure of the report is labelled so). Default: "
+                         "PostgreSQL's durable defaults")
     ap.add_argument("--database-url", help="use this PostgreSQL instead of starting one")
     ap.add_argument("--redis-url",
                     help="use this Redis (it is FLUSHDB-ed!) instead of starting one")
@@ -103,7 +117,7 @@ def private_servers(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
             scratch.chmod(0o755)  # Postgres runs as `postgres`
             stack.callback(shutil.rmtree, scratch, True)
             if not args.database_url:
-                pg = PostgresServer(scratch / "postgres")
+                pg = PostgresServer(scratch / "postgres", durable=not args.pg_unsafe)
                 stack.callback(pg.stop)
                 pg.start()
                 info["database_url"] = pg.dsn
@@ -139,6 +153,29 @@ def versions(dists: list[str]) -> str:
     return ", ".join(out)
 
 
+def durability_note(args: argparse.Namespace) -> str:
+    if args.pg_unsafe:
+        return ("**NOT durable** (`--pg-unsafe`): private cluster with fsync=off, "
+                "synchronous_commit=off, full_page_writes=off; a crash of the server loses "
+                "committed tasks")
+    return ("**durable**: private cluster with PostgreSQL's defaults (fsync, "
+            "synchronous_commit and full_page_writes on: every commit is on disk before it "
+            "returns)")
+
+
+async def postgres_durability(url: str) -> str:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT name, setting FROM pg_settings WHERE name IN "
+                                "('fsync', 'synchronous_commit', 'full_page_writes') "
+                                "ORDER BY name")
+    finally:
+        await conn.close()
+    return ", ".join(f"{r['name']}={r['setting']}" for r in rows)
+
+
 async def postgres_version(url: str) -> str:
     import asyncpg
 
@@ -157,10 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     peer_keys = [k for k in wanted.split(",") if k]
     door_keys = [k for k in ("" if args.doors == "none" else args.doors).split(",") if k]
     unknown = ([k for k in peer_keys if k not in all_peers]
-               + [k for k in door_keys if k not in DOORS.split(",")])
+               + [k for k in door_keys if k not in ALL_DOORS])
     if unknown:
         print(f"unknown rows: {', '.join(unknown)}; peers: {', '.join(all_peers)}; "
-              f"doors: {DOORS}", file=sys.stderr)
+              f"doors: {', '.join(ALL_DOORS)}", file=sys.stderr)
         return 2
     for key in list(peer_keys):
         why = all_peers[key].missing()
@@ -231,7 +268,10 @@ class Bench:
         self.args, self.n_for, self.servers, self.command = args, n_for, servers, command
         db_url, redis_url = servers["database_url"], servers["redis_url"]
         bp.SETUP.redis_url, bp.SETUP.concurrency = redis_url, args.concurrency
+        from bench.pg_peer_apps import URL_ENV
+
         os.environ.update({
+            URL_ENV: db_url,  # the PostgreSQL peers' databases are on this server
             "CONVEYOR_DATABASE_URL": db_url, "CONVEYOR_REDIS_URL": redis_url,
             "CONVEYOR_DATABASE_SCHEMA": args.schema, "CONVEYOR_KEY_PREFIX": args.key_prefix,
             "CONVEYOR_LOG_LEVEL": "warning", "CONVEYOR_LOG_FORMAT": "json",
@@ -259,6 +299,7 @@ class Bench:
         self.latency: dict[str, Any] | None = None
         self.profiles: list[dict[str, Any]] = []
         self.failed = 0
+        self.workload_us: float | None = None  # the task body's CPU (bench.cpu.workload_us)
         from bench.procs import ForeignLoad
 
         self.cpu_start, self.load_start = bp.cpu_jiffies(), ForeignLoad.now()
@@ -280,17 +321,19 @@ class Bench:
         finally:
             r.close()
         pg_version = asyncio.run(postgres_version(self.servers["database_url"]))
-        pg_note = ("private cluster from conveyor.testing.servers: fsync=off, "
-                   "synchronous_commit=off, full_page_writes=off"
-                   if "postgres_data_dir" in self.servers else "given by --database-url")
+        pg_note = (durability_note(self.args) if "postgres_data_dir" in self.servers
+                   else "given by --database-url; its durability settings: "
+                   + asyncio.run(postgres_durability(self.servers["database_url"])))
         return [
             *peers_facts,
             f"- Conveyor {versions(['conveyor'])} (git {git_describe()}; src/: "
             f"{self.servers['src']}); PostgreSQL "
-            f"{pg_version} ({pg_note}); " + versions(
+            f"{pg_version} ({pg_note}), shared by Conveyor and the PostgreSQL peers (a "
+            "database each); " + versions(
                 ["asyncpg", "fastapi", "starlette", "uvicorn", "uvloop", "pydantic", "orjson"]),
-            f"- Conveyor worker: `conveyor worker --app bench.app:app --concurrency "
-            f"{args.concurrency}`; API: `conveyor api --app bench.app:app`; "
+            f"- Conveyor, split deployment: `conveyor worker --app bench.app:app --concurrency "
+            f"{args.concurrency}`, `conveyor cron`, and `conveyor api --app bench.app:app` for "
+            "the HTTP doors; run deployment: `conveyor run` (all in one); "
             "CONVEYOR_LOG_LEVEL=warning; HTTP load: "
             f"{args.http_connections} keep-alive connections from the driver process",
             "- Postgres planner statistics of the tasks table: "
@@ -319,7 +362,10 @@ class Bench:
         others = (f"- CPU used by processes outside this benchmark (other users of the "
                   f"machine), share of all CPU time: {overall:.0f}% overall, at most "
                   f"{max(foreign):.0f}% in one run" if foreign else "")
-        ns = argparse.Namespace(n=args.n, runs=args.runs, n_for=self.n_for)
+        durability = ("NOT durable (fsync=off)" if args.pg_unsafe else "durable") if (
+            "postgres_data_dir" in self.servers) else "given (--database-url)"
+        ns = argparse.Namespace(n=args.n, runs=args.runs, n_for=self.n_for,
+                                durability=durability, workload_us=self.workload_us)
         facts = [*self.facts, f"- CPU steal during the benchmark: {steal:.0f}%",
                  *([others] if others else [])]
         text = render(self.results, self.rows, ns, facts, self.command, self.latency,
@@ -336,28 +382,36 @@ class Bench:
         return text
 
     def conveyor_run(self, door: Any, n: int, log_path: Path) -> dict[str, Any]:
-        """harness.run_once for a Conveyor row (with its API for the HTTP doors)."""
+        """harness.run_once for a Conveyor row, in its deployment (`bench.deploy`)."""
+        from bench.cpu import CpuWorkers
+        from bench.deploy import Deployment
         from bench.procs import peak_rss_mb
 
         args, ctx = self.args, self.ctx
-        workers = WatchedWorkers(ctx)
-        if door.http:
-            with self.api(log_path.with_name(log_path.stem + "-api.log")) as proc:
-                ctx.api = (proc.host, proc.port)
-                try:
-                    res: dict[str, Any] = bp.run_once(door, n, args.timeout, log_path, workers)
-                    if door.key == "conveyor-http-batch" and args.batch_1000:
-                        res.update(batch_1000(ctx, n, args.timeout))
-                    res["api_hwm_mb"] = peak_rss_mb(proc.proc.pid)
-                finally:
-                    ctx.api = None
-        else:
-            res = bp.run_once(door, n, args.timeout, log_path, workers)
-        stops = workers.stops
+        with Deployment(ctx, door, log_path, args.timeout) as deployment:
+            watched = WatchedWorkers(ctx, deployment)
+            workers = CpuWorkers(watched, self.servers["pids"], deployment.pids)
+            res: dict[str, Any] = bp.run_once(door, n, args.timeout, log_path, workers)
+            if door.key == "conveyor-http-batch" and args.batch_1000:
+                res.update(batch_1000(ctx, n, args.timeout))
+            api_pid = deployment.api_hwm_pid()
+            if api_pid is not None:
+                res["api_hwm_mb"] = peak_rss_mb(api_pid)
+        stops = watched.stops
+        res["cpu"] = workers.phases
         res["requests"] = door.requests_for(n)
         res["worker_hwm_mb"] = [s["hwm_mb"] for s in stops]
         res["postgres"] = [s["statuses"] for s in stops]
         res["checks_failed"] = check_run(res, n)
+        return res
+
+    def peer_run(self, peer: Any, n: int, log_path: Path) -> dict[str, Any]:
+        """harness.run_once for a peer, with the CPU of its worker and of the servers."""
+        from bench.cpu import CpuWorkers
+
+        workers = CpuWorkers(bp.PlainWorkers(), self.servers["pids"])
+        res: dict[str, Any] = bp.run_once(peer, n, self.args.timeout, log_path, workers)
+        res["cpu"] = workers.phases
         return res
 
     def runs(self) -> str:
@@ -372,7 +426,7 @@ class Bench:
                 cpu_before, load_before = bp.cpu_jiffies(), ForeignLoad.now()
                 try:
                     res = (self.conveyor_run(row, n, log_path) if key in self.doors
-                           else bp.run_once(row, n, self.args.timeout, log_path))
+                           else self.peer_run(row, n, log_path))
                 except Exception as exc:  # record and go on with the next row
                     res = {"error": f"{type(exc).__name__}: {exc} (log: {log_path})"}
                 res["steal_pct"] = bp.steal_pct(cpu_before, bp.cpu_jiffies())
@@ -381,17 +435,20 @@ class Bench:
                 if key in self.doors and ("error" in res or res.get("checks_failed")):
                     self.failed += 1
                 summary = res.get("error") or "  ".join(
-                    f"{k}={v:.3f}" for k, v in res.items() if k.endswith("_s"))
+                    f"{k}={v:.3f}" for k, v in res.items() if k.endswith("_s")
+                    and isinstance(v, float))
                 print(f"{row.name:58} run {i}: {summary}  steal={res['steal_pct']:.0f}%  "
                       f"others={res['foreign_pct']:.0f}%", flush=True)
                 text = self.write()
         return text
 
     def seed_statistics(self) -> None:
-        """--analyze: N queued tasks, ANALYZE, then empty again (the statistics stay)."""
+        """--analyze: N queued tasks, ANALYZE, then empty again (the statistics stay); the
+        same for each PostgreSQL peer's tables."""
         import redis
 
         from bench import doors
+        from bench.pg_peers import PgPeer
 
         r = redis.Redis.from_url(self.servers["redis_url"])
         try:
@@ -399,11 +456,26 @@ class Bench:
             with bp.deadline(self.args.timeout, "--analyze"):
                 doors.ClientDoor(self.ctx, bp.BATCH).enqueue(self.args.n)
             asyncio.run(doors.analyze(self.ctx))
+            seeded = set()
+            for key, row in self.rows.items():
+                if isinstance(row, PgPeer) and row.lib not in seeded:
+                    r.flushdb()
+                    try:
+                        with bp.deadline(self.args.timeout, f"--analyze {key}"):
+                            row.seed_statistics(self.args.n)
+                        seeded.add(row.lib)
+                    except Exception as exc:  # its runs will fail and say why
+                        print(f"{key}: seeding its statistics failed: {exc}", flush=True)
         finally:
             r.flushdb()
             r.close()
 
     def run(self) -> int:
+        from bench.cpu import workload_us
+
+        self.workload_us = workload_us(self.servers["redis_url"])
+        print(f"the workload's INCR costs its process {self.workload_us:.0f} µs of CPU",
+              flush=True)
         if self.args.analyze:
             self.seed_statistics()
         text = self.runs()
@@ -429,19 +501,25 @@ class WatchedWorkers:
     """The workers of a Conveyor row's `run_once`: each worker's VmHWM is read just before
     it is stopped and, once it has stopped, its tasks are counted per status in Postgres."""
 
-    def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
+    def __init__(self, ctx: Any, inner: bp.Workers) -> None:
+        self.ctx, self.inner = ctx, inner
         self.stops: list[dict[str, Any]] = []
 
     def start(self, peer: bp.Peer, n: int, log_path: Path) -> subprocess.Popen[bytes]:
-        return bp.start_worker(peer, n, log_path)
+        return self.inner.start(peer, n, log_path)
+
+    def began(self, phase: str) -> None:
+        self.inner.began(phase)
+
+    def ended(self, phase: str, jobs: int) -> None:
+        self.inner.ended(phase, jobs)
 
     def stop(self, proc: subprocess.Popen[bytes]) -> bool:
         from bench.doors import status_counts
         from bench.procs import peak_rss_mb
 
         record: dict[str, Any] = {"hwm_mb": peak_rss_mb(proc.pid)}
-        clean = bp.stop_worker(proc)
+        clean = self.inner.stop(proc)
         try:
             record["statuses"] = asyncio.run(asyncio.wait_for(status_counts(self.ctx), 30))
         except Exception as exc:

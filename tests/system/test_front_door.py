@@ -154,6 +154,7 @@ def clone(into: Path) -> Path:
     return target
 
 
+@pytest.mark.timeout(540)  # the unit tests and the small benchmark (both deployments)
 def test_a_fresh_clone_with_nothing_beside_it_passes_the_quick_suite(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -168,7 +169,7 @@ def test_a_fresh_clone_with_nothing_beside_it_passes_the_quick_suite(tmp_path: P
     suite = subprocess.run(
         [str(PYTHON), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/unit",
          "tests/system/test_bench.py"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=240, check=False)
+        cwd=repo, env=env, capture_output=True, text=True, timeout=500, check=False)
     assert suite.returncode == 0, suite.stdout[-4000:] + suite.stderr[-2000:]
     assert re.search(r"\d+ passed", suite.stdout), suite.stdout[-2000:]
     skipped = [line for line in suite.stdout.splitlines() if line.startswith("SKIPPED")]

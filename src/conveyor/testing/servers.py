@@ -3,8 +3,10 @@ the chaos run: start, stop, kill, restart (optionally wiping Redis).
 
 PostgreSQL comes from the system binaries (`CONVEYOR_PG_BIN`, else the newest
 /usr/lib/postgresql/*/bin, else `pg_config --bindir`); as root it runs as the `postgres` user,
-since Postgres refuses to run as root. Durability is traded for speed (fsync off): these
-servers hold test data only.
+since Postgres refuses to run as root. By default durability is traded for speed (`fsync`,
+`synchronous_commit` and `full_page_writes` off: a crash of the server may lose committed
+data), which suits test data; `PostgresServer(..., durable=True)` keeps PostgreSQL's
+durability defaults (the benchmark uses it, so that its figures hold for a real server).
 """
 
 from __future__ import annotations
@@ -58,10 +60,16 @@ def _as_postgres(cmd: list[str]) -> list[str]:
 
 
 class PostgresServer:
-    """A private PostgreSQL cluster in `base_dir`, trust auth, listening on 127.0.0.1:port."""
+    """A private PostgreSQL cluster in `base_dir`, trust auth, listening on 127.0.0.1:port.
 
-    def __init__(self, base_dir: Path, port: int | None = None) -> None:
+    `durable=False` (the default, for tests): fsync, synchronous_commit and full_page_writes
+    off, so commits do not wait for the disk and a crash may lose them. `durable=True`: the
+    PostgreSQL defaults (every commit flushed to disk before it returns)."""
+
+    def __init__(self, base_dir: Path, port: int | None = None, *, durable: bool = False
+                 ) -> None:
         self.base_dir = base_dir
+        self.durable = durable
         self.data_dir = base_dir / "pgdata"
         self.port = port or free_port()
         self.bin = postgres_bin_dir()
@@ -95,7 +103,7 @@ class PostgresServer:
                 str(self.bin / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
                 "-c", "listen_addresses=127.0.0.1",
                 "-c", f"unix_socket_directories={self.base_dir}",
-                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                *self.durability_args(),
                 "-c", "max_connections=300", "-c", "shared_buffers=128MB",
                 *os.environ.get("CONVEYOR_PG_EXTRA_ARGS", "").split(),
             ]),
@@ -104,6 +112,12 @@ class PostgresServer:
         log.close()
         _wait_port(self.port, timeout_s, self.process)
         self._wait_ready(timeout_s)
+
+    def durability_args(self) -> list[str]:
+        """The server options that trade durability for speed (none when `durable`)."""
+        if self.durable:
+            return []
+        return ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
