@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from conveyor import metrics
 from conveyor.errors import (
@@ -32,6 +33,7 @@ from conveyor.store import notify
 from conveyor.store.notify import Enqueued
 from conveyor.store.pool import Connection, Pinned
 from conveyor.store.tasks import Inserted, NewTask, Status, TaskRecord, TaskStore, new_task_id
+from conveyor.validation import json_flaws, text_flaw
 
 log = structlog.get_logger("conveyor.client")
 MAX_TASKS_PER_STATEMENT = 2000  # merged enqueues: rows per INSERT (a larger call goes alone)
@@ -66,20 +68,23 @@ class Client:
         )
 
     def prepare(self, request: TaskRequest) -> NewTask:
-        """Validate the payload against its type's model; raise PayloadInvalid or
-        UnknownTaskType."""
+        """Validate the payload against its type's model (a mapping strictly, as JSON: see
+        `TaskType.validate_payload`) and check that PostgreSQL can store it and the key;
+        raise PayloadInvalid or UnknownTaskType."""
         task_type = self.registry.get(request.type)
         payload = request.payload
-        if not isinstance(payload, task_type.payload_model):
-            try:
-                payload = task_type.payload_model.model_validate(payload)
-            except ValidationError as exc:
-                raise PayloadInvalid(f"payload for {request.type!r}: {exc}") from exc
-        payload_json = payload.model_dump_json()
-        if "\\u0000" in payload_json or "\x00" in (request.idempotency_key or ""):
-            raise PayloadInvalid(
-                f"payload for {request.type!r}: NUL characters (\\u0000) cannot be stored"
-            )
+        try:
+            if not isinstance(payload, task_type.payload_model):
+                payload = task_type.validate_payload(payload)
+            payload_json = payload.model_dump_json()
+        except (ValidationError, PydanticSerializationError) as exc:  # latter: a lone surrogate
+            raise PayloadInvalid(f"payload for {request.type!r}: {exc}") from exc
+        flaw = _payload_flaw(payload_json)
+        if flaw is not None:
+            raise PayloadInvalid(f"payload for {request.type!r}: {flaw}")
+        key_flaw = text_flaw(request.idempotency_key or "")
+        if key_flaw is not None:
+            raise PayloadInvalid(f"idempotency key for {request.type!r}: {key_flaw}")
         return NewTask(
             id=new_task_id(),
             type=request.type,
@@ -175,6 +180,17 @@ class Client:
         self, *, type_: str | None, status: Status | None, before: uuid.UUID | None, limit: int
     ) -> list[TaskRecord]:
         return await self.store.list_tasks(type_=type_, status=status, before=before, limit=limit)
+
+
+def _payload_flaw(payload_json: str) -> str | None:
+    """What of a serialised payload PostgreSQL cannot store (a NUL), or None."""
+    if "\\u0000" not in payload_json:  # the common case, without parsing
+        return None
+    found = next(json_flaws(orjson.loads(payload_json)), None)
+    if found is None:  # a backslash followed by "u0000", as text
+        return None
+    loc, why, _ = found
+    return f"{'.'.join(map(str, loc)) or '(payload)'}: {why}"
 
 
 def _keys(tasks: Sequence[NewTask]) -> list[tuple[str, str]]:

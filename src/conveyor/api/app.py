@@ -13,6 +13,7 @@ from conveyor.api.guards import reject_unknown_query
 from conveyor.api.middleware.access_log import AccessLogMiddleware
 from conveyor.api.middleware.auth import METRICS_PATH, ApiKeyMiddleware, is_open
 from conveyor.api.middleware.body_limit import BodyLimitMiddleware
+from conveyor.api.middleware.methods import MethodsMiddleware
 from conveyor.api.middleware.request_id import RequestIdMiddleware
 from conveyor.api.routes import health, metrics, queues, tasks, workers
 from conveyor.state import AppState
@@ -27,7 +28,7 @@ With `CONVEYOR_API_KEYS` set, use **Authorize** to send a key.
 
 def create_app(state: AppState) -> FastAPI:
     """A new API app over `state`. Middleware, outermost first: request id, access log and
-    metrics, body limit, API keys (FastAPI's own error layer stays outermost)."""
+    metrics, body limit, API keys, 405s (FastAPI's own error layer stays outermost)."""
     settings = state.settings
     registry = state.app.registry
     metrics_key = settings.metrics_key
@@ -46,6 +47,7 @@ def create_app(state: AppState) -> FastAPI:
                 metrics_keys=[metrics_key.get_secret_value()] if metrics_key else [],
                 metrics_open=settings.metrics_open,
             ),
+            Middleware(MethodsMiddleware),
         ],
     )
     app.state.conveyor = state
@@ -56,13 +58,14 @@ def create_app(state: AppState) -> FastAPI:
     problems.install(app, set(registry.types))
     docs.install(app)
     openapi.install(app, secured=lambda path: not is_open(path) and not (
-        path == METRICS_PATH and settings.metrics_open))
+        path == METRICS_PATH and settings.metrics_open),
+        stored=lambda path: path.startswith(tasks.PREFIX))
     app.include_router(health.router)
     app.include_router(metrics.router)
     strict = [Depends(reject_unknown_query)]
     app.include_router(tasks.build_router(registry), dependencies=strict)
     app.include_router(workers.router, dependencies=strict)
-    app.include_router(queues.router, dependencies=strict)
+    app.include_router(queues.build_router(registry), dependencies=strict)
     for router, prefix in state.app.routers:
         app.include_router(router, prefix=prefix)
     return app
