@@ -128,24 +128,27 @@ def _integers_from_floats(value: Any, exc: ValidationError) -> Any:
         given = error.get("input")
         if error["type"] != "int_type" or not isinstance(given, float) or not given.is_integer():
             continue
-        result = _replaced(patched, tuple(error["loc"]), int(given))
+        result = _replaced(patched, tuple(error["loc"]), given, int(given))
         if result is not None:
             patched, changed = result, True
     return patched if changed else None
 
 
-def _replaced(value: Any, loc: Loc, new: Any) -> Any:
-    """A copy of `value` with the item at `loc` replaced by `new`, or None if `loc` does not
-    lead to an item (a union member's tag in it, say)."""
+def _replaced(value: Any, loc: Loc, old: float, new: int) -> Any:
+    """A copy of `value` with the float `old` at `loc` replaced by `new`, or None if `loc`
+    does not lead to it. A part of `loc` that names no item is a union member's tag (`int`
+    in `("size", "int")`) and is passed over."""
     if not loc:
-        return new
+        return new if isinstance(value, float) and value == old else None
     head, rest = loc[0], loc[1:]
     if isinstance(value, dict) and head in value:
-        inner = _replaced(value[head], rest, new)
+        inner = _replaced(value[head], rest, old, new)
         return None if inner is None else {**value, head: inner}
     if isinstance(value, list) and isinstance(head, int) and 0 <= head < len(value):
-        inner = _replaced(value[head], rest, new)
+        inner = _replaced(value[head], rest, old, new)
         return None if inner is None else [*value[:head], inner, *value[head + 1:]]
+    if isinstance(head, str):
+        return _replaced(value, rest, old, new)
     return None
 
 
@@ -161,16 +164,16 @@ _ANNOTATIONS = frozenset({"title", "description", "default", "examples", "deprec
 
 def storable_json_schema(any_ref: str) -> dict[str, Any]:
     """The schema of any JSON value `json_flaws` passes: strings and keys without NUL.
-    `any_ref` is the reference under which it is itself kept (it is recursive)."""
+    `any_ref` is the reference under which it is itself kept (it is recursive). One schema
+    whose keywords each apply to one type, rather than a union of one branch per type: some
+    generators (Schemathesis 4.32) cannot fill an array from the union."""
     return {
         "description": "any JSON value whose strings and keys hold no NUL (\\u0000)",
-        "anyOf": [
-            {"type": "null"}, {"type": "boolean"}, {"type": "number"},
-            {"type": "string", **_NO_NUL},
-            {"type": "array", "items": {"$ref": any_ref}},
-            {"type": "object", "propertyNames": _NO_NUL,
-             "additionalProperties": {"$ref": any_ref}},
-        ],
+        "type": ["null", "boolean", "number", "string", "array", "object"],
+        **_NO_NUL,
+        "items": {"$ref": any_ref},
+        "propertyNames": dict(_NO_NUL),
+        "additionalProperties": {"$ref": any_ref},
     }
 
 

@@ -56,7 +56,8 @@ def conveyor_env(settings: Settings, **extra: str) -> dict[str, str]:
     assert settings.database_url
     assert settings.redis_url
     env.update({
-        "PYTHONPATH": str(ROOT),
+        # This checkout's code, whatever the venv has installed (tests/ for the test apps).
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
         "DATABASE_URL": settings.database_url,
         "REDIS_URL": settings.redis_url,
         "CONVEYOR_DATABASE_SCHEMA": settings.database_schema,
