@@ -33,7 +33,7 @@ from conveyor.store import notify
 from conveyor.store.notify import Enqueued
 from conveyor.store.pool import Connection, Pinned
 from conveyor.store.tasks import Inserted, NewTask, Status, TaskRecord, TaskStore, new_task_id
-from conveyor.validation import json_flaws, text_flaw
+from conveyor.validation import json_text_flaw, text_flaw
 
 log = structlog.get_logger("conveyor.client")
 MAX_TASKS_PER_STATEMENT = 2000  # merged enqueues: rows per INSERT (a larger call goes alone)
@@ -79,7 +79,7 @@ class Client:
             payload_json = payload.model_dump_json()
         except (ValidationError, PydanticSerializationError) as exc:  # latter: a lone surrogate
             raise PayloadInvalid(f"payload for {request.type!r}: {exc}") from exc
-        flaw = _payload_flaw(payload_json)
+        flaw = json_text_flaw(payload_json)
         if flaw is not None:
             raise PayloadInvalid(f"payload for {request.type!r}: {flaw}")
         key_flaw = text_flaw(request.idempotency_key or "")
@@ -180,17 +180,6 @@ class Client:
         self, *, type_: str | None, status: Status | None, before: uuid.UUID | None, limit: int
     ) -> list[TaskRecord]:
         return await self.store.list_tasks(type_=type_, status=status, before=before, limit=limit)
-
-
-def _payload_flaw(payload_json: str) -> str | None:
-    """What of a serialised payload PostgreSQL cannot store (a NUL), or None."""
-    if "\\u0000" not in payload_json:  # the common case, without parsing
-        return None
-    found = next(json_flaws(orjson.loads(payload_json)), None)
-    if found is None:  # a backslash followed by "u0000", as text
-        return None
-    loc, why, _ = found
-    return f"{'.'.join(map(str, loc)) or '(payload)'}: {why}"
 
 
 def _keys(tasks: Sequence[NewTask]) -> list[tuple[str, str]]:

@@ -20,7 +20,7 @@ from typing import Annotated, Any, TypeVar
 
 import orjson
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticSerializationError, to_json
 
 M = TypeVar("M", bound=BaseModel)
 Loc = tuple[str | int, ...]
@@ -86,6 +86,18 @@ def json_flaws(value: Any, loc: Loc = ()) -> Iterator[tuple[Loc, str, Any]]:
             yield from json_flaws(item, (*loc, index))
 
 
+def json_text_flaw(text: str) -> str | None:
+    """What of a JSON text (a payload as serialised) PostgreSQL cannot store, naming where:
+    a NUL (`\\u0000`, which JSON escapes), or None."""
+    if "\\u0000" not in text:  # the common case, without parsing
+        return None
+    found = next(json_flaws(orjson.loads(text)), None)
+    if found is None:  # a backslash followed by "u0000", as text
+        return None
+    loc, why, _ = found
+    return f"{'.'.join(map(str, loc)) or '(value)'}: {why}"
+
+
 def _errors(title: str, found: list[tuple[Loc, str, Any]]) -> ValidationError:
     return ValidationError.from_exception_data(title, [
         InitErrorDetails(type=PydanticCustomError(_ERROR_TYPE, why), loc=loc, input=value)
@@ -103,11 +115,7 @@ def require_storable(value: Any, title: str = "value") -> None:
 def validate_json_value(model: type[M], value: Any, *, strict: bool = True) -> M:
     """`value` (a JSON value: dicts, lists, strings, numbers...) as a `model`, validated as
     the JSON it stands for. Raises ValidationError, located inside `value`."""
-    require_storable(value, model.__name__)
-    try:
-        raw = orjson.dumps(value)
-    except TypeError as exc:  # a mapping from Python code holding something JSON cannot hold
-        raise _errors(model.__name__, [((), f"not a JSON value: {exc}", None)]) from None
+    raw = storable_json(value, model.__name__)
     try:
         return model.model_validate_json(raw, strict=strict)
     except ValidationError as exc:
@@ -116,7 +124,28 @@ def validate_json_value(model: type[M], value: Any, *, strict: bool = True) -> M
         patched = _integers_from_floats(value, exc)
         if patched is None:
             raise
-        return model.model_validate_json(orjson.dumps(patched), strict=True)
+        return model.model_validate_json(storable_json(patched, model.__name__), strict=True)
+
+
+def storable_json(value: Any, title: str = "value") -> bytes:
+    """`value` as JSON, or ValidationError naming each of its flaws (see `json_flaws`).
+
+    The common case costs a serialisation and a comparison: orjson refuses lone surrogates,
+    a NUL shows as `\\u0000`, and NaN (written as null) makes the value read back unequal.
+    Only then is the value walked, to find and name what is wrong."""
+    try:
+        raw: bytes | None = orjson.dumps(value)
+    except TypeError:  # a lone surrogate, an integer past 64 bits, or no JSON type
+        raw = None
+    if raw is not None and b"\\u0000" not in raw and orjson.loads(raw) == value:
+        return raw
+    require_storable(value, title)
+    if raw is not None:
+        return raw
+    try:
+        return to_json(value)
+    except PydanticSerializationError as exc:  # a mapping from Python holding, say, a socket
+        raise _errors(title, [((), f"not a JSON value: {exc}", None)]) from None
 
 
 def _integers_from_floats(value: Any, exc: ValidationError) -> Any:
