@@ -21,7 +21,8 @@ from conveyor.state import AppState
 DESCRIPTION = """Durable tasks on PostgreSQL and Redis Streams.
 
 Enqueue a task with `POST /v1/tasks`; its `payload` must match the schema of its `type`
-(see the request body schemas below). Errors are `application/problem+json`.
+(see the request body schemas below) as written: `"5"` or `true` is no integer, and no string
+may hold a NUL (`\\u0000`). Errors are `application/problem+json`.
 With `CONVEYOR_API_KEYS` set, use **Authorize** to send a key.
 """
 
