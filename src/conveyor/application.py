@@ -130,6 +130,7 @@ class Conveyor:
         retry: RetryPolicy | None = None,
         process: bool = False,
         description: str | None = None,
+        strict: bool = True,
     ) -> Callable[[Callable[Concatenate[P, Params], R]], TaskDefinition[P, Params, R]]:
         """Register a handler `(payload, ctx) -> result` for task type `name`; returns its
         `TaskDefinition` (callable as the handler, with `enqueue` and `enqueue_sync`).
@@ -137,6 +138,10 @@ class Conveyor:
         Coroutine functions run on the event loop; plain functions run in a thread, or in a
         process pool with `process=True` (CPU-bound work; the function must be importable).
         `timeout` is seconds per attempt; the result must be JSON-serialisable (or a model).
+
+        A payload given as JSON (over HTTP, or as a mapping) is validated in pydantic's strict
+        mode, as its schema reads: `"5"` or `true` is no integer, `5` no string. `strict=False`
+        lets pydantic coerce them instead, for clients that send numbers as strings.
         """
 
         def register(
@@ -157,6 +162,7 @@ class Conveyor:
                     timeout_s=timeout,
                     retry=retry,
                     description=description or inspect.getdoc(handler) or "",
+                    strict=strict,
                 )
             )
             return definition

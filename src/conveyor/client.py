@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from conveyor import metrics, tracing
 from conveyor.errors import (
@@ -32,6 +33,7 @@ from conveyor.store import notify
 from conveyor.store.notify import Enqueued
 from conveyor.store.pool import Connection, Pinned
 from conveyor.store.tasks import Inserted, NewTask, Status, TaskRecord, TaskStore, new_task_id
+from conveyor.validation import json_text_flaw, text_flaw
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -69,20 +71,23 @@ class Client:
         )
 
     def prepare(self, request: TaskRequest) -> NewTask:
-        """Validate the payload against its type's model; raise PayloadInvalid or
-        UnknownTaskType."""
+        """Validate the payload against its type's model (a mapping strictly, as JSON: see
+        `TaskType.validate_payload`) and check that PostgreSQL can store it and the key;
+        raise PayloadInvalid or UnknownTaskType."""
         task_type = self.registry.get(request.type)
         payload = request.payload
-        if not isinstance(payload, task_type.payload_model):
-            try:
-                payload = task_type.payload_model.model_validate(payload)
-            except ValidationError as exc:
-                raise PayloadInvalid(f"payload for {request.type!r}: {exc}") from exc
-        payload_json = payload.model_dump_json()
-        if "\\u0000" in payload_json or "\x00" in (request.idempotency_key or ""):
-            raise PayloadInvalid(
-                f"payload for {request.type!r}: NUL characters (\\u0000) cannot be stored"
-            )
+        try:
+            if not isinstance(payload, task_type.payload_model):
+                payload = task_type.validate_payload(payload)
+            payload_json = payload.model_dump_json()
+        except (ValidationError, PydanticSerializationError) as exc:  # latter: a lone surrogate
+            raise PayloadInvalid(f"payload for {request.type!r}: {exc}") from exc
+        flaw = json_text_flaw(payload_json)
+        if flaw is not None:
+            raise PayloadInvalid(f"payload for {request.type!r}: {flaw}")
+        key_flaw = text_flaw(request.idempotency_key or "")
+        if key_flaw is not None:
+            raise PayloadInvalid(f"idempotency key for {request.type!r}: {key_flaw}")
         return NewTask(
             id=new_task_id(),
             type=request.type,

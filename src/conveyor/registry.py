@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from conveyor.config import Settings
 from conveyor.egress.client import OutboundHttp
 from conveyor.errors import ConfigError, UnknownTaskType
+from conveyor.validation import validate_json_value
 
 TYPE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 RunIn = Literal["loop", "thread", "process"]
@@ -99,6 +100,13 @@ class TaskType:
     timeout_s: float | None = None
     retry: RetryPolicy | None = None
     description: str = ""
+    strict: bool = True
+
+    def validate_payload(self, payload: Any) -> BaseModel:
+        """`payload` (a JSON value: what an HTTP request carries, or a mapping from Python) as
+        this type's model, validated as JSON: strictly (no `"3"` or `true` for an integer)
+        unless the type opted out with `strict=False`. Raises ValidationError."""
+        return validate_json_value(self.payload_model, payload, strict=self.strict)
 
 
 class CronTick(BaseModel):

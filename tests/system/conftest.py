@@ -56,7 +56,7 @@ def conveyor_env(settings: Settings, **extra: str) -> dict[str, str]:
     assert settings.database_url
     assert settings.redis_url
     env.update({
-        # This checkout's code, not whatever copy of the package is installed.
+        # This checkout's code, whatever the venv has installed (tests/ for the test apps).
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
         "DATABASE_URL": settings.database_url,
         "REDIS_URL": settings.redis_url,

@@ -26,6 +26,7 @@ from conveyor.api.auth import (
 from conveyor.api.guards import reject_unknown_query
 from conveyor.api.middleware.access_log import AccessLogMiddleware
 from conveyor.api.middleware.body_limit import BodyLimitMiddleware
+from conveyor.api.middleware.methods import MethodsMiddleware
 from conveyor.api.middleware.request_id import RequestIdMiddleware
 from conveyor.api.routes import health, keys, metrics, queues, tasks, workers
 from conveyor.queue.backlog import Backlog
@@ -38,7 +39,8 @@ _PROBES = frozenset({"/healthz", "/readyz", METRICS_PATH})  # no spans: polled a
 DESCRIPTION = """Durable tasks on PostgreSQL and Redis Streams.
 
 Enqueue a task with `POST /v1/tasks`; its `payload` must match the schema of its `type`
-(see the request body schemas below). Errors are `application/problem+json`.
+(see the request body schemas below) as written: `"5"` or `true` is no integer, and no string
+may hold a NUL (`\\u0000`). Errors are `application/problem+json`.
 With API keys configured, use **Authorize** to send one; each route says the scope it needs
 (401: no valid key, 403: a scope or task type the key lacks, 429: over its rate limit).
 """
@@ -46,7 +48,7 @@ With API keys configured, use **Authorize** to send one; each route says the sco
 
 def create_app(state: AppState, backlog: Backlog | None = None) -> FastAPI:
     """A new API app over `state`. Middleware, outermost first: request id, access log and
-    metrics, body limit (FastAPI's own error layer, and its spans, stay outermost); API keys,
+    metrics, body limit, 405s (FastAPI's own error layer, and its spans, stay outermost); API keys,
     scopes and rate limits are route dependencies (api/auth.py). `backlog` is the process's
     reader of the queue gauges, when other services of it share one."""
     settings = state.settings
@@ -63,6 +65,7 @@ def create_app(state: AppState, backlog: Backlog | None = None) -> FastAPI:
             Middleware(RequestIdMiddleware),
             Middleware(AccessLogMiddleware),
             Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes),
+            Middleware(MethodsMiddleware),
         ],
     )
     app.state.conveyor = state
@@ -85,14 +88,15 @@ def create_app(state: AppState, backlog: Backlog | None = None) -> FastAPI:
     public = {prefix + route.path for router, prefix, scope in state.app.routers
               if scope is None for route in router.routes if hasattr(route, "path")}
     openapi.install(app, secured=lambda path: not is_open(path) and path not in public and not (
-        path == METRICS_PATH and settings.metrics_open))
+        path == METRICS_PATH and settings.metrics_open),
+        stored=lambda path: path.startswith(tasks.PREFIX))
     app.include_router(health.router)
     app.include_router(metrics.router)
     # The key first (401, 429), then the query check; each route adds its scope (403).
     strict = [Depends(authenticate), Depends(reject_unknown_query)]
     app.include_router(tasks.build_router(registry), dependencies=strict)
     app.include_router(workers.router, dependencies=strict)
-    app.include_router(queues.router, dependencies=strict)
+    app.include_router(queues.build_router(registry), dependencies=strict)
     app.include_router(keys.router, dependencies=strict)
     for router, prefix, scope in state.app.routers:  # an application's own
         if scope is None:

@@ -12,10 +12,18 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    create_model,
+)
 
-from conveyor.registry import Registry
+from conveyor.registry import Registry, TaskType
 from conveyor.store.tasks import Status, TaskRecord
+from conveyor.validation import INTEGRAL_FLOATS, StorableStr, require_storable
 
 MAX_BATCH = 1000
 MAX_DELAY_S = 365 * 24 * 3600
@@ -114,21 +122,38 @@ class DeadLettersOut(BaseModel):
 
 
 class TaskRequestBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    idempotency_key: str | None = Field(
+    idempotency_key: StorableStr | None = Field(
         default=None, min_length=1, max_length=200,
         description="the same key for the same type returns the first task instead of a new one",
     )
     delay_seconds: float = Field(default=0.0, ge=0, le=MAX_DELAY_S)
-    max_attempts: int | None = Field(default=None, ge=1, le=1000)
+    max_attempts: Annotated[int, Field(ge=1, le=1000), INTEGRAL_FLOATS] | None = None
+
+
+def _storable_json(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    require_storable(value, "payload")
+    return handler(value)
 
 
 class UntypedTaskRequest(TaskRequestBase):
     """Used only when no task type is registered."""
 
-    type: str
-    payload: dict[str, Any]
+    type: StorableStr
+    payload: Annotated[dict[str, Any], WrapValidator(_storable_json)]
+
+
+def _payload_of(task_type: TaskType) -> Any:
+    """The payload field of `task_type`'s request: its model's schema, validated by the type
+    (strictly, as JSON, unless it opted out)."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> BaseModel:
+        if isinstance(value, task_type.payload_model):
+            return value
+        return task_type.validate_payload(value)
+
+    return Annotated[task_type.payload_model, WrapValidator(validate)]
 
 
 def _model_name(type_name: str) -> str:
@@ -145,7 +170,7 @@ def request_models(registry: Registry) -> tuple[Any, type[BaseModel]]:
             __base__=TaskRequestBase,
             __doc__=task_type.description or f"A `{task_type.name}` task.",
             type=(Literal[task_type.name], ...),  # type: ignore[arg-type]
-            payload=(task_type.payload_model, ...),
+            payload=(_payload_of(task_type), ...),
         ))
     single: Any
     if not models:

@@ -1,25 +1,26 @@
-"""`/v1/queues`: per task type, what Redis holds and what Postgres records."""
+"""`/v1/queues`: per task type, what Redis holds and what Postgres records.
 
-from __future__ import annotations
+The router is built per app: a type in a path is one of the registry's, and the OpenAPI
+document lists them. (No `from __future__ import annotations` here: FastAPI must see that
+type.)
+"""
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 from starlette.responses import Response
 
 from conveyor.api.auth import forbidden, requires
 from conveyor.api.deps import StateDep
 from conveyor.api.models import DeadLettersOut, QueuesOut
 from conveyor.api.responses import OrjsonResponse
+from conveyor.registry import Registry
 from conveyor.store.keys import READ
-
-router = APIRouter(prefix="/v1/queues", tags=["operations"],
-                   dependencies=[Depends(requires[READ])], responses=forbidden(READ))
+from conveyor.validation import StorableStr
 
 
-@router.get("", response_model=QueuesOut, summary="Depth, pending, dead and age per task type")
 async def list_queues(state: StateDep) -> Response:
     names = list(state.app.registry.types)
     stats = await state.streams.stats(names)
@@ -45,12 +46,24 @@ async def list_queues(state: StateDep) -> Response:
     return OrjsonResponse({"queues": queues})
 
 
-@router.get("/{task_type}/dead-letters", response_model=DeadLettersOut,
-            summary="Newest entries of a type's dead-letter stream")
-async def dead_letters(
-    task_type: str, state: StateDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
-) -> Response:
-    state.app.registry.get(task_type)  # 422 for an unknown type
-    entries = await state.streams.dead_letters(task_type, limit)
-    return OrjsonResponse({"entries": entries})
+def build_router(registry: Registry) -> APIRouter:
+    """The queues router for the types in `registry`."""
+    router = APIRouter(prefix="/v1/queues", tags=["operations"],
+                       dependencies=[Depends(requires[READ])], responses=forbidden(READ))
+    router.get("", response_model=QueuesOut,
+               summary="Depth, pending, dead and age per task type")(list_queues)
+    names = tuple(registry.types)
+    type_name: Any = Literal[names] if names else StorableStr
 
+    @router.get("/{task_type}/dead-letters", response_model=DeadLettersOut,
+                summary="Newest entries of a type's dead-letter stream")
+    async def dead_letters(
+        task_type: Annotated[type_name, Path(description="a registered task type")],
+        state: StateDep,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> Response:
+        state.app.registry.get(task_type)  # 422 for an unknown type (when none is registered)
+        entries = await state.streams.dead_letters(task_type, limit)
+        return OrjsonResponse({"entries": entries})
+
+    return router

@@ -20,6 +20,7 @@ from conveyor.client import TaskRequest
 from conveyor.registry import Registry
 from conveyor.store.keys import ENQUEUE, MANAGE, READ
 from conveyor.store.tasks import Status, TaskRecord
+from conveyor.validation import StorableStr
 
 _ENQUEUE_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "malformed JSON"},
@@ -31,10 +32,19 @@ _ENQUEUE_ERRORS: dict[int | str, dict[str, Any]] = {
     403: {"description": f"the API key lacks the scope `{ENQUEUE}`, or may not enqueue a "
                          "type of the request (`types` names each)"},
 }
-_READ: dict[str, Any] = {"dependencies": [Depends(requires[READ])],
-                         "responses": forbidden(READ)}
-_MANAGE: dict[str, Any] = {"dependencies": [Depends(requires[MANAGE])],
-                           "responses": forbidden(MANAGE)}
+
+
+def _scoped(scope: str, responses: dict[int | str, dict[str, Any]] | None = None
+            ) -> dict[str, Any]:
+    """A route's scope check and its documented responses, the 403 among them."""
+    return {"dependencies": [Depends(requires[scope])],
+            "responses": {**forbidden(scope), **(responses or {})}}
+
+
+_READ = _scoped(READ)
+
+PREFIX = "/v1/tasks"
+_NOT_FOUND = {"description": "no task has this id"}
 
 
 def _task_request(body: Any) -> TaskRequest:
@@ -54,7 +64,7 @@ def _task(record: TaskRecord, status_code: int = 200, **headers: str) -> Respons
 def build_router(registry: Registry) -> APIRouter:
     """The tasks router for the types in `registry`."""
     single, batch = request_models(registry)
-    router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+    router = APIRouter(prefix=PREFIX, tags=["tasks"])
 
     @router.post(
         "",
@@ -101,7 +111,7 @@ def build_router(registry: Registry) -> APIRouter:
     @router.get("", response_model=TaskPage, summary="List tasks, newest first", **_READ)
     async def list_tasks(
         client: ClientDep,
-        type: Annotated[str | None, Query(description="only this task type")] = None,
+        type: Annotated[StorableStr | None, Query(description="only this task type")] = None,
         status: Annotated[Status | None, Query(description="only this status")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Annotated[
@@ -118,17 +128,22 @@ def build_router(registry: Registry) -> APIRouter:
             tasks = [{name: getattr(r, name) for name in SUMMARY_FIELDS} for r in records]
         return OrjsonResponse({"tasks": tasks, "next_cursor": next_cursor})
 
-    @router.get("/{task_id}", response_model=TaskRecord, summary="Read a task", **_READ)
+    @router.get("/{task_id}", response_model=TaskRecord, summary="Read a task",
+                **_scoped(READ, {404: _NOT_FOUND}))
     async def get_task(task_id: uuid.UUID, client: ClientDep) -> Response:
         return _task(await client.get(task_id))
 
     @router.post("/{task_id}/cancel", response_model=TaskRecord,
-                 summary="Cancel a queued task (409 if it is not queued)", **_MANAGE)
+                 summary="Cancel a queued task (409 if it is not queued)",
+                 **_scoped(MANAGE, {404: _NOT_FOUND, 409: {"description": "the task is not "
+                                                          "queued; `status_now` says what it is"}}))
     async def cancel_task(task_id: uuid.UUID, client: ClientDep) -> Response:
         return _task(await client.cancel(task_id))
 
     @router.post("/{task_id}/retry", response_model=TaskRecord,
-                 summary="Queue a dead or cancelled task again (409 otherwise)", **_MANAGE)
+                 summary="Queue a dead or cancelled task again (409 otherwise)",
+                 **_scoped(MANAGE, {404: _NOT_FOUND, 409: {"description": "the task is neither "
+                                "dead nor cancelled; `status_now` says what it is"}}))
     async def retry_task(task_id: uuid.UUID, client: ClientDep) -> Response:
         return _task(await client.retry(task_id))
 

@@ -1,0 +1,76 @@
+"""Schemathesis against a live `conveyor api` (real Postgres and Redis, an API key set), every
+check on: each answer is documented (status, content type, headers, body schema), requests
+the schema allows are accepted, requests it does not allow are refused, 405s name the right
+methods, and nothing answers 500.
+
+The run is bounded by the number of examples per operation (about a minute here; no
+`--max-time`, which would repeat fuzzing until the time is spent and make the run depend on
+the machine's speed) and seeded, so a failure found here comes back with the same command; the
+figures are printed. To hunt rarer failures, run it longer (`--max-time 300`, see the README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conveyor.testing.servers import free_port
+from tests.system.conftest import Spawner, wait_until
+
+pytestmark = pytest.mark.slow
+SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
+KEY = "fuzz-key-0123456789"
+SEED = 20261201
+MAX_EXAMPLES = 50  # per operation and phase: ~1,000 cases
+RUN_TIMEOUT_S = 240  # a hard bound, far above the ~60 s the run takes
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
+def test_schemathesis_finds_nothing(spawn: Spawner, tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    api = spawn("api", CONVEYOR_API_KEYS=KEY, CONVEYOR_HOST="127.0.0.1",
+                CONVEYOR_PORT=str(port))
+    wait_until(lambda: _ready(base), 30.0, "the API ready")
+    report = tmp_path / "schemathesis.json"
+    command = [
+        str(SCHEMATHESIS), "run", f"{base}/openapi.json",
+        "--checks", "all",
+        "--header", f"Authorization: Bearer {KEY}",
+        "--max-examples", str(MAX_EXAMPLES),
+        "--seed", str(SEED),
+        "--workers", "1",
+        "--generation-database", "none",
+        "--no-color",
+        "--report", "json", "--report-json-path", str(report),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEMATHESIS_")}
+    run = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=RUN_TIMEOUT_S)
+    assert report.exists(), f"no report from schemathesis:\n{run.stdout}\n{run.stderr}"
+    result = json.loads(report.read_text())
+    cases = result["test_cases"]
+    phases = ", ".join(f"{name} {phase['status']}" for name, phase in result["phases"].items())
+    print(f"\nschemathesis {result['schemathesis_version']} (seed {result['seed']}): "
+          f"{cases['generated']} cases generated in {result['running_time']:.0f} s, "
+          f"{cases['unique_failures']} failures, {len(result['errors'])} errors; "
+          f"phases: {phases}")
+    summary = (f"errors: {json.dumps(result['errors'])[:5000]}\n{run.stdout[-20000:]}\n"
+               f"{run.stderr[-5000:]}\nAPI log (end):\n{api.output()[-3000:]}")
+    assert cases["generated"] > 10 * MAX_EXAMPLES, summary  # the run was meaningful
+    assert result["failures"] == [], summary
+    assert result["errors"] == [], summary
+    assert run.returncode == 0, summary
