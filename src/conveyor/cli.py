@@ -231,7 +231,7 @@ def _launch(roles: Roles, app_spec: str, overrides: dict[str, Any],
     logs.configure(settings.log_level, settings.log_format)
     try:
         app = load_app(app_spec, app_dir)
-        if not settings.embedded and not (settings.database_url and settings.redis_url):
+        if not settings.embedded and not (settings.database_url and settings.redis_given):
             raise ConfigError("set both DATABASE_URL and REDIS_URL, or neither (embedded "
                               "servers: `conveyor run` starts them, other commands attach)")
         code = _run(serve(settings, app, roles, worker_types, embedded_mode))
