@@ -93,7 +93,7 @@ def judge(state: AppState) -> Liveness:
                     watch_gap_s=watch_gap_s(settings.rebalance_interval, settings.relay_interval))
 
 
-def make_settings(postgres: PostgresServer, redis_url: str, **overrides: Any) -> Settings:
+def make_settings(postgres: PostgresServer, redis_url: str | None, **overrides: Any) -> Settings:
     tag = uuid.uuid4().hex[:10]
     values: dict[str, Any] = {
         "database_url": postgres.dsn,

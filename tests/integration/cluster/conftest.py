@@ -14,4 +14,5 @@ from tests.conftest import make_settings
 @pytest.fixture
 def settings(postgres: PostgresServer, redis_cluster: ClusterServers) -> Settings:
     redis_cluster.wait_healthy()
-    return make_settings(postgres, redis_cluster.url, redis_cluster=True)
+    # two workers (as in the failover test) pin four Postgres connections
+    return make_settings(postgres, redis_cluster.url, redis_cluster=True, pg_pool_max=12)
