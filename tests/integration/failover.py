@@ -16,6 +16,7 @@ from conveyor.client import TaskRequest
 from conveyor.cron.rebalance import Rebalancer
 from conveyor.cron.relay import Relay
 from conveyor.runtime.shutdown import Shutdown
+from conveyor.runtime.supervisor import Service
 from conveyor.state import AppState
 from conveyor.worker.worker import Worker
 from tests.apps import basic
@@ -79,7 +80,7 @@ async def run_through_failover(
     stop = Shutdown(10)
     liveness = judge(state)
     types = list(state.app.registry.types)
-    services = [
+    services: list[Service] = [
         Worker(state, types=[TYPE]), Worker(state, types=[TYPE, "echo"]),
         Rebalancer(state.redis, state.keys, state.streams, state.store, types,
                    liveness=liveness, interval_s=0.5, ttl_s=settings.heartbeat_ttl,
