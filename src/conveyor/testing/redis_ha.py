@@ -143,6 +143,17 @@ class ClusterServers:
                         return port
         raise LookupError(f"no master serves slot {slot} of {key!r}")
 
+    def command_calls(self, command: str) -> int:
+        """Calls of `command` (as INFO commandstats names it: `xreadgroup`,
+        `command|getkeys`) served by the running nodes since they started."""
+        total = 0
+        for node in self.nodes:
+            if node.running:
+                stats = _info(node.port, "INFO", "commandstats").get(f"cmdstat_{command}", "")
+                fields = dict(f.partition("=")[::2] for f in stats.split(","))
+                total += int(fields.get("calls", 0))
+        return total
+
     def _any_port(self) -> int:
         return next(n.port for n in self.nodes if n.running)
 
