@@ -213,9 +213,11 @@ class SentinelMaster(aioredis.Redis):
     sentinels: Sentinel | None = None
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
-        await super().aclose(close_connection_pool)
-        if self.sentinels is not None:
-            await self.sentinels.aclose()
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            if self.sentinels is not None:
+                await self.sentinels.aclose()
 
 
 def _sentinel_master(settings: Settings, read_timeout_s: float, max_connections: int
