@@ -182,7 +182,9 @@ class ClusterServers:
     def revive(self, port: int, timeout_s: float = 60.0) -> None:
         """Start a stopped node again (it rejoins, as a replica if it was replaced), and wait
         until the whole cluster is healthy."""
-        self.node(port).start()
+        node = self.node(port)
+        if not node.running:
+            node.start()
         self.wait_healthy(timeout_s)
 
     def wait_master(self, port: int, timeout_s: float = 30.0) -> None:
