@@ -1,15 +1,16 @@
-"""Scale-out mode (`python -m bench --scale`): drain throughput of 1, 2 and 4 `conveyor worker`
-processes on one redis-server and on a Redis Cluster of 3 masters and 3 replicas.
+"""Topologies mode (`python -m bench --topologies`): drain throughput of 1, 2 and 4
+`conveyor worker` processes on one redis-server and on a Redis Cluster of 3 masters and 3
+replicas.
 
 Per topology and process count: N queued tasks of a no-op type (spread evenly over
-`--scale-types` types, so that on the cluster they may live on several masters), enqueued
+`--topology-types` types, so that on the cluster they may live on several masters), enqueued
 through `Client.enqueue_many` before any worker runs; then the worker processes start
 together (`--concurrency` each) and the rate is N / (last finish - first start), read from
 Postgres's `started_at` and `finished_at`. Every task must end `succeeded`. The handler does
 nothing, so the figures are Conveyor's own cost per task (Postgres writes, Redis reads and
 acks), which on this machine's 2 cores is shared with Postgres, Redis and the other workers.
 
-The app of the worker processes is this module's `app` (`--app bench.scale:app`).
+The app of the worker processes is this module's `app` (`--app bench.topologies:app`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from conveyor import Conveyor, TaskContext
 from conveyor.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = "bench.scale:app"
+SPEC = "bench.topologies:app"
 app = Conveyor()
 
 
@@ -45,7 +46,7 @@ async def _noop(payload: Nothing, ctx: TaskContext) -> None:
     return None
 
 
-TYPES = [f"scale{i}" for i in range(8)]
+TYPES = [f"topo{i}" for i in range(8)]
 for _name in TYPES:
     app.task(_name, payload=Nothing)(_noop)
 
@@ -62,10 +63,10 @@ def main(args: argparse.Namespace) -> int:
     from conveyor.testing.redis_ha import ClusterServers
     from conveyor.testing.servers import PostgresServer, RedisServer
 
-    counts = [int(p) for p in args.scale_processes.split(",")]
-    types = TYPES[:args.scale_types]
+    counts = [int(p) for p in args.topology_processes.split(",")]
+    types = TYPES[:args.topology_types]
     rows: list[Row] = []
-    scratch = Path(tempfile.mkdtemp(prefix="conveyor-bench-scale-"))
+    scratch = Path(tempfile.mkdtemp(prefix="conveyor-bench-topologies-"))
     scratch.chmod(0o755)  # Postgres runs as `postgres`
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with ExitStack() as stack:
@@ -93,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _measure(args: argparse.Namespace, dsn: str, redis_url: str, is_cluster: bool,
              topology: str, processes: int, types: list[str]) -> Row:
-    tag = f"s{processes}{'c' if is_cluster else 'n'}{os.getpid()}"
+    tag = f"topo{processes}{'c' if is_cluster else 'n'}{os.getpid()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env.update({
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
@@ -104,7 +105,7 @@ def _measure(args: argparse.Namespace, dsn: str, redis_url: str, is_cluster: boo
     })
     asyncio.run(_enqueue(env, args.n, types))
     args.logdir.mkdir(parents=True, exist_ok=True)
-    log_path = args.logdir / f"scale-{tag}.log"
+    log_path = args.logdir / f"topologies-{tag}.log"
     procs = []
     with open(log_path, "ab") as log:
         for _ in range(processes):
