@@ -60,4 +60,4 @@ async def place_order(order: Order, state: StateDep) -> dict[str, Any]:
     return {"order": order_id, "task": str(task.id)}
 
 
-app.include_router(router)
+app.include_router(router, scope="tasks:enqueue")  # its POST enqueues a webhook

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from conveyor.client import Client, TaskRequest, insert_in_transaction
 from conveyor.errors import ConfigError
 from conveyor.registry import CronJob, CronTick, Registry, RetryPolicy, TaskContext, TaskType
+from conveyor.store.keys import SCOPES
 from conveyor.store.pool import Connection
 from conveyor.store.tasks import TaskRecord
 
@@ -112,7 +113,8 @@ class Conveyor:
 
     def __init__(self) -> None:
         self.registry = Registry()
-        self.routers: list[tuple[APIRouter, str]] = []
+        # (router, prefix, scope its routes need: None for none, not even a key)
+        self.routers: list[tuple[APIRouter, str, str | None]] = []
         # Clients of the process's open states, newest last, each with the loop it lives on
         # and the process that opened it (a forked child inherits the list, not the loops).
         self._states: list[tuple[Client, asyncio.AbstractEventLoop, int]] = []
@@ -200,9 +202,16 @@ class Conveyor:
 
         return register
 
-    def include_router(self, router: APIRouter, prefix: str = "") -> None:
-        """Mount an application's own routes on the Conveyor API (with its middleware)."""
-        self.routers.append((router, prefix))
+    def include_router(self, router: APIRouter, prefix: str = "", *,
+                       scope: str | None = "tasks:read") -> None:
+        """Mount an application's own routes on the Conveyor API (with its middleware).
+
+        Callers need an API key holding `scope` (`tasks:read` by default; `admin` holds every
+        scope); `scope=None` makes the routes public, needing no key at all."""
+        if scope is not None and scope not in SCOPES:
+            raise ConfigError(f"include_router(scope={scope!r}): scopes are "
+                              f"{', '.join(SCOPES)} (or None for public routes)")
+        self.routers.append((router, prefix, scope))
 
     def bind(self, client: Client) -> None:
         """Attach an open state's client, on the running loop (done by `open_state`)."""

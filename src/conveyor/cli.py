@@ -4,7 +4,9 @@ services, signals, supervisor.
     conveyor run      API + worker + cron in one process (embedded servers without URLs)
     conveyor api | worker | cron    one service, to scale out; without URLs, attached to
                       the embedded servers of a running `conveyor run` (same data dir)
+    conveyor worker --processes N   N worker processes under one supervisor
     conveyor migrate  apply database migrations and exit
+    conveyor keys create | list | revoke    API keys (the new key alone on stdout)
 """
 
 from __future__ import annotations
@@ -13,28 +15,40 @@ import asyncio
 import contextlib
 import gc
 import importlib
+import os
 import sys
-from collections.abc import AsyncIterator, Coroutine
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+import orjson
 import structlog
 import typer
 
-from conveyor import __version__, logs
+from conveyor import __version__, logs, metrics
 from conveyor.api.app import create_app
+from conveyor.api.auth import check_exposure
 from conveyor.api.server import ApiServer
 from conveyor.application import Conveyor
-from conveyor.config import Settings, load_settings
+from conveyor.config import Settings, load_settings, parse_duration, parse_rate
 from conveyor.cron.rebalance import Rebalancer
 from conveyor.cron.relay import Relay
 from conveyor.cron.scheduler import CronScheduler
 from conveyor.errors import ConfigError, ConveyorError
+from conveyor.queue.backlog import Backlog
+from conveyor.queue.connection import open_redis
+from conveyor.queue.keys import Keys
+from conveyor.queue.streams import TaskStreams
 from conveyor.runtime import signals
+from conveyor.runtime.children import Children, follow_supervisor
+from conveyor.runtime.metrics_server import MetricsServer, aggregate_registry
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.runtime.supervisor import Service, ServicesFailed, supervise
 from conveyor.state import AppState, open_state
+from conveyor.store.keys import SCOPES, KeyStore
 from conveyor.store.migrate import migrate
 from conveyor.store.pool import open_pool
 from conveyor.store.workers import Liveness, confirmation_s, watch_gap_s
@@ -90,9 +104,13 @@ def build_services(state: AppState, roles: Roles, *, worker_types: list[str] | N
     """The services of this process, in start order."""
     settings = state.settings
     services: list[Service] = []
+    backlog = Backlog(state.streams, list(state.app.registry.types), settings.metrics_cache)
     if roles.api:
-        services.append(ApiServer(create_app(state), host=settings.host, port=settings.port,
-                                  drain_timeout_s=settings.drain_timeout))
+        services.append(ApiServer(create_app(state, backlog), host=settings.host,
+                                  port=settings.port, drain_timeout_s=settings.drain_timeout))
+    if settings.metrics_port is not None:
+        services.append(MetricsServer(host=settings.host, port=settings.metrics_port,
+                                      before_scrape=backlog.refresh, key=_metrics_key(settings)))
     if roles.worker:
         worker = Worker(state, types=worker_types)
         webhook.warn_if_development_secret(settings, worker.types)
@@ -117,6 +135,50 @@ def build_services(state: AppState, roles: Roles, *, worker_types: list[str] | N
             ttl_s=settings.heartbeat_ttl,
         ))
     return services
+
+
+class _Noted:
+    """A service that calls `done` when it returns, however it ends."""
+
+    def __init__(self, service: Service, done: Callable[[], None]) -> None:
+        self.service = service
+        self.name = service.name
+        self.done = done
+
+    async def run(self, shutdown: Shutdown) -> None:
+        try:
+            await self.service.run(shutdown)
+        finally:
+            self.done()
+
+
+def metrics_last(services: list[Service]) -> list[Service]:
+    """`services`, the metrics server stopping only after all the others (so their drain
+    shows in its metrics and its `/healthz` answers through it)."""
+    servers = [s for s in services if isinstance(s, MetricsServer)]
+    others = [s for s in services if not isinstance(s, MetricsServer)]
+    if not servers:
+        return services
+    left = len(others)
+
+    def one_done() -> None:
+        nonlocal left
+        left -= 1
+        if left == 0:
+            for server in servers:
+                server.drained.set()
+
+    if not others:
+        for server in servers:
+            server.drained.set()
+    return [*(_Noted(s, one_done) for s in others), *servers]
+
+
+def _metrics_key(settings: Settings) -> str | None:
+    """The key the metrics port asks for: METRICS_KEY, unless METRICS_OPEN."""
+    if settings.metrics_key is None or settings.metrics_open:
+        return None
+    return settings.metrics_key.get_secret_value()
 
 
 def tune_gc() -> None:
@@ -179,27 +241,22 @@ async def _unless_shutdown(step: Coroutine[Any, Any, T], shutdown: Shutdown) -> 
     return None
 
 
-async def serve(settings: Settings, app: Conveyor, roles: Roles,
-                worker_types: list[str] | None = None,
-                embedded_mode: Embedded = Embedded("start")) -> int:
-    """Run the chosen services until a signal or a failure; returns the exit code."""
+Compose = Callable[[contextlib.AsyncExitStack, Shutdown], Awaitable[list[Service] | None]]
+
+
+async def _serve_until_stopped(settings: Settings, compose: Compose) -> int:
+    """Install the signal handlers, build the services (None: shutdown came first), run them
+    until a signal or a failure; returns the exit code."""
     shutdown = Shutdown(settings.drain_timeout)
     remove_handlers = signals.install(shutdown)
     try:
         async with contextlib.AsyncExitStack() as stack:
-            servers = _servers(settings, embedded_mode)
-            ready = await _unless_shutdown(stack.enter_async_context(servers), shutdown)
-            if ready is None:
+            services = await compose(stack, shutdown)
+            if services is None:
                 return EXIT_OK
-            state = await _unless_shutdown(stack.enter_async_context(open_state(ready, app)),
-                                           shutdown)
-            if state is None:
-                return EXIT_OK
-            services = build_services(state, roles, worker_types=worker_types)
-            tune_gc()
             log.info("conveyor.started", version=__version__,
                      services=[s.name for s in services], embedded=settings.embedded)
-            await supervise(services, shutdown)
+            await supervise(metrics_last(services), shutdown)
         code = EXIT_FORCED if shutdown.forced else EXIT_OK
         log.info("conveyor.stopped", reason=shutdown.reason, exit_code=code)
         return code
@@ -209,6 +266,73 @@ async def serve(settings: Settings, app: Conveyor, roles: Roles,
         return EXIT_FAILED
     finally:
         remove_handlers()
+
+
+async def serve(settings: Settings, app: Conveyor, roles: Roles,
+                worker_types: list[str] | None = None,
+                embedded_mode: Embedded = Embedded("start")) -> int:
+    """Run the chosen services until a signal or a failure; returns the exit code."""
+
+    async def compose(stack: contextlib.AsyncExitStack, shutdown: Shutdown
+                      ) -> list[Service] | None:
+        servers = _servers(settings, embedded_mode)
+        ready = await _unless_shutdown(stack.enter_async_context(servers), shutdown)
+        if ready is None:
+            return None
+        state = await _unless_shutdown(stack.enter_async_context(open_state(ready, app)),
+                                       shutdown)
+        if state is None:
+            return None
+        if roles.api:  # before anything listens
+            await check_exposure(ready, KeyStore(state.pool, ready.database_schema))
+        services = build_services(state, roles, worker_types=worker_types)
+        tune_gc()
+        return services
+
+    return await _serve_until_stopped(settings, compose)
+
+
+async def serve_processes(settings: Settings, app: Conveyor, count: int, command: list[str],
+                          worker_types: list[str] | None = None,
+                          embedded_mode: Embedded = Embedded("attach")) -> int:
+    """Supervise `count` processes running `command` (each a `conveyor worker`). With a
+    metrics port, this process serves it: the children's metrics summed (prometheus_client's
+    multiprocess mode, in a directory of its own), and the backlog gauges read here."""
+    unknown = [t for t in worker_types or settings.worker_types if t not in app.registry.types]
+    if unknown:  # refused here, not by every child in a restart loop
+        raise ConfigError(f"worker types not registered: {', '.join(unknown)}")
+
+    async def compose(stack: contextlib.AsyncExitStack, shutdown: Shutdown
+                      ) -> list[Service] | None:
+        env = {k: v for k, v in os.environ.items() if k != "CONVEYOR_METRICS_PORT"}
+        if settings.metrics_port is None:
+            return [Children(command, count, env=env)]
+        from prometheus_client import multiprocess
+
+        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="conveyor-metrics-"))
+        env["PROMETHEUS_MULTIPROC_DIR"] = directory
+
+        def forget(pid: int) -> None:  # its live gauges go; its counts stay in the sums
+            multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+        children = Children(command, count, env=env, on_exit=forget)
+        ready = await _unless_shutdown(
+            stack.enter_async_context(_servers(settings, embedded_mode)), shutdown)
+        if ready is None or not ready.redis_given:
+            return None
+        redis = open_redis(ready, max_connections=4)
+        stack.push_async_callback(redis.aclose)
+        streams = TaskStreams(redis, Keys(settings.key_prefix),
+                              dead_letter_maxlen=settings.dead_letter_maxlen)
+        backlog = Backlog(streams, list(app.registry.types), settings.metrics_cache)
+        server = MetricsServer(
+            host=settings.host, port=settings.metrics_port,
+            registry=aggregate_registry(Path(directory), metrics.BACKLOG),
+            before_scrape=backlog.refresh, health=children.health, key=_metrics_key(settings),
+        )
+        return [children, server]
+
+    return await _serve_until_stopped(settings, compose)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -222,7 +346,9 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 def _launch(roles: Roles, app_spec: str, overrides: dict[str, Any],
             worker_types: list[str] | None = None, *, app_dir: Path | None = None,
-            embedded_mode: Embedded = Embedded("attach")) -> None:
+            embedded_mode: Embedded = Embedded("attach"), processes: int = 1,
+            child_command: list[str] | None = None) -> None:
+    follow_supervisor()
     try:
         settings = load_settings(overrides)
     except ConfigError as exc:
@@ -234,7 +360,11 @@ def _launch(roles: Roles, app_spec: str, overrides: dict[str, Any],
         if not settings.embedded and not (settings.database_url and settings.redis_given):
             raise ConfigError("set both DATABASE_URL and REDIS_URL, or neither (embedded "
                               "servers: `conveyor run` starts them, other commands attach)")
-        code = _run(serve(settings, app, roles, worker_types, embedded_mode))
+        if processes > 1 and child_command:
+            code = _run(serve_processes(settings, app, processes, child_command, worker_types,
+                                        embedded_mode))
+        else:
+            code = _run(serve(settings, app, roles, worker_types, embedded_mode))
     except ConfigError as exc:
         log.error("conveyor.config_error", error=str(exc))
         raise typer.Exit(EXIT_CONFIG) from None
@@ -306,6 +436,39 @@ def api_command(app: AppOpt = DEFAULT_APP, app_dir: AppDirOpt = None, host: Host
                                    "log_level": log_level}, app_dir=app_dir)
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # pragma: no cover - platforms without affinity masks
+
+
+def parse_processes(value: str) -> int:
+    """`--processes`: a positive whole number, or `auto` (the CPU count)."""
+    if value.strip().lower() == "auto":
+        return cpu_count()
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise typer.BadParameter(f"{value!r} is not a positive whole number or 'auto'")
+    return count
+
+
+def worker_child_command(app: str, app_dir: Path | None, concurrency: int | None,
+                         types: str | None, data_dir: Path | None, log_level: str | None,
+                         ) -> list[str]:
+    """The command each process of `worker --processes N` runs: this worker, one process."""
+    command = [sys.executable, "-m", "conveyor", "worker", "--processes", "1", "--app", app,
+               "--app-dir", str((app_dir or Path.cwd()).resolve())]
+    for flag, value in (("--concurrency", concurrency), ("--types", types),
+                        ("--data-dir", data_dir), ("--log-level", log_level)):
+        if value is not None:
+            command += [flag, str(value)]
+    return command
+
+
 @cli.command("worker")
 def worker_command(
     app: AppOpt = DEFAULT_APP,
@@ -313,13 +476,20 @@ def worker_command(
     concurrency: ConcurrencyOpt = None,
     types: Annotated[str | None, typer.Option(help="comma-separated task types (default all)")]
     = None,
+    processes: Annotated[str, typer.Option(
+        help="worker processes: a number, or auto (the CPU count); above 1, this process "
+        "supervises them (restarts one that dies, drains all on SIGTERM)")] = "1",
     data_dir: AttachDirOpt = None,
     log_level: LogOpt = None,
 ) -> None:
-    """A worker alone."""
+    """A worker alone (or --processes N of them)."""
+    count = parse_processes(processes)
     wanted = [t.strip() for t in types.split(",") if t.strip()] if types else None
     _launch(Roles(worker=True), app, {"concurrency": concurrency, "data_dir": data_dir,
-                                      "log_level": log_level}, wanted, app_dir=app_dir)
+                                      "log_level": log_level}, wanted, app_dir=app_dir,
+            processes=count,
+            child_command=worker_child_command(app, app_dir, concurrency, types, data_dir,
+                                               log_level))
 
 
 @cli.command("cron")
@@ -350,6 +520,121 @@ def migrate_command(log_level: LogOpt = None) -> None:
     applied = _run(apply())
     typer.echo(f"applied: {applied or 'nothing, up to date'}")
 
+
+keys_cli = typer.Typer(name="keys", no_args_is_help=True,
+                       help="API keys: create (the key is shown once), list, revoke.")
+cli.add_typer(keys_cli)
+ROW = "{name:<20} {prefix:<22} {state:<8} {scopes:<28} {types:<16} {rate:<8} {expires:<20} {used}"
+
+
+@contextlib.asynccontextmanager
+async def _key_store(settings: Settings) -> AsyncIterator[KeyStore]:
+    """The api_keys table of DATABASE_URL, or of the embedded servers of a running
+    `conveyor run` on the same data dir; migrated first."""
+    async with _servers(settings, Embedded("attach")) as ready:
+        if not ready.database_url:
+            raise ConfigError("DATABASE_URL is not set")
+        pool = await open_pool(ready.database_url, min_size=1, max_size=1)
+        try:
+            await migrate(pool, ready.database_schema)
+            yield KeyStore(pool, ready.database_schema)
+        finally:
+            await pool.close()
+
+
+def _keys(data_dir: Path | None, action: Callable[[KeyStore], Awaitable[T]]) -> T:
+    """Run `action` on the key store; errors as one line on stderr and a non-zero exit."""
+    try:
+        settings = load_settings({"data_dir": data_dir})
+    except ConfigError as exc:
+        typer.echo(f"conveyor: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    logs.configure("warning", settings.log_format)
+
+    async def run() -> T:
+        async with _key_store(settings) as store:
+            return await action(store)
+
+    try:
+        return _run(run())
+    except (ConfigError, ValueError) as exc:
+        typer.echo(f"conveyor: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    except ConveyorError as exc:
+        typer.echo(f"conveyor: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+def _list_of(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+@keys_cli.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="a unique name for the key")],
+    scopes: Annotated[str, typer.Option(help=f"comma-separated: {', '.join(SCOPES)}")],
+    types: Annotated[str | None, typer.Option(
+        help="comma-separated task types it may enqueue (default: all)")] = None,
+    expires_in: Annotated[str | None, typer.Option(
+        help="lifetime: 90s, 15m, 12h or 30d (default: none)")] = None,
+    rate: Annotated[str | None, typer.Option(
+        help="its rate limit: N/s, N/m or N/h (default: CONVEYOR_API_RATE_LIMIT)")] = None,
+    data_dir: AttachDirOpt = None,
+) -> None:
+    """Create a key and print it, alone, on stdout: `KEY=$(conveyor keys create ...)`. It is
+    stored only as a hash: it cannot be shown again."""
+    try:
+        lifetime = parse_duration(expires_in) if expires_in else None
+        limit = parse_rate(rate) if rate else None
+    except ValueError as exc:
+        typer.echo(f"conveyor: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+    async def create(store: KeyStore) -> str:
+        _, key = await store.create(name, _list_of(scopes), types=_list_of(types) or None,
+                                    rate=limit, expires_in_s=lifetime)
+        return key
+
+    typer.echo(_keys(data_dir, create))
+
+
+@keys_cli.command("list")
+def keys_list(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON array")] = False,
+    data_dir: AttachDirOpt = None,
+) -> None:
+    """Every key (revoked and expired ones too), without secrets."""
+
+    async def read(store: KeyStore) -> list[dict[str, Any]]:
+        now = datetime.now(UTC)
+        return [k.public(now) for k in await store.list()]
+
+    keys = _keys(data_dir, read)
+    if as_json:
+        typer.echo(orjson.dumps(keys, option=orjson.OPT_INDENT_2).decode())
+        return
+    typer.echo(ROW.format(name="NAME", prefix="PREFIX", state="STATE", scopes="SCOPES",
+                          types="TYPES", rate="RATE", expires="EXPIRES", used="LAST USED"))
+    for k in keys:
+        typer.echo(ROW.format(
+            name=k["name"], prefix=k["prefix"], state=k["state"], scopes=",".join(k["scopes"]),
+            types=",".join(k["types"]) if k["types"] else "all", rate=k["rate"] or "default",
+            expires=(k["expires_at"] or "never")[:19], used=(k["last_used_at"] or "never")[:19],
+        ))
+
+
+@keys_cli.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="the key's name")],
+                data_dir: AttachDirOpt = None) -> None:
+    """Revoke a key: refused by every API process within CONVEYOR_API_KEY_CACHE seconds."""
+
+    async def revoke(store: KeyStore) -> bool:
+        return await store.revoke(name) is not None
+
+    if not _keys(data_dir, revoke):
+        typer.echo(f"conveyor: no API key is named {name!r}", err=True)
+        raise typer.Exit(EXIT_FAILED)
+    typer.echo(f"revoked {name}", err=True)
 
 
 def main() -> None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
 
-from conveyor import metrics
+from conveyor import metrics, tracing
 from conveyor.errors import (
     IdempotencyConflict,
     InvalidTransition,
@@ -32,6 +32,9 @@ from conveyor.store import notify
 from conveyor.store.notify import Enqueued
 from conveyor.store.pool import Connection, Pinned
 from conveyor.store.tasks import Inserted, NewTask, Status, TaskRecord, TaskStore, new_task_id
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = structlog.get_logger("conveyor.client")
 MAX_TASKS_PER_STATEMENT = 2000  # merged enqueues: rows per INSERT (a larger call goes alone)
@@ -89,6 +92,7 @@ class Client:
             or self.default_max_attempts,
             idempotency_key=request.idempotency_key,
             delay_s=max(0.0, request.delay_s),
+            trace_context=tracing.current_context(),
         )
 
     async def enqueue(
@@ -109,7 +113,17 @@ class Client:
         written, so the call stands or falls whole (short of a concurrent call taking the key
         between that check and the insert, which the check after the insert still reports).
         """
+        if tracing.enabled():  # (no `with` of nothing while off: the check is all it costs)
+            with tracing.enqueue_span(requests) as span:  # the tasks carry its context
+                return await self._enqueue_many(requests, span)
+        return await self._enqueue_many(requests, None)
+
+    async def _enqueue_many(
+        self, requests: Sequence[TaskRequest], span: Span | None
+    ) -> list[Inserted]:
         new = [self.prepare(r) for r in requests]
+        if span is not None:
+            tracing.enqueued(span, [t.id for t in new])
         if len(new) > 1 and any(t.idempotency_key for t in new):
             _refuse_reused_keys(new, await self.store.with_keys(_keys(new)))
         inserted = await self._coalescer.submit(new)
@@ -214,7 +228,18 @@ async def insert_in_transaction(
     (`store.notify`), which Postgres delivers only on commit, tells the relay to publish it at
     once; if no relay listens, the relay's periodic scan publishes it after its grace period.
     """
+    if tracing.enabled():
+        with tracing.enqueue_span([request]) as span:  # the task carries its context
+            return await _insert_in_transaction(client, conn, request, span)
+    return await _insert_in_transaction(client, conn, request, None)
+
+
+async def _insert_in_transaction(
+    client: Client, conn: Connection, request: TaskRequest, span: Span | None
+) -> TaskRecord:
     new = client.prepare(request)
+    if span is not None:
+        tracing.enqueued(span, [new.id])
     inserted = (await client.store.insert([new], conn=conn))[0]
     record = inserted.record
     if not inserted.created:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     ValidationError,
     field_validator,
@@ -25,6 +27,37 @@ from conveyor.errors import ConfigError
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 DEV_WEBHOOK_SECRET = "conveyor-dev-secret"
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|m|h)\s*$")
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A rate limit: at most `count` requests per `period_s` seconds, `count` of them at once."""
+
+    count: int
+    period_s: int
+
+    def __str__(self) -> str:
+        unit = {1: "s", 60: "m", 3600: "h"}.get(self.period_s)
+        return f"{self.count}/{unit}" if unit else f"{self.count}/{self.period_s}s"
+
+
+def parse_rate(text: str) -> Rate:
+    """`100/s`, `6000/m` or `20000/h` as a Rate; ValueError naming the form otherwise."""
+    match = _RATE.match(text)
+    if not match or int(match[1]) < 1:
+        raise ValueError(f"{text!r} is not a rate: write N/s, N/m or N/h with N >= 1")
+    return Rate(int(match[1]), _UNIT_S[match[2]])
+
+
+def parse_duration(text: str) -> int:
+    """`90s`, `15m`, `12h` or `30d` in seconds; ValueError naming the form otherwise."""
+    match = _DURATION.match(text)
+    if not match or int(match[1]) < 1:
+        raise ValueError(f"{text!r} is not a duration: write Ns, Nm, Nh or Nd with N >= 1")
+    return int(match[1]) * _UNIT_S[match[2]]
 
 
 class Settings(BaseSettings):
@@ -91,11 +124,27 @@ class Settings(BaseSettings):
     redis_sentinel_master: str | None = None
     redis_sentinel_password: SecretStr | None = None  # the sentinels' own, if they need one
 
+    # Webhook egress guard: ranges of the denied table that outbound requests may reach anyway
+    # (cloud metadata addresses stay refused)
+    webhook_allow_cidrs: Annotated[list[IPvAnyNetwork], NoDecode] = Field(default_factory=list)
+
+    # API keys and rate limits (keys in the api_keys table: `conveyor keys`)
+    allow_anonymous: bool = False  # serve without keys on a non-loopback address
+    api_rate_limit: Rate | None = None  # default per-key limit; a key's own rate replaces it
+    api_key_cache: float = Field(default=5.0, ge=0)  # reuse of a looked-up key; revoke delay
+
+    # Tracing (OpenTelemetry; needs the `otel` extra; exporter set by the OTEL_* variables)
+    tracing: bool = False
+
+    # Metrics port of every process (`worker`, `cron`; a multi-process worker's supervisor)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)  # unset: no metrics port
+
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
-    @field_validator("api_keys", "worker_types", "redis_sentinels", mode="before")
+    @field_validator("api_keys", "worker_types", "webhook_allow_cidrs", "redis_sentinels",
+                     mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -111,10 +160,17 @@ class Settings(BaseSettings):
                 raise ValueError(f"{address!r} is not host:port")
         return value
 
-    @field_validator("metrics_key", "redis_sentinel_password", mode="before")
+    @field_validator("metrics_key", "metrics_port", "redis_sentinel_password", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("api_rate_limit", mode="before")
+    @classmethod
+    def _rate(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        return parse_rate(value) if isinstance(value, str) else value
 
     @field_validator("database_schema", "key_prefix")
     @classmethod

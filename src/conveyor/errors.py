@@ -128,6 +128,39 @@ class Overloaded(Unavailable):
         return self.detail
 
 
+class KeyNameTaken(ConveyorError):
+    """An API key of this name exists already (revoked keys keep their names)."""
+
+
+class KeyNotFound(ConveyorError):
+    """No API key has this name."""
+
+
+class Unauthorized(ConveyorError):
+    """No API key, an unknown one, or one that was revoked or has expired (401); the message
+    says which, never anything about other keys."""
+
+
+class Forbidden(ConveyorError):
+    """The API key is valid but lacks a scope, or may not enqueue a task type (403); the
+    message names what is missing: `scope`, or the `types` it may not enqueue."""
+
+    def __init__(self, message: str, *, scope: str | None = None,
+                 types: Sequence[str] = ()) -> None:
+        self.scope = scope
+        self.types = list(types)
+        super().__init__(message)
+
+
+class RateLimited(ConveyorError):
+    """The API key has used up its rate limit; come back after `retry_after_s` (429)."""
+
+    def __init__(self, key: str, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(f"API key {key!r} is over its rate limit; retry after "
+                         f"{retry_after_s:.3g} s")
+
+
 class Retry(Exception):
     """Raised by a handler to be run again, after `delay_s` or the type's backoff if None."""
 
@@ -147,6 +180,12 @@ class Fail(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class EgressDenied(Fail):
+    """An outbound request to a destination the egress policy refuses (a non-public address,
+    a cloud metadata address, a refused port): permanent, so a handler that lets it out fails
+    its task at once. `reason` names the host, the address and the rule."""
 
 
 def _make_retry(reason: str, delay_s: float | None) -> Retry:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
+from conveyor import tracing
 from conveyor.errors import ConveyorError
 
 Status = Literal["queued", "running", "succeeded", "dead", "cancelled"]
@@ -263,6 +264,12 @@ def _list_params(type_: str | None, status: Status | None, limit: int | None,
     return {k: str(v) for k, v in given.items() if v is not None}
 
 
+def _traced() -> dict[str, str] | None:
+    """The caller's trace context as headers, with tracing on (`conveyor.tracing`): the API's
+    span for the request, and the task's attempts, continue the caller's trace."""
+    return tracing.current_context()
+
+
 class _Base:
     """What both clients share: options, headers, and the decision to retry a 503."""
 
@@ -319,7 +326,7 @@ class Client(_Base):
         attempt = 0
         while True:
             attempt += 1
-            response = self.http.request(method, path, **kwargs)
+            response = self.http.request(method, path, headers=_traced(), **kwargs)
             wait_s = self._wait_before_retry(response, attempt)
             if wait_s is None:
                 return self._decode(response)
@@ -397,7 +404,7 @@ class AsyncClient(_Base):
         attempt = 0
         while True:
             attempt += 1
-            response = await self.http.request(method, path, **kwargs)
+            response = await self.http.request(method, path, headers=_traced(), **kwargs)
             wait_s = self._wait_before_retry(response, attempt)
             if wait_s is None:
                 return self._decode(response)

@@ -41,7 +41,8 @@ TASK_WAIT = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 WORKER_IN_FLIGHT = Gauge(
-    "conveyor_worker_in_flight", "Messages read by this process and not yet acked."
+    "conveyor_worker_in_flight", "Messages read by this process and not yet acked.",
+    multiprocess_mode="livesum",  # `worker --processes N`: the sum over the live children
 )
 MESSAGES_DROPPED = Counter(
     "conveyor_messages_dropped_total",
@@ -80,7 +81,23 @@ QUEUE_DEPTH = Gauge(
     "METRICS_CACHE seconds): undelivered (in the stream, not yet read by a worker), delayed "
     "(waiting for their time), pending (read by a worker, not yet acked).",
     ["type", "state"],
+    multiprocess_mode="mostrecent",
 )
+QUEUE_LAG = Gauge(
+    "conveyor_queue_lag",
+    "Messages of a task type due and not yet acked: undelivered plus pending (the stream's "
+    "length when Redis cannot tell), read like conveyor_queue_depth. Scale workers on this.",
+    ["type"],
+    multiprocess_mode="mostrecent",
+)
+QUEUE_OLDEST_AGE = Gauge(
+    "conveyor_queue_oldest_age_seconds",
+    "Age of the oldest undelivered message of a task type (0 when none waits), read like "
+    "conveyor_queue_depth.",
+    ["type"],
+    multiprocess_mode="mostrecent",
+)
+BACKLOG = (QUEUE_DEPTH, QUEUE_LAG, QUEUE_OLDEST_AGE)  # read from Redis, not counted here
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from croniter import croniter
 from pydantic import BaseModel, ConfigDict
 
 from conveyor.config import Settings
+from conveyor.egress.client import OutboundHttp
 from conveyor.errors import ConfigError, UnknownTaskType
 
 TYPE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -70,6 +71,9 @@ class TaskContext:
     worker_id: str
     settings: Settings
     lease: Lease = field(default_factory=Lease, repr=False, compare=False)
+    # The worker's pooled outbound client under the egress policy (`await ctx.http.client
+    # .post(...)`): use it, do not close it.
+    http: OutboundHttp = field(default_factory=OutboundHttp, repr=False, compare=False)
 
     @property
     def is_last_attempt(self) -> bool:

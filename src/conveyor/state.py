@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import structlog
 
+from conveyor import tracing
 from conveyor.application import Conveyor
 from conveyor.client import Client
 from conveyor.config import Settings
+from conveyor.egress.policy import EgressPolicy, installed
 from conveyor.errors import ConfigError
 from conveyor.queue.connection import Redis, open_redis, translate
 from conveyor.queue.keys import Keys
@@ -41,7 +43,17 @@ class AppState:
 async def open_state(
     settings: Settings, app: Conveyor, *, apply_migrations: bool = True
 ) -> AsyncIterator[AppState]:
-    """Connect to Postgres and Redis (migrating first), yield the state, close both at exit."""
+    """Connect to Postgres and Redis (migrating first), yield the state, close both at exit.
+    With `settings.tracing`, tracing is on meanwhile (see `conveyor.tracing`)."""
+    with tracing.enabled_by(settings.tracing):
+        async with _open_state(settings, app, apply_migrations=apply_migrations) as state:
+            yield state
+
+
+@contextlib.asynccontextmanager
+async def _open_state(
+    settings: Settings, app: Conveyor, *, apply_migrations: bool
+) -> AsyncIterator[AppState]:
     if not settings.database_url or not settings.redis_given:
         raise ConfigError("DATABASE_URL and REDIS_URL must both be set (or neither, for `run`)")
     pool = await open_pool(
@@ -68,7 +80,10 @@ async def open_state(
                               acquire_timeout_s=settings.pg_acquire_timeout)
         app.bind(client)
         try:
-            yield AppState(settings, app, pool, redis, keys, store, streams, client, workers)
+            # Payload validation (webhook URLs) checks against this state's allowed ranges.
+            with installed(EgressPolicy.from_settings(settings)):
+                yield AppState(settings, app, pool, redis, keys, store, streams, client,
+                               workers)
         finally:
             app.unbind(client)
     finally:

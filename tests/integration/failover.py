@@ -106,7 +106,8 @@ async def run_through_failover(
 
         await eventually(all_done, timeout_s=timeout_s, interval_s=0.1)
         completed_s = loop.time() - failed_at
-        exited = [s.name for s, t in zip(services, running, strict=True) if t.done()]
+        exited = [(s.name, t.exception()) for s, t in zip(services, running, strict=True)
+                  if t.done()]
         assert not exited, f"services exited on their own: {exited}"
     finally:
         stop.begin("test over")

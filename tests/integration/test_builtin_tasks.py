@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import ipaddress
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,7 +36,10 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
 async def builtin_state(settings: Settings) -> AsyncIterator[AppState]:
     from pydantic import SecretStr
 
-    configured = settings.model_copy(update={"webhook_secret": SecretStr(SECRET)})
+    # The test's receiver listens on loopback, which the egress guard refuses by default.
+    configured = settings.model_copy(update={
+        "webhook_secret": SecretStr(SECRET),
+        "webhook_allow_cidrs": [ipaddress.ip_network("127.0.0.1/32")]})
     async with open_state(configured, builtin) as state:
         yield state
 

@@ -56,7 +56,8 @@ def conveyor_env(settings: Settings, **extra: str) -> dict[str, str]:
     assert settings.database_url
     assert settings.redis_given
     env.update({
-        "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",  # this checkout's code
+        # This checkout's code, not whatever copy of the package is installed.
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
         "DATABASE_URL": settings.database_url,
         **({"REDIS_URL": settings.redis_url} if settings.redis_url else {}),
         **({"CONVEYOR_REDIS_CLUSTER": "true"} if settings.redis_cluster else {}),

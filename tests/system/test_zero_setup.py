@@ -40,7 +40,8 @@ class MakeRun:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("CONVEYOR_") and k not in ("DATABASE_URL", "REDIS_URL")}
         env.update(CONVEYOR_PORT=str(self.port), CONVEYOR_DATA_DIR=str(data_dir),
-                   CONVEYOR_LOG_FORMAT="json")
+                   CONVEYOR_LOG_FORMAT="json",
+                   CONVEYOR_WEBHOOK_ALLOW_CIDRS="127.0.0.1/32")  # the test's receiver
         self.data_dir = data_dir
         self.log = log
         with open(log, "ab") as out:

@@ -243,3 +243,32 @@ def test_a_cluster_is_named_by_any_node(monkeypatch: pytest.MonkeyPatch) -> None
     settings = load_settings()
     assert settings.redis_cluster
     assert settings.redis_url == "redis://node-3:7002/0"
+
+
+def test_rates_and_durations_parse_or_name_the_form() -> None:
+    from conveyor.config import Rate, parse_duration, parse_rate
+
+    assert parse_rate("100/s") == Rate(100, 1)
+    assert parse_rate(" 6000 / m ") == Rate(6000, 60)
+    assert str(parse_rate("20/h")) == "20/h"
+    for wrong in ("0/s", "100", "100/d", "fast"):
+        with pytest.raises(ValueError, match="N/s, N/m or N/h"):
+            parse_rate(wrong)
+    assert parse_duration("30d") == 30 * 86400
+    assert parse_duration("90s") == 90
+    with pytest.raises(ValueError, match="Ns, Nm, Nh or Nd"):
+        parse_duration("forever")
+
+
+def test_the_default_rate_limit_is_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from conveyor.config import Rate
+
+    monkeypatch.setenv("CONVEYOR_API_RATE_LIMIT", "50/m")
+    assert load_settings().api_rate_limit == Rate(50, 60)
+    monkeypatch.setenv("CONVEYOR_API_RATE_LIMIT", "")
+    assert load_settings().api_rate_limit is None
+    monkeypatch.setenv("CONVEYOR_API_RATE_LIMIT", "lots")
+    with pytest.raises(ConfigError, match="CONVEYOR_API_RATE_LIMIT='lots'"):
+        load_settings()

@@ -15,7 +15,8 @@ SCHEME = "bearer"
 _SECURITY_SCHEME = {
     "type": "http",
     "scheme": "bearer",
-    "description": "one of `CONVEYOR_API_KEYS` (or `CONVEYOR_METRICS_KEY` for `/metrics`)",
+    "description": "an API key (`conveyor keys create`, or one of `CONVEYOR_API_KEYS`); "
+                   "`CONVEYOR_METRICS_KEY` for `/metrics`",
 }
 _COMMON_ERRORS = {
     "422": "invalid request: a bad field or parameter, or a query parameter the route does "
@@ -23,7 +24,9 @@ _COMMON_ERRORS = {
     "500": "unexpected error; logged under the request id",
     "503": "Postgres or Redis unavailable, or too busy; retry after `Retry-After`",
 }
-_UNAUTHORIZED = "missing or wrong API key: send `Authorization: Bearer <key>`"
+_UNAUTHORIZED = ("missing, unknown, revoked or expired API key: send "
+                 "`Authorization: Bearer <key>`")
+_RATE_LIMITED = "over the API key's rate limit; retry after `Retry-After` seconds"
 _FASTAPI_ERROR_SCHEMAS = ("HTTPValidationError", "ValidationError")
 
 
@@ -62,6 +65,7 @@ def complete(schema: dict[str, Any], secured: Callable[[str], bool]) -> None:
             if secured(path):
                 operation["security"] = [{SCHEME: []}]
                 responses.setdefault("401", {"description": _UNAUTHORIZED})
+                responses.setdefault("429", {"description": _RATE_LIMITED})
             else:
                 operation["security"] = []
             for code, response in responses.items():

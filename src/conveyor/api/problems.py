@@ -6,6 +6,7 @@ Anything unexpected is a 500 whose body says only that; the traceback goes to th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,11 +19,15 @@ from starlette.responses import Response
 from conveyor.api.responses import problem
 from conveyor.errors import (
     ConveyorError,
+    Forbidden,
     IdempotencyConflict,
     InvalidTransition,
+    KeyNotFound,
     Overloaded,
     PayloadInvalid,
+    RateLimited,
     TaskNotFound,
+    Unauthorized,
     Unavailable,
     UnknownTaskType,
 )
@@ -84,6 +89,17 @@ def install(app: FastAPI, type_names: set[str]) -> None:
 
     async def conveyor_error(request: Request, exc: Exception) -> Response:
         rid = request_id_of(request)
+        if isinstance(exc, Unauthorized):
+            return problem(401, "Unauthorized", str(exc), request_id=rid,
+                           headers={"WWW-Authenticate": "Bearer"})
+        if isinstance(exc, Forbidden):
+            named: dict[str, Any] = {"scope": exc.scope} if exc.scope else {"types": exc.types}
+            return problem(403, "Forbidden", str(exc), request_id=rid, **named)
+        if isinstance(exc, RateLimited):
+            return problem(429, "Too many requests", str(exc), request_id=rid,
+                           headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
+        if isinstance(exc, KeyNotFound):
+            return problem(404, "Key not found", f"no API key is named {exc}", request_id=rid)
         if isinstance(exc, TaskNotFound):
             return problem(404, "Task not found", f"no task has id {exc}", request_id=rid)
         if isinstance(exc, InvalidTransition):

@@ -68,8 +68,8 @@ _TRANSIENT_CLUSTER = ("Redis Cluster cannot be connected", "All slots are not co
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, _TRANSIENT_REPLIES):
         return True
-    if isinstance(exc, RedisClusterException):
-        return str(exc).startswith(_TRANSIENT_CLUSTER)
+    if isinstance(exc, RedisClusterException):  # searched: a pipeline prefixes its own text
+        return any(marker in str(exc) for marker in _TRANSIENT_CLUSTER)
     return isinstance(exc, ResponseError) and str(exc).startswith(("MISCONF ", "BUSY "))
 
 

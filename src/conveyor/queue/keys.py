@@ -30,6 +30,10 @@ class Keys:
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"
 
+    def rate(self, principal: str) -> str:
+        """An API key's rate-limit state (GCRA: its theoretical arrival time), one key each."""
+        return f"{self.prefix}:rate:{principal}"
+
 
 def consumer_name(worker_id: str, task_type: str) -> str:
     """A consumer per (process, stream): never shared between streams or processes."""

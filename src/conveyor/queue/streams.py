@@ -431,6 +431,32 @@ class TaskStreams:
             )
         return out
 
+    async def oldest_undelivered_age_ms(self, task_types: Iterable[str]
+                                        ) -> dict[str, int | None]:
+        """How long each type's oldest undelivered entry has been in its stream, by Redis's
+        clock (the one its ids come from), None when nothing waits: two pipelines, one command
+        per type in each."""
+        types = list(task_types)
+        with translate("streams.oldest_undelivered"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for t in types:
+                    pipe.xinfo_groups(self.keys.stream(t))
+                groups = await pipe.execute(raise_on_error=False)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for t, found in zip(types, groups, strict=True):
+                    group = (next((g for g in found if g["name"] == GROUP.encode()), None)
+                             if isinstance(found, list) else None)
+                    start = "(" + group["last-delivered-id"].decode() if group else "-"
+                    pipe.xrange(self.keys.stream(t), min=start, max="+", count=1)
+                pipe.time()
+                *firsts, (seconds, micros) = await pipe.execute(raise_on_error=False)
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        out: dict[str, int | None] = {}
+        for t, entries in zip(types, firsts, strict=True):
+            out[t] = (max(0, now_ms - int(entries[0][0].split(b"-")[0]))
+                      if isinstance(entries, list) and entries else None)
+        return out
+
     async def dead_letters(self, task_type: str, count: int = 100) -> list[dict[str, str]]:
         """Newest dead-letter entries of a type."""
         with translate("streams.dead_letters"):

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+import orjson
+
 from conveyor.store.pool import Connection, Pinned, Pool, borrowed, translate
 
 Status = Literal["queued", "running", "succeeded", "dead", "cancelled"]
@@ -69,6 +71,10 @@ def _record(row: Any) -> TaskRecord:
     return TaskRecord(*row)
 
 
+def _json_or_none(value: dict[str, str] | None) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
 @dataclass(frozen=True, slots=True)
 class NewTask:
     """A task to insert; `payload_json` is already validated and serialised."""
@@ -79,6 +85,8 @@ class NewTask:
     max_attempts: int
     idempotency_key: str | None = None
     delay_s: float = 0.0
+    # The enqueuing span's context (`conveyor.tracing`), None with tracing off.
+    trace_context: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +105,7 @@ class Started:
     attempt: int
     max_attempts: int
     run_at: datetime
+    trace_context: dict[str, str] | None = None  # the enqueuing span's (`conveyor.tracing`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,11 +163,13 @@ class TaskStore:
         self.channel = f"{schema}_enqueued"
         t = self.table
         self._insert_sql = f"""
-            INSERT INTO {t} AS t (id, type, payload, idempotency_key, max_attempts, run_at)
+            INSERT INTO {t} AS t (id, type, payload, idempotency_key, max_attempts, run_at,
+                                  trace_context)
             SELECT u.id, u.type, u.payload::jsonb, u.key, u.max_attempts,
-                   now() + u.delay * interval '1 second'
-            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float8[])
-                 AS u(id, type, payload, key, max_attempts, delay)
+                   now() + u.delay * interval '1 second', u.trace::jsonb
+            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float8[],
+                        $7::text[])
+                 AS u(id, type, payload, key, max_attempts, delay, trace)
             ON CONFLICT (type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING {_COLUMNS}"""
         self._existing_sql = f"""
@@ -177,7 +188,8 @@ class TaskStore:
               AND NOT (t.status IS DISTINCT FROM 'queued')
               AND t.run_at - now() <= interval '{EARLY_START_S} seconds'
               AND t.attempts < t.max_attempts
-            RETURNING t.id, t.type, t.payload, t.attempts, t.max_attempts, t.run_at"""
+            RETURNING t.id, t.type, t.payload, t.attempts, t.max_attempts, t.run_at,
+                      t.trace_context"""
         self._record_sql = f"""
             UPDATE {t} AS t
             SET status = c.status,
@@ -233,6 +245,7 @@ class TaskStore:
             [t.idempotency_key for t in tasks],
             [t.max_attempts for t in tasks],
             [t.delay_s for t in tasks],
+            [_json_or_none(t.trace_context) for t in tasks],
         )
         if conn is None:
             async with self._connection("tasks.insert", via) as own:
@@ -332,13 +345,14 @@ class TaskStore:
             rest = [i for i in dict.fromkeys(ids) if i not in done]
             found = await conn.fetch(
                 f"SELECT id, status, run_at, attempts >= max_attempts, worker, type, payload,"
-                f" attempts, max_attempts FROM {self.table} WHERE id = ANY($1::uuid[])",
+                f" attempts, max_attempts, trace_context FROM {self.table}"
+                " WHERE id = ANY($1::uuid[])",
                 rest,
             )
         by_id = {
             r[0]: NotStarted(
                 r[0], r[1], r[2], r[1] == "queued" and r[3],
-                Started(r[0], r[5], r[6], r[7], r[8], r[2])
+                Started(r[0], r[5], r[6], r[7], r[8], r[2], r[9])
                 if r[1] == "running" and r[4] == worker else None,
             )
             for r in found

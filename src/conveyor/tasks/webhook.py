@@ -3,7 +3,13 @@
 Headers: `X-Conveyor-Timestamp` (Unix seconds), `X-Conveyor-Signature` (`sha256=<hex>` of
 `<timestamp>.<body>` under CONVEYOR_WEBHOOK_SECRET), `X-Conveyor-Task-Id` (delivery is at least
 once: receivers deduplicate on it). 2xx succeeds; 5xx, 408, 429, timeouts and connection errors
-are retried (after `Retry-After` when the receiver sends one); any other 4xx fails at once.
+are retried (after `Retry-After` when the receiver sends one); any other 4xx fails at once, and
+so does a 3xx (redirects are never followed; the error names the `Location`).
+
+Deliveries go through the worker's guarded client (`conveyor.egress`): a destination that is
+not public (unless CONVEYOR_WEBHOOK_ALLOW_CIDRS allows it) fails the task at once, naming the
+address; a URL whose host is such an address, or whose port is refused, is refused at enqueue.
+At most 64 KiB of the answer is read and 200 characters of it kept.
 
 Receivers check a delivery with `verify_request(secret, headers, body)`. Unless
 CONVEYOR_WEBHOOK_SECRET is set, deliveries are signed with a development secret that anyone can
@@ -12,6 +18,7 @@ read here, and a worker that sends webhooks says so when it starts.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -21,16 +28,19 @@ from typing import Any
 import httpx
 import orjson
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
 from conveyor.config import DEV_WEBHOOK_SECRET, Settings
-from conveyor.errors import Fail, Retry
+from conveyor.egress.hosts import destination_refusal
+from conveyor.egress.policy import current_policy
+from conveyor.errors import EgressDenied, Fail, Retry
 from conveyor.registry import TaskContext, TaskType
 
 SIGNATURE_HEADER = "X-Conveyor-Signature"
 TIMESTAMP_HEADER = "X-Conveyor-Timestamp"
 TASK_ID_HEADER = "X-Conveyor-Task-Id"
 _RETRYABLE_4XX = {408, 429}
+EXCERPT_CHARS = 200
 MAX_RETRY_AFTER_S = 3600.0
 log = structlog.get_logger("conveyor.webhook")
 
@@ -40,11 +50,21 @@ class WebhookPayload(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: HttpUrl = Field(description="http(s) URL of the receiver")
+    url: HttpUrl = Field(description="http(s) URL of the receiver: a public destination "
+                                     "(a non-public address or a service port is a 422)")
     body: dict[str, Any] | list[Any] = Field(default_factory=dict, description="JSON to send")
     headers: dict[str, str] = Field(default_factory=dict, max_length=32,
                                     description="extra request headers")
     timeout_s: float = Field(default=10.0, gt=0, le=120, description="per-attempt timeout")
+
+    @field_validator("url")
+    @classmethod
+    def _public(cls, url: HttpUrl) -> HttpUrl:
+        """Refuse what the URL alone shows the egress guard would refuse at connect."""
+        refused = destination_refusal(url.host or "", url.port or 0, current_policy())
+        if refused is not None:
+            raise ValueError(f"destination refused: {refused}")
+        return url
 
 
 def _key(secret: str | bytes) -> bytes:
@@ -115,9 +135,15 @@ async def send_webhook(payload: WebhookPayload, ctx: TaskContext) -> dict[str, A
     }
     began = time.perf_counter()
     try:
-        async with httpx.AsyncClient(timeout=payload.timeout_s) as client:
-            response = await client.post(str(payload.url), content=body, headers=headers)
-    except httpx.TimeoutException as exc:
+        async with asyncio.timeout(payload.timeout_s):
+            async with ctx.http.client.stream(
+                "POST", str(payload.url), content=body, headers=headers,
+                timeout=httpx.Timeout(payload.timeout_s, connect=min(payload.timeout_s, 5.0)),
+            ) as response:
+                answer = await response.aread()  # at most 64 KiB: the transport cuts it
+    except EgressDenied:
+        raise
+    except (TimeoutError, httpx.TimeoutException) as exc:
         raise Retry(f"timed out after {payload.timeout_s} s: {type(exc).__name__}") from exc
     except httpx.TransportError as exc:
         raise Retry(f"connection failed: {type(exc).__name__}: {exc}") from exc
@@ -125,7 +151,10 @@ async def send_webhook(payload: WebhookPayload, ctx: TaskContext) -> dict[str, A
     code = response.status_code
     if 200 <= code < 300:
         return {"status_code": code, "elapsed_ms": elapsed_ms}
-    excerpt = response.text[:200]
+    excerpt = answer[:EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
+    if 300 <= code < 400:
+        raise Fail(f"receiver answered {code}, a redirect, which is not followed "
+                   f"(Location: {response.headers.get('location', '')[:500]!r})")
     if code >= 500 or code in _RETRYABLE_4XX:
         raise Retry(f"receiver answered {code}: {excerpt}", delay_s=_retry_after(response))
     raise Fail(f"receiver answered {code}: {excerpt}")

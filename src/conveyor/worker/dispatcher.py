@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import structlog
 
-from conveyor import metrics
+from conveyor import metrics, tracing
 from conveyor.queue.streams import Message, TaskStreams
 from conveyor.registry import Lease, TaskType
 from conveyor.runtime.shutdown import Shutdown
@@ -133,7 +133,8 @@ class Dispatcher:
         assert handler is not None
         self.in_flight.running(*key, task.attempt, handler, lease, run_in=self.task_type.run_in)
         try:
-            outcome = await self.executor.execute(self.task_type, task, lease)
+            execute = self.executor.traced if tracing.enabled() else self.executor.execute
+            outcome = await execute(self.task_type, task, lease)
             if lease.lost:
                 log.warning("task.outcome.discarded", task_id=str(task.id), task_type=task.type,
                             attempt=task.attempt, status=outcome.status,

@@ -9,6 +9,8 @@ is recorded as failed, `timed out after N s`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import time
 import traceback
 from concurrent.futures import Future
@@ -19,8 +21,10 @@ import orjson
 from pebble import ProcessExpired
 from pydantic import BaseModel, ValidationError
 
-from conveyor import metrics
+from conveyor import metrics, tracing
 from conveyor.config import Settings
+from conveyor.egress.client import OutboundHttp
+from conveyor.egress.policy import EgressPolicy
 from conveyor.errors import Fail, Retry
 from conveyor.registry import Lease, RetryPolicy, TaskContext, TaskType
 from conveyor.store.tasks import Outcome, Started
@@ -49,9 +53,11 @@ def storable(text: str) -> str:
 class Executor:
     """Runs handlers and turns what they do into an `Outcome`."""
 
-    def __init__(self, settings: Settings, worker_id: str) -> None:
+    def __init__(self, settings: Settings, worker_id: str,
+                 http: OutboundHttp | None = None) -> None:
         self.settings = settings
         self.worker_id = worker_id
+        self.http = http or OutboundHttp(EgressPolicy.from_settings(settings))
         self.default_retry = RetryPolicy(settings.retry_base_delay, settings.retry_max_delay)
         # A hung thread call is replaced by a fresh thread, up to `concurrency` at once.
         self._threads = ThreadPool(settings.concurrency, spare=settings.concurrency)
@@ -73,6 +79,16 @@ class Executor:
         self._threads.close()
         self._processes.close()
 
+    async def traced(
+        self, task_type: TaskType, started: Started, lease: Lease | None = None
+    ) -> Outcome:
+        """`execute` in a span that is a child of the one that enqueued the task (tracing on:
+        see `conveyor.tracing`)."""
+        with tracing.attempt_span(started, self.worker_id) as span:
+            outcome = await self.execute(task_type, started, lease)
+            tracing.outcome(span, outcome.status, outcome.error)
+            return outcome
+
     async def execute(
         self, task_type: TaskType, started: Started, lease: Lease | None = None
     ) -> Outcome:
@@ -86,6 +102,7 @@ class Executor:
             worker_id=self.worker_id,
             settings=self.settings,
             lease=lease or Lease(),
+            http=self.http,
         )
         try:
             payload = task_type.payload_model.model_validate(started.payload)
@@ -115,6 +132,7 @@ class Executor:
             # cancelled): a failed attempt, not a reason to abandon the task.
             return self._retry(task_type, started, describe(exc) or "cancelled", None)
         except Exception as exc:
+            tracing.failed(exc)
             return self._retry(task_type, started, describe(exc), None)
         finally:
             meters.duration.observe(time.perf_counter() - began)
@@ -140,8 +158,13 @@ class Executor:
                 if scope.expired():
                     raise TimedOut(timeout_s) from None
                 raise  # the handler's own TimeoutError
-        pool = self._threads if task_type.run_in == "thread" else self._processes
-        return await pool.run(task_type.handler, payload, ctx, timeout_s=timeout_s)
+        if task_type.run_in == "process":
+            return await self._processes.run(task_type.handler, payload, ctx,
+                                             timeout_s=timeout_s)
+        handler = task_type.handler
+        if tracing.enabled():  # the thread sees the attempt's span: its enqueues continue it
+            handler = functools.partial(contextvars.copy_context().run, handler)
+        return await self._threads.run(handler, payload, ctx, timeout_s=timeout_s)
 
     def _retry(
         self, task_type: TaskType, started: Started, error: str, delay_s: float | None

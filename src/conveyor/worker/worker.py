@@ -23,6 +23,8 @@ from typing import Any
 import structlog
 
 from conveyor import metrics
+from conveyor.egress.client import OutboundHttp
+from conveyor.egress.policy import EgressPolicy
 from conveyor.errors import ConfigError, Unavailable
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
@@ -71,12 +73,14 @@ def new_worker_id() -> str:
 
 class Worker:
     """Runs the handlers of `types` (default: every registered type), at most
-    `settings.concurrency` messages in flight."""
+    `settings.concurrency` messages in flight. Handlers share `http` (`ctx.http`: by default a
+    guarded client under the settings' egress policy), closed when the worker stops."""
 
     name = "worker"
 
     def __init__(
-        self, state: AppState, *, worker_id: str | None = None, types: list[str] | None = None
+        self, state: AppState, *, worker_id: str | None = None, types: list[str] | None = None,
+        http: OutboundHttp | None = None,
     ) -> None:
         settings = state.settings
         self.state = state
@@ -90,7 +94,9 @@ class Worker:
         self.slots = Slots(settings.concurrency)
         self.in_flight = InFlight()
         self.handlers: set[asyncio.Future[None]] = set()
-        self.executor = Executor(settings, self.worker_id)
+        # The one outbound client of this worker's handlers, closed when the worker stops.
+        self.http = http or OutboundHttp(EgressPolicy.from_settings(settings))
+        self.executor = Executor(settings, self.worker_id, self.http)
         # Two connections pinned for the worker's lifetime: one starts tasks, one records them.
         self._pinned = [Pinned(state.pool, acquire_timeout_s=settings.pg_acquire_timeout)
                         for _ in range(2)]
@@ -186,6 +192,7 @@ class Worker:
             self.executor.close()
             for pinned in self._pinned:
                 await pinned.release()
+            await self.http.aclose()
         log.info("worker.stopped", worker=self.worker_id, processed=self.processed)
 
     async def _abandon(self) -> None:

@@ -7,11 +7,12 @@ import dataclasses
 from typing import Any
 
 import httpx
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from conveyor.api.app import create_app
-from conveyor.api.routes.metrics import QueueDepth
+from conveyor.queue.backlog import Backlog
 from conveyor.queue.keys import GROUP
 from conveyor.state import AppState
 
@@ -83,7 +84,7 @@ class Clock:
 
 async def test_queue_depth_is_read_once_per_cache_period(state: AppState) -> None:
     clock = Clock()
-    reader = QueueDepth(state.streams, ["echo"], max_age_s=2.0, clock=clock)
+    reader = Backlog(state.streams, ["echo"], max_age_s=2.0, clock=clock)
     await asyncio.gather(*(reader.refresh() for _ in range(20)))  # many scrapers at once
     assert reader.reads == 1
     await state.client.enqueue("echo", {})
@@ -101,3 +102,31 @@ async def test_without_a_cache_each_scrape_reads_the_queue(state: AppState) -> N
         await state.client.enqueue("echo", {})
         after = depth((await http.get("/metrics")).text)[("echo", "undelivered")]
     assert after == before + 1
+
+
+def gauge(text: str, name: str) -> dict[str, float]:
+    return {s.labels["type"]: s.value for family in text_string_to_metric_families(text)
+            if family.name == name for s in family.samples}
+
+
+async def test_lag_counts_undelivered_and_pending_and_the_oldest_age_is_the_first_waiting(
+    state: AppState,
+) -> None:
+    await state.streams.ensure_group("echo")
+    for i in range(3):
+        await state.client.enqueue("echo", {"value": i})
+    await state.redis.xreadgroup(GROUP, "probe", {state.keys.stream("echo"): ">"}, count=1)
+    reader = Backlog(state.streams, ["echo", "refuse"], max_age_s=0)
+    await reader.refresh()
+    text = generate_latest().decode()
+    assert gauge(text, "conveyor_queue_lag") == {"echo": 3, "refuse": 0}
+    first = gauge(text, "conveyor_queue_oldest_age_seconds")
+    assert first["refuse"] == 0
+    await asyncio.sleep(0.3)
+    await reader.refresh()
+    later = gauge(generate_latest().decode(), "conveyor_queue_oldest_age_seconds")
+    assert later["echo"] >= first["echo"] + 0.29  # the second message still waits (ms clock)
+    await state.redis.xreadgroup(GROUP, "probe", {state.keys.stream("echo"): ">"}, count=2)
+    await reader.refresh()
+    drained = gauge(generate_latest().decode(), "conveyor_queue_oldest_age_seconds")
+    assert drained["echo"] == 0  # nothing undelivered

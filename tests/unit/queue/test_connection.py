@@ -33,6 +33,9 @@ from conveyor.queue.connection import GatedCluster, SentinelMaster, open_redis, 
     RedisClusterException("Redis Cluster cannot be connected. Please provide at least one "
                           "reachable node: Error 111"),
     RedisClusterException("All slots are not covered after query all startup_nodes."),
+    RedisClusterException("Command # 1 (XADD p:{echo}:stream * id 1) of pipeline caused "
+                          "error: Redis Cluster cannot be connected. Please provide at least "
+                          "one reachable node: Error 111"),
     MaxConnectionsError("Too many connections"),
     MasterNotFoundError("No master found for 'conveyor'"),
 ], ids=lambda e: type(e).__name__)

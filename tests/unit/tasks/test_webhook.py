@@ -11,6 +11,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from conveyor.config import DEV_WEBHOOK_SECRET, Settings
+from conveyor.egress.policy import EgressPolicy, installed
 from conveyor.tasks import app as builtin
 from conveyor.tasks import webhook
 from conveyor.tasks.webhook import WebhookPayload, sign, verify, verify_request
@@ -116,3 +117,31 @@ def test_the_development_secret_is_a_warning_for_webhook_workers(
         assert not webhook.warn_if_development_secret(configured, types)
     assert [(e["event"], e["log_level"], e["task_types"]) for e in logs] == [
         ("webhook.secret.development", "warning", ["webhook"])]
+
+
+@pytest.mark.parametrize(("url", "named"), [
+    ("http://2130706433/", "127.0.0.1 is loopback"),
+    ("http://0x7f000001/", "127.0.0.1 is loopback"),
+    ("http://0.0.0.0/", "0.0.0.0 is 'this network'"),
+    ("http://[::ffff:127.0.0.1]/", "(127.0.0.1) is loopback"),
+    ("http://localhost:8080/", "localhost names the loopback interface"),
+    ("http://hooks.localhost/", "hooks.localhost names the loopback interface"),
+    ("http://169.254.169.254/latest/meta-data/", "cloud metadata address"),
+    ("https://example.com:11211/", "port 11211 is memcached's"),
+])
+def test_the_payload_refuses_a_destination_the_url_shows_is_denied(url: str, named: str) -> None:
+    with pytest.raises(ValueError, match="destination refused") as refused:
+        WebhookPayload.model_validate({"url": url})
+    assert named in str(refused.value)
+
+
+def test_the_payload_checks_under_the_installed_allow_ranges() -> None:
+    loopback = EgressPolicy.allowing(["127.0.0.1/32"])
+    with installed(loopback):
+        assert WebhookPayload.model_validate({"url": "http://127.0.0.1:8080/"}).url.port == 8080
+        with pytest.raises(ValueError, match="cloud metadata"):
+            WebhookPayload.model_validate({"url": "http://169.254.169.254/"})
+    with pytest.raises(ValueError, match="loopback"):
+        WebhookPayload.model_validate({"url": "http://127.0.0.1:8080/"})
+    # a name is left to the connect-time check, which resolves it
+    assert WebhookPayload.model_validate({"url": "https://hooks.example.com/x"})

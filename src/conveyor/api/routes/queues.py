@@ -6,14 +6,17 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from starlette.responses import Response
 
+from conveyor.api.auth import forbidden, requires
 from conveyor.api.deps import StateDep
 from conveyor.api.models import DeadLettersOut, QueuesOut
 from conveyor.api.responses import OrjsonResponse
+from conveyor.store.keys import READ
 
-router = APIRouter(prefix="/v1/queues", tags=["operations"])
+router = APIRouter(prefix="/v1/queues", tags=["operations"],
+                   dependencies=[Depends(requires[READ])], responses=forbidden(READ))
 
 
 @router.get("", response_model=QueuesOut, summary="Depth, pending, dead and age per task type")

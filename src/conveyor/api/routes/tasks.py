@@ -11,12 +11,14 @@ from fastapi import APIRouter, Body, Depends, Query
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from conveyor.api.auth import Enqueuer, forbidden, requires
 from conveyor.api.deps import AdmissionDep, ClientDep
 from conveyor.api.guards import JSON_MEDIA_TYPES, require_json
 from conveyor.api.models import SUMMARY_FIELDS, BatchOut, TaskPage, request_models
 from conveyor.api.responses import OrjsonResponse
 from conveyor.client import TaskRequest
 from conveyor.registry import Registry
+from conveyor.store.keys import ENQUEUE, MANAGE, READ
 from conveyor.store.tasks import Status, TaskRecord
 
 _ENQUEUE_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -26,7 +28,13 @@ _ENQUEUE_ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"description": "body over MAX_BODY_BYTES"},
     415: {"description": f"the body is not {JSON_MEDIA_TYPES}"},
     422: {"description": "unknown type or invalid payload; `errors` lists the fields"},
+    403: {"description": f"the API key lacks the scope `{ENQUEUE}`, or may not enqueue a "
+                         "type of the request (`types` names each)"},
 }
+_READ: dict[str, Any] = {"dependencies": [Depends(requires[READ])],
+                         "responses": forbidden(READ)}
+_MANAGE: dict[str, Any] = {"dependencies": [Depends(requires[MANAGE])],
+                           "responses": forbidden(MANAGE)}
 
 
 def _task_request(body: Any) -> TaskRequest:
@@ -64,7 +72,9 @@ def build_router(registry: Registry) -> APIRouter:
         body: Annotated[single, Body()],  # type: ignore[valid-type]
         client: ClientDep,
         admission: AdmissionDep,
+        caller: Enqueuer,
     ) -> Response:
+        caller.check_types([body.type])  # type: ignore[attr-defined]
         with admission.slot():
             inserted = await client.enqueue_many([_task_request(body)])
         record = inserted[0].record
@@ -78,15 +88,17 @@ def build_router(registry: Registry) -> APIRouter:
         body: Annotated[batch, Body()],  # type: ignore[valid-type]
         client: ClientDep,
         admission: AdmissionDep,
+        caller: Enqueuer,
     ) -> Response:
         tasks: list[BaseModel] = body.tasks  # type: ignore[attr-defined]
+        caller.check_types(t.type for t in tasks)  # type: ignore[attr-defined]
         with admission.slot():
             inserted = await client.enqueue_many([_task_request(t) for t in tasks])
         created = sum(1 for i in inserted if i.created)
         return OrjsonResponse({"tasks": [i.record for i in inserted], "created": created},
                               status_code=202)
 
-    @router.get("", response_model=TaskPage, summary="List tasks, newest first")
+    @router.get("", response_model=TaskPage, summary="List tasks, newest first", **_READ)
     async def list_tasks(
         client: ClientDep,
         type: Annotated[str | None, Query(description="only this task type")] = None,
@@ -106,17 +118,17 @@ def build_router(registry: Registry) -> APIRouter:
             tasks = [{name: getattr(r, name) for name in SUMMARY_FIELDS} for r in records]
         return OrjsonResponse({"tasks": tasks, "next_cursor": next_cursor})
 
-    @router.get("/{task_id}", response_model=TaskRecord, summary="Read a task")
+    @router.get("/{task_id}", response_model=TaskRecord, summary="Read a task", **_READ)
     async def get_task(task_id: uuid.UUID, client: ClientDep) -> Response:
         return _task(await client.get(task_id))
 
     @router.post("/{task_id}/cancel", response_model=TaskRecord,
-                 summary="Cancel a queued task (409 if it is not queued)")
+                 summary="Cancel a queued task (409 if it is not queued)", **_MANAGE)
     async def cancel_task(task_id: uuid.UUID, client: ClientDep) -> Response:
         return _task(await client.cancel(task_id))
 
     @router.post("/{task_id}/retry", response_model=TaskRecord,
-                 summary="Queue a dead or cancelled task again (409 otherwise)")
+                 summary="Queue a dead or cancelled task again (409 otherwise)", **_MANAGE)
     async def retry_task(task_id: uuid.UUID, client: ClientDep) -> Response:
         return _task(await client.retry(task_id))
 

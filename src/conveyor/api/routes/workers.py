@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from starlette.responses import Response
 
+from conveyor.api.auth import forbidden, requires
 from conveyor.api.deps import StateDep
 from conveyor.api.models import WorkersOut
 from conveyor.api.responses import OrjsonResponse
+from conveyor.store.keys import READ
 
-router = APIRouter(prefix="/v1/workers", tags=["operations"])
+router = APIRouter(prefix="/v1/workers", tags=["operations"],
+                   dependencies=[Depends(requires[READ])], responses=forbidden(READ))
 
 
 @router.get("", response_model=WorkersOut, summary="Workers whose heartbeat is alive")
