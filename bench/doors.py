@@ -27,6 +27,7 @@ from bench.app import SPEC, TYPE, Noop, app
 from bench.httpload import build_request, post_all, run_fast
 from conveyor.client import TaskRequest
 from conveyor.config import Settings
+from conveyor.queue.connection import Redis
 from conveyor.state import open_state
 from conveyor.store.pool import Pool
 
@@ -59,7 +60,7 @@ class Context:
 
 
 async def reset_if_flushed(ctx: Context, db: Pool | asyncpg.Connection[asyncpg.Record],
-                           redis: aioredis.Redis) -> bool:
+                           redis: Redis) -> bool:
     """TRUNCATE the tasks table if Redis was flushed since the last reset; True if it did."""
     if await redis.exists(RESET_MARK):
         return False

@@ -99,6 +99,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--json", type=Path, help="also write every run's raw figures here")
     ap.add_argument("--logdir", type=Path, default=Path("/tmp/conveyor-bench-logs"))
+    ap.add_argument("--topologies", action="store_true",
+                    help="instead of the table: drain throughput of 1, 2, 4 worker processes on "
+                         "one Redis and on a Redis Cluster of 3+3 nodes (bench/topologies.py); "
+                         "uses --n, --concurrency, --timeout, --logdir")
+    ap.add_argument("--topology-processes", default="1,2,4",
+                    help="worker process counts of --topologies (default 1,2,4)")
+    ap.add_argument("--topology-types", type=int, default=1, choices=range(1, 9),
+                    help="task types the --topologies tasks are spread over (default 1)")
     return ap.parse_args(argv)
 
 
@@ -188,6 +196,9 @@ async def postgres_version(url: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.topologies:
+        from bench import topologies
+        return topologies.main(args)
     all_peers = peer_rows()
     wanted = ("" if args.peers == "none" else ",".join(all_peers) if args.peers == "all"
               else args.peers)

@@ -5,6 +5,8 @@ set -euo pipefail
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# redis-cli creates the test suite's Redis Cluster (`redis-cli --cluster create`)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && ! command -v pg_config >/dev/null 2>&1; then
     missing+=(postgresql)
 fi

@@ -19,6 +19,7 @@ from conveyor.config import Settings
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState, open_state
 from conveyor.store.workers import Liveness, confirmation_s, watch_gap_s
+from conveyor.testing.redis_ha import ClusterServers
 from conveyor.testing.servers import PostgresServer, RedisServer
 from conveyor.worker.worker import Worker
 from tests.apps import basic
@@ -47,6 +48,18 @@ def redis_server(scratch: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(scratch: Path) -> Iterator[ClusterServers]:
+    """A Redis Cluster of 3 masters and 3 replicas, started once for every test that asks
+    (a test that fails a node over revives it, so the next finds the cluster whole)."""
+    cluster = ClusterServers(scratch / "redis-cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture
@@ -80,7 +93,7 @@ def judge(state: AppState) -> Liveness:
                     watch_gap_s=watch_gap_s(settings.rebalance_interval, settings.relay_interval))
 
 
-def make_settings(postgres: PostgresServer, redis_url: str, **overrides: Any) -> Settings:
+def make_settings(postgres: PostgresServer, redis_url: str | None, **overrides: Any) -> Settings:
     tag = uuid.uuid4().hex[:10]
     values: dict[str, Any] = {
         "database_url": postgres.dsn,

@@ -318,9 +318,9 @@ async def serve_processes(settings: Settings, app: Conveyor, count: int, command
         children = Children(command, count, env=env, on_exit=forget)
         ready = await _unless_shutdown(
             stack.enter_async_context(_servers(settings, embedded_mode)), shutdown)
-        if ready is None or ready.redis_url is None:
+        if ready is None or not ready.redis_given:
             return None
-        redis = open_redis(ready.redis_url, max_connections=4)
+        redis = open_redis(ready, max_connections=4)
         stack.push_async_callback(redis.aclose)
         streams = TaskStreams(redis, Keys(settings.key_prefix),
                               dead_letter_maxlen=settings.dead_letter_maxlen)
@@ -357,7 +357,7 @@ def _launch(roles: Roles, app_spec: str, overrides: dict[str, Any],
     logs.configure(settings.log_level, settings.log_format)
     try:
         app = load_app(app_spec, app_dir)
-        if not settings.embedded and not (settings.database_url and settings.redis_url):
+        if not settings.embedded and not (settings.database_url and settings.redis_given):
             raise ConfigError("set both DATABASE_URL and REDIS_URL, or neither (embedded "
                               "servers: `conveyor run` starts them, other commands attach)")
         if processes > 1 and child_command:

@@ -116,6 +116,14 @@ class Settings(BaseSettings):
     # Built-in tasks
     webhook_secret: SecretStr = SecretStr(DEV_WEBHOOK_SECRET)
 
+    # Redis Cluster and Sentinel. With REDIS_CLUSTER, REDIS_URL names any node of the cluster.
+    # With REDIS_SENTINELS, the sentinels name the master of REDIS_SENTINEL_MASTER; REDIS_URL
+    # is optional then, and only its credentials, database and scheme are used.
+    redis_cluster: bool = False
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: SecretStr | None = None  # the sentinels' own, if they need one
+
     # Webhook egress guard: ranges of the denied table that outbound requests may reach anyway
     # (cloud metadata addresses stay refused)
     webhook_allow_cidrs: Annotated[list[IPvAnyNetwork], NoDecode] = Field(default_factory=list)
@@ -135,14 +143,24 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
-    @field_validator("api_keys", "worker_types", "webhook_allow_cidrs", mode="before")
+    @field_validator("api_keys", "worker_types", "webhook_allow_cidrs", "redis_sentinels",
+                     mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("metrics_key", "metrics_port", mode="before")
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{address!r} is not host:port")
+        return value
+
+    @field_validator("metrics_key", "metrics_port", "redis_sentinel_password", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -170,12 +188,25 @@ class Settings(BaseSettings):
             )
         if self.pg_pool_min > self.pg_pool_max:
             raise ValueError("CONVEYOR_PG_POOL_MIN must not exceed CONVEYOR_PG_POOL_MAX")
+        if self.redis_sentinels and self.redis_cluster:
+            raise ValueError("CONVEYOR_REDIS_SENTINELS and CONVEYOR_REDIS_CLUSTER exclude each "
+                             "other: a cluster fails over by itself")
+        if self.redis_sentinels and not self.redis_sentinel_master:
+            raise ValueError("CONVEYOR_REDIS_SENTINELS needs CONVEYOR_REDIS_SENTINEL_MASTER "
+                             "(the name the sentinels monitor)")
+        if self.redis_cluster and not self.redis_url:
+            raise ValueError("CONVEYOR_REDIS_CLUSTER needs CONVEYOR_REDIS_URL naming a node")
         return self
+
+    @property
+    def redis_given(self) -> bool:
+        """True when a Redis to use is configured: a URL, or sentinels to ask."""
+        return self.redis_url is not None or bool(self.redis_sentinels)
 
     @property
     def embedded(self) -> bool:
         """True when neither server URL is set: `run` then starts its own servers."""
-        return self.database_url is None and self.redis_url is None
+        return self.database_url is None and not self.redis_given
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:

@@ -54,16 +54,16 @@ async def open_state(
 async def _open_state(
     settings: Settings, app: Conveyor, *, apply_migrations: bool
 ) -> AsyncIterator[AppState]:
-    if not settings.database_url or not settings.redis_url:
+    if not settings.database_url or not settings.redis_given:
         raise ConfigError("DATABASE_URL and REDIS_URL must both be set (or neither, for `run`)")
     pool = await open_pool(
         settings.database_url, min_size=settings.pg_pool_min, max_size=settings.pg_pool_max
     )
     pinned = Pinned(pool, acquire_timeout_s=settings.pg_acquire_timeout)  # the client's
+    # Room for a blocking read per type (XREADGROUP, or an idle type's XREAD), and as many
+    # settles, plus the rest of the process's calls.
     redis = open_redis(
-        settings.redis_url,
-        read_timeout_s=settings.read_block + 10,
-        max_connections=max(32, 2 * len(app.registry) + settings.concurrency + 16),
+        settings, max_connections=max(32, 2 * len(app.registry) + settings.concurrency + 16),
     )
     try:
         if apply_migrations:

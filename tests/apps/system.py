@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import asyncio
 
-import redis.asyncio as aioredis
 from pydantic import BaseModel
 
 from conveyor.application import Conveyor
+from conveyor.queue.connection import Redis, open_redis
 from conveyor.registry import TaskContext
 
 app = Conveyor()
-_clients: dict[int, aioredis.Redis] = {}
+_clients: dict[int, Redis] = {}
 
 
-def _redis(ctx: TaskContext) -> aioredis.Redis:
+def _redis(ctx: TaskContext) -> Redis:
+    """A client of the worker's Redis (one node, a cluster or through sentinels)."""
     loop_id = id(asyncio.get_running_loop())
     if loop_id not in _clients:
-        assert ctx.settings.redis_url
-        _clients[loop_id] = aioredis.Redis.from_url(ctx.settings.redis_url)
+        _clients[loop_id] = open_redis(ctx.settings, max_connections=16)
     return _clients[loop_id]
 
 

@@ -54,12 +54,16 @@ def conveyor_env(settings: Settings, **extra: str) -> dict[str, str]:
     env.pop("DATABASE_URL", None)
     env.pop("REDIS_URL", None)
     assert settings.database_url
-    assert settings.redis_url
+    assert settings.redis_given
     env.update({
         # This checkout's code, whatever the venv has installed (tests/ for the test apps).
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
         "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
+        **({"REDIS_URL": settings.redis_url} if settings.redis_url else {}),
+        **({"CONVEYOR_REDIS_CLUSTER": "true"} if settings.redis_cluster else {}),
+        **({"CONVEYOR_REDIS_SENTINELS": ",".join(settings.redis_sentinels),
+            "CONVEYOR_REDIS_SENTINEL_MASTER": settings.redis_sentinel_master or ""}
+           if settings.redis_sentinels else {}),
         "CONVEYOR_DATABASE_SCHEMA": settings.database_schema,
         "CONVEYOR_KEY_PREFIX": settings.key_prefix,
         "CONVEYOR_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),

@@ -204,6 +204,47 @@ def test_settings_are_frozen() -> None:
         settings.port = 1  # type: ignore[misc]
 
 
+def test_sentinels_are_host_port_pairs_with_a_master_name(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setenv("CONVEYOR_REDIS_SENTINELS", "s1:26379, s2:26379,[::1]:26380")
+    monkeypatch.setenv("CONVEYOR_REDIS_SENTINEL_MASTER", "main")
+    monkeypatch.setenv("CONVEYOR_REDIS_SENTINEL_PASSWORD", "secret")
+    settings = load_settings()
+    assert settings.redis_sentinels == ["s1:26379", "s2:26379", "[::1]:26380"]
+    assert settings.redis_sentinel_master == "main"
+    assert settings.redis_sentinel_password is not None
+    assert settings.redis_sentinel_password.get_secret_value() == "secret"
+    assert settings.redis_given  # no REDIS_URL needed
+    assert not settings.embedded
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"CONVEYOR_REDIS_SENTINELS": "s1"}, "CONVEYOR_REDIS_SENTINELS='s1': Value error, "
+                                         "'s1' is not host:port"),
+    ({"CONVEYOR_REDIS_SENTINELS": "s1:99999"}, "'s1:99999' is not host:port"),
+    ({"CONVEYOR_REDIS_SENTINELS": "s1:26379"}, "needs CONVEYOR_REDIS_SENTINEL_MASTER"),
+    ({"CONVEYOR_REDIS_SENTINELS": "s1:26379", "CONVEYOR_REDIS_SENTINEL_MASTER": "m",
+      "CONVEYOR_REDIS_CLUSTER": "true", "REDIS_URL": "redis://n1:7000"}, "exclude each other"),
+    ({"CONVEYOR_REDIS_CLUSTER": "true"}, "CONVEYOR_REDIS_CLUSTER needs CONVEYOR_REDIS_URL"),
+])
+def test_redis_topology_mistakes_are_named(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert message in str(caught.value)
+
+
+def test_a_cluster_is_named_by_any_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_REDIS_CLUSTER", "true")
+    monkeypatch.setenv("REDIS_URL", "redis://node-3:7002/0")
+    settings = load_settings()
+    assert settings.redis_cluster
+    assert settings.redis_url == "redis://node-3:7002/0"
+
+
 def test_rates_and_durations_parse_or_name_the_form() -> None:
     from conveyor.config import Rate, parse_duration, parse_rate
 

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 _IS_ROOT = os.geteuid() == 0
@@ -162,13 +163,16 @@ class PostgresServer:
 
 
 class RedisServer:
-    """A private redis-server on 127.0.0.1:port; `persistent` turns AOF on."""
+    """A private redis-server on 127.0.0.1:port; `persistent` turns AOF on. `args` are added
+    to its command line; `config_file` goes first on it (a sentinel needs one it can write)."""
 
-    def __init__(self, base_dir: Path, port: int | None = None, *, persistent: bool = False
-                 ) -> None:
+    def __init__(self, base_dir: Path, port: int | None = None, *, persistent: bool = False,
+                 args: Sequence[str] = (), config_file: Path | None = None) -> None:
         self.base_dir = base_dir
         self.port = port or free_port()
         self.persistent = persistent
+        self.args = list(args)
+        self.config_file = config_file
         self.binary = os.environ.get("CONVEYOR_REDIS_SERVER") or shutil.which("redis-server")
         if self.binary is None:
             raise RuntimeError("redis-server not found; install it (apt-get install redis-server)")
@@ -178,6 +182,10 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def start(self, timeout_s: float = 15.0) -> None:
         assert self.binary is not None
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -185,8 +193,9 @@ class RedisServer:
                        if self.persistent else ["--appendonly", "no", "--save", ""])
         log = open(self.base_dir / "redis.log", "ab")  # noqa: SIM115 - owned by the process
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-             str(self.base_dir), "--protected-mode", "no", *persistence],
+            [self.binary, *([str(self.config_file)] if self.config_file else []),
+             "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.base_dir),
+             "--protected-mode", "no", *persistence, *self.args],
             stdout=log, stderr=log, start_new_session=True,
         )
         log.close()
