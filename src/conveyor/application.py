@@ -26,7 +26,15 @@ from pydantic import BaseModel
 
 from conveyor.client import Client, TaskRequest, insert_in_transaction
 from conveyor.errors import ConfigError
-from conveyor.registry import CronJob, CronTick, Registry, RetryPolicy, TaskContext, TaskType
+from conveyor.registry import (
+    CronJob,
+    CronTick,
+    Registry,
+    Retention,
+    RetryPolicy,
+    TaskContext,
+    TaskType,
+)
 from conveyor.store.pool import Connection
 from conveyor.store.tasks import TaskRecord
 
@@ -128,6 +136,7 @@ class Conveyor:
         retry: RetryPolicy | None = None,
         process: bool = False,
         description: str | None = None,
+        retention: Retention | float | None = None,
     ) -> Callable[[Callable[Concatenate[P, Params], R]], TaskDefinition[P, Params, R]]:
         """Register a handler `(payload, ctx) -> result` for task type `name`; returns its
         `TaskDefinition` (callable as the handler, with `enqueue` and `enqueue_sync`).
@@ -135,7 +144,11 @@ class Conveyor:
         Coroutine functions run on the event loop; plain functions run in a thread, or in a
         process pool with `process=True` (CPU-bound work; the function must be importable).
         `timeout` is seconds per attempt; the result must be JSON-serialisable (or a model).
+        `retention` keeps this type's finished tasks that many seconds (or per status, a
+        `Retention`) instead of the `CONVEYOR_RETENTION_*` settings; 0 keeps them forever.
         """
+
+        kept = Retention.of(retention)
 
         def register(
             handler: Callable[Concatenate[P, Params], R],
@@ -155,6 +168,7 @@ class Conveyor:
                     timeout_s=timeout,
                     retry=retry,
                     description=description or inspect.getdoc(handler) or "",
+                    retention=kept,
                 )
             )
             return definition

@@ -375,6 +375,21 @@ class TaskStreams:
             dropped = await self.redis.xtrim(stream, minid=min_id, approximate=False)
         return int(dropped)
 
+    async def trim_dead(self, task_type: str, older_than_s: float) -> int:
+        """Cap the type's dead-letter stream: drop entries older than `older_than_s` (by
+        Redis's clock; 0 keeps them by age) and beyond `dead_letter_maxlen`. Returns how many
+        were dropped."""
+        key = self.keys.dead(task_type)
+        with translate("streams.trim_dead"):
+            dropped = 0
+            if older_than_s > 0:
+                seconds, micros = await self.redis.time()
+                min_ms = seconds * 1000 + micros // 1000 - int(older_than_s * 1000)
+                dropped += int(await self.redis.xtrim(key, minid=f"{max(0, min_ms)}-0"))
+            dropped += int(await self.redis.xtrim(key, maxlen=self.dead_letter_maxlen,
+                                                  approximate=False))
+        return dropped
+
     # -- relay -----------------------------------------------------------------------------
 
     async def undelivered(self, task_type: str, limit: int) -> set[uuid.UUID] | None:
