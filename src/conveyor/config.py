@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     retention_dead: float = Field(default=604_800.0, ge=0)
     idempotency_ttl: float = Field(default=86_400.0, ge=0)
     janitor_interval: float = Field(default=60.0, gt=0)
-    janitor_batch: int = Field(default=1000, ge=1, le=100_000)
+    janitor_batch: int = Field(default=500, ge=1, le=100_000)
     janitor_lock_timeout: float = Field(default=0.1, gt=0)
     migrate_lock_timeout: float = Field(default=5.0, gt=0)
 

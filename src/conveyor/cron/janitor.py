@@ -43,6 +43,7 @@ class Pass:
     workers_pruned: int = 0
     batches: int = 0
     longest_statement_s: float = 0.0
+    statements_s: list[float] = field(default_factory=list)  # each DELETE's duration
     complete: bool = True  # False: stopped at its time budget, rows left for the next
 
 
@@ -121,6 +122,7 @@ class Janitor(LockedLoop):
                                                lock_timeout_s=self.lock_timeout_s)
                 done.batches += 1
                 done.longest_statement_s = max(done.longest_statement_s, batch.duration_s)
+                done.statements_s.append(batch.duration_s)
                 metrics.JANITOR_STATEMENT.observe(batch.duration_s)
                 if batch.ids:
                     done.pruned[status] += len(batch.ids)

@@ -335,11 +335,15 @@ class TaskStore:
     # -- reads -----------------------------------------------------------------------------
 
     async def with_keys(self, keys: Sequence[tuple[str, str]]) -> list[TaskRecord]:
-        """Tasks named by these (type, idempotency key) pairs, those that exist."""
+        """Tasks named by these (type, idempotency key) pairs, those that exist and whose key
+        still holds (within the idempotency TTL)."""
         if not keys:
             return []
-        rows = await self._fetch("tasks.with_keys", self._existing_sql,
-                                 [k[0] for k in keys], [k[1] for k in keys])
+        rows = await self._fetch(
+            "tasks.with_keys",
+            self._existing_sql + " WHERE $3 = 0 OR t.created_at >= now() - $3 * interval '1 second'"
+            f" OR t.idempotency_key LIKE '{CRON_KEY_PREFIX}%'",
+            [k[0] for k in keys], [k[1] for k in keys], self.idempotency_ttl_s)
         return [_record(r) for r in rows]
 
     async def get(self, task_id: uuid.UUID) -> TaskRecord | None:
