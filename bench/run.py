@@ -82,6 +82,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-snapshot", dest="snapshot", action="store_false",
                     help="import src/ live instead of a copy taken at the start (then edits "
                          "made to src/ during the benchmark change what later runs measure)")
+    scale = ap.add_argument_group("scale mode (bench/scale.py; durable Postgres)")
+    scale.add_argument("--scale", action="store_true",
+                       help="run the scale benchmark instead of the peer table")
+    scale.add_argument("--rows", type=int, default=10_000_000,
+                       help="finished tasks in the large table (0 skips; default 10,000,000)")
+    scale.add_argument("--scale-n", type=int, default=20_000,
+                       help="tasks per e2e run in scale mode (default 20,000)")
+    scale.add_argument("--compare-rows", type=int, default=2_000_000,
+                       help="finished tasks per layout compared (0 skips; default 2,000,000)")
+    scale.add_argument("--soak-seconds", type=float, default=1800,
+                       help="soak duration (0 skips; default 1800)")
+    scale.add_argument("--soak-rate", type=float, default=500, help="soak tasks/s (500)")
+    scale.add_argument("--soak-retention", type=float, default=60,
+                       help="CONVEYOR_RETENTION_SUCCEEDED during the soak (60 s)")
+    scale.add_argument("--scale-out", type=Path,
+                       help="also write the scale report to this file")
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--json", type=Path, help="also write every run's raw figures here")
     ap.add_argument("--logdir", type=Path, default=Path("/tmp/conveyor-bench-logs"))
@@ -151,6 +167,9 @@ async def postgres_version(url: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.scale:
+        from bench import scale
+        return scale.run(args)
     all_peers = peer_rows()
     wanted = ("" if args.peers == "none" else ",".join(all_peers) if args.peers == "all"
               else args.peers)

@@ -3,8 +3,8 @@ the chaos run: start, stop, kill, restart (optionally wiping Redis).
 
 PostgreSQL comes from the system binaries (`CONVEYOR_PG_BIN`, else the newest
 /usr/lib/postgresql/*/bin, else `pg_config --bindir`); as root it runs as the `postgres` user,
-since Postgres refuses to run as root. Durability is traded for speed (fsync off): these
-servers hold test data only.
+since Postgres refuses to run as root. Durability is traded for speed (fsync off) unless
+`durable=True` (the scale benchmark's): these servers hold test data only.
 """
 
 from __future__ import annotations
@@ -60,8 +60,10 @@ def _as_postgres(cmd: list[str]) -> list[str]:
 class PostgresServer:
     """A private PostgreSQL cluster in `base_dir`, trust auth, listening on 127.0.0.1:port."""
 
-    def __init__(self, base_dir: Path, port: int | None = None) -> None:
+    def __init__(self, base_dir: Path, port: int | None = None, *, durable: bool = False
+                 ) -> None:
         self.base_dir = base_dir
+        self.durable = durable  # keep Postgres's durability defaults (fsync and the rest)
         self.data_dir = base_dir / "pgdata"
         self.port = port or free_port()
         self.bin = postgres_bin_dir()
@@ -95,7 +97,8 @@ class PostgresServer:
                 str(self.bin / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
                 "-c", "listen_addresses=127.0.0.1",
                 "-c", f"unix_socket_directories={self.base_dir}",
-                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                *([] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off",
+                                           "-c", "full_page_writes=off"]),
                 "-c", "max_connections=300", "-c", "shared_buffers=128MB",
                 *os.environ.get("CONVEYOR_PG_EXTRA_ARGS", "").split(),
             ]),
