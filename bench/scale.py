@@ -303,7 +303,7 @@ def run(args: Any) -> int:
         pg.start()
         rs.start()
         urls = {"pg": pg.dsn, "redis": rs.url}
-        lines += asyncio.run(_parts(args, urls, scratch))
+        asyncio.run(_parts(args, urls, scratch, lines))
     finally:
         rs.stop()
         pg.stop()
@@ -315,8 +315,14 @@ def run(args: Any) -> int:
     return 0
 
 
-async def _parts(args: Any, urls: dict[str, str], scratch: Path) -> list[str]:
-    lines = ["Postgres keeps its durability defaults (fsync, synchronous_commit, "
+def _flush(args: Any, lines: list[str]) -> None:
+    """Write what is measured so far (a long run stopped midway keeps its finished parts)."""
+    if args.scale_out:
+        args.scale_out.write_text("\n".join(lines) + "\n")
+
+
+async def _parts(args: Any, urls: dict[str, str], scratch: Path, lines: list[str]) -> None:
+    lines += ["Postgres keeps its durability defaults (fsync, synchronous_commit, "
              "full_page_writes on), shared_buffers=128MB; one shared 2-core machine."]
     if args.compare_rows:
         lines += ["", f"Layouts, each holding {args.compare_rows:,} finished tasks:", "",
@@ -338,6 +344,7 @@ async def _parts(args: Any, urls: dict[str, str], scratch: Path) -> list[str]:
                 f"| {figures['prune_rows_s']:,.0f} | {figures['prune_wal']:.0f} | "
                 f"{figures['prune_longest_ms']:.0f} ms | {figures['counts_ms_p50']:.2f} ms | "
                 f"{mb(size['table'] * per_m)} + {mb(size['indexes'] * per_m)} |")
+            _flush(args, lines)
     if args.rows:
         schema = "scale"
         print("e2e on an empty table", flush=True)
@@ -368,6 +375,7 @@ async def _parts(args: Any, urls: dict[str, str], scratch: Path) -> list[str]:
                   f"{fill_s:.0f} s; size per million finished tasks: table "
                   f"{mb(size['table'] * per_m)}, indexes {mb(size['indexes'] * per_m)}, total "
                   f"{mb(size['total'] * per_m)}."]
+        _flush(args, lines)
     if args.soak_seconds:
         print(f"soak {args.soak_seconds:.0f} s at {args.soak_rate:.0f}/s", flush=True)
         samples = await soak(urls, "soak", args.soak_seconds, args.soak_rate,
@@ -381,4 +389,3 @@ async def _parts(args: Any, urls: dict[str, str], scratch: Path) -> list[str]:
         if samples[-1] not in samples[::step]:
             t, s, r = samples[-1]
             lines.append(f"| {t:.0f} s | {mb(s)} | {r:,} |")
-    return lines
