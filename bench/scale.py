@@ -4,7 +4,7 @@ Three parts, on a private PostgreSQL that keeps its durability defaults (fsync, 
 commit, full-page writes: unlike the peer table's) and a private redis-server:
 
 1. **layouts** (`--compare-rows`, default 2,000,000): the tasks table as migrations 0001-0003
-   left it and as 0004 makes it, each holding that many finished tasks: the cost of a
+   left it, as 0004 makes it, and 0004 with fillfactor 85, each holding that many finished tasks: the cost of a
    completion (mark running + record, batches of 100, as the worker does: time and WAL per
    task), of pruning (the janitor's DELETE batches of 500: rows/s, WAL per row), of the
    queue counts, and table + index size per million finished tasks.
@@ -356,9 +356,9 @@ async def _parts(args: Any, urls: dict[str, str], scratch: Path, lines: list[str
                   "| layout | completion µs/task | WAL B/completion | prune rows/s | "
                   "WAL B/pruned row | longest prune batch | counts p50 | table + indexes "
                   "per 1M finished |", "|---|---|---|---|---|---|---|---|"]
-        layouts = (("0001-0003: status in full indexes, fillfactor 100", 3, None),
-                   ("0004 indexes, fillfactor 100", None, 100),
-                   ("0004 as shipped: partial live/finished indexes, fillfactor 85", None, None))
+        layouts = (("0001-0003: status in full indexes", 3, None),
+                   ("0004 at fillfactor 85", None, 85),
+                   ("0004 as shipped: partial live/finished indexes", None, None))
         for number, (label, up_to, fillfactor) in enumerate(layouts):
             print(f"layout {label}", flush=True)
             figures = await layout_costs(urls["pg"], f"layout_{number}",

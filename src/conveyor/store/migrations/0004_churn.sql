@@ -18,14 +18,13 @@ CREATE INDEX CONCURRENTLY tasks_finished ON {schema}.tasks (type, status, id)
     INCLUDE (finished_at) WHERE status IN ('succeeded', 'dead', 'cancelled');
 DROP INDEX CONCURRENTLY IF EXISTS {schema}.tasks_status_id;
 DROP INDEX CONCURRENTLY IF EXISTS {schema}.tasks_type_status_id;
--- Storage: room on each page for the new version of an updated row (a same-page update
--- needs no new heap page, and a HOT one, when no indexed column changed, no index entry);
--- vacuum after 1 % of the rows changed rather than 20 %, so the dead versions that updates
--- and the janitor's deletes leave are reclaimed while they are few, and the visibility map
--- stays fresh for the index-only counts. SET (...) takes a SHARE UPDATE EXCLUSIVE lock:
--- reads and writes go on.
+-- Vacuum after 1 % of the rows changed rather than 20 %, so the dead versions that updates and
+-- the janitor's deletes leave are reclaimed while they are few and the visibility map stays
+-- fresh for the index-only counts. (No fillfactor below 100: nearly every row is a finished
+-- one that is never updated again, and the space held back on its page would be lost; see
+-- the design notes for the figures.) SET (...) takes a SHARE UPDATE EXCLUSIVE lock: reads
+-- and writes go on.
 ALTER TABLE {schema}.tasks SET (
-    fillfactor = 85,
     autovacuum_vacuum_scale_factor = 0.01,
     autovacuum_vacuum_insert_scale_factor = 0.01,
     autovacuum_analyze_scale_factor = 0.02,
