@@ -364,12 +364,14 @@ class TaskStreams:
         with translate("streams.trim"):
             try:
                 groups = await self.redis.xinfo_groups(stream)
-            except ResponseError:
-                return 0
-            group = next((g for g in groups if g["name"] == GROUP.encode()), None)
-            if group is None:
-                return 0
-            summary = await self.redis.xpending(stream, GROUP)
+                group = next((g for g in groups if g["name"] == GROUP.encode()), None)
+                if group is None:
+                    return 0
+                summary = await self.redis.xpending(stream, GROUP)
+            except ResponseError as exc:
+                if not lost_state(exc):
+                    raise
+                return 0  # nothing to trim: the stream or its group is gone (a Redis wipe)
             min_pending = summary["min"]
             min_id = min_pending.decode() if min_pending else _next_id(group["last-delivered-id"])
             dropped = await self.redis.xtrim(stream, minid=min_id, approximate=False)

@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
+from redis.exceptions import ResponseError
 
 from conveyor import metrics
 from conveyor.errors import Unavailable
@@ -87,12 +88,16 @@ class Heartbeat:
         try:
             async with asyncio.timeout(max(0.5, self.interval_s / 2)):
                 await self.refresh()
-                await self.trim()
             self._refresh_outage.recovered()
         except Unavailable as exc:
             self._refresh_outage.note(exc)
         except TimeoutError:
             self._refresh_outage.note(Unavailable("streams.refresh", "Redis did not answer"))
+        try:
+            async with asyncio.timeout(max(0.5, self.interval_s / 2)):
+                await self.trim()
+        except (Unavailable, TimeoutError, ResponseError) as exc:
+            log.warning("heartbeat.trim.failed", error=str(exc)[:200])  # the next beat trims
         return ok
 
     def info(self) -> dict[str, Any]:
