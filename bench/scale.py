@@ -4,11 +4,11 @@ Three parts, on a private PostgreSQL that keeps its durability defaults (fsync, 
 commit, full-page writes: unlike the peer table's) and a private redis-server:
 
 1. **layouts** (`--compare-rows`, default 2,000,000): the tasks table as migrations 0001-0003
-   left it, as 0004 makes it, and 0004 with fillfactor 85, each holding that many finished tasks: the cost of a
-   completion (mark running + record, batches of 100, as the worker does: time and WAL per
-   task), of pruning (the janitor's DELETE batches of 500: rows/s, WAL per row), of the
-   queue counts, and table + index size per million finished tasks.
-2. **scale** (`--rows`, default 10,000,000): the e2e no-op workload (`--n` tasks through
+   left it, as 0004 makes it, and 0004 with fillfactor 85, each holding that many finished
+   tasks: the cost of a completion (mark running + record, batches of 100, as the worker
+   does: time and WAL per task), of pruning (the janitor's DELETE batches of 500: rows/s, WAL
+   per row), of the queue counts, and table + index size per million finished tasks.
+2. **scale** (`--rows`, default 10,000,000): the e2e no-op workload (`--scale-n` tasks through
    `Client.enqueue_many`, one `conveyor worker --concurrency 10`) on an empty table and on one
    holding that many finished tasks, the throughput ratio, and `GET /v1/queues` and
    `GET /v1/tasks?type=noop&status=succeeded` p99 at that size.
@@ -273,8 +273,9 @@ async def http_p99(urls: dict[str, str], schema: str, requests: int = 300) -> di
 
 
 async def soak(urls: dict[str, str], schema: str, seconds: float, rate: float,
-               retention_s: float, logdir: Path) -> list[tuple[float, int, int]]:
-    """(elapsed s, total size, rows) every 15 s of a steady `rate` with the janitor on."""
+               retention_s: float, logdir: Path) -> list[tuple[float, int, int, int]]:
+    """(elapsed s, total size, rows, table size) every 15 s of a steady `rate` with the
+    janitor on."""
     from bench import app as bench_app
     from conveyor.client import TaskRequest
     from conveyor.config import Settings
@@ -286,7 +287,7 @@ async def soak(urls: dict[str, str], schema: str, seconds: float, rate: float,
              spawn("cron", env, logdir / "soak-cron.log")]
     settings = Settings(database_url=urls["pg"], redis_url=urls["redis"],
                         database_schema=schema, key_prefix=schema, log_level="warning")
-    samples: list[tuple[float, int, int]] = []
+    samples: list[tuple[float, int, int, int]] = []
     try:
         async with open_state(settings, bench_app.app) as state, AsyncExitStack():
             began = time.monotonic()
@@ -298,12 +299,16 @@ async def soak(urls: dict[str, str], schema: str, seconds: float, rate: float,
                         [TaskRequest(bench_app.TYPE, {}) for _ in range(min(due, 500))])
                     sent += min(due, 500)
                 if elapsed >= next_sample:
-                    size = int(await state.pool.fetchval(
-                        "SELECT pg_total_relation_size($1)", state.store.table))
+                    found = await state.pool.fetchrow(
+                        "SELECT pg_table_size($1), pg_total_relation_size($1)",
+                        state.store.table)
+                    assert found is not None
+                    heap, size = int(found[0]), int(found[1])
                     rows = int(await state.pool.fetchval(
                         f"SELECT count(*) FROM {state.store.table}"))
-                    samples.append((elapsed, size, rows))
-                    print(f"  soak {elapsed:6.0f} s: {mb(size)}, {rows:,} rows", flush=True)
+                    samples.append((elapsed, size, rows, heap))
+                    print(f"  soak {elapsed:6.0f} s: {mb(size)} (table {mb(heap)}), {rows:,}"
+                          " rows", flush=True)
                     next_sample += 15.0
                 await asyncio.sleep(0.02)
     finally:
@@ -410,9 +415,7 @@ async def _parts(args: Any, urls: dict[str, str], scratch: Path, lines: list[str
         lines += ["", f"Soak: {args.soak_rate:.0f} tasks/s for {args.soak_seconds:.0f} s, "
                   f"retention {args.soak_retention:.0f} s, janitor every 10 s "
                   "(`conveyor cron`), table + indexes (rows):", "",
-                  "| elapsed | size | rows |", "|---|---|---|"]
+                  "| elapsed | table + indexes | of which table | rows |", "|---|---|---|---|"]
         step = max(1, len(samples) // 20)
-        lines += [f"| {t:.0f} s | {mb(s)} | {r:,} |" for t, s, r in samples[::step]]
-        if samples[-1] not in samples[::step]:
-            t, s, r = samples[-1]
-            lines.append(f"| {t:.0f} s | {mb(s)} | {r:,} |")
+        shown = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
+        lines += [f"| {t:.0f} s | {mb(s)} | {mb(h)} | {r:,} |" for t, s, r, h in shown]
