@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import harness as bp
+from bench import scale
 from bench.peers import all_peers as peer_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +97,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-snapshot", dest="snapshot", action="store_false",
                     help="import src/ live instead of a copy taken at the start (then edits "
                          "made to src/ during the benchmark change what later runs measure)")
+    scale = ap.add_argument_group("scale mode (bench/scale.py; durable Postgres)")
+    scale.add_argument("--scale", action="store_true",
+                       help="run the scale benchmark instead of the peer table")
+    scale.add_argument("--rows", type=int, default=10_000_000,
+                       help="finished tasks in the large table (0 skips; default 10,000,000)")
+    scale.add_argument("--scale-n", type=int, default=20_000,
+                       help="tasks per e2e run in scale mode (default 20,000)")
+    scale.add_argument("--compare-rows", type=int, default=2_000_000,
+                       help="finished tasks per layout compared (0 skips; default 2,000,000)")
+    scale.add_argument("--soak-seconds", type=float, default=1800,
+                       help="soak duration (0 skips; default 1800)")
+    scale.add_argument("--soak-rate", type=float, default=500, help="soak tasks/s (500)")
+    scale.add_argument("--soak-retention", type=float, default=60,
+                       help="CONVEYOR_RETENTION_SUCCEEDED during the soak (60 s)")
+    scale.add_argument("--scale-out", type=Path,
+                       help="also write the scale report to this file")
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--json", type=Path, help="also write every run's raw figures here")
     ap.add_argument("--logdir", type=Path, default=Path("/tmp/conveyor-bench-logs"))
@@ -199,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.topologies:
         from bench import topologies
         return topologies.main(args)
+    if args.scale:
+        args.command = shlex.join([Path(sys.executable).as_posix(), "-m", "bench",
+                                   *(sys.argv[1:] if argv is None else argv)])
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so its servers are stopped
+        return scale.run(args)
     all_peers = peer_rows()
     wanted = ("" if args.peers == "none" else ",".join(all_peers) if args.peers == "all"
               else args.peers)
@@ -381,7 +403,7 @@ class Bench:
                  *([others] if others else [])]
         text = render(self.results, self.rows, ns, facts, self.command, self.latency,
                       self.profiles)
-        args.out.write_text(text)
+        args.out.write_text(scale.kept_section(args.out, text))
         if args.json:
             profiles = [{**p, "profile": p["profile"].as_dict(25)} if "profile" in p else p
                         for p in self.profiles]

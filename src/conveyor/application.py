@@ -26,7 +26,15 @@ from pydantic import BaseModel
 
 from conveyor.client import Client, TaskRequest, insert_in_transaction
 from conveyor.errors import ConfigError
-from conveyor.registry import CronJob, CronTick, Registry, RetryPolicy, TaskContext, TaskType
+from conveyor.registry import (
+    CronJob,
+    CronTick,
+    Registry,
+    Retention,
+    RetryPolicy,
+    TaskContext,
+    TaskType,
+)
 from conveyor.store.keys import SCOPES
 from conveyor.store.pool import Connection
 from conveyor.store.tasks import TaskRecord
@@ -131,6 +139,7 @@ class Conveyor:
         process: bool = False,
         description: str | None = None,
         strict: bool = True,
+        retention: Retention | float | None = None,
     ) -> Callable[[Callable[Concatenate[P, Params], R]], TaskDefinition[P, Params, R]]:
         """Register a handler `(payload, ctx) -> result` for task type `name`; returns its
         `TaskDefinition` (callable as the handler, with `enqueue` and `enqueue_sync`).
@@ -142,7 +151,11 @@ class Conveyor:
         A payload given as JSON (over HTTP, or as a mapping) is validated in pydantic's strict
         mode, as its schema reads: `"5"` or `true` is no integer, `5` no string. `strict=False`
         lets pydantic coerce them instead, for clients that send numbers as strings.
+        `retention` keeps this type's finished tasks that many seconds (or per status, a
+        `Retention`) instead of the `CONVEYOR_RETENTION_*` settings; 0 keeps them forever.
         """
+
+        kept = Retention.of(retention)
 
         def register(
             handler: Callable[Concatenate[P, Params], R],
@@ -163,6 +176,7 @@ class Conveyor:
                     retry=retry,
                     description=description or inspect.getdoc(handler) or "",
                     strict=strict,
+                    retention=kept,
                 )
             )
             return definition

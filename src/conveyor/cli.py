@@ -34,6 +34,7 @@ from conveyor.api.auth import check_exposure
 from conveyor.api.server import ApiServer
 from conveyor.application import Conveyor
 from conveyor.config import Settings, load_settings, parse_duration, parse_rate
+from conveyor.cron.janitor import Janitor
 from conveyor.cron.rebalance import Rebalancer
 from conveyor.cron.relay import Relay
 from conveyor.cron.scheduler import CronScheduler
@@ -133,6 +134,13 @@ def build_services(state: AppState, roles: Roles, *, worker_types: list[str] | N
             state.redis, state.keys, state.streams, state.store, types, liveness=liveness,
             interval_s=settings.relay_interval, grace_s=settings.relay_grace,
             ttl_s=settings.heartbeat_ttl,
+        ))
+        services.append(Janitor(
+            state.redis, state.keys, state.streams, state.store, types, liveness=liveness,
+            settings=settings,
+            retention={t.name: t.retention for t in state.app.registry},
+            interval_s=settings.janitor_interval, batch=settings.janitor_batch,
+            lock_timeout_s=settings.janitor_lock_timeout,
         ))
     return services
 
@@ -513,11 +521,16 @@ def migrate_command(log_level: LogOpt = None) -> None:
     async def apply() -> list[int]:
         pool = await open_pool(dsn, min_size=1, max_size=1)
         try:
-            return await migrate(pool, settings.database_schema)
+            return await migrate(pool, settings.database_schema,
+                                 lock_timeout_s=settings.migrate_lock_timeout)
         finally:
             await pool.close()
 
-    applied = _run(apply())
+    try:
+        applied = _run(apply())
+    except ConfigError as exc:
+        typer.echo(f"conveyor: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
     typer.echo(f"applied: {applied or 'nothing, up to date'}")
 
 

@@ -113,6 +113,18 @@ class Settings(BaseSettings):
     retry_max_delay: float = Field(default=300.0, ge=0)
     max_attempts: int = Field(default=3, ge=1, le=1000)
 
+    # Retention and the janitor: seconds a finished task is kept, by status (by finished_at;
+    # 0 keeps forever; a task type may set its own), how long an idempotency key holds, and
+    # the janitor's pace (every interval, batches of at most janitor_batch rows).
+    retention_succeeded: float = Field(default=86_400.0, ge=0)
+    retention_cancelled: float = Field(default=86_400.0, ge=0)
+    retention_dead: float = Field(default=604_800.0, ge=0)
+    idempotency_ttl: float = Field(default=86_400.0, ge=0)
+    janitor_interval: float = Field(default=60.0, gt=0)
+    janitor_batch: int = Field(default=500, ge=1, le=100_000)
+    janitor_lock_timeout: float = Field(default=0.1, gt=0)
+    migrate_lock_timeout: float = Field(default=5.0, gt=0)
+
     # Built-in tasks
     webhook_secret: SecretStr = SecretStr(DEV_WEBHOOK_SECRET)
 

@@ -19,6 +19,10 @@ class ConfigError(ConveyorError):
     """A setting or a registration is wrong; the message names it and the bad value."""
 
 
+class SchemaTooNew(ConfigError):
+    """The database schema was migrated by a newer Conveyor than this one."""
+
+
 class Unavailable(ConveyorError):
     """Postgres or Redis did not answer; the operation may be retried once it is back.
 

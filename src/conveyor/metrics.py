@@ -74,6 +74,27 @@ TICK_FAILURES = Counter(
 OUTAGES = Counter(
     "conveyor_outages_total", "Times a component lost Postgres or Redis.", ["component"]
 )
+JANITOR_PRUNED = Counter(
+    "conveyor_janitor_pruned_total",
+    "Finished tasks the janitor deleted past their retention, by type and status.",
+    ["type", "status"],
+)
+JANITOR_TRIMMED = Counter(
+    "conveyor_janitor_trimmed_total",
+    "Stream entries the janitor dropped, by type and stream (tasks: acked; dead: capped).",
+    ["type", "stream"],
+)
+JANITOR_OLDEST = Gauge(
+    "conveyor_janitor_oldest_kept_seconds",
+    "Age (since finished_at) of the oldest finished task kept, by type and status, as of the "
+    "janitor's last pass (0: none kept).",
+    ["type", "status"],
+)
+JANITOR_STATEMENT = Histogram(
+    "conveyor_janitor_statement_seconds",
+    "Duration of each janitor DELETE batch: the longest any of its row locks is held.",
+    buckets=_LATENCY_BUCKETS,
+)
 
 QUEUE_DEPTH = Gauge(
     "conveyor_queue_depth",

@@ -45,6 +45,41 @@ class RetryPolicy:
         return float(raw - spread + (rng or random).random() * spread)
 
 
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long a type's finished tasks are kept, in seconds, by status (by finished_at); 0
+    keeps them forever, None takes the global `CONVEYOR_RETENTION_*` setting."""
+
+    succeeded: float | None = None
+    cancelled: float | None = None
+    dead: float | None = None
+
+    def __post_init__(self) -> None:
+        for status in ("succeeded", "cancelled", "dead"):
+            value = getattr(self, status)
+            if value is not None and value < 0:
+                raise ConfigError(f"retention {status}={value!r}: must be >= 0 (0 keeps forever)")
+
+    @classmethod
+    def of(cls, value: Retention | float | None) -> Retention:
+        """`retention=` as given to `@app.task`: a Retention, or seconds for every status."""
+        if value is None:
+            return cls()
+        if isinstance(value, Retention):
+            return value
+        return cls(float(value), float(value), float(value))
+
+    def resolved(self, settings: Settings) -> dict[str, float]:
+        """Seconds per finished status, this type's where set, else the global settings."""
+        return {
+            "succeeded": (self.succeeded if self.succeeded is not None
+                          else settings.retention_succeeded),
+            "cancelled": (self.cancelled if self.cancelled is not None
+                          else settings.retention_cancelled),
+            "dead": self.dead if self.dead is not None else settings.retention_dead,
+        }
+
+
 class Lease:
     """Whether the worker still owns the attempt it runs. The heartbeat sets `lost` when
     Postgres says the task was taken from it (re-queued while the worker looked dead)."""
@@ -101,6 +136,7 @@ class TaskType:
     retry: RetryPolicy | None = None
     description: str = ""
     strict: bool = True
+    retention: Retention = field(default_factory=Retention)
 
     def validate_payload(self, payload: Any) -> BaseModel:
         """`payload` (a JSON value: what an HTTP request carries, or a mapping from Python) as

@@ -67,12 +67,14 @@ async def _open_state(
     )
     try:
         if apply_migrations:
-            await migrate(pool, settings.database_schema)
+            await migrate(pool, settings.database_schema,
+                          lock_timeout_s=settings.migrate_lock_timeout)
         with translate("redis.ping"):
             await redis.ping()
         keys = Keys(settings.key_prefix)
         store = TaskStore(pool, settings.database_schema,
-                          acquire_timeout_s=settings.pg_acquire_timeout)
+                          acquire_timeout_s=settings.pg_acquire_timeout,
+                          idempotency_ttl_s=settings.idempotency_ttl)
         streams = TaskStreams(redis, keys, dead_letter_maxlen=settings.dead_letter_maxlen)
         client = Client(store, streams, app.registry, default_max_attempts=settings.max_attempts,
                         pinned=pinned)

@@ -1,6 +1,6 @@
 """Rebalancer: every interval, hands abandoned pending messages to whoever reads next,
-dead-letters messages that keep coming back, removes emptied dead consumers and trims streams.
-[rebalance]
+dead-letters messages that keep coming back and removes emptied dead consumers.  [rebalance]
+(Streams are trimmed by the workers and the janitor.)
 
 A message is abandoned when it has been idle for a whole heartbeat TTL: a live worker resets
 the idle time of every message it holds at each beat, so that happens when its worker died or
@@ -55,7 +55,6 @@ class Rebalancer(LockedLoop):
     async def tick(self) -> None:
         for task_type in self.types:
             await self.rebalance(task_type)
-            await self.streams.trim(task_type)
 
     async def rebalance(self, task_type: str) -> tuple[int, int]:
         """Re-queue one type's abandoned messages; returns (re-queued, dead-lettered).

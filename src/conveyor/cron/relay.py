@@ -99,7 +99,6 @@ class Relay(LockedLoop):
         for task_type in self.types:
             await self.relay_overdue(task_type)
         await self.relay_orphans()
-        await self.liveness.prune()
 
     async def relay_overdue(self, task_type: str) -> int:
         """Publish overdue queued tasks of `task_type` that Redis does not hold."""

@@ -364,16 +364,33 @@ class TaskStreams:
         with translate("streams.trim"):
             try:
                 groups = await self.redis.xinfo_groups(stream)
-            except ResponseError:
-                return 0
-            group = next((g for g in groups if g["name"] == GROUP.encode()), None)
-            if group is None:
-                return 0
-            summary = await self.redis.xpending(stream, GROUP)
+                group = next((g for g in groups if g["name"] == GROUP.encode()), None)
+                if group is None:
+                    return 0
+                summary = await self.redis.xpending(stream, GROUP)
+            except ResponseError as exc:
+                if not lost_state(exc):
+                    raise
+                return 0  # nothing to trim: the stream or its group is gone (a Redis wipe)
             min_pending = summary["min"]
             min_id = min_pending.decode() if min_pending else _next_id(group["last-delivered-id"])
             dropped = await self.redis.xtrim(stream, minid=min_id, approximate=False)
         return int(dropped)
+
+    async def trim_dead(self, task_type: str, older_than_s: float) -> int:
+        """Cap the type's dead-letter stream: drop entries older than `older_than_s` (by
+        Redis's clock; 0 keeps them by age) and beyond `dead_letter_maxlen`. Returns how many
+        were dropped."""
+        key = self.keys.dead(task_type)
+        with translate("streams.trim_dead"):
+            dropped = 0
+            if older_than_s > 0:
+                seconds, micros = await self.redis.time()
+                min_ms = seconds * 1000 + micros // 1000 - int(older_than_s * 1000)
+                dropped += int(await self.redis.xtrim(key, minid=f"{max(0, min_ms)}-0"))
+            dropped += int(await self.redis.xtrim(key, maxlen=self.dead_letter_maxlen,
+                                                  approximate=False))
+        return dropped
 
     # -- relay -----------------------------------------------------------------------------
 

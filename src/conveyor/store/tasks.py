@@ -8,7 +8,13 @@ redelivered or stale message can never run a finished task or record a completio
     running (worker lost) ──requeue──▶ queued
     running (drain deadline) ──hand_back──▶ queued (the attempt not counted)
 
-Batched statements take arrays and `unnest` them: one round trip for many rows.
+Batched statements take arrays and `unnest` them: one round trip for many rows. Finished rows
+leave by `prune` only (the janitor's), in bounded batches; a table that belongs to a task
+references it `ON DELETE CASCADE`, so that one DELETE removes everything of a task.
+
+The indexes are chosen for churn (migration 0004, docs/design/retention.md): `status` is in
+two partial indexes only, one over live rows and one over finished rows, so statements that
+filter on it name the status as a literal, which lets the planner prove which index applies.
 """
 
 from __future__ import annotations
@@ -24,10 +30,15 @@ from typing import Any, Literal
 
 import orjson
 
+from conveyor.errors import Conflict
 from conveyor.store.pool import Connection, Pinned, Pool, borrowed, translate
 
 Status = Literal["queued", "running", "succeeded", "dead", "cancelled"]
 STATUSES: tuple[Status, ...] = ("queued", "running", "succeeded", "dead", "cancelled")
+FinishedStatus = Literal["succeeded", "dead", "cancelled"]
+FINISHED: tuple[FinishedStatus, ...] = ("succeeded", "cancelled", "dead")
+# The idempotency keys of cron slots are never released: a slot fires once, however long ago.
+CRON_KEY_PREFIX = "cron:"
 # A worker may start a task this long before its run_at (clock skew between Redis and Postgres).
 EARLY_START_S = 0.5
 
@@ -73,6 +84,18 @@ def _record(row: Any) -> TaskRecord:
 
 def _json_or_none(value: dict[str, str] | None) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
+
+
+def _insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
+    return (
+        [t.id for t in tasks],
+        [t.type for t in tasks],
+        [t.payload_json for t in tasks],
+        [t.idempotency_key for t in tasks],
+        [t.max_attempts for t in tasks],
+        [t.delay_s for t in tasks],
+        [_json_or_none(t.trace_context) for t in tasks],
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,12 +175,40 @@ class QueueCounts:
     oldest_due: datetime | None
 
 
-class TaskStore:
-    """All SQL on the tasks table of one schema."""
+def _literal(status: Status) -> str:
+    """A status as an SQL literal (partial indexes are matched on literals, not parameters)."""
+    if status not in STATUSES:
+        raise ValueError(f"unknown status {status!r}")
+    return f"'{status}'"
 
-    def __init__(self, pool: Pool, schema: str, *, acquire_timeout_s: float = 5.0) -> None:
+
+def _uuid_floor(moment_sql: str) -> str:
+    """SQL for the smallest UUIDv7 of the millisecond `moment_sql` (a timestamptz expression):
+    every task created before it has a smaller id."""
+    return (f"(lpad(to_hex(floor(extract(epoch FROM {moment_sql}) * 1000)::bigint), 12, '0')"
+            " || '00000000000000000000')::uuid")
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """One janitor batch: the ids deleted and how long its statement (and locks) lasted."""
+
+    ids: list[uuid.UUID]
+    duration_s: float
+
+
+class TaskStore:
+    """All SQL on the tasks table of one schema.
+
+    `idempotency_ttl_s`: an idempotency key older than this (by its task's created_at) is
+    released when it is used again, making a new task; 0 keeps keys forever.
+    """
+
+    def __init__(self, pool: Pool, schema: str, *, acquire_timeout_s: float = 5.0,
+                 idempotency_ttl_s: float = 0.0) -> None:
         self.pool = pool
         self.acquire_timeout_s = acquire_timeout_s
+        self.idempotency_ttl_s = idempotency_ttl_s
         self.table = f"{schema}.tasks"
         # NOTIFY channel for tasks enqueued inside a caller's transaction (sent on commit).
         self.channel = f"{schema}_enqueued"
@@ -176,6 +227,15 @@ class TaskStore:
             SELECT {_COLUMNS} FROM {t} AS t
             JOIN unnest($1::text[], $2::text[]) AS u(type, key)
               ON t.type = u.type AND t.idempotency_key = u.key"""
+        # $1 types, $2 keys, $3 TTL s. Takes the key from tasks created more than the TTL ago
+        # (not from cron slots), so that inserting again makes a new task; returns the pairs.
+        self._release_keys_sql = f"""
+            UPDATE {t} AS t SET idempotency_key = NULL
+            FROM unnest($1::text[], $2::text[]) AS u(type, key)
+            WHERE t.type = u.type AND t.idempotency_key = u.key
+              AND t.created_at < now() - $3 * interval '1 second'
+              AND t.idempotency_key NOT LIKE '{CRON_KEY_PREFIX}%'
+            RETURNING u.type, u.key"""
         self._mark_running_sql = f"""
             UPDATE {t} AS t
             SET status = 'running', attempts = t.attempts + 1, worker = $2,
@@ -238,15 +298,7 @@ class TaskStore:
         """
         if not tasks:
             return []
-        args = (
-            [t.id for t in tasks],
-            [t.type for t in tasks],
-            [t.payload_json for t in tasks],
-            [t.idempotency_key for t in tasks],
-            [t.max_attempts for t in tasks],
-            [t.delay_s for t in tasks],
-            [_json_or_none(t.trace_context) for t in tasks],
-        )
+        args = _insert_args(tasks)
         if conn is None:
             async with self._connection("tasks.insert", via) as own:
                 return await self._insert(own, tasks, args)
@@ -260,29 +312,51 @@ class TaskStore:
         created = {row[0]: _record(row) for row in rows}
         if len(created) == len(tasks):
             return [Inserted(created[t.id], True) for t in tasks]
-        missing = [t for t in tasks if t.id not in created]
-        existing_rows = await conn.fetch(
-            self._existing_sql,
-            [t.type for t in missing],
-            [t.idempotency_key for t in missing],
-        )
-        existing = {(r["type"], r["idempotency_key"]): _record(r) for r in existing_rows}
+        found: dict[tuple[str, str | None], TaskRecord] = {}
+        # A key taken by a task past the idempotency TTL is released and the task inserted
+        # again; a key released by a concurrent caller (not found, not inserted) is tried
+        # again too. Three rounds settle any such race.
+        for _ in range(3):
+            missing = [t for t in tasks
+                       if t.id not in created and (t.type, t.idempotency_key) not in found]
+            if not missing:
+                break
+            released = []
+            if self.idempotency_ttl_s > 0:
+                released = await conn.fetch(
+                    self._release_keys_sql, [t.type for t in missing],
+                    [t.idempotency_key for t in missing], self.idempotency_ttl_s)
+            if not released:
+                existing = await conn.fetch(
+                    self._existing_sql, [t.type for t in missing],
+                    [t.idempotency_key for t in missing])
+                found.update({(r["type"], r["idempotency_key"]): _record(r) for r in existing})
+            again = [t for t in missing if (t.type, t.idempotency_key) not in found]
+            if again:
+                rows = await conn.fetch(self._insert_sql, *_insert_args(again))
+                created.update({row[0]: _record(row) for row in rows})
         out = []
         for t in tasks:
             if t.id in created:
                 out.append(Inserted(created[t.id], True))
+            elif (t.type, t.idempotency_key) in found:
+                out.append(Inserted(found[(t.type, t.idempotency_key)], False))
             else:
-                out.append(Inserted(existing[(t.type, t.idempotency_key)], False))
+                raise Conflict("tasks.insert", "an idempotency key changed hands meanwhile")
         return out
 
     # -- reads -----------------------------------------------------------------------------
 
     async def with_keys(self, keys: Sequence[tuple[str, str]]) -> list[TaskRecord]:
-        """Tasks named by these (type, idempotency key) pairs, those that exist."""
+        """Tasks named by these (type, idempotency key) pairs, those that exist and whose key
+        still holds (within the idempotency TTL)."""
         if not keys:
             return []
-        rows = await self._fetch("tasks.with_keys", self._existing_sql,
-                                 [k[0] for k in keys], [k[1] for k in keys])
+        rows = await self._fetch(
+            "tasks.with_keys",
+            self._existing_sql + " WHERE $3 = 0 OR t.created_at >= now() - $3 * interval '1 second'"
+            f" OR t.idempotency_key LIKE '{CRON_KEY_PREFIX}%'",
+            [k[0] for k in keys], [k[1] for k in keys], self.idempotency_ttl_s)
         return [_record(r) for r in rows]
 
     async def get(self, task_id: uuid.UUID) -> TaskRecord | None:
@@ -299,25 +373,46 @@ class TaskStore:
         before: uuid.UUID | None = None,
         limit: int = 50,
     ) -> list[TaskRecord]:
-        """Newest first; `before` is the last id of the previous page (keyset pagination)."""
-        clauses: list[str] = []
+        """Newest first; `before` is the last id of the previous page (keyset pagination).
+
+        By status alone: the newest of each type (each from the partial index of its status),
+        merged; the types come from a skip scan of the (type, id) index."""
+        t = self.table
         args: list[Any] = []
-        for column, value in (("type", type_), ("status", status)):
-            if value is not None:
-                args.append(value)
-                clauses.append(f"t.{column} = ${len(args)}")
+        clauses: list[str] = []
         if before is not None:
             args.append(before)
             clauses.append(f"t.id < ${len(args)}")
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        args.append(limit)
-        sql = (f"SELECT {_COLUMNS} FROM {self.table} AS t {where} "
-               f"ORDER BY t.id DESC LIMIT ${len(args)}")
+        if status is not None:
+            clauses.append(f"t.status = {_literal(status)}")
+        if type_ is not None or status is None:
+            if type_ is not None:
+                args.append(type_)
+                clauses.append(f"t.type = ${len(args)}")
+            where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+            args.append(limit)
+            sql = (f"SELECT {_COLUMNS} FROM {t} AS t {where} "
+                   f"ORDER BY t.id DESC LIMIT ${len(args)}")
+        else:
+            args.append(limit)
+            sql = f"""
+                WITH RECURSIVE types AS (
+                  (SELECT type FROM {t} ORDER BY type LIMIT 1)
+                  UNION ALL
+                  SELECT (SELECT x.type FROM {t} AS x WHERE x.type > types.type
+                          ORDER BY x.type LIMIT 1)
+                  FROM types WHERE types.type IS NOT NULL)
+                SELECT {_COLUMNS} FROM types CROSS JOIN LATERAL (
+                  SELECT * FROM {t} AS t WHERE t.type = types.type AND {' AND '.join(clauses)}
+                  ORDER BY t.id DESC LIMIT ${len(args)}) AS t
+                ORDER BY t.id DESC LIMIT ${len(args)}"""
         rows = await self._fetch("tasks.list", sql, *args)
         return [_record(r) for r in rows]
 
     async def counts(self, type_: str) -> QueueCounts:
-        """Queued, running and dead counts and the oldest due queued task, from indexes only."""
+        """Queued, running and dead counts (exact) and the oldest due queued task, each from
+        a partial index that holds only rows of its kind: the cost follows the rows counted
+        (live ones; dead ones, bounded by their retention), not the table."""
         t = self.table
         sql = f"""
             SELECT
@@ -329,6 +424,70 @@ class TaskStore:
         row = await self._fetchrow("tasks.counts", sql, type_)
         assert row is not None
         return QueueCounts(row[0], row[1], row[2], row[3])
+
+    # -- retention (the janitor's) ---------------------------------------------------------
+
+    async def types_present(self) -> list[str]:
+        """Every task type with rows, by a skip scan of the (type, id) index (one probe per
+        type, whatever the table holds)."""
+        t = self.table
+        rows = await self._fetch("tasks.types_present", f"""
+            WITH RECURSIVE types AS (
+              (SELECT type FROM {t} ORDER BY type LIMIT 1)
+              UNION ALL
+              SELECT (SELECT x.type FROM {t} AS x WHERE x.type > types.type
+                      ORDER BY x.type LIMIT 1)
+              FROM types WHERE types.type IS NOT NULL)
+            SELECT type FROM types WHERE type IS NOT NULL""")
+        return [r[0] for r in rows]
+
+    async def prune(
+        self, type_: str, status: FinishedStatus, older_than_s: float, limit: int, *,
+        lock_timeout_s: float = 0.1,
+    ) -> Pruned:
+        """Delete up to `limit` tasks of `type_` in `status` that finished more than
+        `older_than_s` ago (and, by cascade, what belongs to them); oldest ids first.
+
+        One short transaction: rows are found by the finished index within the ids created
+        before the cutoff (a task finished before it was created before it), locked with
+        SKIP LOCKED (a row a user is retrying right now is left for the next batch), and
+        deleted with the status and age checked again. A lock it cannot get within
+        `lock_timeout_s` fails the batch (Conflict) rather than making writers queue behind it.
+        """
+        t = self.table
+        literal = _literal(status)
+        cutoff = "now() - $2 * interval '1 second'"
+        sql = f"""
+            WITH doomed AS (
+              SELECT t.id FROM {t} AS t
+              WHERE t.type = $1 AND t.status = {literal} AND t.id < {_uuid_floor(cutoff)}
+                AND t.finished_at < {cutoff}
+              ORDER BY t.type, t.status, t.id LIMIT $3
+              FOR UPDATE SKIP LOCKED)
+            DELETE FROM {t} AS t USING doomed
+            WHERE t.id = doomed.id AND t.status = {literal} AND t.finished_at < {cutoff}
+            RETURNING t.id"""
+        async with self._connection("tasks.prune") as conn:
+            started = time.perf_counter()
+            async with conn.transaction():
+                await conn.execute(
+                    f"SET LOCAL lock_timeout = {max(1, int(lock_timeout_s * 1000))}")
+                rows = await conn.fetch(sql, type_, older_than_s, limit)
+            elapsed = time.perf_counter() - started
+        return Pruned([r[0] for r in rows], elapsed)
+
+    async def oldest_finished(self, type_: str) -> dict[FinishedStatus, datetime | None]:
+        """Per finished status, the finished_at of the oldest kept tasks of `type_` (the
+        earliest among the 100 oldest ids: exact unless a task was finished long after it
+        was created, as a retried one is), None when there are none."""
+        t = self.table
+        parts = ", ".join(
+            f"(SELECT min(f) FROM (SELECT finished_at AS f FROM {t} WHERE type = $1"
+            f" AND status = {_literal(s)} ORDER BY type, status, id LIMIT 100) AS o)"
+            for s in FINISHED)
+        row = await self._fetchrow("tasks.oldest_finished", f"SELECT {parts}", type_)
+        assert row is not None
+        return dict(zip(FINISHED, row, strict=True))
 
     # -- worker transitions ----------------------------------------------------------------
 

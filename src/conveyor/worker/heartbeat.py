@@ -5,7 +5,8 @@ The TTL is a small multiple of the interval: long enough to survive a late beat,
 that a dead worker soon disappears. Resetting idle times keeps a long task on a live worker
 from looking abandoned to the rebalancer, which only takes messages idle for a whole TTL.
 Each beat also learns which running tasks are no longer this worker's (re-queued while it was
-stalled past the TTL): their handlers are cancelled, or their outcomes discarded.
+stalled past the TTL): their handlers are cancelled, or their outcomes discarded; and trims the
+acked entries of the worker's streams (the janitor does too, but a worker may run alone).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
+from redis.exceptions import ResponseError
 
 from conveyor import metrics
 from conveyor.errors import Unavailable
@@ -91,6 +93,11 @@ class Heartbeat:
             self._refresh_outage.note(exc)
         except TimeoutError:
             self._refresh_outage.note(Unavailable("streams.refresh", "Redis did not answer"))
+        try:
+            async with asyncio.timeout(max(0.5, self.interval_s / 2)):
+                await self.trim()
+        except (Unavailable, TimeoutError, ResponseError) as exc:
+            log.warning("heartbeat.trim.failed", error=str(exc)[:200])  # the next beat trims
         return ok
 
     def info(self) -> dict[str, Any]:
@@ -106,6 +113,13 @@ class Heartbeat:
         """Reset the idle time of every message held (entries Redis lost are skipped)."""
         for (task_type, consumer), ids in self.in_flight.by_consumer().items():
             await self.streams.refresh(task_type, consumer, ids)
+
+    async def trim(self) -> None:
+        """Drop the acked entries of this worker's streams, so that a deployment with no cron
+        process keeps them bounded (safe from any number of workers at once: see
+        TaskStreams.trim)."""
+        for task_type in self.types:
+            await self.streams.trim(task_type)
 
     async def beat(self) -> None:
         """Write the beat, give up the tasks Postgres says are no longer ours, and learn which

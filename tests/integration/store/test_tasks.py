@@ -392,3 +392,29 @@ async def test_retry_refuses_a_task_that_is_not_dead_or_cancelled(
     assert await state.store.retry(task_id) is None
     assert await rows(state) == before
 
+
+
+# -- listings by status (partial indexes) ----------------------------------------------------
+
+
+async def test_listing_by_status_alone_merges_every_type_newest_first(state: AppState) -> None:
+    ids = []
+    for i in range(12):
+        [task_id] = await add(state, type_=("echo", "sleep", "refuse")[i % 3])
+        ids.append(task_id)
+        await put(state, task_id, status="dead" if i % 2 else "queued",
+                  finished_at=datetime.now().astimezone() if i % 2 else None)
+    dead = [t for i, t in enumerate(ids) if i % 2]
+    seen: list[uuid.UUID] = []
+    before = None
+    while True:
+        page = await state.store.list_tasks(status="dead", before=before, limit=4)
+        seen += [r.id for r in page]
+        if len(page) < 4:
+            break
+        before = page[-1].id
+    assert seen == sorted(dead, reverse=True)
+    by_type = await state.store.list_tasks(type_="sleep", status="queued")
+    assert [r.id for r in by_type] == sorted(
+        (t for i, t in enumerate(ids) if i % 3 == 1 and not i % 2), reverse=True)
+    assert sorted(await state.store.types_present()) == ["echo", "refuse", "sleep"]

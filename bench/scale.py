@@ -1,0 +1,421 @@
+"""`python -m bench --scale`: Conveyor on a large tasks table, and a soak with retention on.
+
+Three parts, on a private PostgreSQL that keeps its durability defaults (fsync, synchronous
+commit, full-page writes: unlike the peer table's) and a private redis-server:
+
+1. **layouts** (`--compare-rows`, default 2,000,000): the tasks table as migrations 0001-0003
+   left it, as 0004 makes it, and 0004 with fillfactor 85, each holding that many finished
+   tasks: the cost of a completion (mark running + record, batches of 100, as the worker
+   does: time and WAL per task), of pruning (the janitor's DELETE batches of 500: rows/s, WAL
+   per row), of the queue counts, and table + index size per million finished tasks.
+2. **scale** (`--rows`, default 10,000,000): the e2e no-op workload (`--scale-n` tasks through
+   `Client.enqueue_many`, one `conveyor worker --concurrency 10`) on an empty table and on one
+   holding that many finished tasks, the throughput ratio, and `GET /v1/queues` and
+   `GET /v1/tasks?type=noop&status=succeeded` p99 at that size.
+3. **soak** (`--soak-seconds`, default 1800; 0 skips): a steady `--soak-rate` tasks/s with a
+   worker and `conveyor cron` (the janitor) running, retention `--soak-retention` s: the
+   table + index size sampled every 15 s, which stops growing once the janitor deletes as
+   fast as tasks finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+REPO = Path(__file__).resolve().parent.parent
+START, END = "<!-- scale:start -->", "<!-- scale:end -->"
+
+
+def put_section(path: Path, body: str) -> None:
+    """Write `body` as the scale section of `path` (BENCHMARKS.md), replacing the last one."""
+    text = path.read_text() if path.exists() else ""
+    section = f"{START}\n{body.rstrip()}\n{END}\n"
+    if START in text and END in text:
+        head, _, rest = text.partition(START)
+        _, _, tail = rest.partition(END)
+        text = head + section + tail.lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def kept_section(path: Path, new_text: str) -> str:
+    """`new_text` (the peer table's report) with the scale section of `path` kept."""
+    if not path.exists():
+        return new_text
+    old = path.read_text()
+    if START not in old or END not in old:
+        return new_text
+    section = START + old.partition(START)[2].partition(END)[0] + END
+    return new_text.rstrip("\n") + "\n\n" + section + "\n"
+COMPLETION_TASKS = 20_000
+PRUNE_ROWS = 200_000
+
+
+def fill_sql(table: str) -> str:
+    """INSERT $2 - $1 + 1 succeeded no-op tasks numbered $1..$2, finished over the last
+    $3 seconds (row $4 the newest), with UUIDv7 ids of their creation times."""
+    return f"""
+        INSERT INTO {table} (id, type, status, payload, attempts, max_attempts, result,
+                             worker, created_at, run_at, started_at, finished_at)
+        SELECT (lpad(to_hex(floor(extract(epoch FROM f.at) * 1000)::bigint), 12, '0')
+                || '7' || substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15)
+               )::uuid,
+               'noop', 'succeeded', '{{}}', 1, 3, 'null', 'bench-worker-1',
+               f.at, f.at, f.at, f.at + interval '2 milliseconds'
+        FROM generate_series($1::bigint, $2::bigint) AS g,
+             LATERAL (SELECT now() - ($4 - g) * ($3 / $4::float8) * interval '1 second'
+                      - interval '10 seconds' AS at) AS f"""
+
+
+async def fill(conn: Any, table: str, rows: int, span_s: float,
+               chunk: int = 250_000) -> float:
+    began = time.perf_counter()
+    for start in range(0, rows, chunk):
+        await conn.execute(fill_sql(table), start + 1, min(rows, start + chunk), span_s, rows)
+        print(f"  filled {min(rows, start + chunk):,} / {rows:,}", flush=True)
+    await conn.execute(f"VACUUM (ANALYZE) {table}")
+    return time.perf_counter() - began
+
+
+async def sizes(conn: Any, table: str) -> dict[str, int]:
+    row = await conn.fetchrow(
+        "SELECT pg_table_size($1), pg_indexes_size($1), pg_total_relation_size($1)", table)
+    assert row is not None
+    return {"table": row[0], "indexes": row[1], "total": row[2]}
+
+
+def mb(n: float) -> str:
+    return f"{n / 2**20:,.0f} MB"
+
+
+def migrations_dir(tmp: Path, up_to: int | None, *, fillfactor: int | None = None) -> Path:
+    """The shipped migrations, or those up to `up_to`; with `fillfactor`, one more that sets
+    it (a variant measured beside the shipped layout)."""
+    shipped = Path(str(resources.files("conveyor.store").joinpath("migrations")))
+    out = tmp / f"migrations-{up_to or 'all'}-{fillfactor or 'shipped'}"
+    out.mkdir()
+    for f in shipped.iterdir():
+        if f.suffix == ".sql" and (up_to is None or int(f.name[:4]) <= up_to):
+            shutil.copy(f, out / f.name)
+    if fillfactor is not None:
+        (out / "0999_fillfactor.sql").write_text(
+            f"ALTER TABLE {{schema}}.tasks SET (fillfactor = {fillfactor});\n")
+    return out
+
+
+async def layout_costs(url: str, schema: str, directory: Path, rows: int) -> dict[str, Any]:
+    """One layout's figures (see the module docstring, part 1)."""
+    from conveyor.store.migrate import migrate
+    from conveyor.store.pool import open_pool
+    from conveyor.store.tasks import NewTask, Outcome, TaskStore, new_task_id
+
+    pool = await open_pool(url, min_size=1, max_size=4)
+    out: dict[str, Any] = {}
+    try:
+        await migrate(pool, schema, directory=directory)
+        store = TaskStore(pool, schema)
+        async with pool.acquire() as conn:
+            out["fill_s"] = await fill(conn, store.table, rows, span_s=20 * 3600)
+            out["size"] = await sizes(conn, store.table)
+
+        async def wal() -> int:
+            return int(await pool.fetchval(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint"))
+
+        tasks = [NewTask(new_task_id(), "noop", "{}", 3) for _ in range(COMPLETION_TASKS)]
+        for i in range(0, len(tasks), 100):
+            await store.insert(tasks[i:i + 100])
+        await pool.execute(f"ANALYZE {store.table}")
+        w0, t0 = await wal(), time.perf_counter()
+        for i in range(0, len(tasks), 100):
+            started, _ = await store.mark_running([t.id for t in tasks[i:i + 100]], "w1")
+            await store.record([Outcome(s.id, "noop", s.attempt, "succeeded", "null")
+                                for s in started], "w1")
+        t1, w1 = time.perf_counter(), await wal()
+        out["completion_us"] = (t1 - t0) / len(tasks) * 1e6
+        out["completion_wal"] = (w1 - w0) / len(tasks)
+        counts = []
+        for _ in range(50):
+            c0 = time.perf_counter()
+            await store.counts("noop")
+            counts.append(time.perf_counter() - c0)
+        out["counts_ms_p50"] = sorted(counts)[25] * 1000
+        pruned, longest = 0, 0.0
+        w0, t0 = await wal(), time.perf_counter()
+        while pruned < PRUNE_ROWS:
+            batch = await store.prune("noop", "succeeded", 60.0, 500, lock_timeout_s=1.0)
+            pruned += len(batch.ids)
+            longest = max(longest, batch.duration_s)
+            if not batch.ids:
+                break
+        t1, w1 = time.perf_counter(), await wal()
+        out["prune_rows_s"] = pruned / (t1 - t0)
+        out["prune_wal"] = (w1 - w0) / max(1, pruned)
+        out["prune_longest_ms"] = longest * 1000
+        await pool.execute(f"DROP SCHEMA {schema} CASCADE")
+    finally:
+        await pool.close()
+    return out
+
+
+def worker_env(urls: dict[str, str], schema: str, n: int, extra: dict[str, str] | None = None
+               ) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(REPO / "src"), str(REPO),
+                                       os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "CONVEYOR_DATABASE_URL": urls["pg"],
+            "CONVEYOR_REDIS_URL": urls["redis"], "CONVEYOR_DATABASE_SCHEMA": schema,
+            "CONVEYOR_KEY_PREFIX": schema, "CONVEYOR_LOG_LEVEL": "warning",
+            "BENCH_REDIS_URL": urls["redis"], "BENCH_N": str(n), "BENCH_CONCURRENCY": "10",
+            **(extra or {})}
+
+
+def spawn(role: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "conveyor", role, "--app", "bench.app:app"]
+    if role == "worker":
+        argv += ["--concurrency", "10"]
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+async def e2e(urls: dict[str, str], schema: str, n: int, logdir: Path) -> float:
+    """Tasks/s from the first enqueue to the N-th completion, one warm worker."""
+    import redis.asyncio as aioredis
+
+    from bench import app as bench_app
+    from bench import workload
+    from conveyor.client import TaskRequest
+    from conveyor.config import Settings
+    from conveyor.state import open_state
+
+    r = aioredis.Redis.from_url(urls["redis"])
+    settings = Settings(database_url=urls["pg"], redis_url=urls["redis"],
+                        database_schema=schema, key_prefix=schema, log_level="warning")
+    worker = spawn("worker", worker_env(urls, schema, n), logdir / "scale-worker.log")
+    try:
+        async with open_state(settings, bench_app.app) as state:
+            await r.delete(workload.DONE_KEY, workload.FIRST_KEY, workload.LAST_KEY)
+            await state.client.enqueue_many([TaskRequest(bench_app.TYPE, {})])  # warm-up
+            await _until_done(r, workload.DONE_KEY)
+            await r.delete(workload.DONE_KEY, workload.FIRST_KEY, workload.LAST_KEY)
+            began = time.time()
+            for i in range(0, n, 100):
+                await state.client.enqueue_many(
+                    [TaskRequest(bench_app.TYPE, {}) for _ in range(min(100, n - i))])
+            deadline = time.monotonic() + 600
+            while (last := await r.get(workload.LAST_KEY)) is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the e2e run did not finish within 600 s")
+                await asyncio.sleep(0.05)
+            return n / (float(last) - began)
+    finally:
+        stop(worker)
+        await r.aclose()
+
+
+async def _until_done(r: Any, key: str) -> None:
+    for _ in range(1200):
+        if int(await r.get(key) or 0) >= 1:
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the warm-up task did not finish within 60 s")
+
+
+async def http_p99(urls: dict[str, str], schema: str, requests: int = 300) -> dict[str, float]:
+    import httpx
+
+    from bench import app as bench_app
+    from conveyor.api.app import create_app
+    from conveyor.config import Settings
+    from conveyor.state import open_state
+
+    settings = Settings(database_url=urls["pg"], redis_url=urls["redis"],
+                        database_schema=schema, key_prefix=schema, log_level="warning")
+    out = {}
+    async with open_state(settings, bench_app.app) as state:
+        transport = httpx.ASGITransport(app=create_app(state))
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as http:
+            for name, path in (("queues", "/v1/queues"),
+                               ("tasks", "/v1/tasks?type=noop&status=succeeded")):
+                times = []
+                for _ in range(requests):
+                    t0 = time.perf_counter()
+                    response = await http.get(path)
+                    times.append(time.perf_counter() - t0)
+                    assert response.status_code == 200, response.text
+                times.sort()
+                out[f"{name}_p50_ms"] = times[len(times) // 2] * 1000
+                out[f"{name}_p99_ms"] = times[int(0.99 * (len(times) - 1))] * 1000
+    return out
+
+
+async def soak(urls: dict[str, str], schema: str, seconds: float, rate: float,
+               retention_s: float, logdir: Path) -> list[tuple[float, int, int, int]]:
+    """(elapsed s, total size, rows, table size) every 15 s of a steady `rate` with the
+    janitor on."""
+    from bench import app as bench_app
+    from conveyor.client import TaskRequest
+    from conveyor.config import Settings
+    from conveyor.state import open_state
+
+    extra = {"CONVEYOR_RETENTION_SUCCEEDED": str(retention_s), "CONVEYOR_JANITOR_INTERVAL": "10"}
+    env = worker_env(urls, schema, 10**12, extra)
+    procs = [spawn("worker", env, logdir / "soak-worker.log"),
+             spawn("cron", env, logdir / "soak-cron.log")]
+    settings = Settings(database_url=urls["pg"], redis_url=urls["redis"],
+                        database_schema=schema, key_prefix=schema, log_level="warning")
+    samples: list[tuple[float, int, int, int]] = []
+    try:
+        async with open_state(settings, bench_app.app) as state, AsyncExitStack():
+            began = time.monotonic()
+            sent, next_sample = 0, 0.0
+            while (elapsed := time.monotonic() - began) < seconds:
+                due = int(elapsed * rate) - sent
+                if due > 0:
+                    await state.client.enqueue_many(
+                        [TaskRequest(bench_app.TYPE, {}) for _ in range(min(due, 500))])
+                    sent += min(due, 500)
+                if elapsed >= next_sample:
+                    found = await state.pool.fetchrow(
+                        "SELECT pg_table_size($1), pg_total_relation_size($1)",
+                        state.store.table)
+                    assert found is not None
+                    heap, size = int(found[0]), int(found[1])
+                    rows = int(await state.pool.fetchval(
+                        f"SELECT count(*) FROM {state.store.table}"))
+                    samples.append((elapsed, size, rows, heap))
+                    print(f"  soak {elapsed:6.0f} s: {mb(size)} (table {mb(heap)}), {rows:,}"
+                          " rows", flush=True)
+                    next_sample += 15.0
+                await asyncio.sleep(0.02)
+    finally:
+        for proc in procs:
+            stop(proc)
+    return samples
+
+
+def run(args: Any) -> int:
+    """Run the parts asked for and write their report to `args.scale_out`."""
+    from conveyor import logs
+    from conveyor.testing.servers import PostgresServer, RedisServer
+
+    logs.configure("warning", "console")
+    scratch = Path(tempfile.mkdtemp(prefix="conveyor-scale-"))
+    scratch.chmod(0o755)
+    args.logdir.mkdir(parents=True, exist_ok=True)
+    pg = PostgresServer(scratch / "postgres", durable=True)
+    rs = RedisServer(scratch / "redis", persistent=False)
+    lines: list[str] = []
+    try:
+        pg.start()
+        rs.start()
+        urls = {"pg": pg.dsn, "redis": rs.url}
+        asyncio.run(_parts(args, urls, scratch, lines))
+    finally:
+        rs.stop()
+        pg.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.scale_out:
+        args.scale_out.write_text(report)
+    put_section(args.out, f"## Scale: a large tasks table and retention\n\n"
+                f"`{args.command}`\n\n{report}")
+    return 0
+
+
+def _flush(args: Any, lines: list[str]) -> None:
+    """Write what is measured so far (a long run stopped midway keeps its finished parts)."""
+    if args.scale_out:
+        args.scale_out.write_text("\n".join(lines) + "\n")
+
+
+async def _parts(args: Any, urls: dict[str, str], scratch: Path, lines: list[str]) -> None:
+    lines += ["Postgres keeps its durability defaults (fsync, synchronous_commit, "
+             "full_page_writes on), shared_buffers=128MB; one shared 2-core machine."]
+    if args.compare_rows:
+        lines += ["", f"Layouts, each holding {args.compare_rows:,} finished tasks:", "",
+                  "| layout | completion µs/task | WAL B/completion | prune rows/s | "
+                  "WAL B/pruned row | longest prune batch | counts p50 | table + indexes "
+                  "per 1M finished |", "|---|---|---|---|---|---|---|---|"]
+        layouts = (("0001-0003: status in full indexes", 3, None),
+                   ("0004 at fillfactor 85", None, 85),
+                   ("0004 as shipped: partial live/finished indexes", None, None))
+        for number, (label, up_to, fillfactor) in enumerate(layouts):
+            print(f"layout {label}", flush=True)
+            figures = await layout_costs(urls["pg"], f"layout_{number}",
+                                         migrations_dir(scratch, up_to, fillfactor=fillfactor),
+                                         args.compare_rows)
+            size = figures["size"]
+            per_m = 1_000_000 / args.compare_rows
+            lines.append(
+                f"| {label} | {figures['completion_us']:.0f} | {figures['completion_wal']:.0f} "
+                f"| {figures['prune_rows_s']:,.0f} | {figures['prune_wal']:.0f} | "
+                f"{figures['prune_longest_ms']:.0f} ms | {figures['counts_ms_p50']:.2f} ms | "
+                f"{mb(size['table'] * per_m)} + {mb(size['indexes'] * per_m)} |")
+            _flush(args, lines)
+    if args.rows:
+        schema = "scale"
+        print("e2e on an empty table", flush=True)
+        empty = await e2e(urls, schema, args.scale_n, args.logdir)
+        empty_http = await http_p99(urls, schema)
+        conn = await asyncpg.connect(urls["pg"])
+        try:
+            await conn.execute(f"TRUNCATE {schema}.tasks")
+            fill_s = await fill(conn, f"{schema}.tasks", args.rows, span_s=20 * 3600)
+            size = await sizes(conn, f"{schema}.tasks")
+        finally:
+            await conn.close()
+        print(f"e2e on {args.rows:,} finished tasks", flush=True)
+        large = await e2e(urls, schema, args.scale_n, args.logdir)
+        large_http = await http_p99(urls, schema)
+        per_m = 1_000_000 / args.rows
+        lines += ["", f"Scale: {args.scale_n:,} no-op tasks e2e (enqueue_many 100 per call, "
+                  "one worker, concurrency 10):", "",
+                  "| table holds | e2e tasks/s | GET /v1/queues p50 / p99 | "
+                  "GET /v1/tasks?type=&status= p50 / p99 |", "|---|---|---|---|",
+                  f"| nothing | {empty:,.0f} | {empty_http['queues_p50_ms']:.1f} / "
+                  f"{empty_http['queues_p99_ms']:.1f} ms | {empty_http['tasks_p50_ms']:.1f} / "
+                  f"{empty_http['tasks_p99_ms']:.1f} ms |",
+                  f"| {args.rows:,} finished | {large:,.0f} | {large_http['queues_p50_ms']:.1f}"
+                  f" / {large_http['queues_p99_ms']:.1f} ms | "
+                  f"{large_http['tasks_p50_ms']:.1f} / {large_http['tasks_p99_ms']:.1f} ms |",
+                  "", f"Throughput ratio large/empty: {large / empty:.0%}. Filling took "
+                  f"{fill_s:.0f} s; size per million finished tasks: table "
+                  f"{mb(size['table'] * per_m)}, indexes {mb(size['indexes'] * per_m)}, total "
+                  f"{mb(size['total'] * per_m)}."]
+        _flush(args, lines)
+    if args.soak_seconds:
+        print(f"soak {args.soak_seconds:.0f} s at {args.soak_rate:.0f}/s", flush=True)
+        samples = await soak(urls, "soak", args.soak_seconds, args.soak_rate,
+                             args.soak_retention, args.logdir)
+        lines += ["", f"Soak: {args.soak_rate:.0f} tasks/s for {args.soak_seconds:.0f} s, "
+                  f"retention {args.soak_retention:.0f} s, janitor every 10 s "
+                  "(`conveyor cron`), table + indexes (rows):", "",
+                  "| elapsed | table + indexes | of which table | rows |", "|---|---|---|---|"]
+        step = max(1, len(samples) // 20)
+        shown = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
+        lines += [f"| {t:.0f} s | {mb(s)} | {mb(h)} | {r:,} |" for t, s, r, h in shown]
