@@ -351,3 +351,27 @@ async def test_with_postgres_down_keys_seen_before_still_work(
             # (/v1/queues reads Postgres too: 503, but past the key.)
             assert (await http.get("/metrics", headers=auth(seen))).status_code == 200
             assert_problem(await http.get("/v1/queues", headers=auth(unseen)), 503)
+
+
+
+async def test_every_route_of_the_app_needs_a_key_but_the_open_ones(state: AppState) -> None:
+    """Walks the app's OpenAPI paths, so a route added later without a scope fails here."""
+    await make_key(state, ["tasks:read"])
+    app = create_app(state)
+    open_paths = {"/healthz", "/readyz", "/openapi.json"}
+    seen: list[tuple[str, str]] = []
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://test") as http:
+        assert (await http.get("/docs")).status_code == 200
+        for path, operations in app.openapi()["paths"].items():
+            concrete = path.replace("{task_id}", str(uuid.uuid4())).replace(
+                "{name}", "k").replace("{task_type}", "echo")
+            for method in operations:
+                response = await http.request(method.upper(), concrete, json={})
+                seen.append((method, path))
+                if path in open_paths:
+                    assert response.status_code != 401, (method, path)
+                else:
+                    assert_problem(response, 401)
+    assert ("post", "/v1/keys/{name}/revoke") in seen
+    assert ("get", "/metrics") in seen
