@@ -117,7 +117,8 @@ def warn_if_development_secret(settings: Settings, task_types: Iterable[TaskType
 def _retry_after(response: httpx.Response) -> float | None:
     """The receiver's Retry-After in seconds, capped at an hour (it is theirs to choose)."""
     value = response.headers.get("retry-after", "")
-    return min(float(value), MAX_RETRY_AFTER_S) if value.isdigit() else None
+    digits = value.isascii() and value.isdigit()  # not "²", which float() refuses
+    return min(float(value), MAX_RETRY_AFTER_S) if digits else None
 
 
 async def send_webhook(payload: WebhookPayload, ctx: TaskContext) -> dict[str, Any]:

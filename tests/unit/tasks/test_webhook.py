@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import time
 
+import httpx
 import pytest
 import structlog
 from structlog.testing import capture_logs
@@ -145,3 +146,13 @@ def test_the_payload_checks_under_the_installed_allow_ranges() -> None:
         WebhookPayload.model_validate({"url": "http://127.0.0.1:8080/"})
     # a name is left to the connect-time check, which resolves it
     assert WebhookPayload.model_validate({"url": "https://hooks.example.com/x"})
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("7", 7.0), ("99999", webhook.MAX_RETRY_AFTER_S), ("", None), ("soon", None),
+    ("1.5", None), ("Wed, 21 Oct 2015 07:28:00 GMT", None),
+    ("²", None), ("٣", None),  # digits to str.isdigit, not to float(): no ValueError
+])
+def test_retry_after_takes_ascii_seconds_only(value: str, expected: float | None) -> None:
+    response = httpx.Response(503, headers=[(b"retry-after", value.encode())])
+    assert webhook._retry_after(response) == expected
