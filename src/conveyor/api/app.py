@@ -47,8 +47,8 @@ With API keys configured, use **Authorize** to send one; each route says the sco
 def create_app(state: AppState, backlog: Backlog | None = None) -> FastAPI:
     """A new API app over `state`. Middleware, outermost first: request id, access log and
     metrics, body limit (FastAPI's own error layer, and its spans, stay outermost); API keys,
-    scopes and rate limits are route dependencies (api/auth.py). `backlog` is the process's reader of the
-    queue gauges, when other services of it share one."""
+    scopes and rate limits are route dependencies (api/auth.py). `backlog` is the process's
+    reader of the queue gauges, when other services of it share one."""
     settings = state.settings
     registry = state.app.registry
     metrics_key = settings.metrics_key
