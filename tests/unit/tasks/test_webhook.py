@@ -156,3 +156,18 @@ def test_the_payload_checks_under_the_installed_allow_ranges() -> None:
 def test_retry_after_takes_ascii_seconds_only(value: str, expected: float | None) -> None:
     response = httpx.Response(503, headers=[(b"retry-after", value.encode())])
     assert webhook._retry_after(response) == expected
+
+
+@pytest.mark.parametrize("name", [
+    "Host", "host", "Content-Length", "Transfer-Encoding", "Connection",
+    "x-conveyor-signature", "X-CONVEYOR-TIMESTAMP", "x-conveyor-task-id", "content-type",
+])
+def test_headers_that_would_redirect_or_forge_the_request_are_refused(name: str) -> None:
+    # A `Host` would replace the hostname the connection was checked and pinned for; a second
+    # signature or a framing header would be sent beside Conveyor's own.
+    with pytest.raises(ValueError, match=name):
+        WebhookPayload.model_validate({"url": "https://example.com/hook",
+                                       "headers": {name: "x"}})
+    ok = WebhookPayload.model_validate({"url": "https://example.com/hook",
+                                        "headers": {"Authorization": "Bearer t", "X-Mine": "1"}})
+    assert ok.headers == {"Authorization": "Bearer t", "X-Mine": "1"}
