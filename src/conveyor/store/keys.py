@@ -194,6 +194,12 @@ class KeyStore:
         async with borrowed(self.pool, self.acquire_timeout_s, "keys.touch") as conn:
             await conn.execute(sql, key_id)
 
+    async def any_made(self) -> bool:
+        """Whether any key was ever made here (revoked and expired ones count)."""
+        sql = f"SELECT EXISTS (SELECT 1 FROM {self.table})"
+        async with borrowed(self.pool, self.acquire_timeout_s, "keys.any_made") as conn:
+            return bool(await conn.fetchval(sql))
+
     async def any_active(self) -> bool:
         """Whether any key is neither revoked nor expired."""
         sql = f"""SELECT EXISTS (SELECT 1 FROM {self.table} WHERE revoked_at IS NULL
