@@ -219,6 +219,10 @@ def test_the_compose_file_is_valid_and_starts_services_after_their_servers() -> 
         assert float(service["stop_grace_period"].removesuffix("s")) > drain
     for name in ("postgres", "redis"):
         assert "healthcheck" in services[name]
+    # The API listens on 0.0.0.0 in its container, where it refuses to start without a key:
+    # compose must stop at once naming the variable, not restart the API forever.
+    keys = services["api"]["environment"]["CONVEYOR_API_KEYS"]
+    assert re.fullmatch(r"\$\{CONVEYOR_API_KEYS:\?[^}]+\}", keys), keys
 
 
 def test_the_image_runs_as_a_user_without_the_embedded_servers() -> None:
