@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conveyor.config import Settings
@@ -105,3 +106,11 @@ def wait_until(check: Check, timeout_s: float = 20.0, what: str = "condition") -
             raise AssertionError(f"{what} not met within {timeout_s} s")
         time.sleep(0.05)
 
+
+async def api_ready(base: str) -> bool:
+    """Whether the API at `base` answers `/readyz` with 200 (not yet up: False)."""
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=1) as http:
+            return (await http.get("/readyz")).status_code == 200
+    except httpx.HTTPError:
+        return False

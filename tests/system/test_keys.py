@@ -15,7 +15,7 @@ from conveyor.state import AppState
 from conveyor.store.keys import KEY_PATTERN
 from conveyor.testing.servers import free_port
 from tests.conftest import eventually
-from tests.system.conftest import ROOT, Spawner, conveyor_env
+from tests.system.conftest import ROOT, Spawner, api_ready, conveyor_env
 
 pytestmark = pytest.mark.slow
 # TEST-NET-1: never an address of this machine, so binding it fails if the check did not.
@@ -75,14 +75,6 @@ async def test_keys_create_list_and_revoke_from_the_command_line(state: AppState
     assert "nobody" in missing.stderr
 
 
-async def _ready(base: str) -> bool:
-    try:
-        async with httpx.AsyncClient(base_url=base, timeout=1) as http:
-            return (await http.get("/readyz")).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 async def test_two_api_processes_share_one_keys_rate_limit(
     state: AppState, spawn: Spawner
 ) -> None:
@@ -95,7 +87,7 @@ async def test_two_api_processes_share_one_keys_rate_limit(
         spawn("api", "--port", str(port))
     bases = [f"http://127.0.0.1:{port}" for port in ports]
     for base in bases:
-        await eventually(lambda base=base: _ready(base), timeout_s=30)  # type: ignore[misc]
+        await eventually(lambda base=base: api_ready(base), timeout_s=30)  # type: ignore[misc]
     answers: list[httpx.Response] = []
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(timeout=10) as http:

@@ -19,7 +19,7 @@ from conveyor.state import AppState
 from conveyor.testing.servers import free_port
 from tests.apps import system
 from tests.conftest import eventually
-from tests.system.conftest import Spawner
+from tests.system.conftest import Spawner, api_ready
 
 pytestmark = pytest.mark.slow
 APP = ["--app", "tests.apps.system:app"]
@@ -81,21 +81,13 @@ async def test_a_sigkilled_workers_task_is_completed_by_another(
     assert summary["pending"] == 0
 
 
-async def _ready(base: str) -> bool:
-    try:
-        async with httpx.AsyncClient(base_url=base, timeout=1) as http:
-            return (await http.get("/readyz")).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 async def test_sigterm_drains_in_flight_tasks_and_exits_zero(
     state: AppState, spawn: Spawner
 ) -> None:
     port = free_port()
     proc = spawn("run", *APP, "--port", str(port))
     base = f"http://127.0.0.1:{port}"
-    await eventually(lambda: _ready(base), timeout_s=30)
+    await eventually(lambda: api_ready(base), timeout_s=30)
     async with httpx.AsyncClient(base_url=base) as http:
         created = await http.post("/v1/tasks/batch", json={
             "tasks": [{"type": "work", "payload": {"seconds": 2}} for _ in range(5)]
@@ -127,7 +119,7 @@ async def test_a_second_signal_exits_at_once_leaving_work_pending(
 ) -> None:
     port = free_port()
     proc = spawn("run", *APP, "--port", str(port))
-    await eventually(lambda: _ready(f"http://127.0.0.1:{port}"), timeout_s=30)
+    await eventually(lambda: api_ready(f"http://127.0.0.1:{port}"), timeout_s=30)
     task_id = (await client_for(state).enqueue("work", {"seconds": 60})).record.id
 
     async def running() -> bool:

@@ -18,7 +18,7 @@ from conveyor.state import AppState
 from conveyor.testing.servers import free_port
 from tests.apps import system
 from tests.conftest import eventually
-from tests.system.conftest import Spawner
+from tests.system.conftest import Proc, Spawner
 
 pytestmark = pytest.mark.slow
 APP = ["--app", "tests.apps.system:app"]
@@ -68,10 +68,8 @@ async def workers_of(state: AppState, ids: list[uuid.UUID]) -> set[str]:
     return {r.worker for r in records if r is not None and r.worker}
 
 
-async def test_two_processes_share_the_work_sum_their_metrics_and_drain_on_sigterm(
-    state: AppState, spawn: Spawner
-) -> None:
-    port = free_port()
+async def two_worker_processes(state: AppState, spawn: Spawner, port: int) -> Proc:
+    """`conveyor worker --processes 2` with its metrics on `port`, once both children beat."""
     proc = spawn("worker", *APP, "--types", "work", "--processes", "2", "--concurrency", "1",
                  CONVEYOR_METRICS_PORT=str(port))
 
@@ -79,6 +77,14 @@ async def test_two_processes_share_the_work_sum_their_metrics_and_drain_on_sigte
         return len(await live_pids(state)) == 2
 
     await eventually(two_children, timeout_s=30)
+    return proc
+
+
+async def test_two_processes_share_the_work_sum_their_metrics_and_drain_on_sigterm(
+    state: AppState, spawn: Spawner
+) -> None:
+    port = free_port()
+    proc = await two_worker_processes(state, spawn, port)
     children = await live_pids(state)
     assert proc.pid not in children
     client = client_for(state)
@@ -129,13 +135,7 @@ async def test_a_killed_child_is_replaced_and_its_replacement_works(
     state: AppState, spawn: Spawner
 ) -> None:
     port = free_port()
-    proc = spawn("worker", *APP, "--types", "work", "--processes", "2", "--concurrency", "1",
-                 CONVEYOR_METRICS_PORT=str(port))
-
-    async def two_children() -> bool:
-        return len(await live_pids(state)) == 2
-
-    await eventually(two_children, timeout_s=30)
+    proc = await two_worker_processes(state, spawn, port)
     first = await live_pids(state)
     victim = min(first)
     os.kill(victim, signal.SIGKILL)

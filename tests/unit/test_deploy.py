@@ -219,6 +219,10 @@ def test_the_compose_file_is_valid_and_starts_services_after_their_servers() -> 
         assert float(service["stop_grace_period"].removesuffix("s")) > drain
     for name in ("postgres", "redis"):
         assert "healthcheck" in services[name]
+    # The API listens on 0.0.0.0 in its container, where it refuses to start without a key:
+    # compose must stop at once naming the variable, not restart the API forever.
+    keys = services["api"]["environment"]["CONVEYOR_API_KEYS"]
+    assert re.fullmatch(r"\$\{CONVEYOR_API_KEYS:\?[^}]+\}", keys), keys
 
 
 def test_the_image_runs_as_a_user_without_the_embedded_servers() -> None:
@@ -231,3 +235,10 @@ def test_the_image_runs_as_a_user_without_the_embedded_servers() -> None:
     assert user
     assert user[-1].split()[1].split(":")[0] not in {"0", "root"}
     assert 'ENTRYPOINT ["conveyor"]' in lines
+
+
+def test_the_placeholder_secret_holds_no_api_key_that_would_be_accepted() -> None:
+    # Applied as it is, a placeholder key (`CHANGE-ME`) would be a working admin key that
+    # everyone can read here; empty, the API refuses to start until a real key is set.
+    secret = named("Secret", "conveyor")
+    assert secret["stringData"]["CONVEYOR_API_KEYS"] == ""

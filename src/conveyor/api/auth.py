@@ -5,8 +5,9 @@ Keys are the bootstrap keys of `CONVEYOR_API_KEYS` (admin, compared in constant 
 every one) and the keys of the `api_keys` table (store/keys.py), looked up by their id and
 kept here for `API_KEY_CACHE` seconds, so a request costs no Postgres query and a revoke takes
 effect within that time (while Postgres is down, keys seen before are served as they were).
-With no key at all the API is open (anonymous admin), but only when it is bound to a loopback
-address or `CONVEYOR_ALLOW_ANONYMOUS` is set.
+With no key at all (no bootstrap key, and none ever made in the table: revoking or outliving
+every key does not reopen it) the API is open (anonymous admin), but only when it is bound to
+a loopback address or `CONVEYOR_ALLOW_ANONYMOUS` is set.
 
 Order per request: authenticate (401), count against the key's rate limit (429), then the
 route's scope (403), so refused requests count too. Health, readiness and docs need no key.
@@ -107,24 +108,25 @@ class Authenticator:
         self.clock = clock
         # key id -> (read at, its row or None for no such key); read by clock()
         self._rows: dict[str, tuple[float, KeyRecord | None]] = {}
-        self._any_active: tuple[float, bool] = (-float("inf"), False)
+        self._any_made: tuple[float, bool] = (-float("inf"), False)
         self._touched: dict[str, float] = {}  # key id -> when this process last wrote it
         self._outage_logged = -float("inf")
 
     async def _has_table_keys(self) -> bool:
-        at, value = self._any_active
+        at, value = self._any_made
         if self.clock() - at >= self.cache_s:
             try:
-                value = await self.store.any_active()
+                value = await self.store.any_made()
             except Unavailable:
                 if at == -float("inf"):
                     raise
                 return value  # Postgres is away: what was last read stands
-            self._any_active = (self.clock(), value)
+            self._any_made = (self.clock(), value)
         return value
 
     async def keyless(self) -> bool:
-        """True when no key exists at all (neither bootstrap nor active table key)."""
+        """True when no key exists at all: no bootstrap key, and no table key ever made (a
+        revoked or expired one keeps the API closed)."""
         return not self.env_keys and not await self._has_table_keys()
 
     def _env_index(self, token: bytes) -> int | None:

@@ -93,6 +93,14 @@ def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
+def unscoped(address: IPAddress) -> IPAddress:
+    """`address` without its IPv6 zone id (which compares and hashes apart from the bare
+    address, so a set or dict lookup would miss it)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        return ipaddress.IPv6Address(int(address))
+    return address
+
+
 @dataclass(frozen=True, slots=True)
 class EgressPolicy:
     """Denies `DENIED_NETWORKS` less `allow`, and always `METADATA_ADDRESSES`; ports 80, 443
@@ -109,7 +117,9 @@ class EgressPolicy:
         return cls(tuple(ipaddress.ip_network(c) for c in cidrs))
 
     def address_refusal(self, address: IPAddress) -> str | None:
-        """Why `address` may not be reached, or None if it may."""
+        """Why `address` may not be reached, or None if it may (a zone id, `%eth0`, is no
+        part of the address judged: `fd00:ec2::254%eth0` is the metadata address)."""
+        address = unscoped(address)
         inner = embedded_ipv4(address)
         for candidate in (address, inner):
             if candidate is not None and candidate in METADATA_ADDRESSES:

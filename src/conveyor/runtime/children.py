@@ -160,11 +160,15 @@ class Children:
                                + CHILD_GRACE_S, return_when=asyncio.FIRST_COMPLETED)
         finally:
             forced.cancel()
-        if not exited.done():
+        forced_here = not exited.done()
+        if forced_here:
             await self._force(slot, proc)
         code = proc.returncode if proc.returncode is not None else -signal.SIGKILL
         self._exited(slot)
-        if code != 0 and not (shutdown.forced and code == EXIT_FORCED):
+        # Ended by the drain's SIGTERM itself: it was still starting (a child takes the signal
+        # before it takes any work), so it had nothing to drain.
+        unstarted = code == -signal.SIGTERM and not forced_here
+        if code != 0 and not unstarted and not (shutdown.forced and code == EXIT_FORCED):
             self.failures.append(ChildFailure(slot.index, proc.pid, code))
             log.error("process.drain.failed", slot=slot.index, pid=proc.pid, exit_code=code)
         else:

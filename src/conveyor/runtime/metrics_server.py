@@ -93,8 +93,9 @@ class MetricsServer(HttpServer):
 
     async def _metrics(self, request: Request) -> Response:
         if self.key is not None:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ")
-            if not hmac.compare_digest(given.encode(), self.key.encode()):
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            bearer = scheme.lower() == "bearer"  # any case, as the API reads it
+            if not (hmac.compare_digest(given.strip().encode(), self.key.encode()) and bearer):
                 return JSONResponse(
                     {"type": "about:blank", "title": "Unauthorized", "status": 401,
                      "detail": "send CONVEYOR_METRICS_KEY as Authorization: Bearer <key>"},

@@ -33,6 +33,8 @@ PREFIX = "cvk"
 KEY_PATTERN = re.compile(r"cvk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,99}$"  # printable, shell- and URL-friendly
 _ID_BYTES, _SECRET_BYTES = 8, 32
+MAX_RATE_COUNT = 2**31 - 1  # the column is an integer
+MAX_LIFETIME_S = 100 * 365 * 86400  # past it, leave the key without an expiry
 
 READ, ENQUEUE, MANAGE, ADMIN = "tasks:read", "tasks:enqueue", "tasks:manage", "admin"
 SCOPES = (READ, ENQUEUE, MANAGE, ADMIN)  # admin implies every other scope
@@ -131,11 +133,17 @@ class KeyStore:
         rate: Rate | None = None, expires_in_s: float | None = None,
     ) -> tuple[KeyRecord, str]:
         """A new key: its row and the key itself, which exists nowhere else from now on.
-        ValueError for a bad name or an unknown scope; KeyNameTaken if the name is."""
+        ValueError for a bad name, an unknown scope, or a rate or lifetime out of range;
+        KeyNameTaken if the name is."""
         if not re.fullmatch(NAME_PATTERN, name):
             raise ValueError(f"key name {name!r}: 1-100 letters, digits and . _ : @ / -, "
                              "starting with a letter or digit")
         wanted = check_scopes(scopes)
+        if rate is not None and not 0 < rate.count <= MAX_RATE_COUNT:
+            raise ValueError(f"rate {rate}: at most {MAX_RATE_COUNT} requests per period")
+        if expires_in_s is not None and not 0 < expires_in_s <= MAX_LIFETIME_S:
+            raise ValueError(f"lifetime of {expires_in_s:g} s: more than 0 and at most 100 "
+                             "years (omit it for a key that does not expire)")
         key_id, secret = secrets.token_hex(_ID_BYTES), secrets.token_urlsafe(_SECRET_BYTES)
         # $1 id, $2 name, $3 digest, $4 scopes, $5 types (NULL: all), $6/$7 rate (NULL:
         # default), $8 lifetime in seconds (NULL: none). Returns the row.
@@ -185,6 +193,12 @@ class KeyStore:
                   AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')"""
         async with borrowed(self.pool, self.acquire_timeout_s, "keys.touch") as conn:
             await conn.execute(sql, key_id)
+
+    async def any_made(self) -> bool:
+        """Whether any key was ever made here (revoked and expired ones count)."""
+        sql = f"SELECT EXISTS (SELECT 1 FROM {self.table})"
+        async with borrowed(self.pool, self.acquire_timeout_s, "keys.any_made") as conn:
+            return bool(await conn.fetchval(sql))
 
     async def any_active(self) -> bool:
         """Whether any key is neither revoked nor expired."""

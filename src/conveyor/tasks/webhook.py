@@ -40,6 +40,14 @@ SIGNATURE_HEADER = "X-Conveyor-Signature"
 TIMESTAMP_HEADER = "X-Conveyor-Timestamp"
 TASK_ID_HEADER = "X-Conveyor-Task-Id"
 _RETRYABLE_4XX = {408, 429}
+# Headers a payload may not set: those Conveyor sets itself (a second copy would be sent beside
+# its own), and those that would change where or how the request goes (`Host` would replace the
+# hostname the connection was checked and pinned for).
+RESERVED_HEADERS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "te",
+    "trailer", "upgrade", "content-type", "user-agent", SIGNATURE_HEADER.lower(),
+    TIMESTAMP_HEADER.lower(), TASK_ID_HEADER.lower(),
+})
 EXCERPT_CHARS = 200
 MAX_RETRY_AFTER_S = 3600.0
 log = structlog.get_logger("conveyor.webhook")
@@ -54,8 +62,19 @@ class WebhookPayload(BaseModel):
                                      "(a non-public address or a service port is a 422)")
     body: dict[str, Any] | list[Any] = Field(default_factory=dict, description="JSON to send")
     headers: dict[str, str] = Field(default_factory=dict, max_length=32,
-                                    description="extra request headers")
+                                    description="extra request headers (not Host, framing "
+                                                "headers, Content-Type, User-Agent or "
+                                                "X-Conveyor-*)")
     timeout_s: float = Field(default=10.0, gt=0, le=120, description="per-attempt timeout")
+
+    @field_validator("headers")
+    @classmethod
+    def _not_reserved(cls, headers: dict[str, str]) -> dict[str, str]:
+        reserved = sorted(name for name in headers if name.lower() in RESERVED_HEADERS)
+        if reserved:
+            raise ValueError(f"headers {', '.join(reserved)} may not be set: Conveyor sets "
+                             "them (or they would change where the request goes)")
+        return headers
 
     @field_validator("url")
     @classmethod
@@ -117,7 +136,8 @@ def warn_if_development_secret(settings: Settings, task_types: Iterable[TaskType
 def _retry_after(response: httpx.Response) -> float | None:
     """The receiver's Retry-After in seconds, capped at an hour (it is theirs to choose)."""
     value = response.headers.get("retry-after", "")
-    return min(float(value), MAX_RETRY_AFTER_S) if value.isdigit() else None
+    digits = value.isascii() and value.isdigit()  # not "²", which float() refuses
+    return min(float(value), MAX_RETRY_AFTER_S) if digits else None
 
 
 async def send_webhook(payload: WebhookPayload, ctx: TaskContext) -> dict[str, Any]:

@@ -351,3 +351,45 @@ async def test_with_postgres_down_keys_seen_before_still_work(
             # (/v1/queues reads Postgres too: 503, but past the key.)
             assert (await http.get("/metrics", headers=auth(seen))).status_code == 200
             assert_problem(await http.get("/v1/queues", headers=auth(unseen)), 503)
+
+
+
+async def test_every_route_of_the_app_needs_a_key_but_the_open_ones(state: AppState) -> None:
+    """Walks the app's OpenAPI paths, so a route added later without a scope fails here."""
+    await make_key(state, ["tasks:read"])
+    app = create_app(state)
+    open_paths = {"/healthz", "/readyz", "/openapi.json"}
+    seen: list[tuple[str, str]] = []
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://test") as http:
+        assert (await http.get("/docs")).status_code == 200
+        for path, operations in app.openapi()["paths"].items():
+            concrete = path.replace("{task_id}", str(uuid.uuid4())).replace(
+                "{name}", "k").replace("{task_type}", "echo")
+            for method in operations:
+                response = await http.request(method.upper(), concrete, json={})
+                seen.append((method, path))
+                if path in open_paths:
+                    assert response.status_code != 401, (method, path)
+                else:
+                    assert_problem(response, 401)
+    assert ("post", "/v1/keys/{name}/revoke") in seen
+    assert ("get", "/metrics") in seen
+
+
+async def test_revoking_or_outliving_every_key_does_not_reopen_the_api(state: AppState) -> None:
+    # On loopback (behind a proxy on the same host, say), the API is open only until a key is
+    # made: once the last key is revoked or has expired, a request without any key must not
+    # become an anonymous admin.
+    store = keys_of(state)
+    _, key = await store.create("only", ["admin"])
+    async with http_for(state, api_key_cache=0.0) as http:
+        assert (await http.get("/v1/keys", headers=auth(key))).status_code == 200
+        await store.revoke("only")
+        assert_problem(await http.get("/v1/keys"), 401)
+        assert_problem(await http.post("/v1/tasks", json=ECHO), 401)
+    _, lapsing = await store.create("lapsing", ["admin"], expires_in_s=60)
+    await state.pool.execute(f"UPDATE {store.table} SET expires_at = now() - interval '1 s'")
+    async with http_for(state, api_key_cache=0.0) as http:
+        assert_problem(await http.get("/v1/tasks"), 401)
+        assert_problem(await http.get("/v1/tasks", headers=auth(lapsing)), 401, "expired")

@@ -81,3 +81,17 @@ async def test_touch_writes_at_most_once_a_minute(state: AppState) -> None:
     again = await store.get(record.id)
     assert again is not None
     assert again.last_used_at == touched.last_used_at
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"rate": Rate(3_000_000_000, 1)}, "rate"),
+    ({"expires_in_s": 10.0 ** 12}, "lifetime"),
+])
+async def test_a_rate_or_lifetime_postgres_cannot_hold_is_a_value_error(
+    state: AppState, kwargs: dict[str, object], needle: str,
+) -> None:
+    # `conveyor keys create --rate 3000000000/s` or `--expires-in 99999999999d`: one line
+    # naming the option (ValueError), not a database traceback.
+    with pytest.raises(ValueError, match=needle):
+        await store_of(state).create("huge", ["tasks:read"], **kwargs)  # type: ignore[arg-type]
+    assert await store_of(state).list() == []

@@ -118,6 +118,15 @@ def test_metadata_addresses_are_refused_in_their_ipv6_forms(address: str) -> Non
     assert "cloud metadata address" in (refused(address, everything) or "")
 
 
+@pytest.mark.parametrize("address", [
+    "fd00:ec2::254%eth0", "fd00:ec2::254%1", "::ffff:169.254.169.254%2",
+])
+def test_metadata_addresses_are_refused_with_a_zone_id(address: str) -> None:
+    # `fd00:ec2::254%eth0` dials the metadata address; a zone id must not hide it.
+    everything = EgressPolicy.allowing(["0.0.0.0/0", "::/0"])
+    assert "cloud metadata address" in (refused(address, everything) or "")
+
+
 @pytest.mark.parametrize(("port", "allowed"), [
     (80, True), (443, True), (1024, True), (8080, True), (8443, True), (65535, True),
     (0, False), (22, False), (25, False), (53, False), (1023, False),

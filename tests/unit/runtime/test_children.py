@@ -115,3 +115,25 @@ async def test_a_child_that_fails_its_drain_fails_the_supervisor(tmp_path: Path)
         with pytest.raises(ChildrenFailed, match="exit 1") as failed:
             await asyncio.wait_for(running, 20)
     assert sorted(f.slot for f in failed.value.failures) == [0, 1]
+
+
+async def test_a_child_stopped_by_sigterm_before_it_took_the_signal_has_drained(
+    tmp_path: Path,
+) -> None:
+    # A `conveyor worker` child installs its SIGTERM handler before it takes any work, so one
+    # that the drain's SIGTERM ends while still starting (the default action: exit -15) had
+    # nothing to drain: the supervisor still exits 0.
+    note = tmp_path / "up"
+    starting = f"import pathlib, time; pathlib.Path({str(note)!r}).touch(); time.sleep(60)"
+    pool = Children([sys.executable, "-c", starting], 2, env=dict(os.environ))
+    shutdown = Shutdown(drain_timeout_s=5)
+
+    async def up() -> bool:
+        return note.exists() and len(pool.live) == 2
+
+    async with supervising(pool, shutdown) as running:
+        await eventually(up, timeout_s=20)
+        shutdown.begin("test")
+        await asyncio.wait_for(running, 20)
+    assert pool.failures == []
+    assert pool.live == []

@@ -46,3 +46,14 @@ async def test_without_a_key_metrics_are_open() -> None:
         response = await http.get("/metrics")
     assert response.status_code == 200
     assert "process_cpu_seconds_total" in response.text or "python_info" in response.text
+
+
+async def test_the_key_is_read_as_the_api_reads_one() -> None:
+    # The scheme is case-insensitive (RFC 9110), as on the API's /metrics; a bare key is not
+    # a bearer credential.
+    server = MetricsServer(host="127.0.0.1", port=0, registry=CollectorRegistry(), key="k")
+    async with client(server) as http:
+        for header, status in (("bearer k", 200), ("BEARER  k", 200), ("Bearer k", 200),
+                               ("k", 401), ("Basic k", 401), ("Bearer", 401)):
+            response = await http.get("/metrics", headers={"Authorization": header})
+            assert response.status_code == status, header

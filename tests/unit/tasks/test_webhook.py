@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import time
 
+import httpx
 import pytest
 import structlog
 from structlog.testing import capture_logs
@@ -145,3 +146,28 @@ def test_the_payload_checks_under_the_installed_allow_ranges() -> None:
         WebhookPayload.model_validate({"url": "http://127.0.0.1:8080/"})
     # a name is left to the connect-time check, which resolves it
     assert WebhookPayload.model_validate({"url": "https://hooks.example.com/x"})
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("7", 7.0), ("99999", webhook.MAX_RETRY_AFTER_S), ("", None), ("soon", None),
+    ("1.5", None), ("Wed, 21 Oct 2015 07:28:00 GMT", None),
+    ("²", None), ("٣", None),  # digits to str.isdigit, not to float(): no ValueError
+])
+def test_retry_after_takes_ascii_seconds_only(value: str, expected: float | None) -> None:
+    response = httpx.Response(503, headers=[(b"retry-after", value.encode())])
+    assert webhook._retry_after(response) == expected
+
+
+@pytest.mark.parametrize("name", [
+    "Host", "host", "Content-Length", "Transfer-Encoding", "Connection",
+    "x-conveyor-signature", "X-CONVEYOR-TIMESTAMP", "x-conveyor-task-id", "content-type",
+])
+def test_headers_that_would_redirect_or_forge_the_request_are_refused(name: str) -> None:
+    # A `Host` would replace the hostname the connection was checked and pinned for; a second
+    # signature or a framing header would be sent beside Conveyor's own.
+    with pytest.raises(ValueError, match=name):
+        WebhookPayload.model_validate({"url": "https://example.com/hook",
+                                       "headers": {name: "x"}})
+    ok = WebhookPayload.model_validate({"url": "https://example.com/hook",
+                                        "headers": {"Authorization": "Bearer t", "X-Mine": "1"}})
+    assert ok.headers == {"Authorization": "Bearer t", "X-Mine": "1"}
