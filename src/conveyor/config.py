@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     # Built-in tasks
     webhook_secret: SecretStr = SecretStr(DEV_WEBHOOK_SECRET)
 
+    # Results: waiting, events, progress, cancelling a running task
+    events_maxlen: int = Field(default=100_000, ge=100)
+    progress_interval: float = Field(default=0.5, gt=0)
+    cancel_grace: float = Field(default=5.0, ge=0)
+
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

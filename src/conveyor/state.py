@@ -14,6 +14,7 @@ from conveyor.client import Client
 from conveyor.config import Settings
 from conveyor.errors import ConfigError
 from conveyor.queue.connection import Redis, open_redis, translate
+from conveyor.queue.events import EventLog
 from conveyor.queue.keys import Keys
 from conveyor.queue.streams import TaskStreams
 from conveyor.store.migrate import migrate
@@ -35,6 +36,7 @@ class AppState:
     streams: TaskStreams
     client: Client
     workers: WorkerStore
+    events: EventLog
 
 
 @contextlib.asynccontextmanager
@@ -62,15 +64,18 @@ async def open_state(
         store = TaskStore(pool, settings.database_schema,
                           acquire_timeout_s=settings.pg_acquire_timeout)
         streams = TaskStreams(redis, keys, dead_letter_maxlen=settings.dead_letter_maxlen)
+        events = EventLog(redis, keys, maxlen=settings.events_maxlen)
         client = Client(store, streams, app.registry, default_max_attempts=settings.max_attempts,
-                        pinned=pinned)
+                        pinned=pinned, events=events)
         workers = WorkerStore(pool, settings.database_schema,
                               acquire_timeout_s=settings.pg_acquire_timeout)
         app.bind(client)
         try:
-            yield AppState(settings, app, pool, redis, keys, store, streams, client, workers)
+            yield AppState(settings, app, pool, redis, keys, store, streams, client, workers,
+                           events)
         finally:
             app.unbind(client)
+            await client.close()
     finally:
         await pinned.release()
         await redis.aclose()

@@ -10,7 +10,7 @@ hash slot, so they are atomic and Redis-Cluster safe.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,8 +161,11 @@ class TaskStreams:
         log.warning("streams.group.recreated", task_type=task_type, reason=str(lost)[:200])
         await self.ensure_group(task_type)
 
-    async def publish(self, items: Sequence[Publish]) -> None:
-        """XADD ready tasks and ZADD delayed ones, in one pipeline."""
+    async def publish(
+        self, items: Sequence[Publish], also: Callable[[Any], None] | None = None
+    ) -> None:
+        """XADD ready tasks and ZADD delayed ones, in one pipeline (`also` may add commands of
+        its own to it: the tasks' events)."""
         if not items:
             return
         with translate("streams.publish"):
@@ -173,6 +176,8 @@ class TaskStreams:
                         pipe.xadd(self.keys.stream(item.task_type), {"id": member, "r": "0"})
                     else:
                         pipe.zadd(self.keys.delayed(item.task_type), {member: item.run_at_ms})
+                if also is not None:
+                    also(pipe)
                 await pipe.execute()
 
     async def read(

@@ -161,6 +161,7 @@ class Started:
     attempt: int
     max_attempts: int
     run_at: datetime
+    started_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +204,7 @@ class Recorded:
     status: Status  # `cancelled` for an outcome that would have retried a cancelled task
     run_at: datetime
     started_at: datetime | None = None
-    finished_at: datetime | None = None
+    at: datetime | None = None  # when it was recorded (the attempt's end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +249,8 @@ class TaskStore:
               AND NOT (t.status IS DISTINCT FROM 'queued')
               AND t.run_at - now() <= interval '{EARLY_START_S} seconds'
               AND t.attempts < t.max_attempts
-            RETURNING t.id, t.type, t.payload, t.attempts, t.max_attempts, t.run_at"""
+            RETURNING t.id, t.type, t.payload, t.attempts, t.max_attempts, t.run_at,
+                      t.started_at"""
         # An outcome that would retry a task whose cancel was requested ends it cancelled.
         final = ("CASE WHEN c.status = 'queued' AND t.cancel_requested THEN 'cancelled'"
                  " ELSE c.status END")
@@ -268,7 +270,7 @@ class TaskStore:
             WHERE t.id = c.id AND t.status = 'running' AND t.worker = $7
               AND t.attempts = c.attempt
               AND t.id = ANY($1::uuid[])  -- lets the planner see a primary-key lookup
-            RETURNING t.id, t.status, t.run_at, t.started_at, t.finished_at"""
+            RETURNING t.id, t.status, t.run_at, t.started_at, now()"""
 
     @contextlib.asynccontextmanager
     async def _connection(self, op: str, via: Pinned | None = None) -> AsyncIterator[Connection]:
