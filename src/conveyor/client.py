@@ -29,7 +29,7 @@ from conveyor.errors import (
     TaskNotFound,
     Unavailable,
 )
-from conveyor.queue.events import FINAL_STATUSES, RESYNC, Event, EventLog, Hub, event
+from conveyor.queue.events import CLOSING, FINAL_STATUSES, RESYNC, Event, EventLog, Hub, event
 from conveyor.queue.streams import Publish, TaskStreams
 from conveyor.registry import Registry
 from conveyor.runtime.coalescer import Coalescer
@@ -206,13 +206,17 @@ class Client:
                     record = await self._start_wait(task_id, known)
                     while record.status not in FINAL_STATUSES:
                         e = await queue.get()
+                        if e is CLOSING:
+                            break
                         if e is RESYNC:
                             record = await self.get(task_id)
                             continue
                         record = apply_event(record, e) or await self.get(task_id)
-                    return record
+                    else:
+                        return record
         except TimeoutError:
-            return await self.get(task_id)
+            pass
+        return await self.get(task_id)
 
     async def _start_wait(self, task_id: uuid.UUID, known: TaskRecord | None) -> TaskRecord:
         assert self.hub is not None
@@ -233,6 +237,16 @@ class Client:
         """`wait` for each of `records` (just written) at once, within one `timeout_s`."""
         return list(await asyncio.gather(*(self.wait(r.id, timeout_s, known=r)
                                            for r in records)))
+
+    def release_waiters(self) -> None:
+        """The service stops: every `wait` answers now with the task as it is (and so do
+        those that begin later, until `accept_waiters`)."""
+        if self.hub is not None:
+            self.hub.release()
+
+    def accept_waiters(self) -> None:
+        if self.hub is not None:
+            self.hub.reopen()
 
     async def close(self) -> None:
         """Stop the events reader, if one was started."""
@@ -274,7 +288,7 @@ def apply_event(record: TaskRecord, e: Event) -> TaskRecord | None:
     if e.kind == "started":
         started_at = _moment(d.get("started_at"))
         history.append({"number": attempt, "worker": d.get("worker"),
-                        "started_at": d.get("started_at"), "finished_at": None,
+                        "started_at": started_at, "finished_at": None,
                         "outcome": None, "error": None})
         return dataclasses.replace(record, status="running", attempts=attempt,
                                    worker=d.get("worker"), started_at=started_at,
@@ -284,7 +298,8 @@ def apply_event(record: TaskRecord, e: Event) -> TaskRecord | None:
     if e.kind == "succeeded" and d.get("result_omitted"):
         return None
     entry = {"number": attempt, "worker": d.get("worker", record.worker),
-             "started_at": d.get("started_at"), "finished_at": d.get("finished_at"),
+             "started_at": _moment(d.get("started_at")),
+             "finished_at": _moment(d.get("finished_at")),
              "outcome": "succeeded" if e.kind == "succeeded" else d.get("outcome", "failed"),
              "error": d.get("error")}
     if "attempt" in d:

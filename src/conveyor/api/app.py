@@ -14,7 +14,7 @@ from conveyor.api.middleware.access_log import AccessLogMiddleware
 from conveyor.api.middleware.auth import METRICS_PATH, ApiKeyMiddleware, is_open
 from conveyor.api.middleware.body_limit import BodyLimitMiddleware
 from conveyor.api.middleware.request_id import RequestIdMiddleware
-from conveyor.api.routes import health, metrics, queues, tasks, workers
+from conveyor.api.routes import events, health, metrics, queues, tasks, workers
 from conveyor.state import AppState
 
 DESCRIPTION = """Durable tasks on PostgreSQL and Redis Streams.
@@ -63,6 +63,7 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(tasks.build_router(registry), dependencies=strict)
     app.include_router(workers.router, dependencies=strict)
     app.include_router(queues.router, dependencies=strict)
+    app.include_router(events.router, dependencies=strict)
     for router, prefix in state.app.routers:
         app.include_router(router, prefix=prefix)
     return app

@@ -62,10 +62,15 @@ class ApiServer:
     async def run(self, shutdown: Shutdown) -> None:
         """Serve until shutdown begins and open requests finish (or the drain times out)."""
         sock = self._bind()
+        state = getattr(self.app.state, "conveyor", None)
+        if state is not None:
+            state.client.accept_waiters()
 
         async def watch() -> None:
             await shutdown.wait()
             self.server.should_exit = True
+            if state is not None:  # open waits and event streams answer now
+                state.client.release_waiters()
             await shutdown.wait_forced()
             self.server.force_exit = True
 

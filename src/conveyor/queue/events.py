@@ -93,6 +93,7 @@ def event(kind: EventKind, task_id: object, task_type: str, status: str,
 
 
 RESYNC = Event("resync", "", "", "")  # the hub may have missed events: read Postgres again
+CLOSING = Event("resync", "", "", "closing")  # the process stops: answer with what is known
 
 
 def _encode(e: Event) -> dict[str, bytes | str]:
@@ -265,6 +266,7 @@ class Hub:
         self._ready: asyncio.Future[None] | None = None
         self.started_at = 0.0  # time.time() the reader took its position
         self.position = "0-0"
+        self.closing = False  # released: new watchers get CLOSING at once
 
     async def _ensure(self) -> None:
         if self._task is None or self._task.done():
@@ -285,6 +287,8 @@ class Hub:
         """The events of one task from now on (and RESYNC when some may have been missed).
         Entered once the reader has its position: whatever is published later arrives."""
         queue: asyncio.Queue[Event] = asyncio.Queue()
+        if self.closing:
+            queue.put_nowait(CLOSING)
         self._watchers.setdefault(task_id, set()).add(queue)
         try:
             await self._ensure()
@@ -299,13 +303,24 @@ class Hub:
     @contextlib.asynccontextmanager
     async def follow(self, types: Collection[str] = (), statuses: Collection[str] = ()
                      ) -> AsyncIterator[Follower]:
-        follower = Follower(types, statuses)
+        follower = Follower(types, statuses, lagged=self.closing)
         self._followers.add(follower)
         try:
             await self._ensure()
             yield follower
         finally:
             self._followers.discard(follower)
+
+    def release(self) -> None:
+        """The process is stopping: every watcher gets CLOSING (to answer now, the client
+        asks again elsewhere) and every follower is cut off; so are those that come later,
+        until `reopen`."""
+        self.closing = True
+        self._broadcast(CLOSING)
+
+    def reopen(self) -> None:
+        """Serving (again): watchers wait."""
+        self.closing = False
 
     def recent_final(self, task_id: str) -> Event | None:
         """The final event of `task_id` if this hub read it lately."""

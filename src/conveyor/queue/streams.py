@@ -170,14 +170,14 @@ class TaskStreams:
             return
         with translate("streams.publish"):
             async with self.redis.pipeline(transaction=False) as pipe:
+                if also is not None:  # first: a task's first event precedes its start's
+                    also(pipe)
                 for item in items:
                     member = str(item.task_id)
                     if item.run_at_ms is None:
                         pipe.xadd(self.keys.stream(item.task_type), {"id": member, "r": "0"})
                     else:
                         pipe.zadd(self.keys.delayed(item.task_type), {member: item.run_at_ms})
-                if also is not None:
-                    also(pipe)
                 await pipe.execute()
 
     async def read(

@@ -92,35 +92,43 @@ def _record(row: Any) -> TaskRecord:
 def attempt_history(record: TaskRecord, log: Any) -> list[dict[str, Any]]:
     """Every attempt of the task, oldest first: those the log holds (each that did not
     succeed), then the current one from the row itself (running, or the one that succeeded)."""
-    entries: list[dict[str, Any]] = list(orjson.loads(log) if isinstance(log, str | bytes)
-                                         else log or [])
+    entries = [_entry(e) for e in (orjson.loads(log) if isinstance(log, str | bytes)
+                                   else log or [])]
     if record.attempts < 1 or record.started_at is None:
         return entries
     last = entries[-1] if entries else None
     if (last is not None and last.get("number") == record.attempts
             and last.get("worker") == record.worker
-            and _same_moment(last.get("started_at"), record.started_at)):
+            and last.get("started_at") == record.started_at):
         return entries  # the current attempt has ended and is logged already
     if record.status not in ("running", "succeeded"):
         return entries
     entries.append({
         "number": record.attempts,
         "worker": record.worker,
-        "started_at": record.started_at.isoformat(),
-        "finished_at": record.finished_at.isoformat() if record.finished_at else None,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
         "outcome": None if record.status == "running" else "succeeded",
         "error": None,
     })
     return entries
 
 
-def _same_moment(text: Any, moment: datetime) -> bool:
-    if not isinstance(text, str):
-        return False
+def _moment(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
     try:
-        return datetime.fromisoformat(text) == moment
+        return datetime.fromisoformat(value) if isinstance(value, str) else None
     except ValueError:
-        return False
+        return None
+
+
+def _entry(raw: dict[str, Any]) -> dict[str, Any]:
+    """A log entry in the order and form the API shows (times as datetimes)."""
+    return {"number": raw.get("number"), "worker": raw.get("worker"),
+            "started_at": _moment(raw.get("started_at")),
+            "finished_at": _moment(raw.get("finished_at")),
+            "outcome": raw.get("outcome"), "error": raw.get("error")}
 
 
 # One entry of attempt_log, built in SQL from the row being changed (`t`).
