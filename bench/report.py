@@ -48,6 +48,21 @@ def best_e2e(results: dict[str, list[dict[str, Any]]], keys: list[str]
     return max(rated, key=lambda kr: kr[1]) if rated else None
 
 
+def wait_rows(wait: dict[str, Any] | None) -> list[str]:
+    """The enqueue-and-wait round trip: `Client.enqueue()` then `Client.wait()` per task."""
+    if not wait:
+        return []
+    if "error" in wait:
+        return [f"Enqueue-and-wait round trip: failed: {wait['error']}", ""]
+    return [
+        "Enqueue-and-wait round trip (`Client.enqueue()` then `Client.wait()` for the task's "
+        "end, fed by the events stream; from before the enqueue to the answer), at the same "
+        f"rate: {wait['count']:,} tasks, achieved {wait['achieved_rate']:,.0f}/s.", "",
+        "| round trip p50 ms | p99 ms | enqueue→start p50 ms | p99 ms |", "|---|---|---|---|",
+        f"| {wait['enqueue_p50_ms']:.1f} | {wait['enqueue_p99_ms']:.1f} "
+        f"| {wait['p50_ms']:.1f} | {wait['p99_ms']:.1f} |", ""]
+
+
 def goals(results: dict[str, list[dict[str, Any]]], rows: dict[str, Any],
           latency: dict[str, Any] | None) -> list[Goal]:
     doors = [k for k in rows if k in DOOR_KEYS]
@@ -164,6 +179,7 @@ def conveyor_section(results: dict[str, list[dict[str, Any]]], rows: dict[str, A
                 f"| {latency['p50_ms']:.1f} | {latency['p90_ms']:.1f} | {latency['p99_ms']:.1f} "
                 f"| {latency['max_ms']:.1f} | {latency['samples']} "
                 f"| {latency['enqueue_p50_ms']:.1f} | {latency['enqueue_p99_ms']:.1f} |", ""]
+            out += wait_rows(latency.get("wait"))
     values = worker_rss_values(results)
     by_phase: list[str] = []
     for label, i in (("drain", 0), ("e2e", 1)):
