@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from typing import Any
 
 from pydantic import BaseModel
 
@@ -126,5 +125,3 @@ def reset() -> None:
     runs.clear()
     gate.clear()
 
-
-Result = Any

@@ -78,7 +78,6 @@ AFTER_CANCEL = ("status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queu
                  " finished_at = CASE WHEN cancel_requested THEN now() ELSE NULL END")
 _STORED = [name for name in TaskRecord.__slots__ if name != "attempt_history"]
 _COLUMNS = ", ".join([*(f"t.{name}" for name in _STORED), "t.attempt_log"])
-_OUTCOME_OF_STATUS = {"succeeded": "succeeded", "cancelled": "cancelled", "dead": "failed"}
 
 
 def _record(row: Any) -> TaskRecord:
