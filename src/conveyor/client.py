@@ -151,8 +151,10 @@ class Client:
         ]
         events, also = self.events, None
         if events is not None:
-            queued = [event("queued", r.id, r.type, "queued", run_at=r.run_at,
-                            attempts=r.attempts) for r in records]
+            # Lean: a task due now says no more (its run_at is in the task).
+            queued = [Event("queued", str(r.id), r.type, "queued") if r.id not in delayed
+                      else event("queued", r.id, r.type, "queued", run_at=r.run_at)
+                      for r in records]
             also = functools.partial(events.add, events=queued)
         try:
             await self.streams.publish(items, also)

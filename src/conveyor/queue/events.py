@@ -276,11 +276,11 @@ class Hub:
         await asyncio.shield(self._ready)
 
     async def close(self) -> None:
+        """Stop the reader (bounded: a blocked read may take its time to let go)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await asyncio.wait({task}, timeout=1.0)
 
     @contextlib.asynccontextmanager
     async def watch(self, task_id: str) -> AsyncIterator[asyncio.Queue[Event]]:
@@ -336,6 +336,9 @@ class Hub:
                 outage.recovered()
             except Unavailable as exc:
                 await outage.failed(exc)
+            except Exception:  # a reply it cannot parse: note it, try again
+                log.exception("events.hub.failed")
+                await asyncio.sleep(1.0)
         while True:
             try:
                 batch = await self.events.read(self.position, self.block_ms)
