@@ -18,7 +18,15 @@ from starlette.responses import StreamingResponse
 
 from conveyor.api.responses import OrjsonResponse
 from conveyor.client import Client, apply_event
-from conveyor.queue.events import CLOSING, FINAL_STATUSES, RESYNC, Event, Hub, stream_order
+from conveyor.queue.events import (
+    CLOSING,
+    FINAL_STATUSES,
+    RESYNC,
+    Event,
+    Hub,
+    entry_of,
+    stream_order,
+)
 from conveyor.store.tasks import TaskRecord
 
 KEEPALIVE_S = 15.0
@@ -91,17 +99,16 @@ async def all_events(
         async with stack:
             if last is not None:
                 oldest, _ = await log.bounds()
-                if oldest is not None and stream_order(oldest) > stream_order(last):
+                if oldest is not None and stream_order(oldest) > stream_order(entry_of(last)):
                     yield frame("gap", orjson.dumps({"oldest": oldest, "after": last}))
-                while True:
-                    batch = await log.since(last)
+                cursor: str | None = last
+                while cursor is not None:
+                    batch, cursor = await log.since(cursor)
                     for e in batch:
                         if wanted(e):
                             yield frame(e.kind, e.as_json(), e.id)
                     if batch:
                         last = batch[-1].id
-                    if len(batch) < 1000:
-                        break
             while not follower.lagged:
                 try:
                     e = await asyncio.wait_for(follower.queue.get(), KEEPALIVE_S)

@@ -12,8 +12,11 @@ waits. Postgres stays the truth: a waiter reads the task once when it starts, an
 when the hub could not read for a while (`RESYNC`: events may have been missed) or when an
 event does not carry the whole result.
 
-Entry fields: `k` kind, `t` task id, `y` type, `s` the task's status after the event, `d` a
-JSON object of details (attempt, worker, error, run_at, result, progress, ...).
+Events published together (a worker's batch, an enqueue's tasks) share one stream entry, so a
+completion costs a share of one `XADD`, not one of its own. The entry's one field `b` is a JSON
+list of `[kind, task id, type, status after the event, details]`, details a JSON object
+(attempt, worker, error, run_at, result, progress, ...). An event's id is its entry's id and
+its place in it: `1733090000000-0.3`; ids sort as (ms, seq, place).
 """
 
 from __future__ import annotations
@@ -42,12 +45,20 @@ EventKind = Literal["queued", "started", "progress", "retrying", "succeeded", "d
 FINAL_KINDS = frozenset({"succeeded", "dead", "cancelled"})
 FINAL_STATUSES = frozenset({"succeeded", "dead", "cancelled"})
 MAX_RESULT_BYTES = 16 * 1024  # a larger result is left out of its event (read the task)
+_PAST_LAST = 2**31  # a place after every event of an entry
 
 
-def stream_order(event_id: str) -> tuple[int, int]:
-    """A stream id as a sortable pair; ValueError if it is not one."""
-    ms, _, seq = event_id.partition("-")
-    return int(ms), int(seq or 0)
+def stream_order(event_id: str) -> tuple[int, int, int]:
+    """An event id (or a stream entry id) as a sortable triple; ValueError if it is neither.
+    An entry id sorts before its events."""
+    entry, _, place = event_id.partition(".")
+    ms, _, seq = entry.partition("-")
+    return int(ms), int(seq or 0), int(place) if place else -1
+
+
+def entry_of(event_id: str) -> str:
+    """The stream entry id of an event id."""
+    return event_id.partition(".")[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,20 +107,20 @@ RESYNC = Event("resync", "", "", "")  # the hub may have missed events: read Pos
 CLOSING = Event("resync", "", "", "closing")  # the process stops: answer with what is known
 
 
-def _encode(e: Event) -> dict[str, bytes | str]:
-    return {"k": e.kind, "t": e.task_id, "y": e.task_type, "s": e.status, "d": e.data}
+def _encode(events: Sequence[Event]) -> dict[str, bytes]:
+    return {"b": orjson.dumps([[e.kind, e.task_id, e.task_type, e.status,
+                                orjson.Fragment(e.data)] for e in events])}
 
 
-def _decode(entry_id: bytes, fields: dict[bytes, bytes]) -> Event | None:
+def _decode(entry_id: bytes, fields: dict[bytes, bytes]) -> list[Event]:
+    entry = entry_id.decode()
     try:
-        return Event(
-            fields[b"k"].decode(),  # type: ignore[arg-type]
-            fields[b"t"].decode(), fields[b"y"].decode(), fields[b"s"].decode(),
-            fields.get(b"d", b"{}"), entry_id.decode(),
-        )
-    except (KeyError, UnicodeDecodeError):
-        log.warning("events.malformed", id=entry_id.decode(errors="replace"))
-        return None
+        rows = orjson.loads(fields[b"b"])
+        return [Event(kind, task_id, task_type, status, orjson.dumps(details), f"{entry}.{i}")
+                for i, (kind, task_id, task_type, status, details) in enumerate(rows)]
+    except (KeyError, ValueError, TypeError):
+        log.warning("events.malformed", id=entry)
+        return []
 
 
 class EventLog:
@@ -122,9 +133,9 @@ class EventLog:
         self.maxlen = maxlen
 
     def add(self, pipe: Any, events: Sequence[Event]) -> None:
-        """Queue the XADDs of `events` on a caller's pipeline (one round trip for both)."""
-        for e in events:
-            pipe.xadd(self.key, _encode(e), maxlen=self.maxlen, approximate=True)
+        """Queue the XADD of `events` (one entry) on a caller's pipeline."""
+        if events:
+            pipe.xadd(self.key, _encode(events), maxlen=self.maxlen, approximate=True)
 
     async def publish(self, events: Sequence[Event]) -> None:
         if not events:
@@ -140,14 +151,20 @@ class EventLog:
             reply: Any = await self.redis.xread({self.key: after}, count=count, block=block_ms)
         if not reply:
             return []
-        return [e for entry_id, fields in reply[0][1]
-                if (e := _decode(entry_id, fields)) is not None]
+        return [e for entry_id, fields in reply[0][1] for e in _decode(entry_id, fields)]
 
-    async def since(self, after: str, count: int = 1000) -> list[Event]:
-        """Up to `count` stored events after `after`, oldest first (no wait)."""
+    async def since(self, after: str, count: int = 100) -> tuple[list[Event], str | None]:
+        """Stored events after the event (or entry) id `after`, oldest first, from up to
+        `count` entries (no wait); and where to go on from (None: nothing more yet)."""
         with translate("events.range"):
-            rows: Any = await self.redis.xrange(self.key, min=f"({after}", max="+", count=count)
-        return [e for entry_id, fields in rows if (e := _decode(entry_id, fields)) is not None]
+            rows: Any = await self.redis.xrange(self.key, min=entry_of(after), max="+",
+                                                count=count)
+        floor = stream_order(after)
+        events = [e for entry_id, fields in rows for e in _decode(entry_id, fields)
+                  if stream_order(e.id) > floor]
+        if len(rows) < count:
+            return events, None
+        return events, f"{rows[-1][0].decode()}.{_PAST_LAST}"
 
     async def bounds(self) -> tuple[str | None, str]:
         """(id of the oldest event kept or None, id of the newest or `0-0`)."""
@@ -357,7 +374,7 @@ class Hub:
                 outage.recovered()
                 self._broadcast(RESYNC)  # read again: events may have been lost meanwhile
             for e in batch:
-                self.position = e.id
+                self.position = entry_of(e.id)
                 self._deliver(e)
 
     def _broadcast(self, e: Event) -> None:

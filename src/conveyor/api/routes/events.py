@@ -41,7 +41,7 @@ async def stream_events(
         except ValueError:
             raise RequestValidationError([{
                 "type": "value_error", "loc": ("header", "Last-Event-ID"),
-                "msg": "an event id looks like 1733090000000-0", "input": after,
+                "msg": "an event id looks like 1733090000000-0.0", "input": after,
             }]) from None
     unknown = [t for t in type or () if t not in client.registry.types]
     if unknown:
