@@ -1,10 +1,14 @@
-"""Enqueue→start latency under a steady load below the maximum.
+"""Enqueue→start latency, and the enqueue-and-wait round trip, under a steady load below the
+maximum.
 
 A paced (open-loop) producer enqueues `count` tasks at `rate` per second through
 `Client.enqueue` (or `enqueue_many` of the tasks due at each tick with `batch` > 1), each without
 waiting for the previous one, at most `max_in_flight` at a time. Each payload carries
 `t = time.time()` taken just before its enqueue call; the handler RPUSHes `now - t` to
 `bench.app.LATENCY_KEY`. One warm worker consumes meanwhile.
+
+The wait phase paces the same way, each call an `enqueue` then `Client.wait` for the task's
+end (fed by the events stream): the round trip is from before the enqueue to the wait's answer.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def paced_enqueue(ctx: Context, rate: float, count: int, *, batch: int = 1,
-                        max_in_flight: int = 64) -> tuple[float, float, list[float]]:
+                        max_in_flight: int = 64, wait: bool = False
+                        ) -> tuple[float, float, list[float]]:
     """Enqueue `count` stamped tasks at `rate`/s; (t_start, t_end) of the producer and how
-    long each enqueue call took (seconds)."""
+    long each enqueue call took (seconds; with `wait`, until the task's end was seen)."""
     async with open_state(ctx.settings, app) as state:
         await reset_if_flushed(ctx, state.pool, state.redis)
         gate = asyncio.Semaphore(max_in_flight)
@@ -43,7 +48,12 @@ async def paced_enqueue(ctx: Context, rate: float, count: int, *, batch: int = 1
             try:
                 t = time.time()
                 if k == 1:
-                    await state.client.enqueue(TYPE, Noop(t=t))
+                    inserted = await state.client.enqueue(TYPE, Noop(t=t))
+                    if wait:
+                        done = await state.client.wait(inserted.record.id, 60,
+                                                       known=inserted.record)
+                        if done.status != "succeeded":
+                            raise RuntimeError(f"waited for {done.id}: {done.status}")
                 else:
                     await state.client.enqueue_many([TaskRequest(TYPE, Noop(t=t))
                                                      for _ in range(k)])
@@ -74,7 +84,7 @@ async def paced_enqueue(ctx: Context, rate: float, count: int, *, batch: int = 1
 
 
 def run_latency(ctx: Context, door: Door, rate: float, seconds: float, log_path: Any, *,
-                batch: int = 1) -> dict[str, Any]:
+                batch: int = 1, wait: bool = False) -> dict[str, Any]:
     """One warm `conveyor worker`, `rate` * `seconds` paced tasks; latency figures and the
     worker's peak RSS."""
     import redis
@@ -95,7 +105,8 @@ def run_latency(ctx: Context, door: Door, rate: float, seconds: float, log_path:
             r.delete(bp.DONE_KEY, bp.FIRST_KEY, bp.LAST_KEY, LATENCY_KEY)
             load0 = ForeignLoad.now()
             with bp.deadline(ctx.timeout, "latency producer"):
-                t0, t1, calls = asyncio.run(paced_enqueue(ctx, rate, count, batch=batch))
+                t0, t1, calls = asyncio.run(paced_enqueue(ctx, rate, count, batch=batch,
+                                                          wait=wait))
             bp.wait_done(r, proc, ctx.timeout)
             res["foreign_pct"] = ForeignLoad.now().pct_since(load0)
             time.sleep(0.2)  # duplicates, if any, show up in the counter

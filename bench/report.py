@@ -98,6 +98,21 @@ def fmt_best(best: tuple[str, float] | None, rows: dict[str, Any]) -> str:
     return f"{best[1]:,.0f}/s ({rows[best[0]].name})" if best else f"{DASH} (not in this run)"
 
 
+def wait_rows(wait: dict[str, Any] | None) -> list[str]:
+    """The enqueue-and-wait round trip: `Client.enqueue()` then `Client.wait()` per task."""
+    if not wait:
+        return []
+    if "error" in wait:
+        return [f"Enqueue-and-wait round trip: failed: {wait['error']}", ""]
+    return [
+        "Enqueue-and-wait round trip (`Client.enqueue()` then `Client.wait()` for the task's "
+        "end, fed by the events stream; from before the enqueue to the answer), at the same "
+        f"rate: {wait['count']:,} tasks, achieved {wait['achieved_rate']:,.0f}/s.", "",
+        "| round trip p50 ms | p99 ms | enqueue→start p50 ms | p99 ms |", "|---|---|---|---|",
+        f"| {wait['enqueue_p50_ms']:.1f} | {wait['enqueue_p99_ms']:.1f} "
+        f"| {wait['p50_ms']:.1f} | {wait['p99_ms']:.1f} |", ""]
+
+
 def goals(results: dict[str, list[dict[str, Any]]], rows: dict[str, Any],
           latency: dict[str, Any] | None, workload: float | None = None) -> list[Goal]:
     """The issue's goals; `workload`: µs of CPU the task body costs (bench.cpu.workload_us),
@@ -232,6 +247,7 @@ def conveyor_section(results: dict[str, list[dict[str, Any]]], rows: dict[str, A
                 f"| {latency['p50_ms']:.1f} | {latency['p90_ms']:.1f} | {latency['p99_ms']:.1f} "
                 f"| {latency['max_ms']:.1f} | {latency['samples']} "
                 f"| {latency['enqueue_p50_ms']:.1f} | {latency['enqueue_p99_ms']:.1f} |", ""]
+            out += wait_rows(latency.get("wait"))
     values = worker_rss_values(results)
     by_phase: list[str] = []
     for label, i in (("drain", 0), ("e2e", 1)):

@@ -628,6 +628,11 @@ def latency_phase(args: argparse.Namespace, ctx: Any, doors: dict[str, Any],
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}", "rate": rate, "basis": basis}
     res["basis"] = basis
+    try:  # the enqueue-and-wait round trip at the same rate
+        res["wait"] = run_latency(ctx, door, rate, args.latency_seconds,
+                                  args.logdir / "conveyor-wait.log", wait=True)
+    except Exception as exc:
+        res["wait"] = {"error": f"{type(exc).__name__}: {exc}"}
     checks = []
     if res["done"] != res["count"]:
         checks.append(f"{res['done']} completions counted for {res['count']} tasks")

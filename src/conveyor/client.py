@@ -7,9 +7,13 @@ still accepted: it is durable in Postgres and the relay publishes it later.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import functools
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -26,6 +30,7 @@ from conveyor.errors import (
     TaskNotFound,
     Unavailable,
 )
+from conveyor.queue.events import CLOSING, FINAL_STATUSES, RESYNC, Event, EventLog, Hub, event
 from conveyor.queue.streams import Publish, TaskStreams
 from conveyor.registry import Registry
 from conveyor.runtime.coalescer import Coalescer
@@ -59,9 +64,12 @@ class Client:
     def __init__(
         self, store: TaskStore, streams: TaskStreams, registry: Registry, *,
         default_max_attempts: int = 3, pinned: Pinned | None = None,
+        events: EventLog | None = None,
     ) -> None:
         self.store = store
         self.streams = streams
+        self.events = events
+        self.hub = Hub(events) if events is not None else None
         self.registry = registry
         self.default_max_attempts = default_max_attempts
         # Concurrent enqueues (HTTP requests, say) share one INSERT and one Redis pipeline.
@@ -160,8 +168,15 @@ class Client:
             Publish(r.type, r.id, int(r.run_at.timestamp() * 1000) if r.id in delayed else None)
             for r in records
         ]
+        events, also = self.events, None
+        if events is not None:
+            # Lean: a task due now says no more (its run_at is in the task).
+            queued = [Event("queued", str(r.id), r.type, "queued") if r.id not in delayed
+                      else event("queued", r.id, r.type, "queued", run_at=r.run_at)
+                      for r in records]
+            also = functools.partial(events.add, events=queued)
         try:
-            await self.streams.publish(items)
+            await self.streams.publish(items, also)
         except Unavailable as exc:
             log.warning("client.publish.deferred", tasks=len(items), error=str(exc))
         except Exception:  # committed already: failing the caller now would invite a duplicate
@@ -174,12 +189,90 @@ class Client:
         return record
 
     async def cancel(self, task_id: uuid.UUID) -> TaskRecord:
-        """queued → cancelled; InvalidTransition otherwise."""
-        record = await self.store.cancel(task_id)
+        """queued → cancelled; running → its worker is asked to stop it (the record says
+        `cancel_requested`; the task ends `cancelled`, never retried); InvalidTransition
+        otherwise."""
+        record = await self.store.request_cancel(task_id)
         if record is None:
             current = await self.get(task_id)
             raise InvalidTransition(str(task_id), current.status, "cancel")
+        if self.events is not None:
+            try:
+                if record.status == "running":
+                    await self.events.request_cancel(record.id)  # every worker hears it now
+                    await self.events.publish([event("cancel_requested", record.id,
+                                                     record.type, "running")])
+                else:
+                    await self.events.publish([event("cancelled", record.id, record.type,
+                                                     "cancelled", finished_at=record.finished_at,
+                                                     outcome="cancelled")])
+            except Unavailable as exc:  # the worker's next beat sees the request
+                log.warning("client.cancel.unannounced", task_id=str(task_id), error=str(exc))
         return record
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    async def wait(
+        self, task_id: uuid.UUID, timeout_s: float, *, known: TaskRecord | None = None
+    ) -> TaskRecord:
+        """The task once final (succeeded, dead, cancelled), or its state after `timeout_s`.
+        Fed by the events stream (no Postgres query while waiting): the task is read once at
+        the start (unless `known`, a record just written), and again only if the events may
+        have missed something. TaskNotFound if there is no such task."""
+        if self.hub is None:
+            raise RuntimeError("this client has no events stream")
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self.hub.watch(str(task_id)) as queue:
+                    record = await self._start_wait(task_id, known)
+                    while record.status not in FINAL_STATUSES:
+                        e = await queue.get()
+                        if e is CLOSING:
+                            break
+                        if e is RESYNC:
+                            record = await self.get(task_id)
+                            continue
+                        record = apply_event(record, e) or await self.get(task_id)
+                    else:
+                        return record
+        except TimeoutError:
+            pass
+        return await self.get(task_id)
+
+    async def _start_wait(self, task_id: uuid.UUID, known: TaskRecord | None) -> TaskRecord:
+        assert self.hub is not None
+        if known is None:
+            return await self.get(task_id)
+        if known.status in FINAL_STATUSES:
+            return known
+        recent = self.hub.recent_final(str(task_id))
+        if recent is not None:
+            return apply_event(known, recent) or await self.get(task_id)
+        if self.hub.started_at >= known.created_at.timestamp() - 1.0:
+            return await self.get(task_id)  # the hub began after it: it may have missed it
+        return known
+
+    async def wait_many(
+        self, records: Sequence[TaskRecord], timeout_s: float
+    ) -> list[TaskRecord]:
+        """`wait` for each of `records` (just written) at once, within one `timeout_s`."""
+        return list(await asyncio.gather(*(self.wait(r.id, timeout_s, known=r)
+                                           for r in records)))
+
+    def release_waiters(self) -> None:
+        """The service stops: every `wait` answers now with the task as it is (and so do
+        those that begin later, until `accept_waiters`)."""
+        if self.hub is not None:
+            self.hub.release()
+
+    def accept_waiters(self) -> None:
+        if self.hub is not None:
+            self.hub.reopen()
+
+    async def close(self) -> None:
+        """Stop the events reader, if one was started."""
+        if self.hub is not None:
+            await self.hub.close()
 
     async def retry(self, task_id: uuid.UUID) -> TaskRecord:
         """dead | cancelled → queued, published at once; InvalidTransition otherwise."""
@@ -194,6 +287,57 @@ class Client:
         self, *, type_: str | None, status: Status | None, before: uuid.UUID | None, limit: int
     ) -> list[TaskRecord]:
         return await self.store.list_tasks(type_=type_, status=status, before=before, limit=limit)
+
+
+def _moment(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+
+def apply_event(record: TaskRecord, e: Event) -> TaskRecord | None:
+    """`record` as `e` leaves it; None if the event lacks what the record needs (a result
+    too large for it): read the task then."""
+    d = e.details()
+    if e.kind == "progress":
+        return dataclasses.replace(record, progress=d.get("progress"))
+    if e.kind == "cancel_requested":
+        return dataclasses.replace(record, cancel_requested=True)
+    if e.kind == "queued":
+        return record
+    attempt = d.get("attempt", record.attempts)
+    history = [h for h in record.attempt_history
+               if h.get("outcome") is not None and h.get("number") != attempt]
+    if e.kind == "started":
+        started_at = _moment(d.get("started_at"))
+        history.append({"number": attempt, "worker": d.get("worker"),
+                        "started_at": started_at, "finished_at": None,
+                        "outcome": None, "error": None})
+        return dataclasses.replace(record, status="running", attempts=attempt,
+                                   worker=d.get("worker"), started_at=started_at,
+                                   finished_at=None, attempt_history=history)
+    if e.kind not in ("retrying", "succeeded", "dead", "cancelled"):
+        return record
+    if e.kind == "succeeded" and d.get("result_omitted"):
+        return None
+    entry = {"number": attempt, "worker": d.get("worker", record.worker),
+             "started_at": _moment(d.get("started_at")),
+             "finished_at": _moment(d.get("finished_at")),
+             "outcome": "succeeded" if e.kind == "succeeded" else d.get("outcome", "failed"),
+             "error": d.get("error")}
+    if "attempt" in d:
+        history.append(entry)
+    status: Status = e.status  # type: ignore[assignment]
+    return dataclasses.replace(
+        record,
+        status=status,
+        attempts=attempt,
+        worker=d.get("worker", record.worker),
+        result=d.get("result") if e.kind == "succeeded" else record.result,
+        last_error=None if e.kind == "succeeded" else d.get("error", record.last_error),
+        run_at=_moment(d.get("run_at")) or record.run_at,
+        started_at=_moment(d.get("started_at")) or record.started_at,
+        finished_at=None if e.kind == "retrying" else _moment(d.get("finished_at")),
+        attempt_history=history,
+    )
 
 
 def _keys(tasks: Sequence[NewTask]) -> list[tuple[str, str]]:

@@ -151,6 +151,11 @@ class Settings(BaseSettings):
     # Metrics port of every process (`worker`, `cron`; a multi-process worker's supervisor)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)  # unset: no metrics port
 
+    # Results: waiting, events, progress, cancelling a running task
+    events_maxlen: int = Field(default=100_000, ge=100)
+    progress_interval: float = Field(default=0.5, gt=0)
+    cancel_grace: float = Field(default=5.0, ge=0)
+
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

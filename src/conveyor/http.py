@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -34,6 +35,31 @@ Status = Literal["queued", "running", "succeeded", "dead", "cancelled"]
 
 
 # -- answers -----------------------------------------------------------------------------------
+
+
+class Progress(BaseModel):
+    """The latest progress a handler reported."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    fraction: float
+    message: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    at: datetime
+
+
+class Attempt(BaseModel):
+    """One attempt: `outcome` is None while it runs, else succeeded, failed, timed_out,
+    lease_lost, cancelled or worker_lost."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    number: int
+    worker: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    outcome: str | None = None
+    error: str | None = None
 
 
 class Task(BaseModel):
@@ -56,6 +82,79 @@ class Task(BaseModel):
     run_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    cancel_requested: bool = False
+    progress: Progress | None = None
+    attempt_history: list[Attempt] = Field(default_factory=list)
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+
+FINAL = frozenset({"succeeded", "dead", "cancelled"})
+
+
+class TaskEvent(BaseModel):
+    """One event of a task's stream: `kind` is `state` (the task as it is, in `task`: the
+    first event of a stream, and again after the server may have missed some), queued,
+    started, progress, retrying, succeeded, dead, cancelled or cancel_requested; the event's
+    details (attempt, worker, error, run_at, result, progress, ...) are extra fields."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: str | None = None
+    kind: str
+    task_id: uuid.UUID
+    status: Status
+    task: Task | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL and self.kind != "progress"
+
+
+def _event_from(kind: str, data: str, event_id: str | None) -> TaskEvent:
+    body = json.loads(data)
+    if kind == "state":
+        task = Task.model_validate(body)
+        return TaskEvent(id=event_id, kind="state", task_id=task.id, status=task.status,
+                         task=task)
+    return TaskEvent.model_validate({**body, "id": event_id, "kind": kind})
+
+
+class _Frames:
+    """Server-Sent Events frames from lines: (event, data, id) once a blank line ends one."""
+
+    def __init__(self) -> None:
+        self.kind, self.data = "message", ""
+        self.id: str | None = None
+
+    def feed(self, line: str) -> tuple[str, str, str | None] | None:
+        if not line:
+            if not self.data:
+                return None
+            out = (self.kind, self.data, self.id)
+            self.kind, self.data = "message", ""
+            return out
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            self.kind = value
+        elif name == "data":
+            self.data = f"{self.data}\n{value}" if self.data else value
+        elif name == "id":
+            self.id = value
+        return None
+
+
+WAIT_CHUNK_S = 60.0  # the longest wait one request may ask for
+_RECONNECT_S = (0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+def _reconnect_delay(failures: int) -> float:
+    return _RECONNECT_S[min(failures, len(_RECONNECT_S) - 1)]
 
 
 class TaskPage(BaseModel):
@@ -369,8 +468,60 @@ class Client(_Base):
             cursor = page.next_cursor
 
     def cancel(self, task_id: uuid.UUID | str) -> Task:
-        """queued → cancelled; InvalidTransition otherwise."""
+        """queued → cancelled; running → its worker stops it (`cancel_requested`, status
+        still running: `wait` for the end); InvalidTransition once final."""
         return Task.model_validate(self._request("POST", f"/v1/tasks/{task_id}/cancel"))
+
+    def wait(self, task_id: uuid.UUID | str, timeout_s: float = 60.0) -> Task:
+        """The task once final (succeeded, dead, cancelled), or as it is after `timeout_s`;
+        across retries, and across API restarts (it asks again)."""
+        deadline = time.monotonic() + timeout_s
+        failures = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            chunk = min(WAIT_CHUNK_S, max(remaining, 0.001))
+            try:
+                task = Task.model_validate(self._request(
+                    "GET", f"/v1/tasks/{task_id}", params={"wait": f"{chunk:.3f}"},
+                    timeout=chunk + self.http.timeout.read if self.http.timeout.read else None))
+                failures = 0
+            except (httpx.TransportError, Unavailable):
+                if deadline - time.monotonic() <= 0:
+                    raise
+                time.sleep(_reconnect_delay(failures))
+                failures += 1
+                continue
+            if task.final or deadline - time.monotonic() <= 0:
+                return task
+            if deadline - time.monotonic() > remaining - chunk + 0.5:
+                time.sleep(_reconnect_delay(0))  # answered early: the server is stopping
+
+    def events(self, task_id: uuid.UUID | str) -> Iterator[TaskEvent]:
+        """The task's events, from its current state (`state`) to its final event;
+        reconnects (starting again from the state) if the connection drops."""
+        failures = 0
+        while True:
+            try:
+                with self.http.stream("GET", f"/v1/tasks/{task_id}/events",
+                                      headers={"accept": "text/event-stream"},
+                                      timeout=httpx.Timeout(self.http.timeout.connect,
+                                                            read=None)) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise error_from(response)
+                    frames = _Frames()
+                    for line in response.iter_lines():
+                        frame = frames.feed(line)
+                        if frame is None:
+                            continue
+                        failures = 0
+                        e = _event_from(*frame)
+                        yield e
+                        if e.final:
+                            return
+            except (httpx.TransportError, Unavailable):
+                time.sleep(_reconnect_delay(failures))
+                failures += 1
 
     def retry(self, task_id: uuid.UUID | str) -> Task:
         """dead | cancelled → queued; InvalidTransition otherwise."""
@@ -449,8 +600,61 @@ class AsyncClient(_Base):
             cursor = page.next_cursor
 
     async def cancel(self, task_id: uuid.UUID | str) -> Task:
-        """queued → cancelled; InvalidTransition otherwise."""
+        """queued → cancelled; running → its worker stops it (`cancel_requested`, status
+        still running: `wait` for the end); InvalidTransition once final."""
         return Task.model_validate(await self._request("POST", f"/v1/tasks/{task_id}/cancel"))
+
+    async def wait(self, task_id: uuid.UUID | str, timeout_s: float = 60.0) -> Task:
+        """The task once final (succeeded, dead, cancelled), or as it is after `timeout_s`;
+        across retries, and across API restarts (it asks again)."""
+        deadline = time.monotonic() + timeout_s
+        failures = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            chunk = min(WAIT_CHUNK_S, max(remaining, 0.001))
+            try:
+                task = Task.model_validate(await self._request(
+                    "GET", f"/v1/tasks/{task_id}", params={"wait": f"{chunk:.3f}"},
+                    timeout=chunk + self.http.timeout.read if self.http.timeout.read else None))
+                failures = 0
+            except (httpx.TransportError, Unavailable):
+                if deadline - time.monotonic() <= 0:
+                    raise
+                await asyncio.sleep(_reconnect_delay(failures))
+                failures += 1
+                continue
+            if task.final or deadline - time.monotonic() <= 0:
+                return task
+            if deadline - time.monotonic() > remaining - chunk + 0.5:
+                await asyncio.sleep(_reconnect_delay(0))  # answered early: it is stopping
+
+    async def events(self, task_id: uuid.UUID | str) -> AsyncIterator[TaskEvent]:
+        """The task's events, from its current state (`state`) to its final event;
+        reconnects (starting again from the state) if the connection drops."""
+        failures = 0
+        while True:
+            try:
+                async with self.http.stream(
+                    "GET", f"/v1/tasks/{task_id}/events",
+                    headers={"accept": "text/event-stream"},
+                    timeout=httpx.Timeout(self.http.timeout.connect, read=None),
+                ) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        raise error_from(response)
+                    frames = _Frames()
+                    async for line in response.aiter_lines():
+                        frame = frames.feed(line)
+                        if frame is None:
+                            continue
+                        failures = 0
+                        e = _event_from(*frame)
+                        yield e
+                        if e.final:
+                            return
+            except (httpx.TransportError, Unavailable):
+                await asyncio.sleep(_reconnect_delay(failures))
+                failures += 1
 
     async def retry(self, task_id: uuid.UUID | str) -> Task:
         """dead | cancelled → queued; InvalidTransition otherwise."""

@@ -6,14 +6,17 @@ A `TaskType` ties a name to its payload model, handler, retry policy and where t
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import random
 import re
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
+import orjson
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict
 
@@ -80,19 +83,90 @@ class Retention:
         }
 
 
+ProgressSink = Callable[[str, int, dict[str, Any]], None]  # (task id, attempt, progress)
+_child_sink: dict[str, ProgressSink] = {}  # in a process-pool child: where progress goes
+
+
+def set_process_sink(sink: ProgressSink | None) -> None:
+    """In a process-pool child: send the progress of the handlers it runs to `sink`."""
+    _child_sink.clear()
+    if sink is not None:
+        _child_sink["sink"] = sink
+
+
+def _child_lease() -> Lease:
+    return Lease(_child_sink.get("sink"))
+
+
 class Lease:
-    """Whether the worker still owns the attempt it runs. The heartbeat sets `lost` when
-    Postgres says the task was taken from it (re-queued while the worker looked dead)."""
+    """What the worker tells the attempt it runs, and hears from it. The heartbeat sets `lost`
+    when Postgres says the task was taken from it (re-queued while the worker looked dead); a
+    cancel request sets `cancel_requested`; `report` takes the handler's progress."""
 
-    __slots__ = ("lost",)
+    __slots__ = ("_event", "_flag", "cancel_requested", "lost", "report")
 
-    def __init__(self) -> None:
+    def __init__(self, report: ProgressSink | None = None) -> None:
         self.lost = False
+        self.cancel_requested = False
+        self.report = report
+        self._flag = threading.Event()  # for thread handlers
+        self._event: asyncio.Event | None = None  # for coroutines, made on first wait
+
+    def request_cancel(self) -> None:
+        """Ask the handler to stop (called on the worker's loop)."""
+        self.cancel_requested = True
+        self._flag.set()
+        if self._event is not None:
+            self._event.set()
+
+    async def wait_cancelled(self) -> None:
+        if self._event is None:
+            self._event = asyncio.Event()
+            if self.cancel_requested:
+                self._event.set()
+        await self._event.wait()
+
+    def wait_cancelled_sync(self, timeout_s: float | None) -> bool:
+        return self._flag.wait(timeout_s)
 
     def __reduce__(self) -> tuple[object, ...]:
-        # A process handler gets a copy that is never updated: its outcome is discarded by the
-        # worker instead (see TaskContext.lease_lost).
-        return (Lease, ())
+        # A process handler gets a copy that is never updated (its outcome is discarded by the
+        # worker instead, see TaskContext.lease_lost; a cancel terminates its process), whose
+        # progress goes to the child's sink.
+        return (_child_lease, ())
+
+
+class Cancelled:
+    """`ctx.cancelled`: true once a cancel of the task was requested. `await ctx.cancelled`
+    waits for it (coroutines); `ctx.cancelled.wait(timeout_s)` does too (thread handlers)."""
+
+    __slots__ = ("_lease",)
+
+    def __init__(self, lease: Lease) -> None:
+        self._lease = lease
+
+    def __bool__(self) -> bool:
+        return self._lease.cancel_requested
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._lease.wait_cancelled().__await__()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until a cancel is requested (True) or `timeout_s` passes (False)."""
+        return self._lease.wait_cancelled_sync(timeout_s)
+
+
+class _Reported:
+    """What `ctx.progress()` returns: awaitable (and done at once), so a coroutine may write
+    `await ctx.progress(...)` and a thread or process handler `ctx.progress(...)`."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        yield from ()
+
+
+_REPORTED = _Reported()
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +184,27 @@ class TaskContext:
     # The worker's pooled outbound client under the egress policy (`await ctx.http.client
     # .post(...)`): use it, do not close it.
     http: OutboundHttp = field(default_factory=OutboundHttp, repr=False, compare=False)
+
+    def progress(self, fraction: float, message: str | None = None, **data: Any) -> _Reported:
+        """Report how far the attempt has got: `fraction` from 0 to 1, an optional message and
+        JSON-serialisable data. The latest report is on the task and in its events; writes are
+        throttled, so calling this in a tight loop costs little."""
+        if not (isinstance(fraction, int | float) and 0.0 <= fraction <= 1.0):
+            raise ValueError(f"progress fraction must be a number from 0 to 1, not {fraction!r}")
+        orjson.dumps(data)  # TypeError here, in the handler, for data that cannot be sent
+        report = self.lease.report
+        if report is not None:
+            report(self.task_id, self.attempt, {
+                "fraction": float(fraction), "message": message, "data": data,
+                "at": datetime.now(UTC).isoformat(),
+            })
+        return _REPORTED
+
+    @property
+    def cancelled(self) -> Cancelled:
+        """A cancel was requested (see `Cancelled`): a coroutine is cancelled anyway; a thread
+        handler should check it and return, or it is abandoned after the grace period."""
+        return Cancelled(self.lease)
 
     @property
     def is_last_attempt(self) -> bool:

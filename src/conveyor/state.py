@@ -16,6 +16,7 @@ from conveyor.config import Settings
 from conveyor.egress.policy import EgressPolicy, installed
 from conveyor.errors import ConfigError
 from conveyor.queue.connection import Redis, open_redis, translate
+from conveyor.queue.events import EventLog
 from conveyor.queue.keys import Keys
 from conveyor.queue.streams import TaskStreams
 from conveyor.store.migrate import migrate
@@ -37,6 +38,7 @@ class AppState:
     streams: TaskStreams
     client: Client
     workers: WorkerStore
+    events: EventLog
 
 
 @contextlib.asynccontextmanager
@@ -76,8 +78,9 @@ async def _open_state(
                           acquire_timeout_s=settings.pg_acquire_timeout,
                           idempotency_ttl_s=settings.idempotency_ttl)
         streams = TaskStreams(redis, keys, dead_letter_maxlen=settings.dead_letter_maxlen)
+        events = EventLog(redis, keys, maxlen=settings.events_maxlen)
         client = Client(store, streams, app.registry, default_max_attempts=settings.max_attempts,
-                        pinned=pinned)
+                        pinned=pinned, events=events)
         workers = WorkerStore(pool, settings.database_schema,
                               acquire_timeout_s=settings.pg_acquire_timeout)
         app.bind(client)
@@ -85,9 +88,10 @@ async def _open_state(
             # Payload validation (webhook URLs) checks against this state's allowed ranges.
             with installed(EgressPolicy.from_settings(settings)):
                 yield AppState(settings, app, pool, redis, keys, store, streams, client,
-                               workers)
+                               workers, events)
         finally:
             app.unbind(client)
+            await client.close()
     finally:
         await pinned.release()
         await redis.aclose()

@@ -29,8 +29,34 @@ MAX_BATCH = 1000
 MAX_DELAY_S = 365 * 24 * 3600
 
 
+class Progress(BaseModel):
+    """The latest progress a handler reported (`ctx.progress`)."""
+
+    fraction: float = Field(ge=0, le=1)
+    message: str | None
+    data: dict[str, Any]
+    at: datetime
+
+
+class Attempt(BaseModel):
+    """One attempt of a task: `outcome` is null while it runs."""
+
+    number: int
+    worker: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    outcome: Literal["succeeded", "failed", "timed_out", "lease_lost", "cancelled",
+                     "worker_lost"] | None
+    error: str | None = Field(description="the error, with a traceback excerpt")
+
+
+class AttemptsOut(BaseModel):
+    attempts: list[Attempt]
+
+
 class TaskSummary(BaseModel):
-    """A task as listings show it by default: everything but its payload and result."""
+    """A task as listings show it by default: everything but its payload, result and attempt
+    history."""
 
     id: uuid.UUID
     type: str
@@ -44,6 +70,8 @@ class TaskSummary(BaseModel):
     run_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    cancel_requested: bool
+    progress: Progress | None
 
 
 SUMMARY_FIELDS = tuple(TaskSummary.model_fields)

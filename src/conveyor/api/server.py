@@ -21,3 +21,13 @@ class ApiServer(HttpServer):
 
     def announce(self) -> None:
         log.info("api.started", url=self.url, docs=f"{self.url}/docs")
+
+    def serving(self) -> None:
+        state = getattr(self.app.state, "conveyor", None)
+        if state is not None:
+            state.client.accept_waiters()
+
+    def draining(self) -> None:
+        state = getattr(self.app.state, "conveyor", None)
+        if state is not None:  # open waits and event streams answer now
+            state.client.release_waiters()

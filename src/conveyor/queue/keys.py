@@ -27,6 +27,14 @@ class Keys:
         """Dead-letter stream: `{id, reason}` for every message that gave up."""
         return f"{self.prefix}:{{{task_type}}}:dead"
 
+    def events(self) -> str:
+        """Stream of every task transition, capped (see `queue.events`)."""
+        return f"{self.prefix}:events"
+
+    def cancels(self) -> str:
+        """Pub/sub channel of cancel requests for running tasks (payload: the task id)."""
+        return f"{self.prefix}:cancels"
+
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"
 

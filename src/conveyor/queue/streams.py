@@ -10,7 +10,7 @@ hash slot, so they are atomic and Redis-Cluster safe.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,12 +161,17 @@ class TaskStreams:
         log.warning("streams.group.recreated", task_type=task_type, reason=str(lost)[:200])
         await self.ensure_group(task_type)
 
-    async def publish(self, items: Sequence[Publish]) -> None:
-        """XADD ready tasks and ZADD delayed ones, in one pipeline."""
+    async def publish(
+        self, items: Sequence[Publish], also: Callable[[Any], None] | None = None
+    ) -> None:
+        """XADD ready tasks and ZADD delayed ones, in one pipeline (`also` may add commands of
+        its own to it: the tasks' events)."""
         if not items:
             return
         with translate("streams.publish"):
             async with self.redis.pipeline(transaction=False) as pipe:
+                if also is not None:  # first: a task's first event precedes its start's
+                    also(pipe)
                 for item in items:
                     member = str(item.task_id)
                     if item.run_at_ms is None:

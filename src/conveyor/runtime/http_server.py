@@ -69,13 +69,22 @@ class HttpServer:
         """Log that the server listens (once it does)."""
         log.info(f"{self.name}.started", url=self.url)
 
+    def serving(self) -> None:
+        """Called once before the server listens (a subclass prepares what requests use)."""
+
+    def draining(self) -> None:
+        """Called when shutdown begins, as uvicorn stops accepting (a subclass ends long
+        requests here, so that they need not run into the drain deadline)."""
+
     async def run(self, shutdown: Shutdown) -> None:
         """Serve until shutdown begins and open requests finish (or the drain times out)."""
         sock = self._bind()
+        self.serving()
 
         async def watch() -> None:
             await shutdown.wait()
             self.server.should_exit = True
+            self.draining()
             await shutdown.wait_forced()
             self.server.force_exit = True
 

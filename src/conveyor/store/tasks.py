@@ -7,6 +7,12 @@ redelivered or stale message can never run a finished task or record a completio
     queued ──cancel──▶ cancelled;  dead | cancelled ──retry──▶ queued
     running (worker lost) ──requeue──▶ queued
     running (drain deadline) ──hand_back──▶ queued (the attempt not counted)
+    running ──request_cancel──▶ running, cancel_requested (its worker stops it: ▶ cancelled)
+
+A running task whose cancel was requested never goes back to queued: an outcome that would
+retry it, a requeue and a hand-back end it `cancelled` instead. Every attempt that does not
+succeed is appended to `attempt_log` by the statement that ends it (the successful one is the
+row itself), so recording a success writes nothing more than it did.
 
 Batched statements take arrays and `unnest` them: one round trip for many rows. Finished rows
 leave by `prune` only (the janitor's), in bounded batches; a table that belongs to a task
@@ -24,7 +30,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -73,13 +79,76 @@ class TaskRecord:
     run_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    cancel_requested: bool = False
+    progress: Any = None  # {fraction, message, data, at}: the latest a handler reported
+    attempt_history: list[dict[str, Any]] = field(default_factory=list)
 
 
-_COLUMNS = ", ".join(f"t.{name}" for name in TaskRecord.__slots__)
+# Status of a running task that goes back to queued: cancelled instead if that was asked for.
+AFTER_CANCEL = ("status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,"
+                 " finished_at = CASE WHEN cancel_requested THEN now() ELSE NULL END")
+_STORED = [name for name in TaskRecord.__slots__ if name != "attempt_history"]
+_COLUMNS = ", ".join([*(f"t.{name}" for name in _STORED), "t.attempt_log"])
 
 
 def _record(row: Any) -> TaskRecord:
-    return TaskRecord(*row)
+    values = list(row)
+    log = values.pop()
+    record = TaskRecord(*values)
+    record.attempt_history.extend(attempt_history(record, log))
+    return record
+
+
+def attempt_history(record: TaskRecord, log: Any) -> list[dict[str, Any]]:
+    """Every attempt of the task, oldest first: those the log holds (each that did not
+    succeed), then the current one from the row itself (running, or the one that succeeded)."""
+    entries = [_entry(e) for e in (orjson.loads(log) if isinstance(log, str | bytes)
+                                   else log or [])]
+    if record.attempts < 1 or record.started_at is None:
+        return entries
+    last = entries[-1] if entries else None
+    if (last is not None and last.get("number") == record.attempts
+            and last.get("worker") == record.worker
+            and last.get("started_at") == record.started_at):
+        return entries  # the current attempt has ended and is logged already
+    if record.status not in ("running", "succeeded"):
+        return entries
+    entries.append({
+        "number": record.attempts,
+        "worker": record.worker,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+        "outcome": None if record.status == "running" else "succeeded",
+        "error": None,
+    })
+    return entries
+
+
+def _moment(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    try:
+        return datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def _entry(raw: dict[str, Any]) -> dict[str, Any]:
+    """A log entry in the order and form the API shows (times as datetimes)."""
+    return {"number": raw.get("number"), "worker": raw.get("worker"),
+            "started_at": _moment(raw.get("started_at")),
+            "finished_at": _moment(raw.get("finished_at")),
+            "outcome": raw.get("outcome"), "error": raw.get("error")}
+
+
+# One entry of attempt_log, built in SQL from the row being changed (`t`).
+def _log_entry(outcome_sql: str, error_sql: str) -> str:
+    return (f"jsonb_build_array(jsonb_build_object('number', t.attempts, 'worker', t.worker,"
+            f" 'started_at', t.started_at, 'finished_at', now(), 'outcome', {outcome_sql},"
+            f" 'error', {error_sql}))")
+
+
+WORKER_LOST = _log_entry("'worker_lost'", "NULL")
 
 
 def _json_or_none(value: dict[str, str] | None) -> str | None:
@@ -129,6 +198,7 @@ class Started:
     max_attempts: int
     run_at: datetime
     trace_context: dict[str, str] | None = None  # the enqueuing span's (`conveyor.tracing`)
+    started_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,17 +224,24 @@ class Outcome:
     task_id: uuid.UUID
     task_type: str
     attempt: int
-    status: Literal["succeeded", "queued", "dead"]
+    status: Literal["succeeded", "queued", "dead", "cancelled"]
     result_json: str | None = None
     error: str | None = None
     delay_s: float = 0.0
+    # How the attempt ended when it did not succeed: failed, timed_out or cancelled.
+    kind: AttemptOutcome = "failed"
+
+
+AttemptOutcome = Literal["failed", "timed_out", "lease_lost", "cancelled", "worker_lost"]
 
 
 @dataclass(frozen=True, slots=True)
 class Recorded:
     task_id: uuid.UUID
-    status: Status
+    status: Status  # `cancelled` for an outcome that would have retried a cancelled task
     run_at: datetime
+    started_at: datetime | None = None
+    at: datetime | None = None  # when it was recorded (the attempt's end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,21 +326,27 @@ class TaskStore:
               AND t.run_at - now() <= interval '{EARLY_START_S} seconds'
               AND t.attempts < t.max_attempts
             RETURNING t.id, t.type, t.payload, t.attempts, t.max_attempts, t.run_at,
-                      t.trace_context"""
+                      t.trace_context, t.started_at"""
+        # An outcome that would retry a task whose cancel was requested ends it cancelled.
+        final = ("CASE WHEN c.status = 'queued' AND t.cancel_requested THEN 'cancelled'"
+                 " ELSE c.status END")
         self._record_sql = f"""
             UPDATE {t} AS t
-            SET status = c.status,
+            SET status = {final},
                 result = CASE WHEN c.status = 'succeeded' THEN c.result::jsonb ELSE t.result END,
                 last_error = CASE WHEN c.status = 'succeeded' THEN NULL ELSE c.error END,
-                run_at = CASE WHEN c.status = 'queued'
+                run_at = CASE WHEN {final} = 'queued'
                               THEN now() + c.delay * interval '1 second' ELSE t.run_at END,
-                finished_at = CASE WHEN c.status = 'queued' THEN NULL ELSE now() END
-            FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::float8[])
-                 AS c(id, attempt, status, result, error, delay)
+                finished_at = CASE WHEN {final} = 'queued' THEN NULL ELSE now() END,
+                attempt_log = CASE WHEN c.status = 'succeeded' THEN t.attempt_log
+                              ELSE t.attempt_log || {_log_entry('c.kind', 'c.error')} END
+            FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::float8[],
+                        $8::text[])
+                 AS c(id, attempt, status, result, error, delay, kind)
             WHERE t.id = c.id AND t.status = 'running' AND t.worker = $7
               AND t.attempts = c.attempt
               AND t.id = ANY($1::uuid[])  -- lets the planner see a primary-key lookup
-            RETURNING t.id, t.status, t.run_at"""
+            RETURNING t.id, t.status, t.run_at, t.started_at, now()"""
 
     @contextlib.asynccontextmanager
     async def _connection(self, op: str, via: Pinned | None = None) -> AsyncIterator[Connection]:
@@ -504,14 +587,14 @@ class TaskStore:
             rest = [i for i in dict.fromkeys(ids) if i not in done]
             found = await conn.fetch(
                 f"SELECT id, status, run_at, attempts >= max_attempts, worker, type, payload,"
-                f" attempts, max_attempts, trace_context FROM {self.table}"
+                f" attempts, max_attempts, trace_context, started_at FROM {self.table}"
                 " WHERE id = ANY($1::uuid[])",
                 rest,
             )
         by_id = {
             r[0]: NotStarted(
                 r[0], r[1], r[2], r[1] == "queued" and r[3],
-                Started(r[0], r[5], r[6], r[7], r[8], r[2], r[9])
+                Started(r[0], r[5], r[6], r[7], r[8], r[2], r[9], r[10])
                 if r[1] == "running" and r[4] == worker else None,
             )
             for r in found
@@ -538,6 +621,7 @@ class TaskStore:
             [o.error for o in outcomes],
             [o.delay_s for o in outcomes],
             worker,
+            [o.kind for o in outcomes],
             via=via,
         )
         return [Recorded(*row) for row in rows]
@@ -558,11 +642,13 @@ class TaskStore:
         """running on `worker` → queued, for tasks whose worker is gone; returns ids changed."""
         rows = await self._fetch(
             "tasks.requeue",
-            f"UPDATE {self.table} SET status = 'queued'"
-            " WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker = $2 RETURNING id",
+            f"UPDATE {self.table} AS t SET {AFTER_CANCEL},"
+            f" attempt_log = t.attempt_log || {WORKER_LOST}"
+            " WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker = $2"
+            " RETURNING id, status",
             list(ids), worker,
         )
-        return [r[0] for r in rows]
+        return [r[0] for r in rows if r[1] == "queued"]
 
     async def hand_back(
         self, attempts: Sequence[tuple[uuid.UUID, int]], worker: str
@@ -574,15 +660,15 @@ class TaskStore:
         rows = await self._fetch(
             "tasks.hand_back",
             f"""UPDATE {self.table} AS t
-                SET status = 'queued', attempts = t.attempts - 1, run_at = now(),
+                SET {AFTER_CANCEL}, attempts = t.attempts - 1, run_at = now(),
                     started_at = NULL
                 FROM unnest($1::uuid[], $2::int[]) AS h(id, attempt)
                 WHERE t.id = h.id AND t.status = 'running' AND t.worker = $3
                   AND t.attempts = h.attempt AND t.id = ANY($1::uuid[])
-                RETURNING t.id""",
+                RETURNING t.id, t.status""",
             [i for i, _ in attempts], [a for _, a in attempts], worker,
         )
-        return [r[0] for r in rows]
+        return [r[0] for r in rows if r[1] == "queued"]
 
     async def running_on(self, ids: Iterable[uuid.UUID], worker: str) -> set[uuid.UUID]:
         """Which of `ids` are running on `worker` (whose lease, if it is alive, it holds)."""
@@ -606,12 +692,64 @@ class TaskStore:
         )
         return _record(row) if row else None
 
+    async def request_cancel(self, task_id: uuid.UUID) -> TaskRecord | None:
+        """queued → cancelled, or running → running with `cancel_requested` (its worker stops
+        it); None if the task is neither (or does not exist)."""
+        row = await self._fetchrow(
+            "tasks.request_cancel",
+            f"UPDATE {self.table} AS t SET cancel_requested = true,"
+            " status = CASE WHEN t.status = 'queued' THEN 'cancelled' ELSE t.status END,"
+            " finished_at = CASE WHEN t.status = 'queued' THEN now() ELSE t.finished_at END"
+            f" WHERE t.id = $1 AND t.status IN ('queued', 'running') RETURNING {_COLUMNS}",
+            task_id,
+        )
+        return _record(row) if row else None
+
+    async def write_progress(
+        self, reports: Sequence[tuple[uuid.UUID, int, str]], worker: str
+    ) -> int:
+        """Store (task id, attempt, progress JSON) for attempts still running on `worker`, in
+        one statement; returns how many rows took it."""
+        if not reports:
+            return 0
+        rows = await self._fetch(
+            "tasks.write_progress",
+            f"""UPDATE {self.table} AS t SET progress = p.progress::jsonb
+                FROM unnest($1::uuid[], $2::int[], $3::text[]) AS p(id, attempt, progress)
+                WHERE t.id = p.id AND t.status = 'running' AND t.worker = $4
+                  AND t.attempts = p.attempt AND t.id = ANY($1::uuid[])
+                RETURNING t.id""",
+            [r[0] for r in reports], [r[1] for r in reports], [r[2] for r in reports], worker,
+        )
+        return len(rows)
+
+    async def relabel_lost(self, attempts: Sequence[tuple[uuid.UUID, int]], worker: str) -> None:
+        """The attempts `worker` ran that were re-queued as `worker_lost` while it was alive
+        (stalled past the TTL): their log entries say `lease_lost`."""
+        if not attempts:
+            return
+        await self._fetch(
+            "tasks.relabel_lost",
+            f"""UPDATE {self.table} AS t SET attempt_log = (
+                    SELECT jsonb_agg(CASE WHEN e->>'worker' = $3
+                                           AND (e->>'number')::int = h.attempt
+                                           AND e->>'outcome' = 'worker_lost'
+                                      THEN jsonb_set(e, '{{outcome}}', '"lease_lost"')
+                                      ELSE e END ORDER BY i)
+                    FROM jsonb_array_elements(t.attempt_log) WITH ORDINALITY AS x(e, i))
+                FROM unnest($1::uuid[], $2::int[]) AS h(id, attempt)
+                WHERE t.id = h.id AND jsonb_array_length(t.attempt_log) > 0
+                  AND t.id = ANY($1::uuid[])""",
+            [i for i, _ in attempts], [a for _, a in attempts], worker,
+        )
+
     async def retry(self, task_id: uuid.UUID) -> TaskRecord | None:
         """dead | cancelled → queued with a fresh set of attempts; None if not allowed."""
         row = await self._fetchrow(
             "tasks.retry",
             f"UPDATE {self.table} AS t SET status = 'queued', attempts = 0, run_at = now(),"
-            " started_at = NULL, finished_at = NULL, result = NULL"
+            " started_at = NULL, finished_at = NULL, result = NULL, cancel_requested = false,"
+            " progress = NULL"
             f" WHERE t.id = $1 AND t.status IN ('dead', 'cancelled') RETURNING {_COLUMNS}",
             task_id,
         )

@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any
 
 from conveyor.store.pool import Pool, acquire, translate
+from conveyor.store.tasks import AFTER_CANCEL, WORKER_LOST
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,8 @@ class Beat:
 
     at: datetime
     owned: set[tuple[uuid.UUID, int]] = field(default_factory=set)
+    # Owned attempts whose cancel was requested (a backstop for a missed cancel message).
+    cancel_requested: set[tuple[uuid.UUID, int]] = field(default_factory=set)
     forgotten: list[uuid.UUID] = field(default_factory=list)
 
 
@@ -75,18 +78,19 @@ class WorkerStore:
               ON CONFLICT (id) DO UPDATE SET beat_at = now(), info = EXCLUDED.info
               RETURNING beat_at),
             forgotten AS (
-              UPDATE {self.tasks} AS t SET status = 'queued'
+              UPDATE {self.tasks} AS t SET {AFTER_CANCEL},
+                  attempt_log = t.attempt_log || {WORKER_LOST}
               WHERE t.status = 'running' AND t.worker = $1 AND t.started_at < $10
                 AND NOT (t.id = ANY($9::uuid[]))
               RETURNING t.id, t.attempts)
-            SELECT 'beat', NULL::uuid, NULL::int, b.beat_at FROM beat AS b
+            SELECT 'beat', NULL::uuid, NULL::int, b.beat_at, false FROM beat AS b
             UNION ALL
-            SELECT 'owned', t.id, t.attempts, NULL FROM {self.tasks} AS t
+            SELECT 'owned', t.id, t.attempts, NULL, t.cancel_requested FROM {self.tasks} AS t
             JOIN unnest($7::uuid[], $8::int[]) AS h(id, attempt) ON t.id = h.id
             WHERE t.status = 'running' AND t.worker = $1 AND t.attempts = h.attempt
               AND t.id = ANY($7::uuid[])
             UNION ALL
-            SELECT 'forgotten', f.id, f.attempts, NULL FROM forgotten AS f"""
+            SELECT 'forgotten', f.id, f.attempts, NULL, false FROM forgotten AS f"""
 
     async def _fetch(self, op: str, sql: str, *args: Any) -> list[Any]:
         with translate(op):
@@ -109,9 +113,11 @@ class WorkerStore:
             info, [t for t, _ in running], [a for _, a in running], list(held), previous,
         )
         beat = Beat(at=next(r[3] for r in rows if r[0] == "beat"))
-        for kind, task_id, attempt, _ in rows:
+        for kind, task_id, attempt, _, cancel in rows:
             if kind == "owned":
                 beat.owned.add((task_id, attempt))
+                if cancel:
+                    beat.cancel_requested.add((task_id, attempt))
             elif kind == "forgotten":
                 beat.forgotten.append(task_id)
         return beat

@@ -17,12 +17,14 @@ from collections.abc import Callable
 import structlog
 
 from conveyor import metrics, tracing
+from conveyor.queue.events import Publisher, event
 from conveyor.queue.streams import Message, TaskStreams
 from conveyor.registry import Lease, TaskType
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.store.tasks import NotStarted, Started, TaskStore
 from conveyor.worker.executor import Executor
 from conveyor.worker.inflight import InFlight
+from conveyor.worker.progress import Progress
 from conveyor.worker.recorder import Recorder
 from conveyor.worker.settler import Settler
 from conveyor.worker.slots import Slots
@@ -46,6 +48,9 @@ class Dispatcher:
         slots: Slots,
         in_flight: InFlight,
         spawn: Callable[[asyncio.Future[None]], None],
+        publisher: Publisher | None = None,
+        progress: Progress | None = None,
+        worker_id: str = "",
     ) -> None:
         self.task_type = task_type
         self.executor = executor
@@ -54,7 +59,11 @@ class Dispatcher:
         self.slots = slots
         self.in_flight = in_flight
         self.spawn = spawn
-        self.settler = Settler(store, streams, f"dispatcher.{task_type.name}.settle")
+        self.publisher = publisher
+        self.progress = progress
+        self.worker_id = worker_id
+        self.settler = Settler(store, streams, f"dispatcher.{task_type.name}.settle",
+                               publisher=publisher)
         self._wait = metrics.type_meters(task_type.name).wait
         self.processed = 0  # handler runs finished
 
@@ -92,6 +101,11 @@ class Dispatcher:
             started, not_started = result
         adopted, not_started = self._adopt(not_started, by_task)
         now = time.time()
+        if self.publisher is not None and started:
+            self.publisher.emit(*(
+                event("started", t.id, t.type, "running", attempt=t.attempt,
+                      worker=self.worker_id, started_at=t.started_at)
+                for t in started))
         for task in [*started, *adopted]:
             self._wait.observe(max(0.0, now - task.run_at.timestamp()))
             self.spawn(asyncio.ensure_future(self._run_one(by_task[task.id], task)))
@@ -128,7 +142,9 @@ class Dispatcher:
         whose lease was lost meanwhile is discarded: the task belongs to another attempt now.
         Cancelled at the drain deadline, it stays in `in_flight` for the worker to hand back."""
         key = (self.task_type.name, message.stream_id)
-        lease = Lease()
+        lease = Lease(self.progress.report if self.progress is not None else None)
+        if self.progress is not None:
+            self.progress.running(str(task.id), task.type)
         handler = asyncio.current_task()
         assert handler is not None
         self.in_flight.running(*key, task.attempt, handler, lease, run_in=self.task_type.run_in)
@@ -165,3 +181,5 @@ class Dispatcher:
         finally:
             self.processed += 1
             self.slots.give(1)
+            if self.progress is not None:
+                self.progress.done(str(task.id))

@@ -26,8 +26,8 @@ from conveyor.config import Settings
 from conveyor.egress.client import OutboundHttp
 from conveyor.egress.policy import EgressPolicy
 from conveyor.errors import Fail, Retry
-from conveyor.registry import Lease, RetryPolicy, TaskContext, TaskType
-from conveyor.store.tasks import Outcome, Started
+from conveyor.registry import Lease, ProgressSink, RetryPolicy, TaskContext, TaskType
+from conveyor.store.tasks import AttemptOutcome, Outcome, Started
 from conveyor.worker.pools import ProcessPool, ThreadPool, TimedOut
 
 _MAX_ERROR_CHARS = 4000
@@ -54,14 +54,16 @@ class Executor:
     """Runs handlers and turns what they do into an `Outcome`."""
 
     def __init__(self, settings: Settings, worker_id: str,
-                 http: OutboundHttp | None = None) -> None:
+                 http: OutboundHttp | None = None,
+                 progress: ProgressSink | None = None) -> None:
         self.settings = settings
         self.worker_id = worker_id
         self.http = http or OutboundHttp(EgressPolicy.from_settings(settings))
+        self.progress = progress
         self.default_retry = RetryPolicy(settings.retry_base_delay, settings.retry_max_delay)
         # A hung thread call is replaced by a fresh thread, up to `concurrency` at once.
         self._threads = ThreadPool(settings.concurrency, spare=settings.concurrency)
-        self._processes = ProcessPool(settings.process_pool_size)
+        self._processes = ProcessPool(settings.process_pool_size, progress=progress)
 
     def warm_up(self, types: list[TaskType]) -> None:
         """Start the process pool now if any type needs it, rather than on its first task."""
@@ -101,7 +103,7 @@ class Executor:
             run_at=started.run_at,
             worker_id=self.worker_id,
             settings=self.settings,
-            lease=lease or Lease(),
+            lease=lease or Lease(self.progress),
             http=self.http,
         )
         try:
@@ -114,7 +116,9 @@ class Executor:
         try:
             result = await self._call(task_type, payload, ctx)
         except TimedOut as exc:
-            return self._retry(task_type, started, str(exc), None)
+            if ctx.lease.cancel_requested:
+                return self._cancelled(started)
+            return self._retry(task_type, started, str(exc), None, kind="timed_out")
         except Retry as exc:
             return self._retry(task_type, started, f"retry requested: {exc.reason}", exc.delay_s)
         except Fail as exc:
@@ -127,15 +131,22 @@ class Executor:
         except asyncio.CancelledError as exc:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
+                if ctx.lease.cancel_requested and not ctx.lease.lost:
+                    current.uncancel()  # the cancel asked for: the attempt ends cancelled
+                    return self._cancelled(started)
                 raise  # this run is being cancelled (drain timeout, forced stop)
             # The handler let out a cancellation of its own (an awaited future someone else
             # cancelled): a failed attempt, not a reason to abandon the task.
             return self._retry(task_type, started, describe(exc) or "cancelled", None)
         except Exception as exc:
             tracing.failed(exc)
+            if ctx.lease.cancel_requested:
+                return self._cancelled(started)
             return self._retry(task_type, started, describe(exc), None)
         finally:
             meters.duration.observe(time.perf_counter() - began)
+        if ctx.lease.cancel_requested:  # it returned once asked to stop: cancelled too
+            return self._cancelled(started)
         try:
             result_json = orjson.dumps(result, default=_json_default).decode()
         except orjson.JSONEncodeError as exc:
@@ -167,18 +178,26 @@ class Executor:
         return await self._threads.run(handler, payload, ctx, timeout_s=timeout_s)
 
     def _retry(
-        self, task_type: TaskType, started: Started, error: str, delay_s: float | None
+        self, task_type: TaskType, started: Started, error: str, delay_s: float | None,
+        kind: AttemptOutcome = "failed",
     ) -> Outcome:
         if started.attempt >= started.max_attempts:
             return self._dead(
-                started, f"{error}\n(gave up after {started.attempt} attempts)", task_type.name
+                started, f"{error}\n(gave up after {started.attempt} attempts)", task_type.name,
+                kind=kind,
             )
         policy = task_type.retry or self.default_retry
         delay = policy.delay_s(started.attempt) if delay_s is None else max(0.0, delay_s)
         return Outcome(started.id, task_type.name, started.attempt, "queued",
-                       error=storable(error), delay_s=delay)
+                       error=storable(error), delay_s=delay, kind=kind)
 
     @staticmethod
-    def _dead(started: Started, error: str, type_name: str | None = None) -> Outcome:
+    def _dead(started: Started, error: str, type_name: str | None = None,
+              kind: AttemptOutcome = "failed") -> Outcome:
         return Outcome(started.id, type_name or started.type, started.attempt, "dead",
-                       error=storable(error))
+                       error=storable(error), kind=kind)
+
+    @staticmethod
+    def _cancelled(started: Started) -> Outcome:
+        return Outcome(started.id, started.type, started.attempt, "cancelled",
+                       error="cancelled on request", kind="cancelled")

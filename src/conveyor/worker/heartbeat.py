@@ -26,7 +26,9 @@ from conveyor.errors import Unavailable
 from conveyor.queue.streams import TaskStreams
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
+from conveyor.store.tasks import TaskStore
 from conveyor.store.workers import WorkerStore
+from conveyor.worker.cancels import Cancels
 from conveyor.worker.inflight import InFlight
 
 log = structlog.get_logger("conveyor.heartbeat")
@@ -47,6 +49,8 @@ class Heartbeat:
         concurrency: int,
         in_flight: InFlight,
         counters: Callable[[], dict[str, int]],
+        cancels: Cancels | None = None,
+        store: TaskStore | None = None,
     ) -> None:
         self.workers = workers
         self.streams = streams
@@ -56,6 +60,8 @@ class Heartbeat:
         self.concurrency = concurrency
         self.in_flight = in_flight
         self.counters = counters
+        self.cancels = cancels
+        self.store = store
         self._host = socket.gethostname()
         self._previous: datetime | None = None  # the last beat's time, by Postgres's clock
         self._outage = Outage("worker.heartbeat")
@@ -134,8 +140,19 @@ class Heartbeat:
         if beat.forgotten:
             log.warning("worker.tasks.forgotten", tasks=[str(t) for t in beat.forgotten],
                         reason="running here per Postgres, held nowhere here: queued again")
-        for held in self.in_flight.lose(asked, beat.owned):
+        lost = self.in_flight.lose(asked, beat.owned)
+        for held in lost:
             metrics.LEASES_LOST.labels(held.task_type).inc()
             log.warning("task.lease.lost", task_id=held.task_id, task_type=held.task_type,
                         attempt=held.attempt, cancelled=held.cancellable,
                         reason="re-queued while this worker looked dead (stalled past the TTL)")
+        if self.cancels is not None and beat.cancel_requested:
+            self.cancels.requested(beat.cancel_requested)
+        if lost and self.store is not None:  # its attempt log says lease_lost, not worker_lost
+            try:
+                await self.store.relabel_lost(
+                    [(h.message.task_id, h.attempt) for h in lost
+                     if h.message.task_id is not None and h.attempt is not None],
+                    self.worker_id)
+            except Unavailable as exc:
+                log.warning("heartbeat.relabel.failed", error=str(exc))

@@ -114,6 +114,13 @@ class InFlight:
         return {h.message.task_id for k, h in self._held.items()
                 if h.message.task_id and k not in skip}
 
+    def running_task(self, task_id: uuid.UUID, attempt: int | None = None) -> list[Held]:
+        """The held messages of `task_id` whose handler runs here (at `attempt`, if given)
+        and has not handed over its outcome yet."""
+        return [h for h in self._held.values()
+                if h.message.task_id == task_id and h.handler is not None and not h.submitted
+                and (attempt is None or h.attempt == attempt)]
+
     def lose(
         self, asked: Iterable[tuple[uuid.UUID, int]], owned: set[tuple[uuid.UUID, int]]
     ) -> list[Held]:

@@ -17,6 +17,7 @@ what is left of the pool and may wait for a thread (logged).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import signal
 import threading
@@ -26,6 +27,8 @@ from typing import Any
 
 import pebble
 import structlog
+
+from conveyor.registry import ProgressSink, set_process_sink
 
 log = structlog.get_logger("conveyor.executor")
 
@@ -40,10 +43,12 @@ class TimedOut(Exception):
         self.timeout_s = timeout_s
 
 
-def _ignore_sigint() -> None:
+def _start_child(progress: Any) -> None:
     # Ctrl+C reaches the whole foreground process group; pool children leave it to the parent,
-    # which drains them.
+    # which drains them. Progress reports go back to the parent through `progress` (a queue).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if progress is not None:
+        set_process_sink(lambda task_id, attempt, report: progress.put((task_id, attempt, report)))
 
 
 class ThreadPool:
@@ -73,19 +78,23 @@ class ThreadPool:
         future = self._pool.submit(fn, *args)
         self._calls.add(future)
         future.add_done_callback(self._calls.discard)  # from the thread: a set op is atomic
-        if timeout_s is None:  # no Timeout object (and its task lookups) per call
-            return await asyncio.wrap_future(future)
         try:
+            if timeout_s is None:  # no Timeout object (and its task lookups) per call
+                return await asyncio.wrap_future(future)
             async with asyncio.timeout(timeout_s) as scope:
                 return await asyncio.wrap_future(future)
         except TimeoutError:
-            if not scope.expired():
+            if timeout_s is None or not scope.expired():
                 raise  # the handler's own TimeoutError
             if not future.cancel() and not future.done():  # running: it cannot be stopped
                 self._abandon(future, timeout_s)
             raise TimedOut(timeout_s) from None
+        except asyncio.CancelledError:  # a cancel past its grace, or the drain deadline
+            if not future.cancel() and not future.done():
+                self._abandon(future, None)
+            raise
 
-    def _abandon(self, future: Future[Any], timeout_s: float) -> None:
+    def _abandon(self, future: Future[Any], timeout_s: float | None) -> None:
         with self._lock:
             self._abandoned += 1
             abandoned = self._abandoned
@@ -112,10 +121,13 @@ class ProcessPool:
     picklable payloads and results); see the module docstring for timeouts. Started on the
     first call or by `start()`; a pool that broke is replaced on the next call."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, progress: ProgressSink | None = None) -> None:
         self.size = size
+        self.progress = progress
         self._pool: pebble.ProcessPool | None = None
         self._closed = False
+        self._context = multiprocessing.get_context("spawn")
+        self._reports: Any = None  # the children's progress queue, read by a thread here
 
     def start(self) -> None:
         """Start the processes now rather than on the first call."""
@@ -125,10 +137,15 @@ class ProcessPool:
     def _new(self) -> pebble.ProcessPool:
         if self._closed:
             raise RuntimeError("the process pool is closed")
+        if self.progress is not None and self._reports is None:
+            self._reports = self._context.Queue()
+            threading.Thread(target=self._relay_reports, args=(self._reports, self.progress),
+                             name="conveyor-process-progress", daemon=True).start()
         pool = pebble.ProcessPool(
             max_workers=self.size,
-            initializer=_ignore_sigint,
-            context=multiprocessing.get_context("spawn"),
+            initializer=_start_child,
+            initargs=(self._reports,),
+            context=self._context,
         )
         pool.active  # noqa: B018 - starts its processes
         return pool
@@ -154,6 +171,21 @@ class ProcessPool:
                 raise TimedOut(timeout_s) from None
             raise  # the handler's own TimeoutError
 
+    @staticmethod
+    def _relay_reports(reports: Any, sink: ProgressSink) -> None:
+        """Hand the children's progress to `sink` until the queue is closed (None)."""
+        while True:
+            try:
+                item = reports.get()
+            except (EOFError, OSError, ValueError):
+                return
+            if item is None:
+                return
+            try:
+                sink(*item)
+            except Exception:
+                log.exception("executor.process.progress")
+
     def close(self) -> None:
         """Stop the processes without waiting here: a running call is killed (the drain has
         already waited for handlers)."""
@@ -161,6 +193,9 @@ class ProcessPool:
         if self._pool is not None:
             _dispose(self._pool)
             self._pool = None
+        if self._reports is not None:
+            with contextlib.suppress(Exception):
+                self._reports.put(None)
 
 
 def _dispose(pool: pebble.ProcessPool) -> None:

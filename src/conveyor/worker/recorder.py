@@ -17,12 +17,14 @@ import asyncio
 import dataclasses
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 from prometheus_client import Counter
 
 from conveyor import metrics
 from conveyor.errors import Unavailable
+from conveyor.queue.events import Event, EventKind, Publisher, event
 from conveyor.queue.streams import TaskStreams
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
@@ -33,7 +35,8 @@ from conveyor.worker.settler import Settler
 
 log = structlog.get_logger("conveyor.recorder")
 
-_OUTCOME_METRIC = {"succeeded": "succeeded", "queued": "retried", "dead": "dead"}
+_OUTCOME_METRIC = {"succeeded": "succeeded", "queued": "retried", "dead": "dead",
+                   "cancelled": "cancelled"}
 Entry = tuple[bytes, Outcome]
 
 
@@ -52,6 +55,7 @@ class Recorder:
         on_settled: Callable[[Sequence[tuple[str, bytes]]], None],
         capacity: int = 1000,
         max_batch: int = 500,
+        publisher: Publisher | None = None,
     ) -> None:
         self.store = store
         self.streams = streams
@@ -59,6 +63,7 @@ class Recorder:
         self.worker_id = worker_id
         self.on_settled = on_settled
         self.max_batch = max_batch
+        self.publisher = publisher
         self._queue: asyncio.Queue[Entry | None] = asyncio.Queue(maxsize=capacity)
         self.settler = Settler(store, streams, "worker.settle")
         self._outage = Outage("worker.record")
@@ -118,6 +123,8 @@ class Recorder:
         progress = _Progress([outcome for _, outcome in batch])
         if await self._outage.until_done(self._record, progress, shutdown=shutdown) is None:
             log.warning("recorder.abandoned", outcomes=len(progress.todo))  # left pending
+        if self.publisher is not None and progress.stored:
+            self.publisher.emit(*self._events(progress))
         unsettled = progress.lost | {o.task_id for o in progress.todo}
         if not await self.settler.recorded(batch, progress.stored, unsettled, shutdown):
             log.warning("recorder.unacked", outcomes=len(batch))  # recorded; left pending
@@ -196,6 +203,28 @@ class Recorder:
                     and row.attempts == o.attempt):
                 found[o.task_id] = Recorded(o.task_id, row.status, row.run_at)
         return found
+
+    def _events(self, progress: _Progress) -> list[Event]:
+        """The events of what was stored, published after the durable write."""
+        out = []
+        for o in progress.outcomes:
+            r = progress.stored.get(o.task_id)
+            if r is None:
+                continue
+            common: dict[str, Any] = {"attempt": o.attempt, "worker": self.worker_id,
+                                      "started_at": r.started_at, "finished_at": r.at}
+            if r.status == "succeeded":
+                out.append(event("succeeded", o.task_id, o.task_type, "succeeded",
+                                 result_json=o.result_json, **common))
+            elif r.status == "queued":
+                out.append(event("retrying", o.task_id, o.task_type, "queued", error=o.error,
+                                 outcome=o.kind, run_at=r.run_at, **common))
+            else:
+                kind: EventKind = "cancelled" if r.status == "cancelled" else "dead"
+                outcome = "cancelled" if kind == "cancelled" else o.kind
+                out.append(event(kind, o.task_id, o.task_type, kind, error=o.error,
+                                 outcome=outcome, **common))
+        return out
 
     def _count(self, progress: _Progress) -> None:
         for o in progress.outcomes:

@@ -18,6 +18,7 @@ from collections.abc import Collection, Mapping, Sequence
 import structlog
 
 from conveyor import metrics
+from conveyor.queue.events import Publisher, event
 from conveyor.queue.streams import Message, TaskStreams
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
@@ -31,9 +32,11 @@ LAST_ATTEMPT_LOST = "worker lost during the final attempt"
 class Settler:
     """Settles messages of one component (`component` names its outage in the logs)."""
 
-    def __init__(self, store: TaskStore, streams: TaskStreams, component: str) -> None:
+    def __init__(self, store: TaskStore, streams: TaskStreams, component: str, *,
+                 publisher: Publisher | None = None) -> None:
         self.store = store
         self.streams = streams
+        self.publisher = publisher
         self._outage = Outage(component)
 
     async def settle(
@@ -157,4 +160,7 @@ class Settler:
             for task_id in killed:
                 dead.append((str(task_id), LAST_ATTEMPT_LOST))
                 metrics.DEAD_LETTERED.labels(name, "attempts").inc()
+            if self.publisher is not None:
+                self.publisher.emit(*(event("dead", task_id, name, "dead",
+                                            error=LAST_ATTEMPT_LOST) for task_id in killed))
         await self.settle(name, acks, delays=delays, dead=dead, shutdown=shutdown)

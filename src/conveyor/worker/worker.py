@@ -26,16 +26,19 @@ from conveyor import metrics
 from conveyor.egress.client import OutboundHttp
 from conveyor.egress.policy import EgressPolicy
 from conveyor.errors import ConfigError, Unavailable
+from conveyor.queue.events import Publisher
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState
 from conveyor.store.pool import Pinned
+from conveyor.worker.cancels import Cancels
 from conveyor.worker.consumer import Consumer
 from conveyor.worker.dispatcher import Dispatcher
 from conveyor.worker.executor import Executor
 from conveyor.worker.forwarder import Forwarder
 from conveyor.worker.heartbeat import Heartbeat
 from conveyor.worker.inflight import Held, InFlight
+from conveyor.worker.progress import Progress
 from conveyor.worker.recorder import Recorder
 from conveyor.worker.slots import Slots
 from conveyor.worker.starter import Starter
@@ -96,7 +99,12 @@ class Worker:
         self.handlers: set[asyncio.Future[None]] = set()
         # The one outbound client of this worker's handlers, closed when the worker stops.
         self.http = http or OutboundHttp(EgressPolicy.from_settings(settings))
-        self.executor = Executor(settings, self.worker_id, self.http)
+        self.publisher = Publisher(state.events)
+        self.progress = Progress(state.store, self.publisher, self.worker_id,
+                                 interval_s=settings.progress_interval)
+        self.cancels = Cancels(state.events, self.in_flight, grace_s=settings.cancel_grace)
+        self.executor = Executor(settings, self.worker_id, self.http,
+                                 progress=self.progress.report)
         # Two connections pinned for the worker's lifetime: one starts tasks, one records them.
         self._pinned = [Pinned(state.pool, acquire_timeout_s=settings.pg_acquire_timeout)
                         for _ in range(2)]
@@ -104,11 +112,13 @@ class Worker:
         self.recorder = Recorder(
             state.store, state.streams, self._pinned[1], self.worker_id,
             on_settled=self._settled, capacity=max(100, 4 * settings.concurrency),
+            publisher=self.publisher,
         )
         self.dispatchers = [
             Dispatcher(t, store=state.store, streams=state.streams, executor=self.executor,
                        starter=self.starter, recorder=self.recorder, slots=self.slots,
-                       in_flight=self.in_flight, spawn=self._spawn)
+                       in_flight=self.in_flight, spawn=self._spawn, publisher=self.publisher,
+                       progress=self.progress, worker_id=self.worker_id)
             for t in self.types
         ]
         self.consumers = [
@@ -129,6 +139,8 @@ class Worker:
             concurrency=settings.concurrency,
             in_flight=self.in_flight,
             counters=self._counters,
+            cancels=self.cancels,
+            store=state.store,
         )
 
     def _spawn(self, handler: asyncio.Future[None]) -> None:
@@ -164,6 +176,9 @@ class Worker:
                 recorder = group.create_task(self.recorder.run(shutdown, aux_stop),
                                              name="recorder")
                 heartbeat = group.create_task(self.heartbeat.run(aux_stop), name="heartbeat")
+                publisher = group.create_task(self.publisher.run(aux_stop), name="events")
+                group.create_task(self.progress.run(aux_stop), name="progress")
+                group.create_task(self.cancels.run(aux_stop), name="cancels")
                 group.create_task(self.forwarder.run(shutdown))
                 consumers = [group.create_task(c.run(shutdown)) for c in self.consumers]
                 await shutdown.wait()
@@ -177,7 +192,7 @@ class Worker:
                 # written by then stays pending, and runs again elsewhere.
                 for task, budget_s in ((starter, shutdown.drain_remaining()),
                                        (recorder, shutdown.drain_remaining()),
-                                       (heartbeat, 0.0)):
+                                       (heartbeat, 0.0), (publisher, 0.0)):
                     await _within(task, budget_s + AFTER_DRAIN_S)
         except asyncio.CancelledError:
             aux_stop.force()

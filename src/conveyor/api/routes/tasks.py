@@ -1,4 +1,5 @@
-"""`/v1/tasks`: enqueue (one or a batch), read, list, cancel, retry.
+"""`/v1/tasks`: enqueue (one or a batch), read, list, cancel, retry; wait for a task
+(`?wait=S`), its attempts, and its events (Server-Sent Events).
 
 The router is built per app because the request body's schema comes from the registry.
 (No `from __future__ import annotations` here: FastAPI must see the built request types.)
@@ -9,14 +10,22 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Query
 from pydantic import BaseModel
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
+from conveyor.api import sse
 from conveyor.api.auth import Enqueuer, forbidden, requires
 from conveyor.api.deps import AdmissionDep, ClientDep
 from conveyor.api.guards import JSON_MEDIA_TYPES, require_json
-from conveyor.api.models import SUMMARY_FIELDS, BatchOut, TaskPage, request_models
+from conveyor.api.models import (
+    SUMMARY_FIELDS,
+    AttemptsOut,
+    BatchOut,
+    TaskPage,
+    request_models,
+)
 from conveyor.api.responses import OrjsonResponse
 from conveyor.client import TaskRequest
+from conveyor.queue.events import FINAL_STATUSES
 from conveyor.registry import Registry
 from conveyor.store.keys import ENQUEUE, MANAGE, READ
 from conveyor.store.tasks import Status, TaskRecord
@@ -61,6 +70,21 @@ def _task(record: TaskRecord, status_code: int = 200, **headers: str) -> Respons
     return OrjsonResponse(record, status_code=status_code, headers=headers or None)
 
 
+MAX_WAIT_S = 60.0
+WaitQuery = Annotated[float | None, Query(
+    gt=0, le=MAX_WAIT_S,
+    description="seconds (up to 60) to wait for the task to be final (`succeeded`, `dead`, "
+                "`cancelled`); the answer comes as soon as it is, or after this long with its "
+                "state then",
+)]
+_EVENTS_DOC: dict[int | str, dict[str, Any]] = {200: {
+    "description": "`text/event-stream`: frames of `id` (the event's id), `event` (its kind: "
+                   "state, queued, started, progress, retrying, succeeded, dead, cancelled, "
+                   "cancel_requested) and one JSON `data` line",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}}
+
+
 def build_router(registry: Registry) -> APIRouter:
     """The tasks router for the types in `registry`."""
     single, batch = request_models(registry)
@@ -83,30 +107,44 @@ def build_router(registry: Registry) -> APIRouter:
         client: ClientDep,
         admission: AdmissionDep,
         caller: Enqueuer,
+        wait: WaitQuery = None,
     ) -> Response:
         caller.check_types([body.type])  # type: ignore[attr-defined]
         with admission.slot():
             inserted = await client.enqueue_many([_task_request(body)])
         record = inserted[0].record
-        return _task(record, 202 if inserted[0].created else 200,
-                     Location=f"/v1/tasks/{record.id}")
+        status_code = 202 if inserted[0].created else 200
+        if wait is not None:
+            record = await client.wait(record.id, wait, known=record)
+            if record.status in FINAL_STATUSES:
+                status_code = 200
+        return _task(record, status_code, Location=f"/v1/tasks/{record.id}")
 
     @router.post("/batch", status_code=202, response_model=BatchOut,
                  summary="Enqueue up to 1000 tasks in one transaction",
-                 dependencies=[Depends(require_json)], responses=_ENQUEUE_ERRORS)
+                 dependencies=[Depends(require_json)],
+                 responses={200: {"model": BatchOut,
+                                  "description": "with `wait`: every task final in time"},
+                            **_ENQUEUE_ERRORS})
     async def create_batch(
         body: Annotated[batch, Body()],  # type: ignore[valid-type]
         client: ClientDep,
         admission: AdmissionDep,
         caller: Enqueuer,
+        wait: WaitQuery = None,
     ) -> Response:
         tasks: list[BaseModel] = body.tasks  # type: ignore[attr-defined]
         caller.check_types(t.type for t in tasks)  # type: ignore[attr-defined]
         with admission.slot():
             inserted = await client.enqueue_many([_task_request(t) for t in tasks])
         created = sum(1 for i in inserted if i.created)
-        return OrjsonResponse({"tasks": [i.record for i in inserted], "created": created},
-                              status_code=202)
+        records = [i.record for i in inserted]
+        status_code = 202
+        if wait is not None:
+            records = await client.wait_many(records, wait)
+            if all(r.status in FINAL_STATUSES for r in records):
+                status_code = 200
+        return OrjsonResponse({"tasks": records, "created": created}, status_code=status_code)
 
     @router.get("", response_model=TaskPage, summary="List tasks, newest first", **_READ)
     async def list_tasks(
@@ -128,17 +166,40 @@ def build_router(registry: Registry) -> APIRouter:
             tasks = [{name: getattr(r, name) for name in SUMMARY_FIELDS} for r in records]
         return OrjsonResponse({"tasks": tasks, "next_cursor": next_cursor})
 
-    @router.get("/{task_id}", response_model=TaskRecord, summary="Read a task",
+    @router.get("/{task_id}", response_model=TaskRecord,
+                summary="Read a task (with `wait`: once it is final)",
                 **_scoped(READ, {404: _NOT_FOUND}))
-    async def get_task(task_id: uuid.UUID, client: ClientDep) -> Response:
+    async def get_task(task_id: uuid.UUID, client: ClientDep, wait: WaitQuery = None
+                       ) -> Response:
+        if wait is not None:
+            return _task(await client.wait(task_id, wait))
         return _task(await client.get(task_id))
 
-    @router.post("/{task_id}/cancel", response_model=TaskRecord,
-                 summary="Cancel a queued task (409 if it is not queued)",
-                 **_scoped(MANAGE, {404: _NOT_FOUND, 409: {"description": "the task is not "
-                                                          "queued; `status_now` says what it is"}}))
+    @router.get("/{task_id}/attempts", response_model=AttemptsOut,
+                summary="Every attempt of a task: worker, times, outcome, error",
+                **_scoped(READ, {404: _NOT_FOUND}))
+    async def get_attempts(task_id: uuid.UUID, client: ClientDep) -> Response:
+        record = await client.get(task_id)
+        return OrjsonResponse({"attempts": record.attempt_history})
+
+    @router.get("/{task_id}/events", summary="Stream a task's events (Server-Sent Events)",
+                response_class=StreamingResponse,
+                **_scoped(READ, {404: _NOT_FOUND, **_EVENTS_DOC}))
+    async def task_events(task_id: uuid.UUID, client: ClientDep) -> Response:
+        assert client.hub is not None
+        return await sse.task_stream(client, client.hub, task_id)
+
+    @router.post("/{task_id}/cancel", response_model=TaskRecord, status_code=200,
+                 summary="Cancel a task: a queued one at once (200), a running one by its "
+                         "worker (202, `cancel_requested`); 409 if it is final",
+                 **_scoped(MANAGE, {
+                     202: {"model": TaskRecord, "description":
+                           "running: its worker stops it; it ends `cancelled`"},
+                     404: _NOT_FOUND,
+                     409: {"description": "the task is final; `status_now` says what it is"}}))
     async def cancel_task(task_id: uuid.UUID, client: ClientDep) -> Response:
-        return _task(await client.cancel(task_id))
+        record = await client.cancel(task_id)
+        return _task(record, 202 if record.status == "running" else 200)
 
     @router.post("/{task_id}/retry", response_model=TaskRecord,
                  summary="Queue a dead or cancelled task again (409 otherwise)",

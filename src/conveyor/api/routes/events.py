@@ -1,0 +1,56 @@
+"""`/v1/events`: every task transition as Server-Sent Events, for integrations and dashboards,
+resumable by `Last-Event-ID` within the events stream's window (`CONVEYOR_EVENTS_MAXLEN`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query
+from fastapi.exceptions import RequestValidationError
+from starlette.responses import Response, StreamingResponse
+
+from conveyor.api import sse
+from conveyor.api.auth import forbidden, requires
+from conveyor.api.deps import ClientDep
+from conveyor.queue.events import stream_order
+from conveyor.store.keys import READ
+from conveyor.store.tasks import Status
+
+router = APIRouter(prefix="/v1/events", tags=["events"],
+                   dependencies=[Depends(requires[READ])], responses=forbidden(READ))
+
+_DOC: dict[int | str, dict[str, Any]] = {200: {
+    "description": "`text/event-stream`: frames of `id`, `event` (the kind) and one JSON "
+                   "`data` line; `gap` when events after `Last-Event-ID` are no longer kept",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}}
+
+
+@router.get("", summary="Stream every task transition (Server-Sent Events)",
+            response_class=StreamingResponse, responses=_DOC)
+async def stream_events(
+    client: ClientDep,
+    type: Annotated[list[str] | None, Query(description="only these task types")] = None,
+    status: Annotated[list[Status] | None, Query(
+        description="only events leaving the task in these statuses")] = None,
+    last_event_id: Annotated[str | None, Query(
+        description="resume after this event id (as the `Last-Event-ID` header does)")] = None,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> Response:
+    after = last_event_id or last_event_id_header
+    if after is not None:
+        try:
+            stream_order(after)
+        except ValueError:
+            raise RequestValidationError([{
+                "type": "value_error", "loc": ("header", "Last-Event-ID"),
+                "msg": "an event id looks like 1733090000000-0.0", "input": after,
+            }]) from None
+    unknown = [t for t in type or () if t not in client.registry.types]
+    if unknown:
+        raise RequestValidationError([{
+            "type": "value_error", "loc": ("query", "type"),
+            "msg": f"unknown task type {name!r}", "input": name,
+        } for name in unknown])
+    assert client.hub is not None
+    return await sse.all_events(client, client.hub, set(type or ()), set(status or ()), after)
