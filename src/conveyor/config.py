@@ -155,6 +155,7 @@ class Settings(BaseSettings):
     events_maxlen: int = Field(default=100_000, ge=100)
     progress_interval: float = Field(default=0.5, gt=0)
     cancel_grace: float = Field(default=5.0, ge=0)
+    max_wait: float = Field(default=60.0, gt=0, le=3600)  # the largest `?wait=` taken
 
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = "info"

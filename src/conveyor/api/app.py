@@ -94,11 +94,11 @@ def create_app(state: AppState, backlog: Backlog | None = None) -> FastAPI:
     app.include_router(metrics.router)
     # The key first (401, 429), then the query check; each route adds its scope (403).
     strict = [Depends(authenticate), Depends(reject_unknown_query)]
-    app.include_router(tasks.build_router(registry), dependencies=strict)
+    app.include_router(tasks.build_router(registry, settings.max_wait), dependencies=strict)
     app.include_router(workers.router, dependencies=strict)
     app.include_router(queues.build_router(registry), dependencies=strict)
     app.include_router(keys.router, dependencies=strict)
-    app.include_router(events.router, dependencies=strict)
+    app.include_router(events.build_router(registry), dependencies=strict)
     for router, prefix, scope in state.app.routers:  # an application's own
         if scope is None:
             app.include_router(router, prefix=prefix)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Collection
+from typing import Any, get_args
 
 import orjson
 from starlette.responses import StreamingResponse
@@ -23,6 +24,7 @@ from conveyor.queue.events import (
     FINAL_STATUSES,
     RESYNC,
     Event,
+    EventKind,
     Hub,
     entry_of,
     stream_order,
@@ -32,6 +34,25 @@ from conveyor.store.tasks import TaskRecord
 KEEPALIVE_S = 15.0
 MEDIA_TYPE = "text/event-stream"
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+KINDS = tuple(k for k in get_args(EventKind) if k != "resync")  # resync never leaves the hub
+
+
+def response_doc(description: str, kinds: Collection[str]) -> dict[str, Any]:
+    """The OpenAPI description of a 200 event stream whose events are of `kinds`: before
+    OpenAPI 3.2 (`itemSchema`), a `text/event-stream` media type's `schema` describes one
+    event, as the `EventSource` API reads it (`event`, `id`, `data`)."""
+    event = {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"type": "string", "enum": sorted(kinds)},
+            "id": {"type": "string", "description": "the event's stream id (none on `state`)"},
+            "data": {"type": "string", "contentMediaType": "application/json",
+                     "contentSchema": {"type": "object"},
+                     "description": "one JSON object: the task (`state`) or the event"},
+        },
+    }
+    return {"description": description, "content": {MEDIA_TYPE: {"schema": event}}}
 
 
 def frame(kind: str, data: bytes, event_id: str | None = None) -> bytes:

@@ -180,6 +180,45 @@ async def test_waiting_for_a_missing_task_is_a_404(client: httpx.AsyncClient) ->
     assert answer.status_code == 404
 
 
+async def test_the_longest_wait_is_the_setting_and_the_document_says_so(
+    quick: Settings
+) -> None:
+    short = Service(quick.model_copy(update={"max_wait": 2.5}))
+    await short.start(worker=False)
+    try:
+        async with httpx.AsyncClient(base_url=short.url, timeout=30) as api:
+            too_long = await api.get(f"/v1/tasks/{uuid.uuid4()}", params={"wait": 3})
+            assert too_long.status_code == 422
+            assert too_long.json()["errors"][0]["path"] == "query.wait"
+            longest = await api.get(f"/v1/tasks/{uuid.uuid4()}", params={"wait": 2.5})
+            assert longest.status_code == 404
+            document = (await api.get("/openapi.json")).json()
+    finally:
+        await short.close()
+    wait = next(p for p in document["paths"]["/v1/tasks/{task_id}"]["get"]["parameters"]
+                if p["name"] == "wait")
+    assert wait["schema"]["anyOf"][0]["maximum"] == 2.5
+
+
+@pytest.mark.parametrize(("params", "headers", "path"), [
+    ({"type": "nope"}, {}, "query.type"),
+    ({"type": ""}, {}, "query.type"),
+    ({"status": "finished"}, {}, "query.status.0"),
+    ({"last_event_id": "yesterday"}, {}, "query.last_event_id"),
+    ({"last_event_id": "-5"}, {}, "query.last_event_id"),
+    ({}, {"Last-Event-ID": "yesterday"}, "header.Last-Event-ID"),
+    ({}, {"Last-Event-ID": "1733090000000-0.x"}, "header.Last-Event-ID"),
+])
+async def test_a_bad_events_filter_or_event_id_is_a_422_naming_it(
+    client: httpx.AsyncClient, params: dict[str, str], headers: dict[str, str], path: str
+) -> None:
+    """The parameters of the endless `GET /v1/events`, which the Schemathesis run leaves out."""
+    answer = await client.get("/v1/events", params=params, headers=headers)
+    assert answer.status_code == 422
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert [e["path"] for e in answer.json()["errors"]] == [path]
+
+
 async def test_a_waiter_reconnects_across_an_api_restart(service: Service) -> None:
     async with http.AsyncClient(service.url) as conveyor:
         task = await conveyor.enqueue("gated", {})

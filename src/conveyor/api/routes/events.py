@@ -12,45 +12,46 @@ from starlette.responses import Response, StreamingResponse
 from conveyor.api import sse
 from conveyor.api.auth import forbidden, requires
 from conveyor.api.deps import ClientDep
-from conveyor.queue.events import stream_order
+from conveyor.registry import Registry
 from conveyor.store.keys import READ
 from conveyor.store.tasks import Status
 
-router = APIRouter(prefix="/v1/events", tags=["events"],
-                   dependencies=[Depends(requires[READ])], responses=forbidden(READ))
-
-_DOC: dict[int | str, dict[str, Any]] = {200: {
-    "description": "`text/event-stream`: frames of `id`, `event` (the kind) and one JSON "
-                   "`data` line; `gap` when events after `Last-Event-ID` are no longer kept",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
-}}
+EVENT_ID_PATTERN = r"^[0-9]+(-[0-9]+)?(\.[0-9]+)?$"  # 1733090000000-0.0, or an entry id
+_DOC: dict[int | str, dict[str, Any]] = {200: sse.response_doc(
+    "`text/event-stream`: frames of `id`, `event` (the kind) and one JSON `data` line; `gap` "
+    "when events after `Last-Event-ID` are no longer kept", {"gap", *sse.KINDS})}
 
 
-@router.get("", summary="Stream every task transition (Server-Sent Events)",
-            response_class=StreamingResponse, responses=_DOC)
-async def stream_events(
-    client: ClientDep,
-    type: Annotated[list[str] | None, Query(description="only these task types")] = None,
-    status: Annotated[list[Status] | None, Query(
-        description="only events leaving the task in these statuses")] = None,
-    last_event_id: Annotated[str | None, Query(
-        description="resume after this event id (as the `Last-Event-ID` header does)")] = None,
-    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-) -> Response:
-    after = last_event_id or last_event_id_header
-    if after is not None:
-        try:
-            stream_order(after)
-        except ValueError:
+def build_router(registry: Registry) -> APIRouter:
+    """The events router; `type` takes the task types of `registry`."""
+    router = APIRouter(prefix="/v1/events", tags=["events"],
+                       dependencies=[Depends(requires[READ])], responses=forbidden(READ))
+    known = {"items": {"type": "string", "enum": sorted(registry.types)}} if registry.types \
+        else None
+
+    @router.get("", summary="Stream every task transition (Server-Sent Events)",
+                response_class=StreamingResponse, responses=_DOC)
+    async def stream_events(
+        client: ClientDep,
+        # a default, not an annotation: `known` is local, and annotations are strings here
+        type: list[str] | None = Query(  # noqa: B008
+            None, description="only these task types", json_schema_extra=known),
+        status: Annotated[list[Status] | None, Query(
+            description="only events leaving the task in these statuses")] = None,
+        last_event_id: Annotated[str | None, Query(
+            pattern=EVENT_ID_PATTERN,
+            description="resume after this event id (as the `Last-Event-ID` header does)")] = None,
+        last_event_id_header: Annotated[str | None, Header(
+            alias="Last-Event-ID", pattern=EVENT_ID_PATTERN)] = None,
+    ) -> Response:
+        unknown = [t for t in type or () if t not in client.registry.types]
+        if unknown:
             raise RequestValidationError([{
-                "type": "value_error", "loc": ("header", "Last-Event-ID"),
-                "msg": "an event id looks like 1733090000000-0.0", "input": after,
-            }]) from None
-    unknown = [t for t in type or () if t not in client.registry.types]
-    if unknown:
-        raise RequestValidationError([{
-            "type": "value_error", "loc": ("query", "type"),
-            "msg": f"unknown task type {name!r}", "input": name,
-        } for name in unknown])
-    assert client.hub is not None
-    return await sse.all_events(client, client.hub, set(type or ()), set(status or ()), after)
+                "type": "value_error", "loc": ("query", "type"),
+                "msg": f"unknown task type {name!r}", "input": name,
+            } for name in unknown])
+        assert client.hub is not None
+        after = last_event_id or last_event_id_header
+        return await sse.all_events(client, client.hub, set(type or ()), set(status or ()), after)
+
+    return router

@@ -70,23 +70,27 @@ def _task(record: TaskRecord, status_code: int = 200, **headers: str) -> Respons
     return OrjsonResponse(record, status_code=status_code, headers=headers or None)
 
 
-MAX_WAIT_S = 60.0
-WaitQuery = Annotated[float | None, Query(
-    gt=0, le=MAX_WAIT_S,
-    description="seconds (up to 60) to wait for the task to be final (`succeeded`, `dead`, "
-                "`cancelled`); the answer comes as soon as it is, or after this long with its "
-                "state then",
-)]
-_EVENTS_DOC: dict[int | str, dict[str, Any]] = {200: {
-    "description": "`text/event-stream`: frames of `id` (the event's id), `event` (its kind: "
-                   "state, queued, started, progress, retrying, succeeded, dead, cancelled, "
-                   "cancel_requested) and one JSON `data` line",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
-}}
+MAX_WAIT_S = 60.0  # the default of CONVEYOR_MAX_WAIT
 
 
-def build_router(registry: Registry) -> APIRouter:
-    """The tasks router for the types in `registry`."""
+def _wait(max_wait_s: float) -> Any:
+    """The `wait` query parameter (its default: none), up to `max_wait_s`."""
+    return Query(
+        None, gt=0, le=max_wait_s,
+        description=f"seconds (up to {max_wait_s:g}) to wait for the task to be final "
+                    "(`succeeded`, `dead`, `cancelled`); the answer comes as soon as it is, or "
+                    "after this long with its state then",
+    )
+
+
+_EVENTS_DOC: dict[int | str, dict[str, Any]] = {200: sse.response_doc(
+    "`text/event-stream`: frames of `id` (the event's id), `event` (its kind: `state`, the "
+    "task as stored, first and after any missed events; then its transitions) and one JSON "
+    "`data` line; the stream ends after the task's final event", {"state", *sse.KINDS})}
+
+
+def build_router(registry: Registry, max_wait_s: float = MAX_WAIT_S) -> APIRouter:
+    """The tasks router for the types in `registry`, waiting up to `max_wait_s`."""
     single, batch = request_models(registry)
     router = APIRouter(prefix=PREFIX, tags=["tasks"])
 
@@ -107,7 +111,7 @@ def build_router(registry: Registry) -> APIRouter:
         client: ClientDep,
         admission: AdmissionDep,
         caller: Enqueuer,
-        wait: WaitQuery = None,
+        wait: float | None = _wait(max_wait_s),
     ) -> Response:
         caller.check_types([body.type])  # type: ignore[attr-defined]
         with admission.slot():
@@ -131,7 +135,7 @@ def build_router(registry: Registry) -> APIRouter:
         client: ClientDep,
         admission: AdmissionDep,
         caller: Enqueuer,
-        wait: WaitQuery = None,
+        wait: float | None = _wait(max_wait_s),
     ) -> Response:
         tasks: list[BaseModel] = body.tasks  # type: ignore[attr-defined]
         caller.check_types(t.type for t in tasks)  # type: ignore[attr-defined]
@@ -169,7 +173,7 @@ def build_router(registry: Registry) -> APIRouter:
     @router.get("/{task_id}", response_model=TaskRecord,
                 summary="Read a task (with `wait`: once it is final)",
                 **_scoped(READ, {404: _NOT_FOUND}))
-    async def get_task(task_id: uuid.UUID, client: ClientDep, wait: WaitQuery = None
+    async def get_task(task_id: uuid.UUID, client: ClientDep, wait: float | None = _wait(max_wait_s)
                        ) -> Response:
         if wait is not None:
             return _task(await client.wait(task_id, wait))
