@@ -3,12 +3,14 @@ check on: each answer is documented (status, content type, headers, body schema)
 the schema allows are accepted, requests it does not allow are refused, 405s name the right
 methods, and nothing answers 500.
 
-Two things are bounded so that every case is quick, the API staying truthful about both:
+Streams and waits are bounded so that every case is quick, the API staying truthful:
 `?wait=S` is capped by `CONVEYOR_MAX_WAIT` (the document's maximum follows it; no worker runs
-here, so a wait lasts all of S), and `GET /v1/events` is left out: it is an endless stream
-that, with no task moving, sends nothing but a keepalive every 15 s, so each accepted case would
-last Schemathesis's whole read timeout and check no event. Its parameters' validation (type,
-status, `Last-Event-ID`) is covered in tests/integration/api/test_results.py.
+here, so a wait lasts all of S); a task's stream (`GET /v1/tasks/{id}/events`) is read up to
+its first event, the `state` one (no task moves here, so it would then stay silent until the
+read timeout); and `GET /v1/events` is left out: an endless stream that, with no task moving,
+sends nothing but a keepalive every 15 s, so each accepted case would last the whole read
+timeout and check no event. Its parameters' validation (type, status, `Last-Event-ID`) is
+covered in tests/integration/api/test_results.py.
 
 The run is bounded by the number of examples per operation (about a minute here; no
 `--max-time`, which would repeat fuzzing until the time is spent and make the run depend on
@@ -39,6 +41,24 @@ MAX_WAIT_S = 1  # CONVEYOR_MAX_WAIT: the longest `?wait=` case
 RUN_TIMEOUT_S = 240  # a hard bound, far above the ~60 s the run takes
 
 
+# Every check on (here rather than `--checks all`, which would override the one exception
+# below), and a task's stream read up to its first event (see above). The coverage phase of
+# Schemathesis 4.32 finds no valid batch body (the thumbnail payload's base64 pattern with its
+# 5,592,409 maxLength, in `tasks[]`'s oneOf, defeats its generator; a single task, whose oneOf
+# is the body itself, is fine) and then sends its negative fallback body (`0`) with positive
+# query parameters as if the request were valid: its "valid data accepted" check is off for
+# that one operation in that one phase; fuzzing and the stateful phase still check it there.
+CONFIG = """\
+max-stream-events = 1
+checks.enabled = true
+
+[[operations]]
+include-path = "/v1/tasks/batch"
+include-method = "POST"
+phases.coverage.checks.positive_data_acceptance.enabled = false
+"""
+
+
 def _ready(base: str) -> bool:
     try:
         return httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200
@@ -54,9 +74,10 @@ def test_schemathesis_finds_nothing(spawn: Spawner, tmp_path: Path) -> None:
                 CONVEYOR_PORT=str(port), CONVEYOR_MAX_WAIT=str(MAX_WAIT_S))
     wait_until(lambda: _ready(base), 30.0, "the API ready")
     report = tmp_path / "schemathesis.json"
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(CONFIG)
     command = [
-        str(SCHEMATHESIS), "run", f"{base}/openapi.json",
-        "--checks", "all",
+        str(SCHEMATHESIS), "--config-file", str(config), "run", f"{base}/openapi.json",
         "--exclude-path", "/v1/events",  # endless (see above)
         "--header", f"Authorization: Bearer {KEY}",
         "--max-examples", str(MAX_EXAMPLES),
