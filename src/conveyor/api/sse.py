@@ -3,7 +3,9 @@ resumption within the events stream's window). Both are fed by the process's eve
 
 Each frame is `id:` (the event's stream id), `event:` (its kind) and one `data:` line of JSON.
 A task's stream begins with a `state` event holding the task as Postgres has it, and ends after
-its final event. A comment line every `KEEPALIVE_S` keeps proxies from closing an idle stream.
+its final event. A comment line every `KEEPALIVE_S` keeps proxies from closing an idle stream;
+then the task is read once more, so a stream whose final event was never published (a
+transition made by the cron service, an event lost with Redis) still ends.
 """
 
 from __future__ import annotations
@@ -65,6 +67,16 @@ async def task_stream(client: Client, hub: Hub, task_id: uuid.UUID) -> Streaming
                 try:
                     e = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
                 except TimeoutError:
+                    # A quiet while: the truth, once more. A transition no event announces
+                    # (rebalance's dead-lettering, a requeue that ends a cancelled task, an
+                    # event a worker dropped while Redis was away) ends the stream here; a
+                    # task pruned meanwhile ends it too.
+                    current = await client.store.get(task_id)
+                    if current is None:
+                        return
+                    if current.status in FINAL_STATUSES:
+                        yield _state(current)
+                        return
                     yield b": keepalive\n\n"
                     continue
                 if e is CLOSING:

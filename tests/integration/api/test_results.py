@@ -22,6 +22,7 @@ import orjson
 import pytest
 
 from conveyor import http
+from conveyor.api import sse
 from conveyor.api.app import create_app
 from conveyor.api.server import ApiServer
 from conveyor.config import Settings
@@ -369,6 +370,32 @@ async def test_a_late_subscriber_gets_the_current_state_then_the_rest(
     assert kinds[-1] == "succeeded"
     assert seen[-1].model_extra is not None
     assert seen[-1].model_extra["result"] == "opened"
+
+
+async def test_a_task_stream_ends_on_a_transition_no_event_announces(
+    idle_service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rebalancer dead-letters a task (and a requeue ends a cancelled one) in Postgres
+    without publishing an event; the janitor deletes a task: its event stream still ends."""
+    monkeypatch.setattr(sse, "KEEPALIVE_S", 0.3)
+    store = idle_service.api.store
+    async with http.AsyncClient(idle_service.url) as conveyor:
+        killed = await conveyor.enqueue("gated", {})
+        pruned = await conveyor.enqueue("gated", {})
+        seen: dict[str, list[http.TaskEvent]] = {str(killed.id): [], str(pruned.id): []}
+
+        async def follow(task_id: uuid.UUID) -> None:
+            async for e in conveyor.events(task_id):
+                seen[str(task_id)].append(e)
+        following = [asyncio.create_task(follow(t.id)) for t in (killed, pruned)]
+        await eventually(lambda: _true(all(seen.values())))
+        await store.kill([killed.id], "delivery limit reached")  # as the rebalancer does
+        await store.pool.execute(f"DELETE FROM {store.table} WHERE id = $1", pruned.id)
+        ended = await asyncio.wait_for(asyncio.gather(*following, return_exceptions=True), 20)
+    assert ended[0] is None
+    assert [(e.kind, e.status) for e in seen[str(killed.id)]][-1] == ("state", "dead")
+    assert isinstance(ended[1], http.TaskNotFound)  # asked again: the task is gone (404)
+    assert [e.kind for e in seen[str(pruned.id)]] == ["state"]
 
 
 async def _true(value: bool) -> bool:
