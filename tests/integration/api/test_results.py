@@ -347,6 +347,17 @@ async def test_sse_streams_every_event_of_200_tasks_with_retries_in_order(
     assert unknown.status_code == 422
 
 
+@pytest.mark.parametrize("last", ["1_0-0", "\uff11-0", "+1-0",
+                                  "18446744073709551616-0", "1-18446744073709551616"])
+async def test_an_event_id_redis_would_refuse_is_a_422(client: httpx.AsyncClient, last: str
+                                                        ) -> None:
+    """What Python's int() takes but a stream id is not (underscores, other digits, signs,
+    past 64 bits) is refused up front, not sent to XRANGE mid-stream."""
+    for answer in (await client.get("/v1/events", headers={"Last-Event-ID": last.encode()}),
+                   await client.get("/v1/events", params={"last_event_id": last})):
+        assert answer.status_code == 422, answer.text
+
+
 async def test_a_late_subscriber_gets_the_current_state_then_the_rest(
     service: Service
 ) -> None:
