@@ -14,17 +14,20 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Collection
+from typing import Any
 
 import orjson
 from starlette.responses import StreamingResponse
 
 from conveyor.api.responses import OrjsonResponse
 from conveyor.client import Client, apply_event
+from conveyor.errors import Unavailable
 from conveyor.queue.events import (
     CLOSING,
     FINAL_STATUSES,
     RESYNC,
     Event,
+    Follower,
     Hub,
     entry_of,
     stream_order,
@@ -32,6 +35,9 @@ from conveyor.queue.events import (
 from conveyor.store.tasks import TaskRecord
 
 KEEPALIVE_S = 15.0
+# Longest wait for the process's events reader to take its position (its first read of Redis)
+# before a stream opens; then Unavailable (503 with Retry-After): Redis is away.
+READY_S = 5.0
 MEDIA_TYPE = "text/event-stream"
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -45,6 +51,16 @@ def _state(record: TaskRecord) -> bytes:
     return frame("state", OrjsonResponse(None).render(record))
 
 
+async def _enter(stack: contextlib.AsyncExitStack, watching: Any) -> Any:
+    """Enter the hub's `watching` context within READY_S; Unavailable if its reader cannot
+    start (Redis away): the request fails now rather than waits with no answer."""
+    try:
+        async with asyncio.timeout(READY_S):
+            return await stack.enter_async_context(watching)
+    except TimeoutError:
+        raise Unavailable("events.hub", "Redis did not answer") from None
+
+
 def stream(body: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(body, media_type=MEDIA_TYPE, headers=_HEADERS)
 
@@ -52,7 +68,7 @@ def stream(body: AsyncIterator[bytes]) -> StreamingResponse:
 async def task_stream(client: Client, hub: Hub, task_id: uuid.UUID) -> StreamingResponse:
     """The stream of one task; TaskNotFound (before any byte is sent) if there is none."""
     stack = contextlib.AsyncExitStack()
-    queue = await stack.enter_async_context(hub.watch(str(task_id)))
+    queue: asyncio.Queue[Event] = await _enter(stack, hub.watch(str(task_id)))
     try:
         record = await client.get(task_id)
     except BaseException:
@@ -101,7 +117,7 @@ async def all_events(
     assert client.events is not None
     log = client.events
     stack = contextlib.AsyncExitStack()
-    follower = await stack.enter_async_context(hub.follow(types, statuses))
+    follower: Follower = await _enter(stack, hub.follow(types, statuses))
 
     def wanted(e: Event) -> bool:
         return (not types or e.task_type in types) and (not statuses or e.status in statuses)

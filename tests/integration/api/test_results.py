@@ -28,9 +28,10 @@ from conveyor.api.server import ApiServer
 from conveyor.config import Settings
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState, open_state
+from conveyor.testing.servers import PostgresServer, RedisServer
 from conveyor.worker.worker import Worker
 from tests.apps import results
-from tests.conftest import eventually
+from tests.conftest import eventually, make_settings
 
 FINAL = {"succeeded", "dead", "cancelled"}
 WAIT_S = 60
@@ -353,7 +354,7 @@ async def test_an_event_id_redis_would_refuse_is_a_422(client: httpx.AsyncClient
                                                         ) -> None:
     """What Python's int() takes but a stream id is not (underscores, other digits, signs,
     past 64 bits) is refused up front, not sent to XRANGE mid-stream."""
-    for answer in (await client.get("/v1/events", headers={"Last-Event-ID": last.encode()}),
+    for answer in (await client.get("/v1/events", headers={b"Last-Event-ID": last.encode()}),
                    await client.get("/v1/events", params={"last_event_id": last})):
         assert answer.status_code == 422, answer.text
 
@@ -407,6 +408,27 @@ async def test_a_task_stream_ends_on_a_transition_no_event_announces(
     assert [(e.kind, e.status) for e in seen[str(killed.id)]][-1] == ("state", "dead")
     assert isinstance(ended[1], http.TaskNotFound)  # asked again: the task is gone (404)
     assert [e.kind for e in seen[str(pruned.id)]] == ["state"]
+
+
+async def test_an_event_stream_while_redis_is_away_is_a_503_not_a_hang(
+    quick: Settings, own_redis: RedisServer, postgres: PostgresServer
+) -> None:
+    """The process's events reader has not started and Redis is away: opening a task's
+    stream (or every event's) answers 503 with Retry-After instead of waiting for Redis."""
+    results.reset()
+    service = Service(make_settings(postgres, own_redis.url, progress_interval=0.1))
+    await service.start(worker=False)
+    try:
+        async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
+            task = (await enqueue(client, "gated")).json()
+            own_redis.stop()
+            for path in (f"/v1/tasks/{task['id']}/events", "/v1/events"):
+                answer = await asyncio.wait_for(client.get(path), 20)
+                assert answer.status_code == 503, answer.text
+                assert "retry-after" in answer.headers
+    finally:
+        own_redis.start()
+        await service.close()
 
 
 async def _true(value: bool) -> bool:
