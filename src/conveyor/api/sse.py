@@ -87,7 +87,11 @@ async def task_stream(client: Client, hub: Hub, task_id: uuid.UUID) -> Streaming
                     # (rebalance's dead-lettering, a requeue that ends a cancelled task, an
                     # event a worker dropped while Redis was away) ends the stream here; a
                     # task pruned meanwhile ends it too.
-                    current = await client.store.get(task_id)
+                    try:
+                        current = await client.store.get(task_id)
+                    except Unavailable:  # Postgres away: ask again after the next quiet while
+                        yield b": keepalive\n\n"
+                        continue
                     if current is None:
                         return
                     if current.status in FINAL_STATUSES:
