@@ -128,7 +128,7 @@ def build_services(state: AppState, roles: Roles, *, worker_types: list[str] | N
         services.append(Rebalancer(
             state.redis, state.keys, state.streams, state.store, types, liveness=liveness,
             interval_s=settings.rebalance_interval, ttl_s=settings.heartbeat_ttl,
-            max_requeues=settings.max_deliveries,
+            max_requeues=settings.max_deliveries, events=state.events,
         ))
         services.append(Relay(
             state.redis, state.keys, state.streams, state.store, types, liveness=liveness,

@@ -3,7 +3,9 @@ resumption within the events stream's window). Both are fed by the process's eve
 
 Each frame is `id:` (the event's stream id), `event:` (its kind) and one `data:` line of JSON.
 A task's stream begins with a `state` event holding the task as Postgres has it, and ends after
-its final event. A comment line every `KEEPALIVE_S` keeps proxies from closing an idle stream.
+its final event. A comment line every `KEEPALIVE_S` keeps proxies from closing an idle stream;
+then the task is read once more, so a stream whose final event was never published (a
+transition made by the cron service, an event lost with Redis) still ends.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from starlette.responses import StreamingResponse
 
 from conveyor.api.responses import OrjsonResponse
 from conveyor.client import Client, apply_event
+from conveyor.errors import Unavailable
 from conveyor.queue.events import (
     CLOSING,
     FINAL_STATUSES,
     RESYNC,
     Event,
     EventKind,
+    Follower,
     Hub,
     entry_of,
     stream_order,
@@ -32,6 +36,9 @@ from conveyor.queue.events import (
 from conveyor.store.tasks import TaskRecord
 
 KEEPALIVE_S = 15.0
+# Longest wait for the process's events reader to take its position (its first read of Redis)
+# before a stream opens; then Unavailable (503 with Retry-After): Redis is away.
+READY_S = 5.0
 MEDIA_TYPE = "text/event-stream"
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 KINDS = tuple(k for k in get_args(EventKind) if k != "resync")  # resync never leaves the hub
@@ -64,6 +71,16 @@ def _state(record: TaskRecord) -> bytes:
     return frame("state", OrjsonResponse(None).render(record))
 
 
+async def _enter(stack: contextlib.AsyncExitStack, watching: Any) -> Any:
+    """Enter the hub's `watching` context within READY_S; Unavailable if its reader cannot
+    start (Redis away): the request fails now rather than waits with no answer."""
+    try:
+        async with asyncio.timeout(READY_S):
+            return await stack.enter_async_context(watching)
+    except TimeoutError:
+        raise Unavailable("events.hub", "Redis did not answer") from None
+
+
 def stream(body: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(body, media_type=MEDIA_TYPE, headers=_HEADERS)
 
@@ -71,7 +88,7 @@ def stream(body: AsyncIterator[bytes]) -> StreamingResponse:
 async def task_stream(client: Client, hub: Hub, task_id: uuid.UUID) -> StreamingResponse:
     """The stream of one task; TaskNotFound (before any byte is sent) if there is none."""
     stack = contextlib.AsyncExitStack()
-    queue = await stack.enter_async_context(hub.watch(str(task_id)))
+    queue: asyncio.Queue[Event] = await _enter(stack, hub.watch(str(task_id)))
     try:
         record = await client.get(task_id)
     except BaseException:
@@ -86,6 +103,20 @@ async def task_stream(client: Client, hub: Hub, task_id: uuid.UUID) -> Streaming
                 try:
                     e = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
                 except TimeoutError:
+                    # A quiet while: the truth, once more. A transition no event announces
+                    # (rebalance's dead-lettering, a requeue that ends a cancelled task, an
+                    # event a worker dropped while Redis was away) ends the stream here; a
+                    # task pruned meanwhile ends it too.
+                    try:
+                        current = await client.store.get(task_id)
+                    except Unavailable:  # Postgres away: ask again after the next quiet while
+                        yield b": keepalive\n\n"
+                        continue
+                    if current is None:
+                        return
+                    if current.status in FINAL_STATUSES:
+                        yield _state(current)
+                        return
                     yield b": keepalive\n\n"
                     continue
                 if e is CLOSING:
@@ -110,7 +141,7 @@ async def all_events(
     assert client.events is not None
     log = client.events
     stack = contextlib.AsyncExitStack()
-    follower = await stack.enter_async_context(hub.follow(types, statuses))
+    follower: Follower = await _enter(stack, hub.follow(types, statuses))
 
     def wanted(e: Event) -> bool:
         return (not types or e.task_type in types) and (not statuses or e.status in statuses)

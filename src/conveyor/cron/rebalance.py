@@ -19,7 +19,9 @@ import structlog
 
 from conveyor import metrics
 from conveyor.cron._locked import LockedLoop
+from conveyor.errors import Unavailable
 from conveyor.queue.connection import Redis
+from conveyor.queue.events import EventLog, event
 from conveyor.queue.keys import Keys, worker_of
 from conveyor.queue.streams import TaskStreams
 from conveyor.store.tasks import TaskStore
@@ -46,9 +48,11 @@ class Rebalancer(LockedLoop):
         interval_s: float,
         ttl_s: float,
         max_requeues: int,
+        events: EventLog | None = None,
     ) -> None:
         super().__init__(redis, keys, streams, store, types, interval_s=interval_s)
         self.liveness = liveness
+        self.events = events  # where the `dead` events of what it dead-letters go
         self.min_idle_ms = int(ttl_s * 1000)
         self.max_requeues = max_requeues
 
@@ -105,5 +109,16 @@ class Rebalancer(LockedLoop):
 
     async def _kill(self, task_type: str, task_ids: list[uuid.UUID]) -> None:
         reason = f"delivery limit reached: re-queued {self.max_requeues} times after lost workers"
-        await self.store.kill(task_ids, reason)  # re-queued just now: queued, unless started
+        # re-queued just now: queued, unless started
+        killed = await self.store.kill(task_ids, reason)
         metrics.DEAD_LETTERED.labels(task_type, "deliveries").inc(len(task_ids))
+        if self.events is None or not killed:
+            return
+        try:  # waiters and followers learn of it now (rare: the rows are read for their times)
+            records = [r for r in [await self.store.get(t) for t in killed] if r is not None]
+            await self.events.publish([
+                event("dead", r.id, task_type, "dead", error=r.last_error,
+                      run_at=r.run_at, started_at=r.started_at, finished_at=r.finished_at)
+                for r in records if r.status == "dead"])
+        except Unavailable as exc:  # a wait still ends, on its timeout, from Postgres
+            log.warning("rebalance.events.unpublished", tasks=len(killed), error=str(exc))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection, Sequence
@@ -48,12 +49,23 @@ MAX_RESULT_BYTES = 16 * 1024  # a larger result is left out of its event (read t
 _PAST_LAST = 2**31  # a place after every event of an entry
 
 
+# `ms-seq` (or `ms`), each a 64-bit unsigned integer in ASCII digits as Redis takes them, then
+# an event's place in its entry: what int() alone accepts (`1_0`, `+1`, ` 1`, other scripts'
+# digits) Redis refuses, and the refusal would come in the middle of a stream.
+_EVENT_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?(?:\.([0-9]{1,10}))?")
+_U64 = 2**64
+
+
 def stream_order(event_id: str) -> tuple[int, int, int]:
     """An event id (or a stream entry id) as a sortable triple; ValueError if it is neither.
     An entry id sorts before its events."""
-    entry, _, place = event_id.partition(".")
-    ms, _, seq = entry.partition("-")
-    return int(ms), int(seq or 0), int(place) if place else -1
+    match = _EVENT_ID.fullmatch(event_id)
+    if match is None:
+        raise ValueError(f"not an event id: {event_id!r}")
+    ms, seq = int(match[1]), int(match[2] or 0)
+    if ms >= _U64 or seq >= _U64:
+        raise ValueError(f"not an event id (past 64 bits): {event_id!r}")
+    return ms, seq, int(match[3]) if match[3] is not None else -1
 
 
 def entry_of(event_id: str) -> str:

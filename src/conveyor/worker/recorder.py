@@ -199,9 +199,13 @@ class Recorder:
         found = {}
         for o in outcomes:
             row = await self.store.get(o.task_id)
-            if (row is not None and row.status == o.status and row.worker == self.worker_id
-                    and row.attempts == o.attempt):
-                found[o.task_id] = Recorded(o.task_id, row.status, row.run_at)
+            if row is None or row.worker != self.worker_id or row.attempts != o.attempt:
+                continue
+            # A retry of a task whose cancel was requested is stored `cancelled` instead.
+            if row.status == o.status or (o.status == "queued" and row.status == "cancelled"
+                                          and row.cancel_requested):
+                found[o.task_id] = Recorded(o.task_id, row.status, row.run_at, row.started_at,
+                                            row.finished_at)
         return found
 
     def _events(self, progress: _Progress) -> list[Event]:

@@ -22,14 +22,16 @@ import orjson
 import pytest
 
 from conveyor import http
+from conveyor.api import sse
 from conveyor.api.app import create_app
 from conveyor.api.server import ApiServer
 from conveyor.config import Settings
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState, open_state
+from conveyor.testing.servers import PostgresServer, RedisServer
 from conveyor.worker.worker import Worker
 from tests.apps import results
-from tests.conftest import eventually
+from tests.conftest import eventually, make_settings
 
 FINAL = {"succeeded", "dead", "cancelled"}
 WAIT_S = 60
@@ -385,6 +387,17 @@ async def test_sse_streams_every_event_of_200_tasks_with_retries_in_order(
     assert unknown.status_code == 422
 
 
+@pytest.mark.parametrize("last", ["1_0-0", "\uff11-0", "+1-0",
+                                  "18446744073709551616-0", "1-18446744073709551616"])
+async def test_an_event_id_redis_would_refuse_is_a_422(client: httpx.AsyncClient, last: str
+                                                        ) -> None:
+    """What Python's int() takes but a stream id is not (underscores, other digits, signs,
+    past 64 bits) is refused up front, not sent to XRANGE mid-stream."""
+    for answer in (await client.get("/v1/events", headers={b"Last-Event-ID": last.encode()}),
+                   await client.get("/v1/events", params={"last_event_id": last})):
+        assert answer.status_code == 422, answer.text
+
+
 async def test_a_late_subscriber_gets_the_current_state_then_the_rest(
     service: Service
 ) -> None:
@@ -408,6 +421,53 @@ async def test_a_late_subscriber_gets_the_current_state_then_the_rest(
     assert kinds[-1] == "succeeded"
     assert seen[-1].model_extra is not None
     assert seen[-1].model_extra["result"] == "opened"
+
+
+async def test_a_task_stream_ends_on_a_transition_no_event_announces(
+    idle_service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rebalancer dead-letters a task (and a requeue ends a cancelled one) in Postgres
+    without publishing an event; the janitor deletes a task: its event stream still ends."""
+    monkeypatch.setattr(sse, "KEEPALIVE_S", 0.3)
+    store = idle_service.api.store
+    async with http.AsyncClient(idle_service.url) as conveyor:
+        killed = await conveyor.enqueue("gated", {})
+        pruned = await conveyor.enqueue("gated", {})
+        seen: dict[str, list[http.TaskEvent]] = {str(killed.id): [], str(pruned.id): []}
+
+        async def follow(task_id: uuid.UUID) -> None:
+            async for e in conveyor.events(task_id):
+                seen[str(task_id)].append(e)
+        following = [asyncio.create_task(follow(t.id)) for t in (killed, pruned)]
+        await eventually(lambda: _true(all(seen.values())))
+        await store.kill([killed.id], "delivery limit reached")  # as the rebalancer does
+        await store.pool.execute(f"DELETE FROM {store.table} WHERE id = $1", pruned.id)
+        ended = await asyncio.wait_for(asyncio.gather(*following, return_exceptions=True), 20)
+    assert ended[0] is None
+    assert [(e.kind, e.status) for e in seen[str(killed.id)]][-1] == ("state", "dead")
+    assert isinstance(ended[1], http.TaskNotFound)  # asked again: the task is gone (404)
+    assert [e.kind for e in seen[str(pruned.id)]] == ["state"]
+
+
+async def test_an_event_stream_while_redis_is_away_is_a_503_not_a_hang(
+    quick: Settings, own_redis: RedisServer, postgres: PostgresServer
+) -> None:
+    """The process's events reader has not started and Redis is away: opening a task's
+    stream (or every event's) answers 503 with Retry-After instead of waiting for Redis."""
+    results.reset()
+    service = Service(make_settings(postgres, own_redis.url, progress_interval=0.1))
+    await service.start(worker=False)
+    try:
+        async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
+            task = (await enqueue(client, "gated")).json()
+            own_redis.stop()
+            for path in (f"/v1/tasks/{task['id']}/events", "/v1/events"):
+                answer = await asyncio.wait_for(client.get(path), 20)
+                assert answer.status_code == 503, answer.text
+                assert "retry-after" in answer.headers
+    finally:
+        own_redis.start()
+        await service.close()
 
 
 async def _true(value: bool) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.integration.api import test_results as results
 from tests.integration.cron import test_rebalance as rebalance
 from tests.integration.cron import test_relay as relay
 from tests.integration.queue import test_streams as streams
@@ -54,3 +55,12 @@ test_tasks_committed_but_never_published_are_relayed = (
 test_flushall_loses_nothing = relay.test_flushall_loses_nothing
 test_running_task_of_a_dead_worker_whose_message_was_lost_is_requeued = (
     relay.test_running_task_of_a_dead_worker_whose_message_was_lost_is_requeued)
+
+# results: waiting fed by the events stream, a running task's cancel over pub/sub (PUBLISH
+# reaches every node's subscribers), and the task's event stream
+client, quick, service = results.client, results.quick, results.service  # their fixtures
+test_enqueue_and_wait_answers_with_the_final_task_across_retries = (
+    results.test_enqueue_and_wait_answers_with_the_final_task_across_retries)
+test_cancel_a_running_handler = results.test_cancel_a_running_handler
+test_a_late_subscriber_gets_the_current_state_then_the_rest = (
+    results.test_a_late_subscriber_gets_the_current_state_then_the_rest)

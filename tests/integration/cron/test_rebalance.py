@@ -19,7 +19,7 @@ def rebalancer(state: AppState, *, max_requeues: int = 5) -> Rebalancer:
     return Rebalancer(
         state.redis, state.keys, state.streams, state.store, list(state.app.registry.types),
         liveness=judge(state), interval_s=0.2, ttl_s=state.settings.heartbeat_ttl,
-        max_requeues=max_requeues,
+        max_requeues=max_requeues, events=state.events,
     )
 
 
@@ -144,6 +144,21 @@ async def test_a_message_that_keeps_losing_workers_is_dead_lettered(state: AppSt
     assert "delivery limit" in (record.last_error or "")
     letters: Any = await state.redis.xrange(state.keys.dead("echo"))
     assert letters[-1][1][b"id"].decode() == str(task_id)
+
+
+async def test_a_waiter_ends_when_the_rebalancer_dead_letters_its_task(state: AppState
+                                                                         ) -> None:
+    """Dead-lettering is a transition like any other: its `dead` event ends a wait at once."""
+    await state.streams.ensure_group("echo")
+    task_id = (await state.client.enqueue("echo", {})).record.id
+    waiting = asyncio.create_task(state.client.wait(task_id, 60))
+    balancer = rebalancer(state, max_requeues=0)
+    balancer.min_idle_ms = 0
+    await state.streams.read("echo", consumer_name("dead-0", "echo"), 10, None)
+    assert await balancer.rebalance("echo") == (0, 1)
+    done = await asyncio.wait_for(waiting, 10)  # not the wait's 60 s
+    assert done.status == "dead"
+    assert "delivery limit" in (done.last_error or "")
 
 
 async def test_trim_drops_acked_entries_only(state: AppState) -> None:

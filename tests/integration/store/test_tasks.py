@@ -189,7 +189,8 @@ async def test_mark_running_reports_its_own_running_task_but_not_another_workers
     row = get(before, mine[0])
     assert by_id[mine[0]].status == "running"
     assert by_id[mine[0]].running_here == Started(
-        row.id, row.type, row.payload, 1, row.max_attempts, row.run_at
+        row.id, row.type, row.payload, 1, row.max_attempts, row.run_at,
+        started_at=row.started_at,
     )
     assert by_id[theirs[0]].status == "running"
     assert by_id[theirs[0]].running_here is None
