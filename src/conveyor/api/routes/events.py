@@ -12,11 +12,13 @@ from starlette.responses import Response, StreamingResponse
 from conveyor.api import sse
 from conveyor.api.auth import forbidden, requires
 from conveyor.api.deps import ClientDep
+from conveyor.queue.events import stream_order
 from conveyor.registry import Registry
 from conveyor.store.keys import READ
 from conveyor.store.tasks import Status
 
-EVENT_ID_PATTERN = r"^[0-9]+(-[0-9]+)?(\.[0-9]+)?$"  # 1733090000000-0.0, or an entry id
+# 1733090000000-0.0, or an entry id; 19 digits stay within the 64 bits Redis takes
+EVENT_ID_PATTERN = r"^[0-9]{1,19}(-[0-9]{1,19})?(\.[0-9]{1,9})?$"
 _DOC: dict[int | str, dict[str, Any]] = {200: sse.response_doc(
     "`text/event-stream`: frames of `id`, `event` (the kind) and one JSON `data` line; `gap` "
     "when events after `Last-Event-ID` are no longer kept", {"gap", *sse.KINDS})}
@@ -52,6 +54,14 @@ def build_router(registry: Registry) -> APIRouter:
             } for name in unknown])
         assert client.hub is not None
         after = last_event_id or last_event_id_header
+        if after is not None:  # the pattern says digits; Redis also wants them within 64 bits
+            try:
+                stream_order(after)
+            except ValueError as exc:
+                where = ("query", "last_event_id") if last_event_id else ("header", "Last-Event-ID")
+                raise RequestValidationError([{
+                    "type": "value_error", "loc": where, "msg": str(exc), "input": after,
+                }]) from None
         return await sse.all_events(client, client.hub, set(type or ()), set(status or ()), after)
 
     return router
