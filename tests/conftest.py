@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from conveyor.application import Conveyor
 from conveyor.config import Settings
@@ -23,6 +24,13 @@ from conveyor.testing.redis_ha import ClusterServers
 from conveyor.testing.servers import PostgresServer, RedisServer
 from conveyor.worker.worker import Worker
 from tests.apps import basic
+
+# Tests log through structlog's default console renderer; its rich tracebacks (with every
+# local rendered) can take minutes for one exception of a loop that fails every tick.
+structlog.configure(processors=[
+    *structlog.get_config()["processors"][:-1],
+    structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
+])
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ tries again."""
 from __future__ import annotations
 
 import abc
+import asyncio
 
 import structlog
 
@@ -49,6 +50,11 @@ class LockedLoop(abc.ABC):
         """Tick at start and then every `interval_s` until shutdown begins."""
         while True:
             await self.locked_tick()
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # A cancel that a client library turned into an error (caught above as a failed
+                # tick) is delivered only once: honour it here, or the loop would run on.
+                raise asyncio.CancelledError
             if await shutdown.wait(self.interval_s):
                 return
 
