@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 import orjson
@@ -113,6 +114,13 @@ def event(kind: EventKind, task_id: object, task_type: str, status: str,
         else:
             details["result_omitted"] = True
     return Event(kind, str(task_id), task_type, status, orjson.dumps(details))
+
+
+def cancelled(task_id: object, task_type: str, finished_at: datetime | None) -> Event:
+    """A task that ended cancelled outside a handler's outcome (the API's cancel of a queued
+    task, or a cancel asked of a task whose worker was lost or stopped meanwhile)."""
+    return event("cancelled", task_id, task_type, "cancelled", finished_at=finished_at,
+                 outcome="cancelled")
 
 
 RESYNC = Event("resync", "", "", "")  # the hub may have missed events: read Postgres again

@@ -26,7 +26,7 @@ from conveyor import metrics
 from conveyor.egress.client import OutboundHttp
 from conveyor.egress.policy import EgressPolicy
 from conveyor.errors import ConfigError, Unavailable
-from conveyor.queue.events import Publisher
+from conveyor.queue.events import Publisher, cancelled
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState
@@ -290,15 +290,20 @@ class Worker:
         if not held:
             return
         try:
-            back = set(await self.state.store.hand_back(
+            returned = await self.state.store.hand_back(
                 [(h.message.task_id, h.attempt) for h in held
                  if h.message.task_id is not None and h.attempt is not None],
                 self.worker_id,
-            ))
+            )
+            back = set(returned.queued)
+            ended = dict(returned.cancelled)
             by_type: dict[str, list[Held]] = {}
             for h in held:
                 if h.message.task_id in back:
                     by_type.setdefault(h.task_type, []).append(h)
+                elif h.message.task_id in ended:  # asked to cancel while it ran: over now
+                    self.publisher.emit(cancelled(h.message.task_id, h.task_type,
+                                                  ended[h.message.task_id]))
             for task_type, items in by_type.items():
                 _, dead = await self.state.streams.requeue(
                     task_type, [h.message for h in items],
