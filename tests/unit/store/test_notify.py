@@ -8,7 +8,6 @@ import pytest
 
 from conveyor.store.notify import Enqueued, parse, payload
 
-
 ID = uuid.UUID("0190b9a4-7c1e-7d2a-9b3c-4d5e6f708192")  # fixed: parallel runs collect alike
 
 
