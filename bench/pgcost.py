@@ -69,7 +69,8 @@ async def one_size(pool: Pool, store: TaskStore, postmaster: int, n: int, batch:
 
     async def start(a: int, b: int) -> None:
         started, rest = await store.mark_running(ids[a:b], WORKER)
-        assert len(started) == b - a and not rest, (len(started), rest[:1])
+        assert len(started) == b - a, (len(started), rest[:1])
+        assert not rest
 
     async def record(a: int, b: int) -> None:
         recorded = await store.record(

@@ -112,7 +112,8 @@ class Worker:
         self.recorder = Recorder(
             state.store, state.streams, self._pinned[1], self.worker_id,
             on_settled=self._settled, capacity=max(100, 4 * settings.concurrency),
-            publisher=self.publisher,
+            publisher=self.publisher, linger_s=settings.record_linger,
+            busy=lambda: self.slots.in_use > 0,
         )
         self.dispatchers = [
             Dispatcher(t, store=state.store, streams=state.streams, executor=self.executor,
