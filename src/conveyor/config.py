@@ -158,7 +158,8 @@ class Settings(BaseSettings):
     max_wait: float = Field(default=60.0, gt=0, le=3600)  # the largest `?wait=` taken
 
     # Write batching (cost per task): how long the worker's recorder waits for more outcomes
-    # before writing a batch while handlers are still running (0: write at once)
+    # before writing a batch, and its event publisher for more events before an XADD, while
+    # handlers are still running (0: write at once)
     record_linger: float = Field(default=0.005, ge=0, le=1)
 
     # Logs
