@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import harness as bp
-from bench import scale
+from bench import notes, scale
 from bench.peers import all_peers as peer_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -403,7 +403,7 @@ class Bench:
                  *([others] if others else [])]
         text = render(self.results, self.rows, ns, facts, self.command, self.latency,
                       self.profiles)
-        args.out.write_text(scale.kept_section(args.out, text))
+        args.out.write_text(notes.kept_notes(args.out, scale.kept_section(args.out, text)))
         if args.json:
             profiles = [{**p, "profile": p["profile"].as_dict(25)} if "profile" in p else p
                         for p in self.profiles]

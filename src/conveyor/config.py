@@ -157,6 +157,11 @@ class Settings(BaseSettings):
     cancel_grace: float = Field(default=5.0, ge=0)
     max_wait: float = Field(default=60.0, gt=0, le=3600)  # the largest `?wait=` taken
 
+    # Write batching (cost per task): how long the worker's recorder waits for more outcomes
+    # before writing a batch, and its event publisher for more events before an XADD, while
+    # handlers are still running (0: write at once)
+    record_linger: float = Field(default=0.005, ge=0, le=1)
+
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -357,9 +357,12 @@ class TaskStore:
             FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::float8[],
                         $8::text[])
                  AS c(id, attempt, status, result, error, delay, kind)
-            WHERE t.id = c.id AND t.status = 'running' AND t.worker = $7
-              AND t.attempts = c.attempt
-              AND t.id = ANY($1::uuid[])  -- lets the planner see a primary-key lookup
+            WHERE t.id = c.id AND t.attempts = c.attempt
+              -- Written so that no other index serves them (as in the start): a scan of the
+              -- running-by-worker index walks every entry it holds, the dead ones of tasks
+              -- finished since the last vacuum included, per batch.
+              AND NOT (t.status IS DISTINCT FROM 'running')
+              AND NOT (t.worker IS DISTINCT FROM $7)
             RETURNING t.id, t.status, t.run_at, t.started_at, now()"""
 
     @contextlib.asynccontextmanager

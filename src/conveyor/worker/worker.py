@@ -99,7 +99,8 @@ class Worker:
         self.handlers: set[asyncio.Future[None]] = set()
         # The one outbound client of this worker's handlers, closed when the worker stops.
         self.http = http or OutboundHttp(EgressPolicy.from_settings(settings))
-        self.publisher = Publisher(state.events)
+        self.publisher = Publisher(state.events, linger_s=settings.record_linger,
+                                   busy=lambda: self.slots.in_use > 0)
         self.progress = Progress(state.store, self.publisher, self.worker_id,
                                  interval_s=settings.progress_interval)
         self.cancels = Cancels(state.events, self.in_flight, grace_s=settings.cancel_grace)
@@ -112,7 +113,8 @@ class Worker:
         self.recorder = Recorder(
             state.store, state.streams, self._pinned[1], self.worker_id,
             on_settled=self._settled, capacity=max(100, 4 * settings.concurrency),
-            publisher=self.publisher,
+            publisher=self.publisher, linger_s=settings.record_linger,
+            busy=lambda: self.slots.in_use > 0,
         )
         self.dispatchers = [
             Dispatcher(t, store=state.store, streams=state.streams, executor=self.executor,
