@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import orjson
@@ -28,7 +28,6 @@ from conveyor.store.tasks import (
     TaskRecord,
     _literal,
     _record,
-    _uuid_floor,
 )
 
 Action = Literal["retry", "cancel", "delete"]
@@ -259,16 +258,21 @@ class Dashboard:
 
     async def minutes(self, type_: str, minutes: int = 60) -> list[Minute]:
         """Succeeded and dead per minute (by finished_at) over the last `minutes`, of the
-        tasks created within them: an index-only range of `tasks_finished`."""
-        window = f"now() - interval '{int(minutes)} minutes'"
+        tasks created within them: per status, an index-only range of `tasks_finished`
+        (type, status, id) INCLUDE (finished_at)."""
+        since = datetime.now(UTC) - timedelta(minutes=minutes)
+        t = self.table
+
+        def part(status: str) -> str:
+            return (f"SELECT date_trunc('minute', t.finished_at) AS m, t.status"
+                    f" FROM {t} AS t WHERE t.type = $1 AND t.status = {status}"
+                    " AND t.id >= $2 AND t.finished_at >= $3")
+
         rows = await self._fetch("dashboard.minutes", f"""
-            SELECT date_trunc('minute', t.finished_at) AS m,
-                   count(*) FILTER (WHERE t.status = 'succeeded'),
-                   count(*) FILTER (WHERE t.status = 'dead')
-            FROM {self.table} AS t
-            WHERE t.type = $1 AND t.status IN ('succeeded', 'dead')
-              AND t.id >= {_uuid_floor(window)} AND t.finished_at >= {window}
-            GROUP BY 1 ORDER BY 1""", type_)
+            SELECT x.m, count(*) FILTER (WHERE x.status = 'succeeded'),
+                   count(*) FILTER (WHERE x.status = 'dead')
+            FROM ({part("'succeeded'")} UNION ALL {part("'dead'")}) AS x
+            GROUP BY 1 ORDER BY 1""", type_, id_floor(since), since)
         return [Minute(r[0], int(r[1]), int(r[2])) for r in rows]
 
     async def latency(self, type_: str, sample: int = 200) -> list[float]:
