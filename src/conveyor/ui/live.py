@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from starlette.responses import StreamingResponse
@@ -22,10 +23,15 @@ from conveyor.ui.render import HEADERS
 from conveyor.ui.session import PREFIX
 
 KEEPALIVE_S = 15.0
+LOOK_S = 1.0  # how often the overview's stream checks whether it was cut off
 COALESCE_S = 1.0  # the overview's shortest gap between two `changed`
 READY_S = 5.0
 CHANGED = b"event: changed\ndata: {}\n\n"
+KEEPALIVE = b": keepalive\n\n"
 _HEADERS = {**HEADERS, "X-Accel-Buffering": "no"}
+T = TypeVar("T")
+
+router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
 
 def _hub(request: Request) -> Hub:
@@ -34,10 +40,12 @@ def _hub(request: Request) -> Hub:
     return hub
 
 
-async def _enter(stack: contextlib.AsyncExitStack, watching: object) -> object:
+async def _enter(stack: contextlib.AsyncExitStack,
+                 watching: contextlib.AbstractAsyncContextManager[T]) -> T:
+    """Enter the hub's context within READY_S; Unavailable (503) while Redis is away."""
     try:
         async with asyncio.timeout(READY_S):
-            return await stack.enter_async_context(watching)  # type: ignore[arg-type]
+            return await stack.enter_async_context(watching)
     except TimeoutError:
         raise Unavailable("ui.live", "Redis did not answer") from None
 
@@ -45,8 +53,6 @@ async def _enter(stack: contextlib.AsyncExitStack, watching: object) -> object:
 def _stream(body: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(body, media_type="text/event-stream", headers=_HEADERS)
 
-
-router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
 @router.get("/live")
 async def everything(request: Request, view: ViewerDep) -> StreamingResponse:
@@ -56,19 +62,25 @@ async def everything(request: Request, view: ViewerDep) -> StreamingResponse:
     async def body() -> AsyncIterator[bytes]:
         async with stack:
             yield b"retry: 2000\n\n"
-            queue = follower.queue  # type: ignore[attr-defined]
-            while not follower.lagged:  # type: ignore[attr-defined]
+            queue, quiet = follower.queue, 0.0
+            # Cut off (the process stops, or it fell behind): the browser reconnects.
+            while not follower.lagged:
                 try:
-                    await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                    await asyncio.wait_for(queue.get(), LOOK_S)
                 except TimeoutError:
-                    yield b": keepalive\n\n"
+                    quiet += LOOK_S
+                    if quiet >= KEEPALIVE_S:
+                        quiet = 0.0
+                        yield KEEPALIVE
                     continue
+                quiet = 0.0
                 await asyncio.sleep(COALESCE_S)
                 while not queue.empty():
                     queue.get_nowait()
                 yield CHANGED
 
     return _stream(body())
+
 
 @router.get("/tasks/{task_id}/live")
 async def one(request: Request, view: ViewerDep, task_id: uuid.UUID) -> StreamingResponse:
@@ -80,13 +92,12 @@ async def one(request: Request, view: ViewerDep, task_id: uuid.UUID) -> Streamin
             yield b"retry: 2000\n\n"
             while True:
                 try:
-                    e = await asyncio.wait_for(queue.get(), KEEPALIVE_S)  # type: ignore[attr-defined]
+                    e = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
                 except TimeoutError:
-                    yield b": keepalive\n\n"
+                    yield KEEPALIVE
                     continue
                 if e is CLOSING:
                     return
                 yield CHANGED
 
     return _stream(body())
-

@@ -145,3 +145,20 @@ async def test_with_keys_the_dashboard_asks_for_one_once(state: AppState) -> Non
         out = await http.post("/ui/logout", data={"csrf": csrf_of(task_page.text)})
         assert out.status_code == 303
         assert (await http.get("/ui/queues")).status_code == 303
+
+
+async def test_workers_page_flags_stale_beats(state: AppState) -> None:
+    await state.workers.beat("live-one", host="h1", pid=1, types=["echo"], concurrency=4,
+                             info={"processed": 12})
+    await state.workers.beat("gone-quiet", host="h2", pid=2, types=["echo"], concurrency=4,
+                             info={})
+    await state.pool.execute(
+        f"UPDATE {state.workers.table} SET beat_at = now() - interval '1 hour'"
+        " WHERE id = 'gone-quiet'")
+    async with http_for(state) as http:
+        page = (await http.get("/ui/workers")).text
+    live_row = page[page.index('data-worker="live-one"'):].split("</tr>")[0]
+    stale_row = page[page.index('data-worker="gone-quiet"'):].split("</tr>")[0]
+    assert ">live<" in live_row
+    assert ">12<" in live_row
+    assert ">stale<" in stale_row
