@@ -256,23 +256,26 @@ class Dashboard:
 
     # -- the overview ----------------------------------------------------------------------
 
-    async def minutes(self, type_: str, minutes: int = 60) -> list[Minute]:
-        """Succeeded and dead per minute (by finished_at) over the last `minutes`, of the
-        tasks created within them: per status, an index-only range of `tasks_finished`
-        (type, status, id) INCLUDE (finished_at)."""
+    async def minutes(self, type_: str, minutes: int = 60, *,
+                      until: datetime | None = None) -> list[Minute]:
+        """Succeeded and dead per minute (by finished_at) over the last `minutes` (those
+        before `until`, when given), of the tasks created within them: per status, a range
+        of `tasks_finished` (type, status, id) INCLUDE (finished_at). Its cost follows the
+        tasks finished in the span: the dashboard reads it once per process (ui/throughput.py)."""
         since = datetime.now(UTC) - timedelta(minutes=minutes)
+        end = until or datetime.now(UTC) + timedelta(days=1)
         t = self.table
 
         def part(status: str) -> str:
             return (f"SELECT date_trunc('minute', t.finished_at) AS m, t.status"
                     f" FROM {t} AS t WHERE t.type = $1 AND t.status = {status}"
-                    " AND t.id >= $2 AND t.finished_at >= $3")
+                    " AND t.id >= $2 AND t.finished_at >= $3 AND t.finished_at < $4")
 
         rows = await self._fetch("dashboard.minutes", f"""
             SELECT x.m, count(*) FILTER (WHERE x.status = 'succeeded'),
                    count(*) FILTER (WHERE x.status = 'dead')
             FROM ({part("'succeeded'")} UNION ALL {part("'dead'")}) AS x
-            GROUP BY 1 ORDER BY 1""", type_, id_floor(since), since)
+            GROUP BY 1 ORDER BY 1""", type_, id_floor(since), since, end)
         return [Minute(r[0], int(r[1]), int(r[2])) for r in rows]
 
     async def latency(self, type_: str, sample: int = 200) -> list[float]:

@@ -16,6 +16,7 @@ from conveyor.store.dashboard import Dashboard
 from conveyor.ui import actions, live, pages
 from conveyor.ui.render import HEADERS
 from conveyor.ui.session import PREFIX, LoginNeeded, Sessions
+from conveyor.ui.throughput import Throughput
 
 STATIC = Path(__file__).parent / "static"
 _ASSETS = {p.name: p for p in STATIC.iterdir() if p.suffix in (".js", ".css")}
@@ -26,8 +27,10 @@ def install(app: FastAPI, state: AppState) -> None:
     """Serve the dashboard on `app` (built by api/app.py over `state`)."""
     settings = state.settings
     app.state.ui_sessions = Sessions(state)
-    app.state.ui_dashboard = Dashboard(state.pool, settings.database_schema,
-                                       acquire_timeout_s=settings.pg_acquire_timeout)
+    app.state.ui_dashboard = dashboard = Dashboard(
+        state.pool, settings.database_schema, acquire_timeout_s=settings.pg_acquire_timeout)
+    assert state.client.hub is not None
+    app.state.ui_throughput = Throughput(state.client.hub, dashboard, state.app.registry.types)
 
     async def login_needed(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, LoginNeeded)

@@ -61,7 +61,8 @@ async def everything(request: Request, view: ViewerDep) -> StreamingResponse:
 
     async def body() -> AsyncIterator[bytes]:
         async with stack:
-            yield b"retry: 2000\n\n"
+            # What changed between the page's rendering and this subscription: read it again.
+            yield b"retry: 2000\n\n" + CHANGED
             queue, quiet = follower.queue, 0.0
             # Cut off (the process stops, or it fell behind): the browser reconnects.
             while not follower.lagged:
@@ -89,7 +90,8 @@ async def one(request: Request, view: ViewerDep, task_id: uuid.UUID) -> Streamin
 
     async def body() -> AsyncIterator[bytes]:
         async with stack:
-            yield b"retry: 2000\n\n"
+            # What changed between the page's rendering and this subscription: read it again.
+            yield b"retry: 2000\n\n" + CHANGED
             while True:
                 try:
                     e = await asyncio.wait_for(queue.get(), KEEPALIVE_S)

@@ -21,6 +21,7 @@ from conveyor.store.tasks import FINISHED, QueueCounts, TaskRecord
 from conveyor.ui import filters
 from conveyor.ui.render import failure_svg, page, pretty, throughput_svg
 from conveyor.ui.session import PREFIX, Viewer, viewer
+from conveyor.ui.throughput import Throughput
 
 ViewerDep = Annotated[Viewer, Depends(viewer)]
 T = TypeVar("T")
@@ -94,11 +95,13 @@ async def overview_rows(request: Request) -> list[TypeRow]:
     state, dashboard = state_of(request), dashboard_of(request)
     now = datetime.now(UTC)
 
+    throughput: Throughput = request.app.state.ui_throughput
+    await throughput.ensure()
+
     async def row(name: str) -> TypeRow:
         counts = await state.store.counts(name)
-        minutes = await dashboard.minutes(name)
         latency = await dashboard.latency(name)
-        return TypeRow(name, counts, minutes, latency, now)
+        return TypeRow(name, counts, throughput.rows(name, now), latency, now)
 
     return await each(list(state.app.registry.types), row)
 

@@ -106,3 +106,33 @@ async def test_the_plans_are_index_ranges(state: AppState) -> None:
             await conn.execute("RESET enable_seqscan")
         assert "Index" in plan, plan
         assert "Seq Scan" not in plan, plan
+
+
+async def test_throughput_reads_the_record_once_then_counts_events(state: AppState) -> None:
+    import asyncio
+    import uuid
+
+    from conveyor.queue.events import event
+    from conveyor.ui.throughput import Throughput
+
+    t = state.store.table
+    await state.pool.execute(
+        f"INSERT INTO {t} (id, type, status, payload, attempts, max_attempts, created_at,"
+        " run_at, started_at, finished_at) VALUES ($1, 'echo', 'dead', '{}', 1, 1, now(),"
+        " now(), now(), now())", id_floor(datetime.now(UTC)))
+    assert state.client.hub is not None
+    throughput = Throughput(state.client.hub, dashboard_of(state), ["echo", "flaky"])
+    await throughput.ensure(wait_s=5)
+    assert throughput.filled
+    assert [(m.succeeded, m.dead) for m in throughput.rows("echo")] == [(0, 1)]
+    await state.events.publish([event("succeeded", uuid.uuid4(), "echo", "succeeded"),
+                                event("succeeded", uuid.uuid4(), "echo", "succeeded"),
+                                event("dead", uuid.uuid4(), "flaky", "dead")])
+    for _ in range(100):
+        if sum(m.succeeded for m in throughput.rows("echo")) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert sum(m.succeeded for m in throughput.rows("echo")) == 2
+    assert sum(m.dead for m in throughput.rows("echo")) == 1
+    assert sum(m.dead for m in throughput.rows("flaky")) == 1
+    await throughput.close()
