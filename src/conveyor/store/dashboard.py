@@ -142,11 +142,15 @@ class Dashboard:
             clauses.append(f"t.id < ${len(args)}")
         where = " AND ".join(clauses)
         t = self.table
+        # The order of the index that holds the range (type fixed, and status when given):
+        # the planner then walks it, rather than the primary key filtering out what the
+        # newest ids hold of other types or statuses.
+        order = "t.type DESC, t.status DESC, t.id DESC" if f.status else "t.type DESC, t.id DESC"
         if f.field is None:
             args.append(limit + 1)
             rows = await self._fetch("dashboard.page", f"""
                 SELECT {_COLUMNS} FROM unnest($1::text[]) AS types(type) CROSS JOIN LATERAL (
-                  SELECT * FROM {t} AS t WHERE {where} ORDER BY t.id DESC LIMIT ${len(args)}
+                  SELECT * FROM {t} AS t WHERE {where} ORDER BY {order} LIMIT ${len(args)}
                 ) AS t ORDER BY t.id DESC LIMIT ${len(args)}""", *args)
             records = [_record(r) for r in rows]
             more = len(records) > limit
@@ -158,7 +162,7 @@ class Dashboard:
         def inner(columns: str) -> str:
             return (f"SELECT t.{columns} FROM unnest($1::text[]) AS types(type) CROSS JOIN"
                     f" LATERAL (SELECT t.{columns} FROM {t} AS t WHERE {where}"
-                    f" ORDER BY t.id DESC LIMIT ${scan_arg}) AS t")
+                    f" ORDER BY {order} LIMIT ${scan_arg}) AS t")
 
         bounds_args = list(args)
         field = self._field_clause(f, args)
