@@ -130,6 +130,7 @@ def _counted(n: int, action: Action, more: bool = False) -> str:
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
+
 @router.post("/tasks/act")
 async def act_on_selection(request: Request, view: ViewerDep) -> Response:
     form = await form_of(request)
@@ -148,6 +149,7 @@ async def act_on_selection(request: Request, view: ViewerDep) -> Response:
     if not ids:
         notice = "Nothing selected"
     return back_to(first(form).get("next"), notice, f"{PREFIX}/tasks")
+
 
 @router.post("/tasks/act-all")
 async def act_on_filter(request: Request, view: ViewerDep) -> Response:
@@ -175,6 +177,7 @@ async def act_on_filter(request: Request, view: ViewerDep) -> Response:
                                                  before=cursor, limit=1))
     log.info("ui.bulk", action=action, tasks=done, by=view.caller.name)
     return back_to(form.get("next"), _counted(done, action, more), f"{PREFIX}/tasks")
+
 
 @router.post("/tasks/{task_id}/copy")
 async def enqueue_copy(request: Request, view: ViewerDep, task_id: uuid.UUID) -> Response:
@@ -206,6 +209,7 @@ async def enqueue_copy(request: Request, view: ViewerDep, task_id: uuid.UUID) ->
     new = inserted[0].record
     return back_to(f"{PREFIX}/tasks/{new.id}", f"Enqueued a copy of {str(task_id)[:8]}")
 
+
 @router.post("/tasks/{task_id}/{action}")
 async def act_on_task(request: Request, view: ViewerDep, task_id: uuid.UUID,
                       action: str) -> Response:
@@ -233,12 +237,14 @@ async def act_on_task(request: Request, view: ViewerDep, task_id: uuid.UUID,
 
 # -- signing in and out ------------------------------------------------------------------
 
+
 @router.get("/login")
 async def login_form(request: Request) -> Response:
     auth = request.app.state.authenticator
     if await auth.keyless() and auth.anonymous_allowed:
         return back_to(request.query_params.get("next"))
     return _login_page(request, request.query_params.get("reason") or None)
+
 
 @router.post("/login")
 async def login(request: Request) -> Response:
@@ -263,6 +269,7 @@ async def login(request: Request) -> Response:
     response.delete_cookie(LOGIN_COOKIE, path=PREFIX)
     return response
 
+
 @router.post("/logout")
 async def logout(request: Request, view: ViewerDep) -> Response:
     check_csrf(view, first(await form_of(request)))
@@ -271,7 +278,6 @@ async def logout(request: Request, view: ViewerDep) -> Response:
     response = back_to(f"{PREFIX}/login")
     response.delete_cookie(COOKIE, path=PREFIX)
     return response
-
 
 
 def _login_page(request: Request, error: str | None, status_code: int = 200,

@@ -112,14 +112,17 @@ def task_types(request: Request) -> list[str]:
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
+
 @router.get("")
 async def overview(request: Request, view: ViewerDep) -> Response:
     return page(request, view, "overview.html", active="overview",
                 rows=await overview_rows(request))
 
+
 @router.get("/overview/body")
 async def overview_body(request: Request, view: ViewerDep) -> Response:
     return page(request, view, "overview_body.html", rows=await overview_rows(request))
+
 
 @router.get("/tasks")
 async def tasks(request: Request, view: ViewerDep) -> Response:
@@ -144,23 +147,26 @@ async def tasks(request: Request, view: ViewerDep) -> Response:
                 active="tasks", parsed=parsed, found=found, types=types,
                 statuses=filters.STATUSES, cursor=raw_cursor)
 
+
 @router.get("/tasks/confirm")
 async def confirm(request: Request, view: ViewerDep) -> Response:
     """How many tasks an action on everything the filter matches would change."""
     state, dashboard = state_of(request), dashboard_of(request)
     parsed = filters.parse(request.query_params, state.app.registry.types)
-    action = request.query_params.get("action", "")
-    if action not in ACTIONS:
-        parsed.errors.append(f"action: {action!r} is not one of {', '.join(ACTIONS)}")
+    raw = request.query_params.get("action", "")
+    action = next((a for a in ACTIONS if a == raw), None)
+    if action is None:
+        parsed.errors.append(f"action: {raw!r} is not one of {', '.join(ACTIONS)}")
     count = 0
     cap = state.settings.ui_bulk_max
-    if not parsed.errors:
+    if not parsed.errors and action is not None:
         count = await dashboard.count(task_types(request), parsed.filter, cap=cap + 1,
-                                      statuses=ACTION_FROM[action])  # type: ignore[index]
+                                      statuses=ACTION_FROM[action])
     return page(request, view, "confirm.html", 422 if parsed.errors else 200,
                 active="tasks", parsed=parsed, action=action, count=count, cap=cap,
-                applies_to=ACTION_FROM.get(action, ()),  # type: ignore[call-overload]
+                applies_to=ACTION_FROM[action] if action else (),
                 back=request.query_params.get("back", ""))
+
 
 async def one_task(request: Request, task_id: uuid.UUID) -> tuple[TaskRecord, TaskType | None]:
     state = state_of(request)
@@ -169,17 +175,20 @@ async def one_task(request: Request, task_id: uuid.UUID) -> tuple[TaskRecord, Ta
         raise TaskNotFound(str(task_id))
     return record, state.app.registry.types.get(record.type)
 
+
 @router.get("/tasks/{task_id}")
 async def task(request: Request, view: ViewerDep, task_id: uuid.UUID) -> Response:
     record, task_type = await one_task(request, task_id)
     return page(request, view, "task.html", active="tasks", task=record,
                 task_type=task_type, finished=FINISHED)
 
+
 @router.get("/tasks/{task_id}/body")
 async def task_body(request: Request, view: ViewerDep, task_id: uuid.UUID) -> Response:
     record, task_type = await one_task(request, task_id)
     return page(request, view, "task_body.html", task=record, task_type=task_type,
                 finished=FINISHED)
+
 
 @router.get("/tasks/{task_id}/copy")
 async def copy_form(request: Request, view: ViewerDep, task_id: uuid.UUID) -> Response:
@@ -188,6 +197,7 @@ async def copy_form(request: Request, view: ViewerDep, task_id: uuid.UUID) -> Re
                 task_type=task_type, payload=pretty(record.payload), error=None,
                 schema=pretty(task_type.payload_model.model_json_schema())
                 if task_type else None)
+
 
 @router.get("/dead-letters")
 async def dead_letters(request: Request, view: ViewerDep) -> Response:
@@ -213,20 +223,24 @@ async def dead_letters(request: Request, view: ViewerDep) -> Response:
                 counts=dict(zip(types, counts, strict=True)), found=found,
                 entries=entries)
 
+
 @router.get("/workers")
 async def workers(request: Request, view: ViewerDep) -> Response:
     return page(request, view, "workers.html", active="workers",
                 **await _workers(request))
 
+
 @router.get("/workers/body")
 async def workers_body(request: Request, view: ViewerDep) -> Response:
     return page(request, view, "workers_body.html", **await _workers(request))
+
 
 async def _workers(request: Request) -> dict[str, Any]:
     state = state_of(request)
     beats = await dashboard_of(request).worker_beats()
     return {"beats": beats, "ttl": state.settings.heartbeat_ttl,
             "now": datetime.now(UTC)}
+
 
 @router.get("/cron")
 async def cron(request: Request, view: ViewerDep) -> Response:
@@ -246,6 +260,7 @@ async def cron(request: Request, view: ViewerDep) -> Response:
             upcoming.append(at)
         rows.append({"job": job, "next": upcoming, "runs": recent})
     return page(request, view, "cron.html", active="cron", rows=rows)
+
 
 @router.get("/queues")
 async def queues(request: Request, view: ViewerDep) -> Response:
