@@ -121,11 +121,12 @@ async def _measure(url: str, redis_url: str, schema: str, rows: int, requests: i
                     " WHERE t.type = 'noop' AND t.status = 'succeeded' AND t.id >= $1"
                     " AND t.finished_at >= $2 GROUP BY 1", (id_floor(since), since)),
                 "tasks, type + status page": (
-                    f"SELECT * FROM {table} AS t WHERE t.type = 'noop' AND t.status = 'succeeded'"
-                    " ORDER BY t.type DESC, t.status DESC, t.id DESC LIMIT 51", ()),
+                    f"SELECT * FROM {table} AS t WHERE t.type >= 'noop' AND t.type <= 'noop'"
+                    " AND t.status = 'succeeded' ORDER BY t.type DESC, t.status DESC,"
+                    " t.id DESC LIMIT 51", ()),
                 "payload search, 20,000 examined": (
-                    f"SELECT * FROM (SELECT * FROM {table} AS t WHERE t.type = 'noop'"
-                    " ORDER BY t.type DESC, t.id DESC LIMIT 20000) AS t"
+                    f"SELECT * FROM (SELECT * FROM {table} AS t WHERE t.type >= 'noop'"
+                    " AND t.type <= 'noop' ORDER BY t.type DESC, t.id DESC LIMIT 20000) AS t"
                     " WHERE t.payload #> '{customer_id}' = '42'::jsonb LIMIT 50", ()),
             }
             lines += ["", "Plans (EXPLAIN ANALYZE at this size):", ""]

@@ -101,11 +101,17 @@ class Dashboard:
 
     # -- the task list ---------------------------------------------------------------------
 
-    def _clauses(self, f: TaskFilter, args: list[Any], *, statuses: Sequence[Status] = ()
-                 ) -> list[str]:
+    def _clauses(self, f: TaskFilter, args: list[Any], *, statuses: Sequence[Status] = (),
+                 ranged: bool = False) -> list[str]:
         """WHERE clauses (on `t`, its type given as `types.type`) for `f`; `statuses`
-        narrows to those of an action (a literal list, for the partial indexes)."""
-        clauses = ["t.type = types.type"]
+        narrows to those of an action (a literal list, for the partial indexes). `ranged`
+        writes the type as a range of one value: it then stays in the page's order (type,
+        status, id), which only the (type, ...) indexes hold, so the planner walks the one
+        of the filter instead of the primary key past newer rows of other types and
+        statuses (an equality would make the type a constant, and `id` alone the order)."""
+        ranged = ranged and f.key is None  # a key: the idempotency index, by equality
+        clauses = [("t.type >= types.type AND t.type <= types.type" if ranged
+                    else "t.type = types.type")]
         if f.status is not None:
             clauses.append(f"t.status = {_literal(f.status)}")
         if statuses:
@@ -136,16 +142,15 @@ class Dashboard:
         if not names:
             return Page([], None)
         args: list[Any] = [names]
-        clauses = self._clauses(f, args)
+        clauses = self._clauses(f, args, ranged=True)
         if before is not None:
             args.append(before)
             clauses.append(f"t.id < ${len(args)}")
         where = " AND ".join(clauses)
         t = self.table
-        # The order of the index that holds the range (type fixed, and status when given):
-        # the planner then walks it, rather than the primary key filtering out what the
-        # newest ids hold of other types or statuses.
-        order = "t.type DESC, t.status DESC, t.id DESC" if f.status else "t.type DESC, t.id DESC"
+        order = ("t.id DESC" if f.key is not None
+                 else "t.type DESC, t.status DESC, t.id DESC" if f.status
+                 else "t.type DESC, t.id DESC")
         if f.field is None:
             args.append(limit + 1)
             rows = await self._fetch("dashboard.page", f"""
