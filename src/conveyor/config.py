@@ -162,6 +162,13 @@ class Settings(BaseSettings):
     # handlers are still running (0: write at once)
     record_linger: float = Field(default=0.005, ge=0, le=1)
 
+    # Dashboard (/ui): a session's lifetime, rows per page, rows a payload-field search
+    # examines per page, and tasks one bulk action (on a filter) changes per request
+    ui_session_ttl: float = Field(default=43_200.0, gt=0)
+    ui_page_size: int = Field(default=50, ge=1, le=500)
+    ui_search_scan: int = Field(default=20_000, ge=100, le=10_000_000)
+    ui_bulk_max: int = Field(default=10_000, ge=1, le=1_000_000)
+
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
