@@ -40,6 +40,7 @@ from conveyor.ui.session import (
     PREFIX,
     Sessions,
     check_csrf,
+    reads,
     require,
     secure_request,
     set_session_cookie,
@@ -258,9 +259,13 @@ async def login(request: Request) -> Response:
         return _login_page(request, "enter an API key", 401, form.get("next"))
     auth = request.app.state.authenticator
     try:
-        await auth.principal(token)
+        caller = await auth.principal(token)
     except Unauthorized as exc:
         return _login_page(request, str(exc), 401, form.get("next"))
+    if not reads(caller):
+        return _login_page(request, f"API key {caller.name!r} lacks the scope 'tasks:read': "
+                           "the dashboard needs a key that may read tasks", 403,
+                           form.get("next"))
     sessions: Sessions = request.app.state.ui_sessions
     session = await sessions.create(token)
     response = back_to(form.get("next"))

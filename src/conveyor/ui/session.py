@@ -24,7 +24,7 @@ from starlette.responses import Response
 from conveyor.errors import Forbidden, Unauthorized
 from conveyor.queue.connection import translate
 from conveyor.state import AppState
-from conveyor.store.keys import ENQUEUE, MANAGE
+from conveyor.store.keys import ENQUEUE, MANAGE, READ
 
 COOKIE = "conveyor_ui"
 LOGIN_COOKIE = "conveyor_ui_login"  # the login form's own CSRF value (double submit)
@@ -156,11 +156,26 @@ async def viewer(request: Request) -> Viewer:
             raise LoginNeeded(f"signed out: {exc}") from None
         raise LoginNeeded("") from None
     await auth.limit(caller)
+    check_reads(caller)
     new = False
     if session is None:  # open (no keys): a session for the CSRF token alone
         session = await sessions.create(None)
         new = True
     return Viewer(caller, session, new, secure_request(request))
+
+
+def reads(caller: Caller) -> bool:
+    """Whether `caller` may see the dashboard: every page shows tasks, so it needs
+    tasks:read (or tasks:manage, or admin)."""
+    return caller.may(READ) or caller.may(MANAGE)
+
+
+def check_reads(caller: Caller) -> None:
+    """Forbidden unless `caller` may see the dashboard."""
+    if not reads(caller):
+        raise Forbidden(f"API key {caller.name!r} lacks the scope {READ!r}: the dashboard "
+                        "shows tasks, so it needs a key with tasks:read (or tasks:manage)",
+                        scope=READ)
 
 
 def check_csrf(view: Viewer, form: dict[str, str]) -> None:

@@ -162,3 +162,30 @@ async def test_workers_page_flags_stale_beats(state: AppState) -> None:
     assert ">live<" in live_row
     assert ">12<" in live_row
     assert ">stale<" in stale_row
+
+
+async def test_a_key_without_tasks_read_sees_no_task(state: AppState) -> None:
+    store = KeyStore(state.pool, state.settings.database_schema)
+    _, enqueuer = await store.create("ui-enqueuer", ["tasks:enqueue"])
+    _, reader = await store.create("ui-reader-2", ["tasks:read"])
+    record = (await state.client.enqueue_many(
+        [TaskRequest("echo", {"value": 7}, delay_s=3600)]))[0].record
+    async with http_for(state, api_keys=["admin-key-for-ui-tests"], api_key_cache=0) as http:
+        token = csrf_of((await http.get("/ui/login")).text)
+        refused = await http.post("/ui/login", data={"csrf": token, "key": enqueuer})
+        assert refused.status_code == 403
+        assert "tasks:read" in refused.text
+        assert "conveyor_ui=" not in refused.headers.get("set-cookie", "")
+        # a session made while the key could read, whose key then cannot: every page 403
+        token = csrf_of((await http.get("/ui/login")).text)
+        signed = await http.post("/ui/login", data={"csrf": token, "key": reader})
+        assert signed.status_code == 303
+        await state.pool.execute(
+            f"UPDATE {state.settings.database_schema}.api_keys SET scopes = '{{tasks:enqueue}}'"
+            " WHERE name = 'ui-reader-2'")
+        for path in ("/ui", "/ui/tasks", f"/ui/tasks/{record.id}", "/ui/overview/body",
+                     "/ui/dead-letters", "/ui/queues", "/ui/tasks/confirm?action=cancel"):
+            page = await http.get(path)
+            assert page.status_code == 403, (path, page.text)
+            assert str(record.id) not in page.text
+            assert "tasks:read" in page.text
