@@ -56,6 +56,7 @@ class TaskFilter:
     until: datetime | None = None
     key: str | None = None
     field: tuple[tuple[str, ...], str] | None = None
+    id: uuid.UUID | None = None  # one task
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,9 @@ class Dashboard:
         if f.key is not None:
             args.append(f.key)
             clauses.append(f"t.idempotency_key = ${len(args)}")
+        if f.id is not None:
+            args.append(f.id)
+            clauses.append(f"t.id = ${len(args)}")
         return clauses
 
     def _field_clause(self, f: TaskFilter, args: list[Any]) -> str:

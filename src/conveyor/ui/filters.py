@@ -101,5 +101,5 @@ def parse(query: Mapping[str, str], types: Any, now: datetime | None = None) -> 
             since = now - SEARCH_WINDOW
             values["since"] = "24h"
     f = TaskFilter(type=type_, status=status, since=since, until=until,
-                   key=values["key"] or None, field=payload)
+                   key=values["key"] or None, field=payload, id=task_id)
     return Parsed(f, task_id, values, errors)

@@ -189,3 +189,20 @@ async def test_a_key_without_tasks_read_sees_no_task(state: AppState) -> None:
             assert page.status_code == 403, (path, page.text)
             assert str(record.id) not in page.text
             assert "tasks:read" in page.text
+
+
+async def test_act_all_honours_the_filters_id(state: AppState) -> None:
+    records = [i.record for i in await state.client.enqueue_many(
+        [TaskRequest("echo", {"value": n}, delay_s=3600) for n in range(5)])]
+    one = records[2]
+    async with http_for(state) as http:
+        confirm = await http.get(f"/ui/tasks/confirm?type=echo&id={one.id}&action=cancel")
+        assert confirm.status_code == 200, confirm.text
+        assert 'data-count="1"' in confirm.text
+        done = await http.post("/ui/tasks/act-all", data={
+            "csrf": csrf_of(confirm.text), "action": "cancel", "type": "echo",
+            "id": str(one.id)})
+        assert done.status_code == 303, done.text
+    statuses = {r.id: (await state.store.get(r.id)).status for r in records}  # type: ignore[union-attr]
+    assert statuses[one.id] == "cancelled"
+    assert [s for i, s in statuses.items() if i != one.id] == ["queued"] * 4
