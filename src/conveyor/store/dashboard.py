@@ -40,10 +40,24 @@ ACTION_FROM: dict[Action, tuple[Status, ...]] = {
 }
 
 
+_MAX_MILLIS = (1 << 48) - 1  # a UUIDv7's time field
+
+
+def _millis(moment: datetime) -> int:
+    """`moment` in Unix milliseconds, clamped to what a UUIDv7 can hold."""
+    return min(max(int(moment.timestamp() * 1000), 0), _MAX_MILLIS)
+
+
 def id_floor(moment: datetime) -> uuid.UUID:
     """The smallest UUIDv7 of `moment`'s millisecond: every task created before it has a
     smaller id."""
-    return uuid.UUID(int=(int(moment.timestamp() * 1000) & ((1 << 48) - 1)) << 80)
+    return uuid.UUID(int=_millis(moment) << 80)
+
+
+def id_ceiling(moment: datetime) -> uuid.UUID:
+    """The largest UUIDv7 of `moment`'s millisecond: every task created after it has a
+    larger id."""
+    return uuid.UUID(int=(_millis(moment) << 80) | ((1 << 80) - 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +71,7 @@ class TaskFilter:
     key: str | None = None
     field: tuple[tuple[str, ...], str] | None = None
     id: uuid.UUID | None = None  # one task
+    upto: uuid.UUID | None = None  # the largest id (a confirmed action's bound)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +144,9 @@ class Dashboard:
         if f.id is not None:
             args.append(f.id)
             clauses.append(f"t.id = ${len(args)}")
+        if f.upto is not None:
+            args.append(f.upto)
+            clauses.append(f"t.id <= ${len(args)}")
         return clauses
 
     def _field_clause(self, f: TaskFilter, args: list[Any]) -> str:
@@ -326,4 +344,4 @@ def _info(value: Any) -> dict[str, Any]:
 
 
 __all__ = ["ACTIONS", "ACTION_FROM", "STATUSES", "Action", "Dashboard", "Minute", "Page",
-           "TaskFilter", "WorkerBeat", "id_floor"]
+           "TaskFilter", "WorkerBeat", "id_ceiling", "id_floor"]

@@ -177,7 +177,21 @@ async def act_on_filter(request: Request, view: ViewerDep) -> Response:
         more = bool(await dashboard.matching_ids(types, parsed.filter, ACTION_FROM[action],
                                                  before=cursor, limit=1))
     log.info("ui.bulk", action=action, tasks=done, by=view.caller.name)
-    return back_to(form.get("next"), _counted(done, action, more), f"{PREFIX}/tasks")
+    notice = _counted(done, action, more)
+    confirmed = _confirmed(form.get("confirmed"))
+    if confirmed is not None and done < min(confirmed, cap):
+        notice += (f" of the {confirmed} confirmed: the others had changed or gone since")
+    return back_to(form.get("next"), notice, f"{PREFIX}/tasks")
+
+
+def _confirmed(raw: str | None) -> int | None:
+    """The count the confirmation page showed (None when not given)."""
+    if not raw:
+        return None
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        raise PayloadInvalid(f"confirmed: {raw!r} is not a count") from None
 
 
 @router.post("/tasks/{task_id}/copy")

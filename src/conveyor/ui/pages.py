@@ -159,6 +159,8 @@ async def confirm(request: Request, view: ViewerDep) -> Response:
         parsed.errors.append(f"action: {raw!r} is not one of {', '.join(ACTIONS)}")
     count = 0
     cap = state.settings.ui_bulk_max
+    if not parsed.errors:
+        parsed.absolute(datetime.now(UTC))
     if not parsed.errors and action is not None:
         count = await dashboard.count(task_types(request), parsed.filter, cap=cap + 1,
                                       statuses=ACTION_FROM[action])

@@ -206,3 +206,31 @@ async def test_act_all_honours_the_filters_id(state: AppState) -> None:
     statuses = {r.id: (await state.store.get(r.id)).status for r in records}  # type: ignore[union-attr]
     assert statuses[one.id] == "cancelled"
     assert [s for i, s in statuses.items() if i != one.id] == ["queued"] * 4
+
+
+def hidden_of(html: str) -> dict[str, str]:
+    form = html[html.index('action="/ui/tasks/act-all"'):].split("</form>")[0]
+    return {m[1]: m[2].replace("&#43;", "+").replace("&#34;", '"')
+            for m in re.finditer(r'type="hidden" name="([^"]+)" value="([^"]*)"', form)}
+
+
+async def test_act_all_changes_no_more_than_was_confirmed(state: AppState) -> None:
+    records = [i.record for i in await state.client.enqueue_many(
+        [TaskRequest("echo", {"value": n}, delay_s=3600) for n in range(3)])]
+    async with http_for(state) as http:
+        confirm = await http.get("/ui/tasks/confirm?type=echo&since=1h&action=cancel")
+        assert 'data-count="3"' in confirm.text
+        form = hidden_of(confirm.text)
+        assert form["since"].startswith("20")  # a date-time, not "1h" read again later
+        assert uuid.UUID(form["upto"]) >= max(r.id for r in records)
+        assert form["confirmed"] == "3"
+        later = (await state.client.enqueue_many(
+            [TaskRequest("echo", {"value": 9}, delay_s=3600)]))[0].record
+        await state.store.request_cancel(records[0].id)
+        done = await http.post("/ui/tasks/act-all", data=form)
+        assert done.status_code == 303, done.text
+        notice = done.headers["location"]
+        assert "Cancelled+2+tasks+of+the+3+confirmed" in notice, notice
+    assert (await state.store.get(later.id)).status == "queued"  # type: ignore[union-attr]
+    for r in records[1:]:
+        assert (await state.store.get(r.id)).status == "cancelled"  # type: ignore[union-attr]
