@@ -209,7 +209,7 @@ async def test_act_all_honours_the_filters_id(state: AppState) -> None:
 
 
 def hidden_of(html: str) -> dict[str, str]:
-    form = html[html.index('action="/ui/tasks/act-all"'):].split("</form>")[0]
+    form = html[html.index('action="/ui/tasks/act-all"'):].split("</form>", maxsplit=1)[0]
     return {m[1]: m[2].replace("&#43;", "+").replace("&#34;", '"')
             for m in re.finditer(r'type="hidden" name="([^"]+)" value="([^"]*)"', form)}
 
@@ -234,3 +234,12 @@ async def test_act_all_changes_no_more_than_was_confirmed(state: AppState) -> No
     assert (await state.store.get(later.id)).status == "queued"  # type: ignore[union-attr]
     for r in records[1:]:
         assert (await state.store.get(r.id)).status == "cancelled"  # type: ignore[union-attr]
+
+
+async def test_windows_out_of_range_are_422_naming_the_field(state: AppState) -> None:
+    async with http_for(state) as http:
+        far = await http.get("/ui/tasks?since=1000000d")
+        assert far.status_code == 422, far.text
+        assert "since:" in far.text
+        old = await http.get("/ui/tasks?since=1900-01-01")
+        assert old.status_code == 200, old.text
