@@ -91,11 +91,16 @@ class TypeRow:
         return failure_svg(self.minutes, self.now)
 
 
+def _throughput(request: Request) -> Throughput:
+    throughput: Throughput = request.app.state.ui_throughput
+    return throughput
+
+
 async def overview_rows(request: Request) -> list[TypeRow]:
     state, dashboard = state_of(request), dashboard_of(request)
     now = datetime.now(UTC)
 
-    throughput: Throughput = request.app.state.ui_throughput
+    throughput = _throughput(request)
     await throughput.ensure()
 
     async def row(name: str) -> TypeRow:
@@ -115,13 +120,16 @@ router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
 @router.get("")
 async def overview(request: Request, view: ViewerDep) -> Response:
-    return page(request, view, "overview.html", active="overview",
-                rows=await overview_rows(request))
+    rows = await overview_rows(request)
+    return page(request, view, "overview.html", active="overview", rows=rows,
+                filled=_throughput(request).filled)
 
 
 @router.get("/overview/body")
 async def overview_body(request: Request, view: ViewerDep) -> Response:
-    return page(request, view, "overview_body.html", rows=await overview_rows(request))
+    rows = await overview_rows(request)
+    return page(request, view, "overview_body.html", rows=rows,
+                filled=_throughput(request).filled)
 
 
 @router.get("/tasks")

@@ -243,3 +243,16 @@ async def test_windows_out_of_range_are_422_naming_the_field(state: AppState) ->
         assert "since:" in far.text
         old = await http.get("/ui/tasks?since=1900-01-01")
         assert old.status_code == 200, old.text
+
+
+async def test_the_overview_hint_goes_once_the_hour_is_read(state: AppState) -> None:
+    async with http_for(state) as http:
+        first = await http.get("/ui")
+        assert first.status_code == 200
+        for _ in range(50):
+            body = await http.get("/ui/overview/body")
+            if "fill in shortly" not in body.text:
+                break
+        else:
+            raise AssertionError("the overview still says it is filling in")
+        assert "fill in shortly" not in (await http.get("/ui")).text
