@@ -40,6 +40,9 @@ ACTION_FROM: dict[Action, tuple[Status, ...]] = {
 }
 
 
+# The overview's hour counts tasks by when they finished, among those created up to this long
+# before the hour (an id range of the index; a task that took longer is not counted).
+FINISH_LAG = timedelta(days=1)
 _MAX_MILLIS = (1 << 48) - 1  # a UUIDv7's time field
 
 
@@ -290,9 +293,11 @@ class Dashboard:
     async def minutes(self, type_: str, minutes: int = 60, *,
                       until: datetime | None = None) -> list[Minute]:
         """Succeeded and dead per minute (by finished_at) over the last `minutes` (those
-        before `until`, when given), of the tasks created within them: per status, a range
-        of `tasks_finished` (type, status, id) INCLUDE (finished_at). Its cost follows the
-        tasks finished in the span: the dashboard reads it once per process (ui/throughput.py)."""
+        before `until`, when given): per status, a range of `tasks_finished` (type, status,
+        id) INCLUDE (finished_at) over the tasks created up to FINISH_LAG before the span
+        (one that took longer from creation to its end is not counted). Its cost follows
+        the tasks finished in that range: the dashboard reads it once per process
+        (ui/throughput.py)."""
         since = datetime.now(UTC) - timedelta(minutes=minutes)
         end = until or datetime.now(UTC) + timedelta(days=1)
         t = self.table
@@ -306,7 +311,7 @@ class Dashboard:
             SELECT x.m, count(*) FILTER (WHERE x.status = 'succeeded'),
                    count(*) FILTER (WHERE x.status = 'dead')
             FROM ({part("'succeeded'")} UNION ALL {part("'dead'")}) AS x
-            GROUP BY 1 ORDER BY 1""", type_, id_floor(since), since, end)
+            GROUP BY 1 ORDER BY 1""", type_, id_floor(since - FINISH_LAG), since, end)
         return [Minute(r[0], int(r[1]), int(r[2])) for r in rows]
 
     async def latency(self, type_: str, sample: int = 200) -> list[float]:
@@ -343,5 +348,5 @@ def _info(value: Any) -> dict[str, Any]:
     return dict(value or {})
 
 
-__all__ = ["ACTIONS", "ACTION_FROM", "STATUSES", "Action", "Dashboard", "Minute", "Page",
-           "TaskFilter", "WorkerBeat", "id_ceiling", "id_floor"]
+__all__ = ["ACTIONS", "ACTION_FROM", "FINISH_LAG", "STATUSES", "Action", "Dashboard", "Minute",
+           "Page", "TaskFilter", "WorkerBeat", "id_ceiling", "id_floor"]

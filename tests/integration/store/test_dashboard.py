@@ -4,6 +4,7 @@ apply to, the overview's per-minute figures, and the plans they use."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from conveyor.client import TaskRequest
@@ -88,6 +89,16 @@ async def test_minutes_latency_and_workers(state: AppState) -> None:
     latency = await d.latency("echo")
     assert len(latency) == 3
     assert all(1.5 < s < 2.5 for s in latency)
+    # made 3 hours ago, finished now: in the hour; finished 2 hours ago: not
+    for finished in ("now()", "now() - interval '2 hours'"):
+        await state.pool.execute(
+            f"INSERT INTO {t} (id, type, status, payload, attempts, max_attempts, created_at,"
+            " run_at, started_at, finished_at) VALUES ($1, 'echo', 'succeeded', '{}', 1, 1,"
+            f" now(), now(), now(), {finished})",
+            uuid.UUID(int=id_floor(datetime.now(UTC) - timedelta(hours=3)).int
+                      + uuid.uuid4().int % (1 << 64)))
+    minutes = await d.minutes("echo")
+    assert sum(m.succeeded for m in minutes) == 3
     assert await d.worker_beats() == []
 
 
@@ -110,7 +121,6 @@ async def test_the_plans_are_index_ranges(state: AppState) -> None:
 
 async def test_throughput_reads_the_record_once_then_counts_events(state: AppState) -> None:
     import asyncio
-    import uuid
 
     from conveyor.queue.events import event
     from conveyor.ui.throughput import Throughput
