@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -85,6 +85,25 @@ class Page:
 
 
 @dataclass(frozen=True, slots=True)
+class Count:
+    """How many tasks a filter matches; with a payload field, among `scanned` examined, and
+    the id to go on below when there may be more (None: no more)."""
+
+    n: int
+    scanned: int | None = None
+    next_cursor: uuid.UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Walk:
+    """Ids a filter matches, newest first, and the id to go on below (None: no more)."""
+
+    ids: list[uuid.UUID]
+    next_cursor: uuid.UUID | None
+    scanned: int | None = None  # with a payload field: tasks examined
+
+
+@dataclass(frozen=True, slots=True)
 class Minute:
     at: datetime
     succeeded: int
@@ -120,12 +139,10 @@ class Dashboard:
 
     # -- the task list ---------------------------------------------------------------------
 
-    def _clauses(self, f: TaskFilter, args: list[Any], *, statuses: Sequence[Status] = (),
-                 ranged: bool = False) -> list[str]:
-        """WHERE clauses (on `t`, its type given as `types.type`) for `f`; `statuses`
-        narrows to those of an action (a literal list, for the partial indexes). `ranged`
-        writes the type as a range of one value: it then stays in the page's order (type,
-        status, id), which only the (type, ...) indexes hold, so the planner walks the one
+    def _clauses(self, f: TaskFilter, args: list[Any], *, ranged: bool = False) -> list[str]:
+        """WHERE clauses (on `t`, its type given as `types.type`) for `f`. `ranged` writes
+        the type as a range of one value: it then stays in the page's order (type, status,
+        id), which only the (type, ...) indexes hold, so the planner walks the one
         of the filter instead of the primary key past newer rows of other types and
         statuses (an equality would make the type a constant, and `id` alone the order)."""
         ranged = ranged and f.key is None  # a key: the idempotency index, by equality
@@ -133,8 +150,6 @@ class Dashboard:
                     else "t.type = types.type")]
         if f.status is not None:
             clauses.append(f"t.status = {_literal(f.status)}")
-        if statuses:
-            clauses.append(f"t.status IN ({', '.join(_literal(s) for s in statuses)})")
         if f.since is not None:
             args.append(id_floor(f.since))
             clauses.append(f"t.id >= ${len(args)}")
@@ -211,45 +226,105 @@ class Dashboard:
             return Page(records, records[-1].id, scanned)
         return Page(records, lowest if scanned == scan else None, scanned)
 
+    def _sources(self, f: TaskFilter, statuses: Sequence[Status], args: list[Any],
+                 before: uuid.UUID | None, select: str, limit_arg: int,
+                 outer: str | None = None) -> list[str]:
+        """One `types CROSS JOIN LATERAL` per status (a literal each, so each walks its partial
+        (type, status, id) index newest first, as page() does), selecting `select` from up
+        to `$limit_arg` rows of each type (as `outer`, when given); to be merged with UNION
+        ALL. `statuses`: those of
+        an action (narrowed by the filter's own); a running task already asked to cancel is
+        not among them (an action would not change it)."""
+        wanted: list[Status | None]
+        if statuses:
+            wanted = [s for s in statuses if f.status is None or s == f.status]
+        else:
+            wanted = [f.status]
+        out = []
+        for status in wanted:
+            clauses = self._clauses(replace(f, status=status), args, ranged=True)
+            if statuses and status == "running":
+                clauses.append("NOT t.cancel_requested")
+            if before is not None:
+                args.append(before)
+                clauses.append(f"t.id < ${len(args)}")
+            order = ("t.id DESC" if f.key is not None
+                     else "t.type DESC, t.status DESC, t.id DESC" if status
+                     else "t.type DESC, t.id DESC")
+            out.append(f"SELECT {outer or select} FROM unnest($1::text[]) AS types(type) CROSS JOIN"
+                       f" LATERAL (SELECT {select} FROM {self.table} AS t"
+                       f" WHERE {' AND '.join(clauses)} ORDER BY {order}"
+                       f" LIMIT ${limit_arg}) AS t")
+        return out
+
+    async def _search(self, names: list[str], f: TaskFilter, statuses: Sequence[Status], *,
+                      before: uuid.UUID | None, limit: int, scan: int) -> Walk:
+        """Up to `limit` ids matching `f`'s payload field among the newest `scan` tasks of
+        the rest of `f` below `before` (one statement)."""
+        args: list[Any] = [names]
+        field = self._field_clause(f, args)
+        args.append(scan)
+        scan_arg = len(args)
+        sources = self._sources(f, statuses, args, before,
+                                f"t.id, ({field}) IS TRUE AS hit", scan_arg, "t.id, t.hit")
+        if not sources:
+            return Walk([], None, 0)
+        args.append(limit)
+        row = (await self._fetch("dashboard.search_ids", f"""
+            WITH e AS (SELECT x.id, x.hit FROM ({' UNION ALL '.join(sources)}) AS x
+                       ORDER BY x.id DESC LIMIT ${scan_arg}),
+                 h AS (SELECT e.id FROM e WHERE e.hit ORDER BY e.id DESC LIMIT ${len(args)})
+            SELECT (SELECT coalesce(array_agg(h.id ORDER BY h.id DESC), '{{}}') FROM h),
+                   (SELECT count(*) FROM e),
+                   (SELECT (array_agg(e.id ORDER BY e.id))[1] FROM e),
+                   (SELECT count(*) FROM e WHERE e.id >= (SELECT h.id FROM h
+                                                           ORDER BY h.id LIMIT 1))""",
+                                 *args))[0]
+        ids, examined, lowest, to_last = list(row[0]), int(row[1]), row[2], int(row[3])
+        if len(ids) == limit:  # examined down to the last one found
+            return Walk(ids, ids[-1], to_last)
+        return Walk(ids, lowest if examined == scan else None, examined)
+
     async def count(self, types: Sequence[str], f: TaskFilter, *, cap: int,
-                    statuses: Sequence[Status] = ()) -> int:
-        """How many tasks `f` matches (of `statuses`, when given), counted up to `cap`."""
+                    statuses: Sequence[Status] = (), scan: int = 20_000) -> Count:
+        """How many tasks `f` matches (of `statuses`, when given), counted up to `cap`. With a
+        payload field, among the newest `scan` tasks of the rest of the filter: the count
+        then says how many it examined and where to go on."""
         names = [f.type] if f.type is not None else list(types)
         if not names:
-            return 0
-        args: list[Any] = [names]
-        where = " AND ".join(self._clauses(f, args, statuses=statuses))
-        field = ""
+            return Count(0)
         if f.field is not None:
-            field = "AND " + self._field_clause(f, args)
+            walk = await self._search(names, f, statuses, before=None, limit=cap, scan=scan)
+            return Count(len(walk.ids), walk.scanned, walk.next_cursor)
+        args: list[Any] = [names]
         args.append(cap)
+        sources = self._sources(f, statuses, args, None, "1", 2)
+        if not sources:
+            return Count(0)
         rows = await self._fetch("dashboard.count", f"""
-            SELECT count(*) FROM (
-              SELECT 1 FROM unnest($1::text[]) AS types(type) CROSS JOIN LATERAL (
-                SELECT 1 FROM {self.table} AS t WHERE {where} {field} LIMIT ${len(args)}
-              ) AS x LIMIT ${len(args)}) AS c""", *args)
-        return int(rows[0][0])
+            SELECT count(*) FROM ({' UNION ALL '.join(sources)} LIMIT $2) AS c""", *args)
+        return Count(int(rows[0][0]))
 
     async def matching_ids(self, types: Sequence[str], f: TaskFilter, statuses: Sequence[Status],
-                           *, before: uuid.UUID | None, limit: int) -> list[uuid.UUID]:
-        """Up to `limit` ids `f` matches in `statuses`, newest first, below `before`."""
+                           *, before: uuid.UUID | None, limit: int, scan: int = 20_000) -> Walk:
+        """Up to `limit` ids `f` matches in `statuses`, newest first, below `before`, and
+        where to go on. With a payload field, among the newest `scan` tasks of the rest of
+        the filter (`scanned`: how many of them it examined)."""
         names = [f.type] if f.type is not None else list(types)
         if not names:
-            return []
-        args: list[Any] = [names]
-        clauses = self._clauses(f, args, statuses=statuses)
-        if before is not None:
-            args.append(before)
-            clauses.append(f"t.id < ${len(args)}")
+            return Walk([], None)
         if f.field is not None:
-            clauses.append(self._field_clause(f, args))
-        args.append(limit)
+            return await self._search(names, f, statuses, before=before, limit=limit,
+                                      scan=scan)
+        args: list[Any] = [names, limit]
+        sources = self._sources(f, statuses, args, before, "t.id", 2)
+        if not sources:
+            return Walk([], None)
         rows = await self._fetch("dashboard.matching", f"""
-            SELECT t.id FROM unnest($1::text[]) AS types(type) CROSS JOIN LATERAL (
-              SELECT t.id FROM {self.table} AS t WHERE {' AND '.join(clauses)}
-              ORDER BY t.id DESC LIMIT ${len(args)}) AS t
-            ORDER BY t.id DESC LIMIT ${len(args)}""", *args)
-        return [r[0] for r in rows]
+            SELECT x.id FROM ({' UNION ALL '.join(sources)}) AS x
+            ORDER BY x.id DESC LIMIT $2""", *args)
+        ids = [r[0] for r in rows]
+        return Walk(ids, ids[-1] if len(ids) == limit else None)
 
     # -- bulk actions (one statement per batch of ids) ----------------------------------------
 
@@ -348,5 +423,5 @@ def _info(value: Any) -> dict[str, Any]:
     return dict(value or {})
 
 
-__all__ = ["ACTIONS", "ACTION_FROM", "FINISH_LAG", "STATUSES", "Action", "Dashboard", "Minute",
-           "Page", "TaskFilter", "WorkerBeat", "id_ceiling", "id_floor"]
+__all__ = ["ACTIONS", "ACTION_FROM", "FINISH_LAG", "STATUSES", "Action", "Count", "Dashboard",
+           "Minute", "Page", "TaskFilter", "Walk", "WorkerBeat", "id_ceiling", "id_floor"]

@@ -121,12 +121,9 @@ def _ids(values: list[str]) -> list[uuid.UUID]:
     return out
 
 
-def _counted(n: int, action: Action, more: bool = False) -> str:
+def _counted(n: int, action: Action) -> str:
     noun = "task" if n == 1 else "tasks"
-    text = f"{_PAST[action].capitalize()} {n} {noun}"
-    if more:
-        text += "; more match: run it again for the next batch"
-    return text
+    return f"{_PAST[action].capitalize()} {n} {noun}"
 
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
@@ -164,23 +161,37 @@ async def act_on_filter(request: Request, view: ViewerDep) -> Response:
     if parsed.errors:
         raise PayloadInvalid("; ".join(parsed.errors))
     cap = state.settings.ui_bulk_max
+    scan = state.settings.ui_search_scan  # with a payload field: tasks examined, at most
     types = list(state.app.registry.types)
-    done, cursor, more = 0, None, False
+    done, examined, cursor = 0, 0, None
     while done < cap:
-        ids = await dashboard.matching_ids(types, parsed.filter, ACTION_FROM[action],
-                                           before=cursor, limit=min(BATCH, cap - done))
-        if not ids:
+        walk = await dashboard.matching_ids(types, parsed.filter, ACTION_FROM[action],
+                                            before=cursor, limit=min(BATCH, cap - done),
+                                            scan=max(1, scan - examined))
+        done += await apply(state, dashboard, action, walk.ids)
+        examined += walk.scanned or 0
+        cursor = walk.next_cursor
+        if cursor is None or (walk.scanned is not None and examined >= scan):
             break
-        done += await apply(state, dashboard, action, ids)
-        cursor = ids[-1]
+    if cursor is not None and parsed.filter.field is None:
+        more = bool((await dashboard.matching_ids(types, parsed.filter, ACTION_FROM[action],
+                                                  before=cursor, limit=1)).ids)
     else:
-        more = bool(await dashboard.matching_ids(types, parsed.filter, ACTION_FROM[action],
-                                                 before=cursor, limit=1))
+        more = cursor is not None
     log.info("ui.bulk", action=action, tasks=done, by=view.caller.name)
-    notice = _counted(done, action, more)
+    notice = _counted(done, action)
     confirmed = _confirmed(form.get("confirmed"))
     if confirmed is not None and done < min(confirmed, cap):
-        notice += (f" of the {confirmed} confirmed: the others had changed or gone since")
+        notice += f" of the {confirmed} confirmed: the others had changed or gone since"
+    if more and cursor is not None and parsed.filter.field is not None:
+        # the tasks further back were not examined: their own confirmation
+        back = form.get("next") or f"{PREFIX}/tasks"
+        further = parsed.query(action=action, back=back,
+                               upto=str(uuid.UUID(int=cursor.int - 1)))
+        return back_to(f"{PREFIX}/tasks/confirm?{further}",
+                       notice + "; tasks further back are not examined yet: confirm them")
+    if more:
+        notice += "; more match: run it again for the next batch"
     return back_to(form.get("next"), notice, f"{PREFIX}/tasks")
 
 

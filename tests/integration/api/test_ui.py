@@ -256,3 +256,82 @@ async def test_the_overview_hint_goes_once_the_hour_is_read(state: AppState) -> 
         else:
             raise AssertionError("the overview still says it is filling in")
         assert "fill in shortly" not in (await http.get("/ui")).text
+
+
+async def test_act_all_stops_at_the_cap_and_says_more_match(state: AppState) -> None:
+    records = [i.record for i in await state.client.enqueue_many(
+        [TaskRequest("echo", {"value": n}, delay_s=3600) for n in range(5)])]
+    async with http_for(state, ui_bulk_max=3) as http:
+        confirm = await http.get("/ui/tasks/confirm?type=echo&action=cancel")
+        assert 'data-count="4"' in confirm.text  # counted up to the cap + 1
+        assert "more than 3" in confirm.text
+        done = await http.post("/ui/tasks/act-all", data=hidden_of(confirm.text))
+        assert "Cancelled+3+tasks%3B+more+match" in done.headers["location"]
+        again = await http.post("/ui/tasks/act-all", data=hidden_of(confirm.text))
+        notice = again.headers["location"]
+        assert "Cancelled+2+tasks" in notice
+        assert "more+match" not in notice
+    for r in records:
+        assert (await state.store.get(r.id)).status == "cancelled"  # type: ignore[union-attr]
+
+
+async def test_act_all_with_a_payload_field_examines_the_scan_then_offers_the_rest(
+        state: AppState) -> None:
+    records = [i.record for i in await state.client.enqueue_many(
+        [TaskRequest("echo", {"value": n % 2}, delay_s=3600) for n in range(150)])]
+    ones = {r.id for r in records if r.payload["value"] == 1}
+    first = len(ones & set(sorted((r.id for r in records), reverse=True)[:100]))
+    async with http_for(state, ui_search_scan=100) as http:
+        confirm = await http.get(
+            "/ui/tasks/confirm?type=echo&field=payload.value+%3D+1&action=cancel")
+        assert confirm.status_code == 200, confirm.text
+        assert f'data-count="{first}"' in confirm.text
+        assert "among the 100 newest" in confirm.text
+        assert "confirm the next part" in confirm.text
+        done = await http.post("/ui/tasks/act-all", data=hidden_of(confirm.text))
+        assert done.status_code == 303, done.text
+        location = done.headers["location"]
+        assert location.startswith("/ui/tasks/confirm?"), location
+        assert f"Cancelled+{first}+tasks" in location
+        rest = await http.get(location)
+        assert f'data-count="{len(ones) - first}"' in rest.text
+        assert "confirm the next part" not in rest.text
+        last = await http.post("/ui/tasks/act-all", data=hidden_of(rest.text))
+        assert f"Cancelled+{len(ones) - first}+tasks" in last.headers["location"]
+    for r in records:
+        status = (await state.store.get(r.id)).status  # type: ignore[union-attr]
+        assert status == ("cancelled" if r.id in ones else "queued")
+
+
+async def test_act_all_keeps_to_the_time_window(state: AppState) -> None:
+    t = state.store.table
+    old = (await state.client.enqueue_many(
+        [TaskRequest("echo", {"value": 0}, delay_s=3600)]))[0].record
+    aged = uuid.UUID(int=(old.id.int & ((1 << 80) - 1))
+                     | ((int(old.created_at.timestamp() * 1000) - 7_200_000) << 80))
+    await state.pool.execute(f"UPDATE {t} SET id = $1 WHERE id = $2", aged, old.id)
+    new = (await state.client.enqueue_many(
+        [TaskRequest("echo", {"value": 1}, delay_s=3600)]))[0].record
+    async with http_for(state) as http:
+        confirm = await http.get("/ui/tasks/confirm?type=echo&since=1h&action=cancel")
+        assert 'data-count="1"' in confirm.text
+        await http.post("/ui/tasks/act-all", data=hidden_of(confirm.text))
+    assert (await state.store.get(aged)).status == "queued"  # type: ignore[union-attr]
+    assert (await state.store.get(new.id)).status == "cancelled"  # type: ignore[union-attr]
+
+
+async def test_bulk_retry_of_fifty_leaves_the_other_dead_alone(state: AppState) -> None:
+    records = [i.record for i in await state.client.enqueue_many(
+        [TaskRequest("echo", {"value": n}, delay_s=3600) for n in range(60)])]
+    await state.pool.execute(
+        f"UPDATE {state.store.table} SET status = 'dead', finished_at = now()"
+        " WHERE id = ANY($1::uuid[])", [r.id for r in records])
+    chosen = [r.id for r in records[:50]]
+    async with http_for(state) as http:
+        token = csrf_of((await http.get("/ui/dead-letters?type=echo")).text)
+        done = await http.post("/ui/tasks/act", data={
+            "csrf": token, "action": "retry", "id": [str(i) for i in chosen]})
+        assert "Retried+50+tasks" in done.headers["location"]
+    for r in records:
+        status = (await state.store.get(r.id)).status  # type: ignore[union-attr]
+        assert status == ("queued" if r.id in chosen else "dead"), r.id
