@@ -40,9 +40,10 @@ ACTION_FROM: dict[Action, tuple[Status, ...]] = {
 }
 
 
-# The overview's hour counts tasks by when they finished, among those created up to this long
-# before the hour (an id range of the index; a task that took longer is not counted).
-FINISH_LAG = timedelta(days=1)
+# The overview's hour, read from the record, counts tasks by when they finished, among those
+# created up to this long before the hour (an id range of the index, so the read costs about
+# two hours of tasks); one that took longer is counted only from the events.
+FINISH_LAG = timedelta(hours=1)
 _MAX_MILLIS = (1 << 48) - 1  # a UUIDv7's time field
 
 
@@ -227,14 +228,12 @@ class Dashboard:
         return Page(records, lowest if scanned == scan else None, scanned)
 
     def _sources(self, f: TaskFilter, statuses: Sequence[Status], args: list[Any],
-                 before: uuid.UUID | None, select: str, limit_arg: int,
-                 outer: str | None = None) -> list[str]:
-        """One `types CROSS JOIN LATERAL` per status (a literal each, so each walks its partial
-        (type, status, id) index newest first, as page() does), selecting `select` from up
-        to `$limit_arg` rows of each type (as `outer`, when given); to be merged with UNION
-        ALL. `statuses`: those of
-        an action (narrowed by the filter's own); a running task already asked to cancel is
-        not among them (an action would not change it)."""
+                 before: uuid.UUID | None, select: str, limit_arg: int) -> list[str]:
+        """One `types CROSS JOIN LATERAL` per status (a literal each, so each walks its
+        partial (type, status, id) index newest first, as page() does), selecting `select`
+        from up to `$limit_arg` rows of each type; to be merged with UNION ALL. `statuses`:
+        those of an action (narrowed by the filter's own); a running task already asked to
+        cancel is not among them (an action would not change it)."""
         wanted: list[Status | None]
         if statuses:
             wanted = [s for s in statuses if f.status is None or s == f.status]
@@ -251,7 +250,7 @@ class Dashboard:
             order = ("t.id DESC" if f.key is not None
                      else "t.type DESC, t.status DESC, t.id DESC" if status
                      else "t.type DESC, t.id DESC")
-            out.append(f"SELECT {outer or select} FROM unnest($1::text[]) AS types(type) CROSS JOIN"
+            out.append(f"SELECT {select} FROM unnest($1::text[]) AS types(type) CROSS JOIN"
                        f" LATERAL (SELECT {select} FROM {self.table} AS t"
                        f" WHERE {' AND '.join(clauses)} ORDER BY {order}"
                        f" LIMIT ${limit_arg}) AS t")
@@ -265,15 +264,18 @@ class Dashboard:
         field = self._field_clause(f, args)
         args.append(scan)
         scan_arg = len(args)
-        sources = self._sources(f, statuses, args, before,
-                                f"t.id, ({field}) IS TRUE AS hit", scan_arg, "t.id, t.hit")
+        sources = self._sources(f, statuses, args, before, "t.id", scan_arg)
         if not sources:
             return Walk([], None, 0)
         args.append(limit)
+        # the newest `scan` ids from the indexes alone, then the payload of those only (a
+        # lookup by id each: the LIMIT keeps the planner from joining the whole table)
         row = (await self._fetch("dashboard.search_ids", f"""
-            WITH e AS (SELECT x.id, x.hit FROM ({' UNION ALL '.join(sources)}) AS x
+            WITH e AS (SELECT x.id FROM ({' UNION ALL '.join(sources)}) AS x
                        ORDER BY x.id DESC LIMIT ${scan_arg}),
-                 h AS (SELECT e.id FROM e WHERE e.hit ORDER BY e.id DESC LIMIT ${len(args)})
+                 h AS (SELECT e.id FROM e CROSS JOIN LATERAL (
+                         SELECT t.payload FROM {self.table} AS t WHERE t.id = e.id LIMIT 1
+                       ) AS t WHERE {field} ORDER BY e.id DESC LIMIT ${len(args)})
             SELECT (SELECT coalesce(array_agg(h.id ORDER BY h.id DESC), '{{}}') FROM h),
                    (SELECT count(*) FROM e),
                    (SELECT (array_agg(e.id ORDER BY e.id))[1] FROM e),

@@ -91,13 +91,13 @@ async def test_minutes_latency_and_workers(state: AppState) -> None:
     latency = await d.latency("echo")
     assert len(latency) == 3
     assert all(1.5 < s < 2.5 for s in latency)
-    # made 3 hours ago, finished now: in the hour; finished 2 hours ago: not
+    # made 90 minutes ago, finished now: in the hour; finished 2 hours ago: not
     for finished in ("now()", "now() - interval '2 hours'"):
         await state.pool.execute(
             f"INSERT INTO {t} (id, type, status, payload, attempts, max_attempts, created_at,"
             " run_at, started_at, finished_at) VALUES ($1, 'echo', 'succeeded', '{}', 1, 1,"
             f" now(), now(), now(), {finished})",
-            uuid.UUID(int=id_floor(datetime.now(UTC) - timedelta(hours=3)).int
+            uuid.UUID(int=id_floor(datetime.now(UTC) - timedelta(minutes=90)).int
                       + uuid.uuid4().int % (1 << 64)))
     minutes = await d.minutes("echo")
     assert sum(m.succeeded for m in minutes) == 3
