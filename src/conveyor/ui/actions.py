@@ -292,7 +292,10 @@ async def login(request: Request) -> Response:
                            "the dashboard needs a key that may read tasks", 403,
                            form.get("next"))
     sessions: Sessions = request.app.state.ui_sessions
-    session = await sessions.create(token)
+    previous = request.cookies.get(COOKIE)
+    if previous:  # a sign-in starts afresh (no session fixed before it lives on)
+        await sessions.drop(previous)
+    session = await sessions.create(auth.reference(token))
     response = back_to(form.get("next"))
     set_session_cookie(response, session.sid, sessions.ttl_s,
                        secure=secure_request(request))

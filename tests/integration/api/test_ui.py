@@ -5,6 +5,7 @@ browser's tests are in tests/browser/.)"""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import uuid
 from typing import Any
@@ -335,3 +336,45 @@ async def test_bulk_retry_of_fifty_leaves_the_other_dead_alone(state: AppState) 
     for r in records:
         status = (await state.store.get(r.id)).status  # type: ignore[union-attr]
         assert status == ("queued" if r.id in chosen else "dead"), r.id
+
+
+async def test_sessions_keep_the_key_id_never_the_secret(state: AppState) -> None:
+    store = KeyStore(state.pool, state.settings.database_schema)
+    record, key = await store.create("ui-session-reader", ["tasks:read"])
+    async with http_for(state, api_keys=["admin-key-for-ui-tests"], api_key_cache=0) as http:
+        token = csrf_of((await http.get("/ui/login")).text)
+        signed = await http.post("/ui/login", data={"csrf": token, "key": key})
+        assert signed.status_code == 303
+        assert "Secure" not in signed.headers["set-cookie"]  # auto, over http
+        first_sid = http.cookies["conveyor_ui"]
+        prefix = f"{state.settings.key_prefix}:ui:session:"
+        stored = [await state.redis.get(k) async for k in state.redis.scan_iter(prefix + "*")]
+        assert stored
+        assert all(key.encode() not in raw and b"admin-key" not in raw for raw in stored)
+        assert any(record.id.encode() in raw for raw in stored)
+        # signing in again drops the session the browser had
+        token = csrf_of((await http.get("/ui/login")).text)
+        again = await http.post("/ui/login",
+                                data={"csrf": token, "key": "admin-key-for-ui-tests"})
+        assert again.status_code == 303
+        assert http.cookies["conveyor_ui"] != first_sid
+        assert await state.redis.get(
+            prefix + hashlib.sha256(first_sid.encode()).hexdigest()) is None
+        stored = [await state.redis.get(k) async for k in state.redis.scan_iter(prefix + "*")]
+        assert all(b"admin-key" not in raw for raw in stored)
+        assert (await http.get("/ui/queues")).status_code == 200
+        # a revoked key's session ends
+        http.cookies.clear()
+        token = csrf_of((await http.get("/ui/login")).text)
+        await http.post("/ui/login", data={"csrf": token, "key": key})
+        assert (await http.get("/ui/queues")).status_code == 200
+        await store.revoke("ui-session-reader")
+        away = await http.get("/ui/queues")
+        assert away.status_code == 303
+        assert "revoked" in away.headers["location"]
+    async with http_for(state, api_keys=["admin-key-for-ui-tests"],
+                        ui_secure_cookie="on") as http:
+        token = csrf_of((await http.get("/ui/login")).text)
+        signed = await http.post("/ui/login",
+                                 data={"csrf": token, "key": "admin-key-for-ui-tests"})
+        assert "Secure" in signed.headers["set-cookie"]
