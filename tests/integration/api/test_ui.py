@@ -348,7 +348,8 @@ async def test_sessions_keep_the_key_id_never_the_secret(state: AppState) -> Non
         assert "Secure" not in signed.headers["set-cookie"]  # auto, over http
         first_sid = http.cookies["conveyor_ui"]
         prefix = f"{state.settings.key_prefix}:ui:session:"
-        stored = [await state.redis.get(k) async for k in state.redis.scan_iter(prefix + "*")]
+        stored = [str(await state.redis.get(k) or "").encode()
+                  async for k in state.redis.scan_iter(prefix + "*")]
         assert stored
         assert all(key.encode() not in raw and b"admin-key" not in raw for raw in stored)
         assert any(record.id.encode() in raw for raw in stored)
@@ -360,7 +361,8 @@ async def test_sessions_keep_the_key_id_never_the_secret(state: AppState) -> Non
         assert http.cookies["conveyor_ui"] != first_sid
         assert await state.redis.get(
             prefix + hashlib.sha256(first_sid.encode()).hexdigest()) is None
-        stored = [await state.redis.get(k) async for k in state.redis.scan_iter(prefix + "*")]
+        stored = [str(await state.redis.get(k) or "").encode()
+                  async for k in state.redis.scan_iter(prefix + "*")]
         assert all(b"admin-key" not in raw for raw in stored)
         assert (await http.get("/ui/queues")).status_code == 200
         # a revoked key's session ends
