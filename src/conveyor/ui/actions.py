@@ -39,7 +39,9 @@ from conveyor.ui.session import (
     LOGIN_COOKIE,
     PREFIX,
     Sessions,
+    Viewer,
     check_csrf,
+    notice_mac,
     reads,
     require,
     secure_request,
@@ -48,6 +50,7 @@ from conveyor.ui.session import (
 
 log = structlog.get_logger("conveyor.ui")
 BATCH = 500  # tasks per statement of a bulk action
+SELECTION_MAX = BATCH * 10  # selected tasks one request acts on
 _PAST = {"retry": "retried", "cancel": "cancelled", "delete": "deleted"}
 
 
@@ -61,17 +64,20 @@ def first(form: dict[str, list[str]]) -> dict[str, str]:
     return {k: v[0] for k, v in form.items() if v}
 
 
-def back_to(target: str | None, notice: str | None = None, default: str = PREFIX) -> Response:
-    """303 to `target` when it is a dashboard path (never elsewhere), with `notice`."""
+def back_to(target: str | None, notice: str | None = None, default: str = PREFIX, *,
+            view: Viewer | None = None) -> Response:
+    """303 to `target` when it is a dashboard path (never elsewhere), with `notice` signed
+    for `view`'s session (a page shows a notice only with its session's signature, so a link
+    from elsewhere cannot put words on the dashboard)."""
     path = target or default
     parts = urlsplit(path)
     if parts.scheme or parts.netloc or not (path == PREFIX or path.startswith(PREFIX + "/")):
         path = default
         parts = urlsplit(path)
     query = [(k, v) for k, vs in parse_qs(parts.query).items() for v in vs
-             if k not in ("notice", "cursor")]
-    if notice:
-        query.append(("notice", notice))
+             if k not in ("notice", "sig", "cursor")]
+    if notice and view is not None:
+        query += [("notice", notice), ("sig", notice_mac(view.session, notice))]
     location = parts.path + (f"?{urlencode(query)}" if query else "")
     return secure(RedirectResponse(location, status_code=303))
 
@@ -135,7 +141,8 @@ async def act_on_selection(request: Request, view: ViewerDep) -> Response:
     check_csrf(view, first(form))
     require(view, MANAGE)
     action = _action(first(form).get("action"))
-    ids = _ids(form.get("id", []))[:BATCH * 10]
+    given = list(dict.fromkeys(_ids(form.get("id", []))))
+    ids = given[:SELECTION_MAX]
     done = 0
     for start in range(0, len(ids), BATCH):
         done += await apply(state_of(request), dashboard_of(request), action,
@@ -144,9 +151,12 @@ async def act_on_selection(request: Request, view: ViewerDep) -> Response:
     notice = _counted(done, action)
     if skipped:
         notice += f" ({skipped} not {', '.join(ACTION_FROM[action])}: left as they are)"
+    if len(given) > len(ids):
+        notice += (f"; {len(given) - len(ids)} more were selected than one request takes "
+                   f"({SELECTION_MAX}): left as they are")
     if not ids:
         notice = "Nothing selected"
-    return back_to(first(form).get("next"), notice, f"{PREFIX}/tasks")
+    return back_to(first(form).get("next"), notice, f"{PREFIX}/tasks", view=view)
 
 
 @router.post("/tasks/act-all")
@@ -189,10 +199,11 @@ async def act_on_filter(request: Request, view: ViewerDep) -> Response:
         further = parsed.query(action=action, back=back,
                                upto=str(uuid.UUID(int=cursor.int - 1)))
         return back_to(f"{PREFIX}/tasks/confirm?{further}",
-                       notice + "; tasks further back are not examined yet: confirm them")
+                       notice + "; tasks further back are not examined yet: confirm them",
+                       view=view)
     if more:
         notice += "; more match: run it again for the next batch"
-    return back_to(form.get("next"), notice, f"{PREFIX}/tasks")
+    return back_to(form.get("next"), notice, f"{PREFIX}/tasks", view=view)
 
 
 def _confirmed(raw: str | None) -> int | None:
@@ -233,7 +244,8 @@ async def enqueue_copy(request: Request, view: ViewerDep, task_id: uuid.UUID) ->
                     schema=pretty(task_type.payload_model.model_json_schema())
                     if task_type else None)
     new = inserted[0].record
-    return back_to(f"{PREFIX}/tasks/{new.id}", f"Enqueued a copy of {str(task_id)[:8]}")
+    return back_to(f"{PREFIX}/tasks/{new.id}", f"Enqueued a copy of {str(task_id)[:8]}",
+                   view=view)
 
 
 @router.post("/tasks/{task_id}/{action}")
@@ -248,18 +260,19 @@ async def act_on_task(request: Request, view: ViewerDep, task_id: uuid.UUID,
     try:
         if act == "retry":
             await state.client.retry(task_id)
-            return back_to(here, "Retried: queued again")
+            return back_to(here, "Retried: queued again", view=view)
         if act == "cancel":
             record = await state.client.cancel(task_id)
             return back_to(here, "Cancel requested: its worker stops it"
-                           if record.status == "running" else "Cancelled")
+                           if record.status == "running" else "Cancelled", view=view)
     except InvalidTransition as exc:
-        return back_to(here, f"Not done: the task is {exc.status}")
+        return back_to(here, f"Not done: the task is {exc.status}", view=view)
     if await dashboard_of(request).delete([task_id]):
-        return back_to(f"{PREFIX}/tasks", f"Deleted task {str(task_id)[:8]}")
+        return back_to(f"{PREFIX}/tasks", f"Deleted task {str(task_id)[:8]}", view=view)
     if await state.store.get(task_id) is None:
         raise TaskNotFound(str(task_id))
-    return back_to(here, "Not deleted: only finished tasks can be (cancel it first)")
+    return back_to(here, "Not deleted: only finished tasks can be (cancel it first)",
+                   view=view)
 
 # -- signing in and out ------------------------------------------------------------------
 

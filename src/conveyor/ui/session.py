@@ -195,6 +195,19 @@ def check_reads(caller: Caller) -> None:
                         scope=READ)
 
 
+def notice_mac(session: Session, notice: str) -> str:
+    """The signature of a notice for `session` (keyed by its CSRF token)."""
+    return hmac.new(session.csrf.encode(), notice.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def shown_notice(session: Session, notice: str | None, mac: str | None) -> str | None:
+    """`notice` when `mac` is its signature for `session` (None otherwise)."""
+    if not notice or not mac:
+        return None
+    expected = notice_mac(session, notice)
+    return notice if hmac.compare_digest(mac.encode(), expected.encode()) else None
+
+
 def check_csrf(view: Viewer, form: dict[str, str]) -> None:
     """Forbidden unless the form carries the session's CSRF token."""
     given = form.get("csrf", "")

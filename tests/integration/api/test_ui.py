@@ -380,3 +380,30 @@ async def test_sessions_keep_the_key_id_never_the_secret(state: AppState) -> Non
         signed = await http.post("/ui/login",
                                  data={"csrf": token, "key": "admin-key-for-ui-tests"})
         assert "Secure" in signed.headers["set-cookie"]
+
+
+async def test_notices_links_and_selections_are_the_servers_own(state: AppState) -> None:
+    from conveyor import ui
+
+    record = (await state.client.enqueue_many(
+        [TaskRequest("echo", {"value": 1}, delay_s=3600)]))[0].record
+    async with http_for(state) as http:
+        forged = await http.get("/ui/tasks?notice=Your+key+expired%3A+go+to+evil.example")
+        assert "class=\"notice\"" not in forged.text
+        token = csrf_of(forged.text)
+        twice = await http.post("/ui/tasks/act", data={
+            "csrf": token, "action": "cancel", "id": [str(record.id)] * 3})
+        location = twice.headers["location"]
+        assert "Cancelled+1+task" in location
+        assert "not+queued" not in location  # the same id thrice is one task
+        shown = await http.get(location)
+        assert "Cancelled 1 task" in shown.text
+        elsewhere = await http.get(
+            "/ui/tasks/confirm?type=echo&action=retry&back=https://evil.example/ui")
+        assert "evil.example" not in elsewhere.text
+        assert 'href="/ui/tasks">Back' in elsewhere.text
+        assert (await http.get("/ui")).status_code == 200  # starts the overview's follower
+        app = http._transport.app  # type: ignore[attr-defined]
+        assert app.state.ui_throughput._task is not None
+        await ui.close(app)
+        assert app.state.ui_throughput._task.done()
