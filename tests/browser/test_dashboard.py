@@ -58,7 +58,7 @@ def test_overview_shows_the_types_and_counts_the_api_reports(admin: Page, live: 
     queues = {q["type"]: q for q in live.api.get("/v1/queues").json()["queues"]}
     assert set(queues) == {"order", "doomed", "long", "nightly"}
     for name, q in queues.items():
-        for column in ("queued", "dead"):
+        for column in ("queued", "running", "dead"):
             assert cell(admin, name, column) == str(q[column]), (name, column)
     assert cell(admin, "order", "queued") == "3"
     assert int(cell(admin, "doomed", "dead_hour")) >= 1
