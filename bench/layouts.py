@@ -2,9 +2,10 @@
 
 Each layout is filled with N finished tasks and measured the same way: the cost of a
 completion (mark running + record, batches of 100, as the worker writes them: time and WAL
-per task), of pruning 200,000 expired rows (rows/s, WAL per row, the longest statement, which
-bounds the longest any lock was held, and the longest round trip of a writer that enqueues and
-completes one task every 50 ms meanwhile), of the queue counts, and table + index size per
+per task; WAL per task again with a 64 KiB payload), of pruning 200,000 expired rows (rows/s,
+WAL per row, the longest statement, which bounds the longest any lock was held, and the
+longest round trip of a writer that enqueues and completes one task every 50 ms meanwhile),
+of the queue counts, and table + index size per
 million finished tasks. The layouts:
 
 - `InPlace`: the tasks table as the shipped migrations leave it, or all but 0004 (status
@@ -22,7 +23,10 @@ million finished tasks. The layouts:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
+import os
 import shutil
 import time
 import uuid
@@ -37,6 +41,7 @@ PRUNE_ROWS = 200_000
 PRUNE_BATCH = 500
 FILL_SPAN_S = 20 * 3600
 PROBE_PERIOD_S = 0.05
+BIG_PAYLOAD_BYTES = 64 * 1024  # base64 of random bytes: TOASTed, compresses little
 # Settings the shipped migration 0004 gives the tasks table, repeated on every partition (a
 # partitioned table has no storage parameters of its own).
 _VACUUM_OPTIONS = ("autovacuum_vacuum_scale_factor = 0.01, "
@@ -100,6 +105,12 @@ def migrations_dir(tmp: Path, without: int | None, *, fillfactor: int | None = N
     return out
 
 
+def big_payload() -> str:
+    """A JSON payload of BIG_PAYLOAD_BYTES, like a thumbnail task's image."""
+    return json.dumps({"image": base64.b64encode(os.urandom(BIG_PAYLOAD_BYTES * 3 // 4))
+                       .decode()})
+
+
 def uuid_floor(moment: datetime) -> uuid.UUID:
     """The smallest UUIDv7 of `moment`'s millisecond: every task created before it is below."""
     return uuid.UUID(f"{int(moment.timestamp() * 1000):012x}" + "0" * 20)
@@ -122,6 +133,7 @@ class Prune:
 class Figures:
     completion_us: float = 0.0
     completion_wal: float = 0.0
+    big_completion_wal: float = 0.0  # with a BIG_PAYLOAD_BYTES payload
     counts_ms_p50: float = 0.0
     size: dict[str, int] = field(default_factory=dict)
     prunes: list[Prune] = field(default_factory=list)
@@ -416,19 +428,26 @@ async def measure(layout: InPlace, url: str, schema: str, scratch: Path, rows: i
             return int(await pool.fetchval(
                 "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint"))
 
-        tasks = [NewTask(new_task_id(), "noop", "{}", 3) for _ in range(completions)]
-        for i in range(0, len(tasks), 100):
-            await layout.insert(tasks[i:i + 100])
-        await pool.execute(f"ANALYZE {layout.store.table}")
-        done = 0
-        w0, t0 = await wal(), time.perf_counter()
-        for i in range(0, len(tasks), 100):
-            done += await layout.complete([t.id for t in tasks[i:i + 100]], "w1")
-        t1, w1 = time.perf_counter(), await wal()
-        if done != len(tasks):
-            raise RuntimeError(f"{layout.label}: {done} of {len(tasks)} completions recorded")
-        out.completion_us = (t1 - t0) / len(tasks) * 1e6
-        out.completion_wal = (w1 - w0) / len(tasks)
+        async def completions_cost(tasks: list[NewTask]) -> tuple[float, float]:
+            """Seconds and WAL bytes per task of completing `tasks`, inserted beforehand."""
+            for i in range(0, len(tasks), 100):
+                await layout.insert(tasks[i:i + 100])
+            await pool.execute(f"ANALYZE {layout.store.table}")
+            done = 0
+            w0, t0 = await wal(), time.perf_counter()
+            for i in range(0, len(tasks), 100):
+                done += await layout.complete([t.id for t in tasks[i:i + 100]], "w1")
+            t1, w1 = time.perf_counter(), await wal()
+            if done != len(tasks):
+                raise RuntimeError(f"{layout.label}: {done} of {len(tasks)} completions")
+            return (t1 - t0) / len(tasks), (w1 - w0) / len(tasks)
+
+        took, written = await completions_cost(
+            [NewTask(new_task_id(), "noop", "{}", 3) for _ in range(completions)])
+        out.completion_us, out.completion_wal = took * 1e6, written
+        _, out.big_completion_wal = await completions_cost(
+            [NewTask(new_task_id(), "noop", big_payload(), 3)
+             for _ in range(max(1, completions // 20))])
         times = []
         for _ in range(50):
             c0 = time.perf_counter()

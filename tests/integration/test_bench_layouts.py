@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from bench import scale
-from bench.layouts import History, InPlace, Partitioned, measure, sizes
+from bench.layouts import BIG_PAYLOAD_BYTES, History, InPlace, Partitioned, measure, sizes
 
 from conveyor.store.pool import Pool, open_pool
 from conveyor.store.tasks import NewTask, new_task_id
@@ -84,6 +84,12 @@ async def test_every_layout_is_measured_and_reported(
                                 completions=200, prune_rows=600, quiet=True)
         assert figures.completion_us > 0, layout.label
         assert figures.completion_wal > 0, layout.label
+        # A move copies the payload (TOAST included) into the history table; an UPDATE in
+        # place keeps the payload where it is.
+        if isinstance(layout, History):
+            assert figures.big_completion_wal > BIG_PAYLOAD_BYTES / 2, figures
+        else:
+            assert figures.big_completion_wal < BIG_PAYLOAD_BYTES / 4, (layout.label, figures)
         assert [p.method for p in figures.prunes] == layout.prune_methods()
         for prune in figures.prunes:
             assert prune.rows >= 600, prune
