@@ -70,6 +70,24 @@ def mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MB"
 
 
+def mb1(n: float) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+def soak_summary(samples: list[tuple[float, int, int, int]]) -> str:
+    """The soak's size after its first fifth (the table filling up to its retention), in
+    halves: a size that stopped growing has the same range in both."""
+    settled = samples[len(samples) // 5:]
+    if len(settled) < 2:
+        return "Too short a soak to tell whether its size settled."
+    halves = settled[:len(settled) // 2], settled[len(settled) // 2:]
+    parts = [f"{half[0][0]:.0f}-{half[-1][0]:.0f} s: table + indexes "
+             f"{mb1(min(x[1] for x in half))}-{mb1(max(x[1] for x in half))} "
+             f"(table {mb1(min(x[3] for x in half))}-{mb1(max(x[3] for x in half))}), rows "
+             f"{min(x[2] for x in half):,}-{max(x[2] for x in half):,}" for half in halves]
+    return "Settled, in two halves: " + "; ".join(parts) + "."
+
+
 def layouts() -> list[InPlace]:
     """The layouts compared, in the order of the table."""
     return [InPlace("without 0004: status in full indexes (0001-0003's)", without=4),
@@ -258,7 +276,7 @@ async def soak(urls: dict[str, str], schema: str, seconds: float, rate: float,
                     rows = int(await state.pool.fetchval(
                         f"SELECT count(*) FROM {state.store.table}"))
                     samples.append((elapsed, size, rows, heap))
-                    print(f"  soak {elapsed:6.0f} s: {mb(size)} (table {mb(heap)}), {rows:,}"
+                    print(f"  soak {elapsed:6.0f} s: {mb1(size)} (table {mb1(heap)}), {rows:,}"
                           " rows", flush=True)
                     next_sample += 15.0
                 await asyncio.sleep(0.02)
@@ -353,4 +371,5 @@ async def _parts(args: Any, urls: dict[str, str], scratch: Path, lines: list[str
                   "| elapsed | table + indexes | of which table | rows |", "|---|---|---|---|"]
         step = max(1, len(samples) // 20)
         shown = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
-        lines += [f"| {t:.0f} s | {mb(s)} | {mb(h)} | {r:,} |" for t, s, r, h in shown]
+        lines += [f"| {t:.0f} s | {mb1(s)} | {mb1(h)} | {r:,} |" for t, s, r, h in shown]
+        lines += ["", soak_summary(samples)]
