@@ -74,6 +74,15 @@ def mb1(n: float) -> str:
     return f"{n / 2**20:,.1f} MB"
 
 
+def index_growth(index_sizes: list[dict[str, int]]) -> str:
+    """Each index's size after the soak's first fifth and at its end: where growth is."""
+    if len(index_sizes) < 2:
+        return ""
+    first, last = index_sizes[len(index_sizes) // 5], index_sizes[-1]
+    return "Indexes after the first fifth -> at the end: " + ", ".join(
+        f"{name} {mb1(first.get(name, 0))} -> {mb1(size)}" for name, size in last.items()) + "."
+
+
 def soak_summary(samples: list[tuple[float, int, int, int]]) -> str:
     """The soak's size after its first fifth (the table filling up to its retention), in
     halves: a size that stopped growing has the same range in both."""
@@ -242,9 +251,10 @@ async def http_p99(urls: dict[str, str], schema: str, requests: int = 300) -> di
 
 
 async def soak(urls: dict[str, str], schema: str, seconds: float, rate: float,
-               retention_s: float, logdir: Path) -> list[tuple[float, int, int, int]]:
+               retention_s: float, logdir: Path
+               ) -> tuple[list[tuple[float, int, int, int]], list[dict[str, int]]]:
     """(elapsed s, total size, rows, table size) every 15 s of a steady `rate` with the
-    janitor on."""
+    janitor on, and each index's size at each sample."""
     from bench import app as bench_app
     from conveyor.client import TaskRequest
     from conveyor.config import Settings
@@ -257,6 +267,7 @@ async def soak(urls: dict[str, str], schema: str, seconds: float, rate: float,
     settings = Settings(database_url=urls["pg"], redis_url=urls["redis"],
                         database_schema=schema, key_prefix=schema, log_level="warning")
     samples: list[tuple[float, int, int, int]] = []
+    index_sizes: list[dict[str, int]] = []
     try:
         async with open_state(settings, bench_app.app) as state, AsyncExitStack():
             began = time.monotonic()
@@ -276,6 +287,11 @@ async def soak(urls: dict[str, str], schema: str, seconds: float, rate: float,
                     rows = int(await state.pool.fetchval(
                         f"SELECT count(*) FROM {state.store.table}"))
                     samples.append((elapsed, size, rows, heap))
+                    index_sizes.append({r[0]: int(r[1]) for r in await state.pool.fetch(
+                        "SELECT c.relname, pg_relation_size(c.oid) FROM pg_index AS i"
+                        " JOIN pg_class AS c ON c.oid = i.indexrelid"
+                        " WHERE i.indrelid = $1::regclass ORDER BY c.relname",
+                        state.store.table)})
                     print(f"  soak {elapsed:6.0f} s: {mb1(size)} (table {mb1(heap)}), {rows:,}"
                           " rows", flush=True)
                     next_sample += 15.0
@@ -283,7 +299,7 @@ async def soak(urls: dict[str, str], schema: str, seconds: float, rate: float,
     finally:
         for proc in procs:
             stop(proc)
-    return samples
+    return samples, index_sizes
 
 
 def run(args: Any) -> int:
@@ -363,7 +379,7 @@ async def _parts(args: Any, urls: dict[str, str], scratch: Path, lines: list[str
         _flush(args, lines)
     if args.soak_seconds:
         print(f"soak {args.soak_seconds:.0f} s at {args.soak_rate:.0f}/s", flush=True)
-        samples = await soak(urls, "soak", args.soak_seconds, args.soak_rate,
+        samples, index_sizes = await soak(urls, "soak", args.soak_seconds, args.soak_rate,
                              args.soak_retention, args.logdir)
         lines += ["", f"Soak: {args.soak_rate:.0f} tasks/s for {args.soak_seconds:.0f} s, "
                   f"retention {args.soak_retention:.0f} s, janitor every 10 s "
@@ -372,4 +388,4 @@ async def _parts(args: Any, urls: dict[str, str], scratch: Path, lines: list[str
         step = max(1, len(samples) // 20)
         shown = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
         lines += [f"| {t:.0f} s | {mb1(s)} | {mb1(h)} | {r:,} |" for t, s, r, h in shown]
-        lines += ["", soak_summary(samples)]
+        lines += ["", soak_summary(samples), "", index_growth(index_sizes)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.scale import soak_summary
+from bench.scale import index_growth, soak_summary
 
 MB = 2**20
 
@@ -17,3 +17,10 @@ def test_the_settled_size_is_given_for_each_half() -> None:
 
 def test_a_soak_too_short_says_so() -> None:
     assert soak_summary([(0.0, 0, 0, 0)]) == "Too short a soak to tell whether its size settled."
+
+
+def test_index_growth_names_each_index_after_the_fill_up_and_at_the_end() -> None:
+    sizes = [{"tasks_pkey": (1 + t) * MB, "tasks_live": MB} for t in range(10)]
+    assert index_growth(sizes) == ("Indexes after the first fifth -> at the end: tasks_pkey "
+                                   "3.0 MB -> 10.0 MB, tasks_live 1.0 MB -> 1.0 MB.")
+    assert index_growth(sizes[:1]) == ""
