@@ -3,11 +3,14 @@
 Three parts, on a private PostgreSQL that keeps its durability defaults (fsync, synchronous
 commit, full-page writes: unlike the peer table's) and a private redis-server:
 
-1. **layouts** (`--compare-rows`, default 2,000,000): the tasks table as migrations 0001-0003
-   left it, as 0004 makes it, and 0004 with fillfactor 85, each holding that many finished
-   tasks: the cost of a completion (mark running + record, batches of 100, as the worker
-   does: time and WAL per task), of pruning (the janitor's DELETE batches of 500: rows/s, WAL
-   per row), of the queue counts, and table + index size per million finished tasks.
+1. **layouts** (`--compare-rows`, default 2,000,000; bench/layouts.py): the tasks table as
+   migrations 0001-0003 left it, as 0004 makes it, 0004 with fillfactor 85, 0004 partitioned
+   by id range (an hour a partition), and 0004 for live tasks with a narrow history table
+   that completions move finished ones to, each holding that many finished tasks: the cost of
+   a completion (time and WAL per task), of pruning (the janitor's DELETE batches of 500, and
+   DETACH CONCURRENTLY + DROP of partitions: rows/s, WAL per row, longest statement, a
+   writer's longest round trip meanwhile), of the queue counts, and table + index size per
+   million finished tasks.
 2. **scale** (`--rows`, default 10,000,000): the e2e no-op workload (`--scale-n` tasks through
    `Client.enqueue_many`, one `conveyor worker --concurrency 10`) on an empty table and on one
    holding that many finished tasks, the throughput ratio, and `GET /v1/queues` and
@@ -28,11 +31,12 @@ import sys
 import tempfile
 import time
 from contextlib import AsyncExitStack
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+
+from bench.layouts import Figures, History, InPlace, Partitioned, fill, measure, sizes
 
 REPO = Path(__file__).resolve().parent.parent
 START, END = "<!-- scale:start -->", "<!-- scale:end -->"
@@ -60,115 +64,89 @@ def kept_section(path: Path, new_text: str) -> str:
         return new_text
     section = START + old.partition(START)[2].partition(END)[0] + END
     return new_text.rstrip("\n") + "\n\n" + section + "\n"
-COMPLETION_TASKS = 20_000
-PRUNE_ROWS = 200_000
-
-
-def fill_sql(table: str) -> str:
-    """INSERT $2 - $1 + 1 succeeded no-op tasks numbered $1..$2, finished over the last
-    $3 seconds (row $4 the newest), with UUIDv7 ids of their creation times."""
-    return f"""
-        INSERT INTO {table} (id, type, status, payload, attempts, max_attempts, result,
-                             worker, created_at, run_at, started_at, finished_at)
-        SELECT (lpad(to_hex(floor(extract(epoch FROM f.at) * 1000)::bigint), 12, '0')
-                || '7' || substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15)
-               )::uuid,
-               'noop', 'succeeded', '{{}}', 1, 3, 'null', 'bench-worker-1',
-               f.at, f.at, f.at, f.at + interval '2 milliseconds'
-        FROM generate_series($1::bigint, $2::bigint) AS g,
-             LATERAL (SELECT now() - ($4 - g) * ($3 / $4::float8) * interval '1 second'
-                      - interval '10 seconds' AS at) AS f"""
-
-
-async def fill(conn: Any, table: str, rows: int, span_s: float,
-               chunk: int = 250_000) -> float:
-    began = time.perf_counter()
-    for start in range(0, rows, chunk):
-        await conn.execute(fill_sql(table), start + 1, min(rows, start + chunk), span_s, rows)
-        print(f"  filled {min(rows, start + chunk):,} / {rows:,}", flush=True)
-    await conn.execute(f"VACUUM (ANALYZE) {table}")
-    return time.perf_counter() - began
-
-
-async def sizes(conn: Any, table: str) -> dict[str, int]:
-    row = await conn.fetchrow(
-        "SELECT pg_table_size($1), pg_indexes_size($1), pg_total_relation_size($1)", table)
-    assert row is not None
-    return {"table": row[0], "indexes": row[1], "total": row[2]}
 
 
 def mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MB"
 
 
-def migrations_dir(tmp: Path, up_to: int | None, *, fillfactor: int | None = None) -> Path:
-    """The shipped migrations, or those up to `up_to`; with `fillfactor`, one more that sets
-    it (a variant measured beside the shipped layout)."""
-    shipped = Path(str(resources.files("conveyor.store").joinpath("migrations")))
-    out = tmp / f"migrations-{up_to or 'all'}-{fillfactor or 'shipped'}"
-    out.mkdir()
-    for f in shipped.iterdir():
-        if f.suffix == ".sql" and (up_to is None or int(f.name[:4]) <= up_to):
-            shutil.copy(f, out / f.name)
-    if fillfactor is not None:
-        (out / "0999_fillfactor.sql").write_text(
-            f"ALTER TABLE {{schema}}.tasks SET (fillfactor = {fillfactor});\n")
+def mb1(n: float) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+def index_growth(index_sizes: list[dict[str, int]]) -> str:
+    """Each index's size after the soak's first fifth and at its end: where growth is."""
+    if len(index_sizes) < 2:
+        return ""
+    first, last = index_sizes[len(index_sizes) // 5], index_sizes[-1]
+    return "Indexes after the first fifth -> at the end: " + ", ".join(
+        f"{name} {mb1(first.get(name, 0))} -> {mb1(size)}" for name, size in last.items()) + "."
+
+
+def soak_summary(samples: list[tuple[float, int, int, int]]) -> str:
+    """The soak's size after its first fifth (the table filling up to its retention), in
+    halves: a size that stopped growing has the same range in both."""
+    settled = samples[len(samples) // 5:]
+    if len(settled) < 2:
+        return "Too short a soak to tell whether its size settled."
+    halves = settled[:len(settled) // 2], settled[len(settled) // 2:]
+    parts = [f"{half[0][0]:.0f}-{half[-1][0]:.0f} s: table + indexes "
+             f"{mb1(min(x[1] for x in half))}-{mb1(max(x[1] for x in half))} "
+             f"(table {mb1(min(x[3] for x in half))}-{mb1(max(x[3] for x in half))}), rows "
+             f"{min(x[2] for x in half):,}-{max(x[2] for x in half):,}" for half in halves]
+    return "Settled, in two halves: " + "; ".join(parts) + "."
+
+
+def layouts() -> list[InPlace]:
+    """The layouts compared, in the order of the table."""
+    return [InPlace("without 0004: status in full indexes (0001-0003's)", without=4),
+            InPlace("0004 as shipped: partial live/finished indexes (fillfactor 100)"),
+            InPlace("0004 indexes at fillfactor 85 (not shipped)", fillfactor=85),
+            Partitioned("0004 indexes, partitioned by id range, an hour a partition "
+                        "(not shipped)"),
+            History("0004 for live tasks + a narrow history table finished ones move to "
+                    "(not shipped)")]
+
+
+async def compare_layouts(url: str, scratch: Path, rows: int) -> list[tuple[InPlace, Figures]]:
+    """Every layout measured with `rows` finished tasks, one after another."""
+    out = []
+    for number, layout in enumerate(layouts()):
+        print(f"layout {layout.label}", flush=True)
+        out.append((layout, await measure(layout, url, f"layout_{number}", scratch, rows)))
     return out
 
 
-async def layout_costs(url: str, schema: str, directory: Path, rows: int) -> dict[str, Any]:
-    """One layout's figures (see the module docstring, part 1)."""
-    from conveyor.store.migrate import migrate
-    from conveyor.store.pool import open_pool
-    from conveyor.store.tasks import NewTask, Outcome, TaskStore, new_task_id
-
-    pool = await open_pool(url, min_size=1, max_size=4)
-    out: dict[str, Any] = {}
-    try:
-        await migrate(pool, schema, directory=directory)
-        store = TaskStore(pool, schema)
-        async with pool.acquire() as conn:
-            out["fill_s"] = await fill(conn, store.table, rows, span_s=20 * 3600)
-            out["size"] = await sizes(conn, store.table)
-
-        async def wal() -> int:
-            return int(await pool.fetchval(
-                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint"))
-
-        tasks = [NewTask(new_task_id(), "noop", "{}", 3) for _ in range(COMPLETION_TASKS)]
-        for i in range(0, len(tasks), 100):
-            await store.insert(tasks[i:i + 100])
-        await pool.execute(f"ANALYZE {store.table}")
-        w0, t0 = await wal(), time.perf_counter()
-        for i in range(0, len(tasks), 100):
-            started, _ = await store.mark_running([t.id for t in tasks[i:i + 100]], "w1")
-            await store.record([Outcome(s.id, "noop", s.attempt, "succeeded", "null")
-                                for s in started], "w1")
-        t1, w1 = time.perf_counter(), await wal()
-        out["completion_us"] = (t1 - t0) / len(tasks) * 1e6
-        out["completion_wal"] = (w1 - w0) / len(tasks)
-        counts = []
-        for _ in range(50):
-            c0 = time.perf_counter()
-            await store.counts("noop")
-            counts.append(time.perf_counter() - c0)
-        out["counts_ms_p50"] = sorted(counts)[25] * 1000
-        pruned, longest = 0, 0.0
-        w0, t0 = await wal(), time.perf_counter()
-        while pruned < PRUNE_ROWS:
-            batch = await store.prune("noop", "succeeded", 60.0, 500, lock_timeout_s=1.0)
-            pruned += len(batch.ids)
-            longest = max(longest, batch.duration_s)
-            if not batch.ids:
-                break
-        t1, w1 = time.perf_counter(), await wal()
-        out["prune_rows_s"] = pruned / (t1 - t0)
-        out["prune_wal"] = (w1 - w0) / max(1, pruned)
-        out["prune_longest_ms"] = longest * 1000
-        await pool.execute(f"DROP SCHEMA {schema} CASCADE")
-    finally:
-        await pool.close()
-    return out
+def layout_table(measured: list[tuple[InPlace, Figures]], rows: int) -> list[str]:
+    """The layouts table (a row per layout and pruning method) and its legend."""
+    lines = ["| layout | pruned by | completion µs/task | WAL B/completion | WAL B/completion, "
+             "64 KiB payload | prune rows/s | WAL B/pruned row | longest prune statement | "
+             "writer's longest enqueue + completion meanwhile | counts p50 | table + indexes "
+             "per 1M finished |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    per_m = 1_000_000 / rows
+    for layout, figures in measured:
+        size = figures.size
+        for k, prune in enumerate(figures.prunes):
+            same = k > 0
+            lines.append(
+                f"| {'〃' if same else layout.label} | {prune.method} | "
+                f"{'〃' if same else f'{figures.completion_us:.0f}'} | "
+                f"{'〃' if same else f'{figures.completion_wal:,.0f}'} | "
+                f"{'〃' if same else f'{figures.big_completion_wal:,.0f}'} | "
+                f"{prune.rows / max(prune.seconds, 1e-9):,.0f} | "
+                f"{prune.wal / max(1, prune.rows):,.0f} | {prune.longest_s * 1000:,.0f} ms | "
+                f"{prune.writer_longest_s * 1000:,.0f} ms ({prune.writer_ops} writes) | "
+                f"{'〃' if same else f'{figures.counts_ms_p50:.2f} ms'} | "
+                + ("〃 |" if same else
+                   f"{mb(size['table'] * per_m)} + {mb(size['indexes'] * per_m)} |"))
+    lines += ["", "(Completion: 20,000 tasks through mark_running + record, batches of 100, "
+              "and 1,000 more with a 64 KiB payload; with the history table, record is the "
+              "move. Prune: about 200,000 expired "
+              "rows, the janitor's statement in batches of 500, or whole partitions; the "
+              "longest statement bounds the longest any lock was held; meanwhile a writer "
+              "enqueues and completes one task every 50 ms. Sizes after VACUUM ANALYZE: the "
+              "table holding the finished tasks.)"]
+    return lines
 
 
 def worker_env(urls: dict[str, str], schema: str, n: int, extra: dict[str, str] | None = None
@@ -273,9 +251,10 @@ async def http_p99(urls: dict[str, str], schema: str, requests: int = 300) -> di
 
 
 async def soak(urls: dict[str, str], schema: str, seconds: float, rate: float,
-               retention_s: float, logdir: Path) -> list[tuple[float, int, int, int]]:
+               retention_s: float, logdir: Path
+               ) -> tuple[list[tuple[float, int, int, int]], list[dict[str, int]]]:
     """(elapsed s, total size, rows, table size) every 15 s of a steady `rate` with the
-    janitor on."""
+    janitor on, and each index's size at each sample."""
     from bench import app as bench_app
     from conveyor.client import TaskRequest
     from conveyor.config import Settings
@@ -288,6 +267,7 @@ async def soak(urls: dict[str, str], schema: str, seconds: float, rate: float,
     settings = Settings(database_url=urls["pg"], redis_url=urls["redis"],
                         database_schema=schema, key_prefix=schema, log_level="warning")
     samples: list[tuple[float, int, int, int]] = []
+    index_sizes: list[dict[str, int]] = []
     try:
         async with open_state(settings, bench_app.app) as state, AsyncExitStack():
             began = time.monotonic()
@@ -307,14 +287,19 @@ async def soak(urls: dict[str, str], schema: str, seconds: float, rate: float,
                     rows = int(await state.pool.fetchval(
                         f"SELECT count(*) FROM {state.store.table}"))
                     samples.append((elapsed, size, rows, heap))
-                    print(f"  soak {elapsed:6.0f} s: {mb(size)} (table {mb(heap)}), {rows:,}"
+                    index_sizes.append({r[0]: int(r[1]) for r in await state.pool.fetch(
+                        "SELECT c.relname, pg_relation_size(c.oid) FROM pg_index AS i"
+                        " JOIN pg_class AS c ON c.oid = i.indexrelid"
+                        " WHERE i.indrelid = $1::regclass ORDER BY c.relname",
+                        state.store.table)})
+                    print(f"  soak {elapsed:6.0f} s: {mb1(size)} (table {mb1(heap)}), {rows:,}"
                           " rows", flush=True)
                     next_sample += 15.0
                 await asyncio.sleep(0.02)
     finally:
         for proc in procs:
             stop(proc)
-    return samples
+    return samples, index_sizes
 
 
 def run(args: Any) -> int:
@@ -358,25 +343,9 @@ async def _parts(args: Any, urls: dict[str, str], scratch: Path, lines: list[str
              "full_page_writes on), shared_buffers=128MB; one shared 2-core machine."]
     if args.compare_rows:
         lines += ["", f"Layouts, each holding {args.compare_rows:,} finished tasks:", "",
-                  "| layout | completion µs/task | WAL B/completion | prune rows/s | "
-                  "WAL B/pruned row | longest prune batch | counts p50 | table + indexes "
-                  "per 1M finished |", "|---|---|---|---|---|---|---|---|"]
-        layouts = (("0001-0003: status in full indexes", 3, None),
-                   ("0004 at fillfactor 85", None, 85),
-                   ("0004 as shipped: partial live/finished indexes", None, None))
-        for number, (label, up_to, fillfactor) in enumerate(layouts):
-            print(f"layout {label}", flush=True)
-            figures = await layout_costs(urls["pg"], f"layout_{number}",
-                                         migrations_dir(scratch, up_to, fillfactor=fillfactor),
-                                         args.compare_rows)
-            size = figures["size"]
-            per_m = 1_000_000 / args.compare_rows
-            lines.append(
-                f"| {label} | {figures['completion_us']:.0f} | {figures['completion_wal']:.0f} "
-                f"| {figures['prune_rows_s']:,.0f} | {figures['prune_wal']:.0f} | "
-                f"{figures['prune_longest_ms']:.0f} ms | {figures['counts_ms_p50']:.2f} ms | "
-                f"{mb(size['table'] * per_m)} + {mb(size['indexes'] * per_m)} |")
-            _flush(args, lines)
+                  *layout_table(await compare_layouts(urls["pg"], scratch, args.compare_rows),
+                                args.compare_rows)]
+        _flush(args, lines)
     if args.rows:
         schema = "scale"
         print("e2e on an empty table", flush=True)
@@ -410,7 +379,7 @@ async def _parts(args: Any, urls: dict[str, str], scratch: Path, lines: list[str
         _flush(args, lines)
     if args.soak_seconds:
         print(f"soak {args.soak_seconds:.0f} s at {args.soak_rate:.0f}/s", flush=True)
-        samples = await soak(urls, "soak", args.soak_seconds, args.soak_rate,
+        samples, index_sizes = await soak(urls, "soak", args.soak_seconds, args.soak_rate,
                              args.soak_retention, args.logdir)
         lines += ["", f"Soak: {args.soak_rate:.0f} tasks/s for {args.soak_seconds:.0f} s, "
                   f"retention {args.soak_retention:.0f} s, janitor every 10 s "
@@ -418,4 +387,5 @@ async def _parts(args: Any, urls: dict[str, str], scratch: Path, lines: list[str
                   "| elapsed | table + indexes | of which table | rows |", "|---|---|---|---|"]
         step = max(1, len(samples) // 20)
         shown = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
-        lines += [f"| {t:.0f} s | {mb(s)} | {mb(h)} | {r:,} |" for t, s, r, h in shown]
+        lines += [f"| {t:.0f} s | {mb1(s)} | {mb1(h)} | {r:,} |" for t, s, r, h in shown]
+        lines += ["", soak_summary(samples), "", index_growth(index_sizes)]

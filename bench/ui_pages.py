@@ -1,7 +1,7 @@
 """`python -m bench --ui`: every dashboard page timed on a tasks table of `--ui-rows` (default
 10,000,000) finished tasks, on a private durable PostgreSQL and redis-server.
 
-The table is filled as bench/scale.py fills it (succeeded `noop` tasks created over the last
+The table is filled as bench/layouts.py fills it (succeeded `noop` tasks created over the last
 20 hours, so the last hour holds 1/20 of them), then the newest 1 % are made dead. Each page is
 requested `--ui-requests` times in process (httpx over ASGI, the app `conveyor run` serves);
 p50 / p95 / max go to BENCHMARKS.md between `<!-- ui:start -->` and `<!-- ui:end -->`,
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import scale
+from bench import layouts
 
 START, END = "<!-- ui:start -->", "<!-- ui:end -->"
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ async def _fill(url: str, schema: str, rows: int) -> float:
     try:
         began = time.perf_counter()
         table = f"{schema}.tasks"
-        await scale.fill(conn, table, rows, span_s=20 * 3600)
+        await layouts.fill(conn, table, rows, span_s=20 * 3600)
         await conn.execute(f"""
             UPDATE {table} SET status = 'dead', last_error = 'RuntimeError: card declined'
             WHERE id IN (SELECT id FROM {table} ORDER BY id DESC LIMIT {max(1, rows // 100)})""")

@@ -10,11 +10,15 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
+import structlog
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from conveyor.api.app import create_app
 from conveyor.application import Conveyor
 from conveyor.client import TaskRequest
 from conveyor.config import Settings
+from conveyor.cron import janitor as janitor_module
 from conveyor.cron.janitor import Janitor
 from conveyor.registry import Retention
 from conveyor.state import AppState, open_state
@@ -81,8 +85,12 @@ async def test_finished_tasks_disappear_after_their_window_live_ones_stay(
         assert await status_of(http, running) == "running"
 
 
-async def test_a_type_of_its_own_keeps_its_tasks_longer(
-    state: AppState, start_worker: StartWorker,
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_type_of_its_own_keeps_its_tasks_longer_and_the_pass_shows(
+    state: AppState, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     kept = (await state.client.enqueue("echo", {"value": "kept"})).record.id
     gone = (await state.client.enqueue("refuse", {})).record.id
@@ -90,11 +98,25 @@ async def test_a_type_of_its_own_keeps_its_tasks_longer(
     await eventually(lambda: _finished(state, kept, gone))
     sweeper = janitor(state, retention={"echo": Retention(succeeded=0)})  # echo: forever
     await asyncio.sleep(2.2)
-    assert await sweeper.locked_tick()
+    pruned_before = sample("conveyor_janitor_pruned_total", type="refuse", status="dead")
+    # A logger cached by an earlier `logs.configure()` would bypass capture_logs.
+    monkeypatch.setattr(janitor_module, "log", structlog.get_logger("conveyor.janitor"))
+    with capture_logs() as logs:
+        assert await sweeper.locked_tick()
     assert await state.store.get(gone) is None
     assert await state.store.get(kept) is not None
     assert sweeper.last is not None
     assert sweeper.last.pruned["dead"] == 1
+    # Its work is visible: the rows pruned, the age of the oldest kept row per status (the
+    # echo task kept forever, finished over 2 s ago; no dead refuse task kept), a log line.
+    assert sample("conveyor_janitor_pruned_total", type="refuse",
+                  status="dead") - pruned_before == 1
+    assert sample("conveyor_janitor_oldest_kept_seconds", type="echo",
+                  status="succeeded") >= 2.0
+    assert sample("conveyor_janitor_oldest_kept_seconds", type="refuse", status="dead") == 0
+    [line] = [e for e in logs if e["event"] == "janitor.pass"]
+    assert line["pruned"] == {"succeeded": 0, "cancelled": 0, "dead": 1}
+    assert line["complete"] is True
 
 
 async def _finished(state: AppState, *ids: uuid.UUID) -> bool:
