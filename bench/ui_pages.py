@@ -65,13 +65,15 @@ async def _explain(conn: Any, sql: str, args: tuple[Any, ...]) -> str:
 def _record(dashboard: Any) -> dict[str, tuple[str, tuple[Any, ...]]]:
     """The last statement of each kind `dashboard` runs (to EXPLAIN them afterwards)."""
     statements: dict[str, tuple[str, tuple[Any, ...]]] = {}
-    fetch = dashboard._fetch
 
-    async def recorded(op: str, sql: str, *args: Any) -> list[Any]:
-        statements[op] = (sql, args)
-        return list(await fetch(op, sql, *args))
+    def recording(fetch: Any) -> Any:
+        async def recorded(op: str, sql: str, *args: Any) -> list[Any]:
+            statements[op] = (sql, args)
+            return list(await fetch(op, sql, *args))
+        return recorded
 
-    dashboard._fetch = recorded
+    dashboard._fetch = recording(dashboard._fetch)
+    dashboard._fetch_custom = recording(dashboard._fetch_custom)
     return statements
 
 

@@ -138,6 +138,14 @@ class Dashboard:
         async with borrowed(self.pool, self.acquire_timeout_s, op) as conn:
             return await conn.fetch(sql, *args)
 
+    async def _fetch_custom(self, op: str, sql: str, *args: Any) -> list[Any]:
+        """`_fetch`, planned for these arguments (no generic plan, no JIT)."""
+        async with borrowed(self.pool, self.acquire_timeout_s, op) as conn, \
+                conn.transaction(readonly=True):
+            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan;"
+                               " SET LOCAL jit = off")
+            return await conn.fetch(sql, *args)
+
     # -- the task list ---------------------------------------------------------------------
 
     def _clauses(self, f: TaskFilter, args: list[Any], *, ranged: bool = False) -> list[str]:
@@ -269,8 +277,10 @@ class Dashboard:
             return Walk([], None, 0)
         args.append(limit)
         # the newest `scan` ids from the indexes alone, then the payload of those only (a
-        # lookup by id each: the LIMIT keeps the planner from joining the whole table)
-        row = (await self._fetch("dashboard.search_ids", f"""
+        # lookup by id each: the LIMIT keeps the planner from joining the whole table). A
+        # custom plan each time: a generic one (the driver prepares statements) does not
+        # know the bounds and can scan the table instead (seconds on 10M rows).
+        row = (await self._fetch_custom("dashboard.search_ids", f"""
             WITH e AS (SELECT x.id FROM ({' UNION ALL '.join(sources)}) AS x
                        ORDER BY x.id DESC LIMIT ${scan_arg}),
                  h AS (SELECT e.id FROM e CROSS JOIN LATERAL (

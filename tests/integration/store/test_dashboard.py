@@ -161,6 +161,10 @@ class Recorded(Dashboard):
         self.statements.append((op, sql, args))
         return await super()._fetch(op, sql, *args)
 
+    async def _fetch_custom(self, op: str, sql: str, *args: Any) -> list[Any]:
+        self.statements.append((op, sql, args))
+        return await super()._fetch_custom(op, sql, *args)
+
 
 async def test_payload_counts_and_bulk_walks_are_bounded_by_the_scan(state: AppState) -> None:
     d = dashboard_of(state)
