@@ -194,3 +194,16 @@ class EgressDenied(Fail):
 
 def _make_retry(reason: str, delay_s: float | None) -> Retry:
     return Retry(reason, delay_s=delay_s)
+
+
+class WorkflowInvalid(ConveyorError):
+    """A workflow or a task's dependencies cannot be built: unknown keys or task ids, a
+    cycle, too many nodes (`what` names the rule broken)."""
+
+    def __init__(self, what: str, detail: str) -> None:
+        self.what = what
+        super().__init__(detail)
+
+
+class WorkflowNotFound(ConveyorError):
+    """No workflow has this id."""

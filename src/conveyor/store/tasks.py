@@ -5,6 +5,7 @@ redelivered or stale message can never run a finished task or record a completio
 
     queued ──mark_running──▶ running ──record──▶ succeeded | dead | queued (retry)
     queued ──cancel──▶ cancelled;  dead | cancelled ──retry──▶ queued
+    waiting ──last upstream final──▶ queued | cancelled (store/workflows.py, by a trigger)
     running (worker lost) ──requeue──▶ queued
     running (drain deadline) ──hand_back──▶ queued (the attempt not counted)
     running ──request_cancel──▶ running, cancel_requested (its worker stops it: ▶ cancelled)
@@ -39,8 +40,10 @@ import orjson
 from conveyor.errors import Conflict
 from conveyor.store.pool import Connection, Pinned, Pool, borrowed, translate
 
-Status = Literal["queued", "running", "succeeded", "dead", "cancelled"]
-STATUSES: tuple[Status, ...] = ("queued", "running", "succeeded", "dead", "cancelled")
+Status = Literal["waiting", "queued", "running", "succeeded", "dead", "cancelled"]
+STATUSES: tuple[Status, ...] = ("waiting", "queued", "running", "succeeded", "dead",
+                                "cancelled")
+UpstreamFailure = Literal["cancel", "run"]
 FinishedStatus = Literal["succeeded", "dead", "cancelled"]
 FINISHED: tuple[FinishedStatus, ...] = ("succeeded", "cancelled", "dead")
 # The idempotency keys of cron slots are never released: a slot fires once, however long ago.
@@ -81,6 +84,15 @@ class TaskRecord:
     finished_at: datetime | None
     cancel_requested: bool = False
     progress: Any = None  # {fraction, message, data, at}: the latest a handler reported
+    # Workflows (store/workflows.py): what it waits for, what waits for it (filled by reads
+    # that ask for it), how an upstream's failure resolves it, the workflow and its key
+    # there, and the task whose handler enqueued it.
+    depends_on: list[uuid.UUID] = field(default_factory=list)
+    dependents: list[uuid.UUID] = field(default_factory=list)
+    on_upstream_failure: UpstreamFailure = "cancel"
+    workflow_id: uuid.UUID | None = None
+    workflow_key: str | None = None
+    parent_id: uuid.UUID | None = None
     attempt_history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -88,7 +100,13 @@ class TaskRecord:
 AFTER_CANCEL = ("status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,"
                  " finished_at = CASE WHEN cancel_requested THEN now() ELSE NULL END")
 _STORED = [name for name in TaskRecord.__slots__ if name != "attempt_history"]
-_COLUMNS = ", ".join([*(f"t.{name}" for name in _STORED), "t.attempt_log"])
+# Columns whose record field is computed (migration 0007's, a NULL standing for the default).
+_COMPUTED = {"depends_on": "coalesce(t.depends_on, '{}'::uuid[])",
+             "dependents": "'{}'::uuid[]",
+             "on_upstream_failure": "coalesce(t.on_upstream_failure, 'cancel')",
+             "workflow_key": "t.node_key"}
+_COLUMNS = ", ".join([*(_COMPUTED.get(name, f"t.{name}") for name in _STORED),
+                      "t.attempt_log"])
 
 
 def _record(row: Any) -> TaskRecord:
@@ -545,6 +563,7 @@ class TaskStore:
               SELECT t.id FROM {t} AS t
               WHERE t.type = $1 AND t.status = {literal} AND t.id < {_uuid_floor(cutoff)}
                 AND t.finished_at < {cutoff}
+                AND t.workflow_id IS NULL  -- a workflow is pruned whole
               ORDER BY t.type, t.status, t.id LIMIT $3
               FOR UPDATE SKIP LOCKED)
             DELETE FROM {t} AS t USING doomed
@@ -693,14 +712,15 @@ class TaskStore:
         return _record(row) if row else None
 
     async def request_cancel(self, task_id: uuid.UUID) -> TaskRecord | None:
-        """queued → cancelled, or running → running with `cancel_requested` (its worker stops
-        it); None if the task is neither (or does not exist)."""
+        """waiting | queued → cancelled, or running → running with `cancel_requested` (its
+        worker stops it); None if the task is none of them (or does not exist)."""
         row = await self._fetchrow(
             "tasks.request_cancel",
             f"UPDATE {self.table} AS t SET cancel_requested = true,"
-            " status = CASE WHEN t.status = 'queued' THEN 'cancelled' ELSE t.status END,"
-            " finished_at = CASE WHEN t.status = 'queued' THEN now() ELSE t.finished_at END"
-            f" WHERE t.id = $1 AND t.status IN ('queued', 'running') RETURNING {_COLUMNS}",
+            " status = CASE WHEN t.status = 'running' THEN t.status ELSE 'cancelled' END,"
+            " finished_at = CASE WHEN t.status = 'running' THEN t.finished_at ELSE now() END"
+            " WHERE t.id = $1 AND t.status IN ('waiting', 'queued', 'running')"
+            f" RETURNING {_COLUMNS}",
             task_id,
         )
         return _record(row) if row else None
@@ -744,10 +764,13 @@ class TaskStore:
         )
 
     async def retry(self, task_id: uuid.UUID) -> TaskRecord | None:
-        """dead | cancelled → queued with a fresh set of attempts; None if not allowed."""
+        """dead | cancelled → queued (waiting, if an upstream is unfinished) with a fresh set
+        of attempts; None if not allowed."""
         row = await self._fetchrow(
             "tasks.retry",
-            f"UPDATE {self.table} AS t SET status = 'queued', attempts = 0, run_at = now(),"
+            # One with an upstream still unfinished waits for it again (migration 0007).
+            f"UPDATE {self.table} AS t SET attempts = 0, run_at = now(),"
+            " status = CASE WHEN t.deps_left > 0 THEN 'waiting' ELSE 'queued' END,"
             " started_at = NULL, finished_at = NULL, result = NULL, cancel_requested = false,"
             " progress = NULL"
             f" WHERE t.id = $1 AND t.status IN ('dead', 'cancelled') RETURNING {_COLUMNS}",

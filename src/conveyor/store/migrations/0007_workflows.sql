@@ -1,0 +1,138 @@
+-- Workflows: dependencies between tasks, DAGs created whole, parent-child tasks. Owned by
+-- store/workflows.py (see its docstring for the rules).
+--
+-- A task with unfinished dependencies is `waiting`: in no stream, in no partial index of
+-- 0004. An edge (upstream, downstream) is a row of task_edges; `deps_left` on the downstream
+-- counts its upstreams not yet final, and `has_dependents` on the upstream lets the trigger
+-- below skip, by its WHEN alone, every task nothing depends on (the hot path: no function
+-- call, no query).
+ALTER TABLE {schema}.tasks DROP CONSTRAINT tasks_status_check;
+ALTER TABLE {schema}.tasks ADD CONSTRAINT tasks_status_check
+    CHECK (status IN ('waiting', 'queued', 'running', 'succeeded', 'dead', 'cancelled'))
+    NOT VALID;
+ALTER TABLE {schema}.tasks VALIDATE CONSTRAINT tasks_status_check;
+ALTER TABLE {schema}.tasks
+    ADD COLUMN depends_on uuid[],                    -- as given at enqueue; NULL: none
+    ADD COLUMN on_upstream_failure text,             -- NULL: cancel; 'run'
+    ADD COLUMN workflow_id uuid,                     -- the workflow it is a node of
+    ADD COLUMN node_key text,                        -- its key in that workflow
+    ADD COLUMN parent_id uuid,                       -- the task whose handler enqueued it
+    ADD COLUMN has_dependents boolean NOT NULL DEFAULT false,
+    ADD COLUMN deps_left integer NOT NULL DEFAULT 0;
+ALTER TABLE {schema}.tasks ADD CONSTRAINT tasks_on_upstream_failure_check
+    CHECK (on_upstream_failure IN ('cancel', 'run')) NOT VALID;
+
+CREATE TABLE {schema}.task_edges (
+    upstream   uuid NOT NULL REFERENCES {schema}.tasks (id) ON DELETE CASCADE,
+    downstream uuid NOT NULL REFERENCES {schema}.tasks (id) ON DELETE CASCADE,
+    PRIMARY KEY (upstream, downstream)
+);
+CREATE INDEX task_edges_downstream ON {schema}.task_edges (downstream);
+
+CREATE TABLE {schema}.workflows (
+    id           uuid PRIMARY KEY,                   -- UUIDv7, like task ids
+    name         text,
+    nodes        integer NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    cancelled_at timestamptz                         -- POST /v1/workflows/{id}/cancel
+);
+
+-- A workflow's nodes, a parent's children, the waiting tasks: each a few rows of a big table.
+CREATE INDEX tasks_workflow ON {schema}.tasks (workflow_id) WHERE workflow_id IS NOT NULL;
+CREATE INDEX tasks_parent ON {schema}.tasks (parent_id) WHERE parent_id IS NOT NULL;
+CREATE INDEX tasks_waiting ON {schema}.tasks (type, status, id) WHERE status = 'waiting';
+
+-- The one owner of releasing dependents: whatever statement makes a task final (a worker's
+-- record, a kill by the rebalancer or the relay, a cancel from the API) or takes it back from
+-- final (a retry), its dependents are resolved by this trigger, in that statement's
+-- transaction. Final (succeeded, dead, cancelled):
+--   every dependent counts one upstream fewer; a waiting one whose last upstream that was is
+--   released (`queued`, due now); a waiting one with `cancel` on upstream failure ends
+--   `cancelled` when the upstream did not succeed, naming it (and its own dependents follow,
+--   by this same trigger).
+-- Back from final (retried): every dependent counts one more; one released and never started
+--   goes back to `waiting`, one cancelled by an upstream waits again unless another upstream
+--   still failed.
+-- Each released or cancelled dependent is announced by a NOTIFY on the `enqueued` channel
+-- (store/notify.py's payload, delivered on commit only): the relay publishes it to its stream
+-- and its event; the relay's scan is the backstop for a NOTIFY nobody heard.
+CREATE FUNCTION {schema}.tasks_resolve_dependents() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    was_final boolean := OLD.status IN ('succeeded', 'dead', 'cancelled');
+    now_final boolean := NEW.status IN ('succeeded', 'dead', 'cancelled');
+    failed boolean := NEW.status IN ('dead', 'cancelled');
+    reason text := 'upstream task ' || NEW.id || ' ended ' || NEW.status;
+    changed record;
+BEGIN
+    IF was_final = now_final THEN
+        RETURN NULL;
+    END IF;
+    IF now_final THEN
+        -- The dependents are locked in id order first (fewer deadlocks between concurrent
+        -- completions), and their status then is what tells a move from no move.
+        FOR changed IN
+            UPDATE {schema}.tasks AS d SET
+                deps_left = d.deps_left - 1,
+                status = CASE
+                    WHEN o.status <> 'waiting' THEN d.status
+                    WHEN failed AND d.on_upstream_failure IS DISTINCT FROM 'run' THEN 'cancelled'
+                    WHEN d.deps_left <= 1 THEN 'queued'
+                    ELSE 'waiting' END,
+                finished_at = CASE
+                    WHEN o.status <> 'waiting' THEN d.finished_at
+                    WHEN failed AND d.on_upstream_failure IS DISTINCT FROM 'run' THEN now()
+                    ELSE NULL END,
+                last_error = CASE
+                    WHEN o.status = 'waiting' AND failed
+                         AND d.on_upstream_failure IS DISTINCT FROM 'run' THEN reason
+                    ELSE d.last_error END,
+                run_at = CASE WHEN o.status = 'waiting' THEN greatest(d.run_at, now())
+                              ELSE d.run_at END
+            FROM (SELECT t.id, t.status FROM {schema}.task_edges AS e
+                  JOIN {schema}.tasks AS t ON t.id = e.downstream
+                  WHERE e.upstream = NEW.id ORDER BY t.id FOR UPDATE OF t) AS o
+            WHERE d.id = o.id
+            RETURNING d.id, d.type, d.status, o.status AS was
+        LOOP
+            CONTINUE WHEN changed.was <> 'waiting' OR changed.status = 'waiting';
+            PERFORM pg_notify('{schema}_enqueued', changed.type || ':' || changed.id || ':'
+                              || CASE WHEN changed.status = 'cancelled' THEN 'cancelled'
+                                      ELSE '' END);
+        END LOOP;
+    ELSE
+        UPDATE {schema}.tasks AS d SET
+            deps_left = d.deps_left + 1,
+            status = CASE
+                WHEN d.status = 'queued' AND d.attempts = 0 THEN 'waiting'
+                WHEN d.status = 'cancelled' AND d.attempts = 0
+                     AND d.last_error LIKE 'upstream task % ended %'
+                     AND NOT EXISTS (
+                         SELECT 1 FROM {schema}.task_edges AS o
+                         JOIN {schema}.tasks AS u ON u.id = o.upstream
+                         WHERE o.downstream = d.id AND u.id <> NEW.id
+                           AND u.status IN ('dead', 'cancelled'))
+                THEN 'waiting'
+                ELSE d.status END,
+            finished_at = CASE
+                WHEN d.status = 'cancelled' AND d.attempts = 0
+                     AND d.last_error LIKE 'upstream task % ended %'
+                     AND NOT EXISTS (
+                         SELECT 1 FROM {schema}.task_edges AS o
+                         JOIN {schema}.tasks AS u ON u.id = o.upstream
+                         WHERE o.downstream = d.id AND u.id <> NEW.id
+                           AND u.status IN ('dead', 'cancelled'))
+                THEN NULL
+                ELSE d.finished_at END
+        FROM {schema}.task_edges AS e
+        WHERE e.upstream = NEW.id AND d.id = e.downstream;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER tasks_resolve_dependents
+    AFTER UPDATE OF status ON {schema}.tasks
+    FOR EACH ROW
+    WHEN (NEW.has_dependents AND OLD.status IS DISTINCT FROM NEW.status)
+    EXECUTE FUNCTION {schema}.tasks_resolve_dependents();

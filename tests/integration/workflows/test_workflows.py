@@ -1,0 +1,181 @@
+"""Workflows on real servers: a worker and a relay on Postgres and Redis; the dependents are
+released by the trigger in the transaction that records their last upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+from conveyor.client import NodeRequest, TaskRequest
+from conveyor.errors import WorkflowInvalid
+from conveyor.state import AppState
+from conveyor.store.workflows import WorkflowRecord
+from tests.apps import flows
+from tests.conftest import eventually
+
+
+def node(key: str, *deps: str, fail_runs: int = 0, type_: str = "node",
+         on_failure: Any = "cancel") -> NodeRequest:
+    return NodeRequest(key, TaskRequest(type_, {"name": key, "fail_runs": fail_runs},
+                                        on_upstream_failure=on_failure), deps)
+
+
+async def settled(state: AppState, workflow_id: uuid.UUID, timeout_s: float = 30
+                  ) -> WorkflowRecord:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            found = await state.client.get_workflow(workflow_id)
+            if found.status != "running":
+                return found
+            await asyncio.sleep(0.05)
+
+
+def check_order(found: WorkflowRecord) -> None:
+    """Every node that ran started after each of its upstreams finished."""
+    by_id = {t.id: t for t in found.tasks}
+    for t in found.tasks:
+        for dep in t.depends_on:
+            if t.started_at is not None:
+                upstream = by_id[dep]
+                assert upstream.finished_at is not None
+                assert t.started_at >= upstream.finished_at, (t.workflow_key, dep)
+
+
+async def test_a_diamond_runs_in_order_and_its_last_node_sees_both_results(
+    running: AppState,
+) -> None:
+    created = await running.client.create_workflow(
+        [node("a"), node("b", "a"), node("c", "a"), node("d", "b", "c")], name="diamond")
+    keyed = {t.workflow_key: t for t in created.tasks}
+    assert keyed["d"].status == "waiting"
+    assert set(keyed["a"].dependents) == {keyed["b"].id, keyed["c"].id}
+    found = await settled(running, created.id)
+    assert found.status == "succeeded"
+    assert found.name == "diamond"
+    check_order(found)
+    d = {t.workflow_key: t for t in found.tasks}["d"]
+    assert d.result["upstream"] == {"b": ["succeeded", "b"], "c": ["succeeded", "c"]}
+    assert d.depends_on == [keyed["b"].id, keyed["c"].id]
+    assert flows.runs == {"a": 1, "b": 1, "c": 1, "d": 1}
+    one = await running.client.get(keyed["a"].id)
+    assert set(one.dependents) == {keyed["b"].id, keyed["c"].id}
+    assert one.workflow_id == created.id
+
+
+async def test_a_thousand_node_fan_out_fan_in_runs_its_callback_once(
+    running: AppState,
+) -> None:
+    mids = [node(f"m{i}", "root") for i in range(998)]
+    created = await running.client.create_workflow(
+        [node("root"), *mids, node("sum", *(m.key for m in mids), type_="collect")])
+    found = await settled(running, created.id, timeout_s=120)
+    assert found.status == "succeeded"
+    check_order(found)
+    callback = {t.workflow_key: t for t in found.tasks}["sum"]
+    assert callback.result == {"count": 998, "ok": 998}
+    assert flows.runs["sum"] == 1
+    assert len(flows.runs) == 1000
+
+
+async def test_a_failing_node_cancels_its_dependents_and_a_retry_finishes_the_workflow(
+    running: AppState,
+) -> None:
+    created = await running.client.create_workflow(
+        [node("a"), node("b", "a", fail_runs=1), node("c", "b"), node("e", "c"),
+         node("d", "a")])
+    found = await settled(running, created.id)
+    keyed = {t.workflow_key: t for t in found.tasks}
+    assert found.status == "failed"
+    assert keyed["b"].status == "dead"
+    assert keyed["d"].status == "succeeded"
+    assert keyed["c"].status == "cancelled"
+    assert keyed["e"].status == "cancelled"
+    assert keyed["c"].last_error == f"upstream task {keyed['b'].id} ended dead"
+    assert keyed["e"].last_error == f"upstream task {keyed['c'].id} ended cancelled"
+    retried = await running.client.retry_workflow(created.id)
+    assert {t.workflow_key: t.status for t in retried.tasks}["c"] == "waiting"
+    found = await settled(running, created.id)
+    assert found.status == "succeeded"
+    check_order(found)
+    assert flows.runs == {"a": 1, "b": 2, "c": 1, "e": 1, "d": 1}
+
+
+async def test_a_run_on_failure_dependent_runs_and_sees_the_failure(running: AppState) -> None:
+    created = await running.client.create_workflow(
+        [node("a", fail_runs=1), node("b", "a", on_failure="run")])
+    found = await settled(running, created.id)
+    keyed = {t.workflow_key: t for t in found.tasks}
+    assert keyed["a"].status == "dead"
+    assert keyed["b"].status == "succeeded"
+    assert keyed["b"].on_upstream_failure == "run"
+    assert keyed["b"].result["upstream"] == {"a": ["dead", None]}
+    assert found.status == "failed"
+
+
+async def test_a_cancelled_workflow_cancels_what_has_not_run(running: AppState) -> None:
+    created = await running.client.create_workflow(
+        [node("a"), node("b", "a"), node("c", "b")])
+    await running.client.cancel_workflow(created.id)
+    found = await settled(running, created.id)
+    assert found.status == "cancelled"
+    assert {t.status for t in found.tasks} <= {"cancelled", "succeeded"}
+    assert {t.workflow_key: t.status for t in found.tasks}["c"] == "cancelled"
+
+
+async def test_depends_on_existing_tasks_waits_for_them(running: AppState) -> None:
+    client = running.client
+    first = (await client.enqueue_many([TaskRequest("node", {"name": "x"})]))[0].record
+    second = (await client.enqueue_many([TaskRequest("node", {"name": "y"},
+                                                     depends_on=[first.id])]))[0].record
+    assert second.depends_on == [first.id]
+
+    async def done() -> bool:
+        return (await client.get(second.id)).status == "succeeded"
+
+    await eventually(done, 20)
+    finished = await client.get(second.id)
+    assert finished.result["upstream"] == {str(first.id): ["succeeded", "x"]}
+    upstream_end = (await client.get(first.id)).finished_at
+    assert finished.started_at is not None
+    assert upstream_end is not None
+    assert finished.started_at >= upstream_end
+    # On one already finished: queued at once.
+    third = (await client.enqueue_many([TaskRequest("node", {"name": "z"},
+                                                    depends_on=[first.id])]))[0].record
+    assert third.status == "queued"
+
+
+async def test_a_parent_waits_for_the_children_it_enqueued(running: AppState) -> None:
+    client = running.client
+    parent = (await client.enqueue_many([TaskRequest("parent", {"children": 5})]))[0].record
+    async with asyncio.timeout(30):
+        while (record := await client.get(parent.id)).status != "succeeded":
+            assert record.status in ("queued", "running"), record.last_error
+            await asyncio.sleep(0.05)
+    assert record.result == {"children": [f"child-{i}" for i in range(5)],
+                             "statuses": ["succeeded"]}
+    children = await client.flows.children(parent.id)
+    assert {c.parent_id for c in children} == {parent.id}
+
+
+async def test_bad_workflows_are_refused_naming_the_rule(state: AppState) -> None:
+    client = state.client
+    cases = [
+        ([node("a", "b"), node("b", "a")], "cycle"),
+        ([node("a", "nope")], "unknown_key"),
+        ([node("a"), node("a")], "duplicate_key"),
+        ([node(f"n{i}") for i in range(1001)], "too_many_nodes"),
+        ([], "empty"),
+    ]
+    for nodes, rule in cases:
+        with pytest.raises(WorkflowInvalid) as caught:
+            await client.create_workflow(nodes)
+        assert caught.value.what == rule
+    with pytest.raises(WorkflowInvalid) as caught:
+        await client.enqueue_many([TaskRequest("node", {"name": "q"},
+                                               depends_on=[uuid.uuid4()])])
+    assert caught.value.what == "unknown_task"
+    assert await client.list_workflows(before=None, limit=10) == []
