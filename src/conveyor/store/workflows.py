@@ -323,7 +323,7 @@ class WorkflowStore:
                     ORDER BY w.id DESC LIMIT $2""", before, limit)
         out = []
         for r in rows:
-            counts = orjson.loads(r[5]) if r[5] else {}
+            counts = dict(r[5] or {}) if not isinstance(r[5], str) else orjson.loads(r[5])
             out.append(WorkflowSummary(
                 r[0], r[1], workflow_status(counts, r[4] is not None), r[2], r[3], r[4],
                 counts))
