@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from conveyor.api.app import create_app
+from conveyor.http import AsyncClient, InvalidRequest, NodeSpec
 from conveyor.state import AppState
 from tests.conftest import eventually
 
@@ -86,3 +87,26 @@ async def test_depends_on_over_the_api_and_a_cancelled_upstream(http: httpx.Asyn
     down = (await http.get(f"/v1/tasks/{second['id']}?wait=10")).json()
     assert down["status"] == "cancelled"
     assert down["last_error"] == f"upstream task {first['id']} ended cancelled"
+
+
+async def test_the_python_http_client_creates_and_retries_a_workflow(running: AppState) -> None:
+    transport = httpx.ASGITransport(app=create_app(running))
+    async with AsyncClient("http://test", transport=transport) as api:
+        created = await api.create_workflow(
+            [NodeSpec("a", "node", {"name": "a", "fail_runs": 1}),
+             NodeSpec("b", "node", {"name": "b"}, depends_on=["a"])], name="via-http")
+        assert created.node("b").status == "waiting"
+        found = created
+
+        async def status_is(wanted: str) -> bool:
+            nonlocal found
+            found = await api.get_workflow(created.id)
+            return found.status == wanted
+
+        await eventually(lambda: status_is("failed"), 20)
+        assert found.node("b").status == "cancelled"
+        await api.retry_workflow(created.id)
+        await eventually(lambda: status_is("succeeded"), 20)
+        assert found.node("b").depends_on == [found.node("a").id]
+        with pytest.raises(InvalidRequest):
+            await api.create_workflow([NodeSpec("a", "node", {"name": "a"}, depends_on=["a"])])
