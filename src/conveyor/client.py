@@ -216,15 +216,17 @@ class Client:
     # -- workflows -------------------------------------------------------------------------
 
     async def create_workflow(
-        self, nodes: Sequence[NodeRequest], name: str | None = None
+        self, nodes: Sequence[NodeRequest], name: str | None = None, *,
+        max_nodes: int = MAX_NODES,
     ) -> WorkflowRecord:
         """Create a workflow (a DAG of tasks by key) in one transaction; WorkflowInvalid for
-        an empty one, more than MAX_NODES nodes, an unknown or repeated key, or a cycle."""
+        an empty one, more than `max_nodes` nodes (the API's limit unless a caller in Python
+        raises it), an unknown or repeated key, or a cycle."""
         if not nodes:
             raise WorkflowInvalid("empty", "a workflow needs at least one task")
-        if len(nodes) > MAX_NODES:
+        if len(nodes) > max_nodes:
             raise WorkflowInvalid("too_many_nodes",
-                                  f"{len(nodes)} tasks: a workflow has at most {MAX_NODES}")
+                                  f"{len(nodes)} tasks: a workflow has at most {max_nodes}")
         order = order_nodes([n.key for n in nodes], [list(n.depends_on) for n in nodes])
         prepared = [self.prepare(n.request) for n in nodes]
         ids = {n.key: t.id for n, t in zip(nodes, prepared, strict=True)}
