@@ -3,6 +3,7 @@ what its upstreams returned, and a parent that enqueues children and waits for t
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from pydantic import BaseModel
@@ -18,6 +19,7 @@ runs: dict[str, int] = {}  # node name -> runs (in-process workers only)
 class Node(BaseModel):
     name: str
     fail_runs: int = 0  # its first this many runs fail
+    sleep_ms: int = 0
 
 
 class Fan(BaseModel):
@@ -27,6 +29,7 @@ class Fan(BaseModel):
 @app.task("node", payload=Node, max_attempts=1)
 async def node(payload: Node, ctx: TaskContext) -> dict[str, Any]:
     runs[payload.name] = runs.get(payload.name, 0) + 1
+    await asyncio.sleep(payload.sleep_ms / 1000)
     if runs[payload.name] <= payload.fail_runs:
         raise Fail(f"{payload.name} was told to fail")
     seen = await ctx.upstream()
