@@ -1,9 +1,9 @@
 """The chaos run at CI size: 2,000 tasks (2 % of them longer than the heartbeat TTL) and a
-500-node fan-out/fan-in workflow through 3 worker processes while every kind of fault strikes at least once: worker SIGKILLs and stalls,
-Redis restarts, wipes and a live FLUSHALL, a Postgres restart and each kind of server-raised
-Postgres error. Nothing may be lost or recorded twice, no workflow node may start before its
-upstreams finished, no dead task may have run ok, no two
-copies of a task may run at once on live workers, and no process may exit unbidden."""
+500-node fan-out/fan-in workflow through 3 worker processes while every kind of fault strikes
+at least once: worker SIGKILLs and stalls, Redis restarts, wipes and a live FLUSHALL, a
+Postgres restart and each kind of server-raised Postgres error. Nothing may be lost or recorded
+twice, no workflow node may start before its upstreams finished, no dead task may have run ok,
+no two copies of a task may run at once on live workers, and no process may exit unbidden."""
 
 from __future__ import annotations
 

@@ -5,7 +5,6 @@ node, and no node started before each of its upstreams had finished."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 
 import pytest
 
@@ -23,8 +22,8 @@ APP = ["--app", "tests.apps.flows:app"]
 
 
 @pytest.fixture
-def app() -> Iterator[Conveyor]:
-    yield flows.app
+def app() -> Conveyor:
+    return flows.app
 
 
 @pytest.fixture
