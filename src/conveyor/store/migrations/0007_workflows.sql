@@ -5,7 +5,8 @@
 -- 0004. An edge (upstream, downstream) is a row of task_edges; `deps_left` on the downstream
 -- counts its upstreams not yet final, and `has_dependents` on the upstream lets the trigger
 -- below skip, by its WHEN alone, every task nothing depends on (the hot path: no function
--- call, no query).
+-- call, no query), and every change that neither ends a task nor takes one back from its end
+-- (a start, a retry's requeue).
 ALTER TABLE {schema}.tasks DROP CONSTRAINT tasks_status_check;
 ALTER TABLE {schema}.tasks ADD CONSTRAINT tasks_status_check
     CHECK (status IN ('waiting', 'queued', 'running', 'succeeded', 'dead', 'cancelled'))
@@ -134,5 +135,7 @@ $$;
 CREATE TRIGGER tasks_resolve_dependents
     AFTER UPDATE OF status ON {schema}.tasks
     FOR EACH ROW
-    WHEN (NEW.has_dependents AND OLD.status IS DISTINCT FROM NEW.status)
+    WHEN (NEW.has_dependents
+          AND (OLD.status IN ('succeeded', 'dead', 'cancelled'))
+              <> (NEW.status IN ('succeeded', 'dead', 'cancelled')))
     EXECUTE FUNCTION {schema}.tasks_resolve_dependents();
