@@ -57,8 +57,8 @@ class AttemptsOut(BaseModel):
 
 
 class TaskSummary(BaseModel):
-    """A task as listings show it by default: everything but its payload, result and attempt
-    history."""
+    """A task as listings show it by default: everything but its payload, result, attempt
+    history and dependents (read the task for those)."""
 
     id: uuid.UUID
     type: str
@@ -74,7 +74,10 @@ class TaskSummary(BaseModel):
     finished_at: datetime | None
     cancel_requested: bool
     progress: Progress | None
+    depends_on: list[uuid.UUID]
+    on_upstream_failure: UpstreamFailure
     workflow_id: uuid.UUID | None
+    workflow_key: str | None
     parent_id: uuid.UUID | None
 
 
