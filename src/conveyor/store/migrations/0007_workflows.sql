@@ -88,8 +88,13 @@ BEGIN
                     WHEN o.status = 'waiting' AND failed
                          AND d.on_upstream_failure IS DISTINCT FROM 'run' THEN reason
                     ELSE d.last_error END,
-                run_at = CASE WHEN o.status = 'waiting' THEN greatest(d.run_at, now())
-                              ELSE d.run_at END
+                -- Only a release moves run_at (an indexed column): the count alone is
+                -- a HOT update, however many upstreams a fan-in counts down.
+                run_at = CASE
+                    WHEN o.status = 'waiting' AND d.deps_left <= 1
+                         AND NOT (failed AND d.on_upstream_failure IS DISTINCT FROM 'run')
+                    THEN greatest(d.run_at, now())
+                    ELSE d.run_at END
             FROM (SELECT t.id, t.status FROM {schema}.task_edges AS e
                   JOIN {schema}.tasks AS t ON t.id = e.downstream
                   WHERE e.upstream = NEW.id ORDER BY t.id FOR UPDATE OF t) AS o
