@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import os
 import statistics
 import time
 from pathlib import Path
@@ -170,6 +171,9 @@ def main(args: argparse.Namespace, servers: dict[str, Any], command: str, note: 
         concurrency=10, pg_pool_max=12, relay_interval=1.0, log_format="json",
         log_level="warning")
     figures = asyncio.run(measure(settings, args.workflow_nodes, args.runs))
+    load = os.getloadavg()[1]
+    note += (f"; the machine's load average over the run's last 5 minutes: {load:.1f} on "
+             f"{os.cpu_count()} cores (other processes included)")
     block = render(args.workflow_nodes, figures, command, note)
     print(block)
     write(args.out, block)

@@ -63,6 +63,7 @@ def build_router(registry: Registry) -> APIRouter:
         dependencies=[Depends(require_json)],
         responses={
             **forbidden(ENQUEUE),
+            400: {"description": "malformed JSON"},
             413: {"description": "body over MAX_BODY_BYTES"},
             415: {"description": f"the body is not {JSON_MEDIA_TYPES}"},
             422: {"description": "invalid node (`errors` lists the fields), or a graph that "
