@@ -39,7 +39,7 @@ from conveyor import metrics
 from conveyor.cron._locked import LockedLoop
 from conveyor.errors import Unavailable
 from conveyor.queue.connection import Redis
-from conveyor.queue.events import Event, EventLog
+from conveyor.queue.events import Event, EventLog, cancelled
 from conveyor.queue.keys import Keys, consumer_name
 from conveyor.queue.lock import Lock
 from conveyor.queue.streams import Publish, TaskStreams
@@ -58,8 +58,9 @@ NOTIFIED_MAX = 100_000  # notified tasks waiting to be published; past it, left 
 class Relay(LockedLoop):
     """Options: `grace_s` (how overdue a queued task must be before it counts as lost),
     `ttl_s` (heartbeat TTL), `scan_limit` (largest backlog read per type), `page` (rows per
-    query), `lease_ttl_s` (listener lease; by default three intervals, at least 1 s: how long a
-    dead listener goes unreplaced)."""
+    query), `events` (where tasks it ends cancelled are announced), `lease_ttl_s` (listener
+    lease; by default three intervals, at least 1 s: how long a dead listener goes
+    unreplaced)."""
 
     name = "relay"
 
@@ -81,8 +82,9 @@ class Relay(LockedLoop):
         events: EventLog | None = None,
     ) -> None:
         super().__init__(redis, keys, streams, store, types, interval_s=interval_s)
-        self.events = events
         self.liveness = liveness
+        # to announce the dependents a NOTIFY names and tasks of dead workers that end cancelled
+        self.events = events
         self.grace_s = grace_s
         self.ttl_s = ttl_s
         self.scan_limit = scan_limit
@@ -148,8 +150,12 @@ class Relay(LockedLoop):
             name = consumer_name(worker, task_type)
             if any(c.name == name and c.pending for c in consumers):
                 continue  # the rebalancer hands those over
-            requeued = await self.store.requeue(ids, worker)
+            returned = await self.store.requeue(ids, worker)
+            requeued = returned.queued
             await self.streams.publish([Publish(task_type, t) for t in requeued])
+            if returned.cancelled and self.events is not None:
+                await self.events.publish([cancelled(i, task_type, at)
+                                           for i, at in returned.cancelled])
             published += len(requeued)
             if requeued:
                 metrics.RELAYED.labels(task_type).inc(len(requeued))
