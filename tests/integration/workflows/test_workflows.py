@@ -4,6 +4,7 @@ released by the trigger in the transaction that records their last upstream."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from typing import Any
 
@@ -179,3 +180,27 @@ async def test_bad_workflows_are_refused_naming_the_rule(state: AppState) -> Non
                                                depends_on=[uuid.uuid4()])])
     assert caught.value.what == "unknown_task"
     assert await client.list_workflows(before=None, limit=10) == []
+
+
+async def test_a_failure_at_the_head_of_a_thousand_node_chain_cancels_it_all(
+    running: AppState,
+) -> None:
+    """The trigger resolves a chain iteratively: a failure 999 nodes deep in dependents is one
+    statement's work, not 999 nested trigger calls (Postgres' stack depth)."""
+    keys = [f"n{i}" for i in range(1000)]
+    created = await running.client.create_workflow(
+        [node(keys[0], fail_runs=1), *(node(k, p) for p, k in itertools.pairwise(keys))])
+    found = await settled(running, created.id)
+    keyed = {t.workflow_key: t for t in found.tasks}
+    assert found.status == "failed"
+    assert keyed["n0"].status == "dead"
+    assert {keyed[k].status for k in keys[1:]} == {"cancelled"}
+    assert keyed["n999"].last_error == f"upstream task {keyed['n998'].id} ended cancelled"
+    assert all(keyed[k].finished_at is not None for k in keys[1:])
+    retried = await running.client.retry_workflow(created.id)
+    assert {t.status for t in retried.tasks if t.workflow_key != "n0"} == {"waiting"}
+    found = await settled(running, created.id, timeout_s=240)
+    assert found.status == "succeeded"
+    check_order(found)
+    assert flows.runs["n0"] == 2
+    assert all(flows.runs[k] == 1 for k in keys[1:])
