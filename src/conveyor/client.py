@@ -258,9 +258,14 @@ class Client:
         return await self.flows.page(before=before, limit=limit)
 
     async def cancel_workflow(self, workflow_id: uuid.UUID) -> WorkflowRecord:
-        """Cancel every unfinished node (a running one by its worker)."""
+        """Cancel every unfinished node (a running one by its worker); InvalidTransition if
+        every node has finished."""
         await self.get_workflow(workflow_id)
-        cancelled, running = await self.flows.cancel(workflow_id)
+        done = await self.flows.cancel(workflow_id)
+        if done is None:
+            found = await self.get_workflow(workflow_id)
+            raise InvalidTransition(str(workflow_id), found.status, "cancel", what="workflow")
+        cancelled, running = done
         if self.events is not None:
             try:
                 for task_id in running:

@@ -76,11 +76,11 @@ class TaskNotFound(ConveyorError):
 class InvalidTransition(ConveyorError):
     """The task is not in a state that allows the requested change (cancel, retry)."""
 
-    def __init__(self, task_id: str, status: str, action: str) -> None:
+    def __init__(self, task_id: str, status: str, action: str, what: str = "task") -> None:
         self.task_id = task_id
         self.status = status
         self.action = action
-        super().__init__(f"task {task_id} is {status}; cannot {action} it")
+        super().__init__(f"{what} {task_id} is {status}; cannot {action} it")
 
 
 class UnknownTaskType(ConveyorError):

@@ -356,13 +356,14 @@ class WorkflowStore:
 
     # -- actions ---------------------------------------------------------------------------
 
-    async def cancel(self, workflow_id: uuid.UUID) -> tuple[list[TaskRecord], list[uuid.UUID]]:
+    async def cancel(
+        self, workflow_id: uuid.UUID
+    ) -> tuple[list[TaskRecord], list[uuid.UUID]] | None:
         """Mark the workflow cancelled; its waiting and queued nodes end `cancelled`, its
-        running ones are asked to stop. Returns (nodes cancelled now, running nodes asked)."""
+        running ones are asked to stop. Returns (nodes cancelled now, running nodes asked), or
+        None, changing nothing, when every node has finished (a finished workflow keeps its
+        status)."""
         async with self._connection("workflows.cancel") as conn, conn.transaction():
-            await conn.execute(
-                f"UPDATE {self.workflows} SET cancelled_at = coalesce(cancelled_at, now())"
-                " WHERE id = $1", workflow_id)
             rows = await conn.fetch(
                 f"""UPDATE {self.tasks} AS t SET cancel_requested = true,
                         status = CASE WHEN t.status = 'running' THEN t.status
@@ -371,6 +372,11 @@ class WorkflowStore:
                                            ELSE now() END
                     WHERE t.workflow_id = $1 AND t.status IN ('waiting', 'queued', 'running')
                     RETURNING {_COLUMNS}""", workflow_id)
+            if not rows:
+                return None
+            await conn.execute(
+                f"UPDATE {self.workflows} SET cancelled_at = coalesce(cancelled_at, now())"
+                " WHERE id = $1", workflow_id)
         records = [_record(r) for r in rows]
         return ([r for r in records if r.status == "cancelled"],
                 [r.id for r in records if r.status == "running"])

@@ -52,6 +52,11 @@ async def test_a_workflow_is_created_read_listed_and_finishes(http: httpx.AsyncC
     listed = (await http.get("/v1/workflows")).json()
     assert [w["id"] for w in listed["workflows"]] == [body["id"]]
     assert listed["workflows"][0]["counts"] == {"succeeded": 4}
+    refused = await http.post(f"/v1/workflows/{body['id']}/cancel")
+    assert refused.status_code == 409, refused.text
+    assert refused.headers["content-type"] == PROBLEM
+    assert refused.json()["status_now"] == "succeeded"
+    assert (await http.get(f"/v1/workflows/{body['id']}")).json()["status"] == "succeeded"
 
 
 async def test_bad_graphs_are_422_problems_naming_the_rule(http: httpx.AsyncClient) -> None:

@@ -106,7 +106,9 @@ def build_router(registry: Registry) -> APIRouter:
     @router.post("/{workflow_id}/cancel", response_model=WorkflowOut,
                  summary="Cancel a workflow: its waiting and queued nodes at once, its running "
                          "ones by their workers",
-                 **_scoped(MANAGE, {404: _NOT_FOUND}))
+                 **_scoped(MANAGE, {404: _NOT_FOUND, 409: {
+                     "description": "every node has finished; `status_now` is the "
+                                    "workflow's status"}}))
     async def cancel_workflow(workflow_id: uuid.UUID, client: ClientDep) -> Response:
         return _workflow(await client.cancel_workflow(workflow_id))
 
