@@ -384,22 +384,27 @@ class WorkflowStore:
     async def retry(self, workflow_id: uuid.UUID) -> list[TaskRecord]:
         """Queue again every node that ended dead or cancelled (but those cancelled by an
         upstream: they wait again for it, by the trigger), each `waiting` while an upstream
-        is unfinished; the workflow is no longer cancelled. Returns the nodes now queued."""
+        is unfinished; the workflow is no longer cancelled. Returns the nodes it queued (to
+        publish)."""
         async with self._connection("workflows.retry") as conn, conn.transaction():
             await conn.execute(
                 f"UPDATE {self.workflows} SET cancelled_at = NULL WHERE id = $1", workflow_id)
-            await conn.fetch(
+            retried = await conn.fetch(
                 f"""UPDATE {self.tasks} AS t SET attempts = 0, run_at = now(),
                         status = CASE WHEN t.deps_left > 0 THEN 'waiting' ELSE 'queued' END,
                         started_at = NULL, finished_at = NULL, result = NULL,
                         cancel_requested = false, progress = NULL
                     WHERE t.workflow_id = $1 AND t.status IN ('dead', 'cancelled')
                       AND NOT (t.status = 'cancelled' AND t.attempts = 0
-                               AND coalesce(t.last_error, '') LIKE '{UPSTREAM_PREFIX}%')""",
+                               AND coalesce(t.last_error, '') LIKE '{UPSTREAM_PREFIX}%')
+                    RETURNING t.id""",
                 workflow_id)
+            # Those the trigger did not make wait again (an upstream retried in the same
+            # statement): the only ones to publish; a node the retry left alone (a delayed
+            # one, say) is where it was.
             rows = await conn.fetch(
-                f"SELECT {_COLUMNS} FROM {self.tasks} AS t WHERE t.workflow_id = $1"
-                " AND t.status = 'queued'", workflow_id)
+                f"SELECT {_COLUMNS} FROM {self.tasks} AS t WHERE t.id = ANY($1::uuid[])"
+                " AND t.status = 'queued' ORDER BY t.id", [r[0] for r in retried])
         return [_record(r) for r in rows]
 
     async def prune(self, older_than_s: float, limit: int) -> int:

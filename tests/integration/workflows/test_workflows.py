@@ -204,3 +204,23 @@ async def test_a_failure_at_the_head_of_a_thousand_node_chain_cancels_it_all(
     check_order(found)
     assert flows.runs["n0"] == 2
     assert all(flows.runs[k] == 1 for k in keys[1:])
+
+
+async def test_a_retry_publishes_only_the_nodes_it_queued_again(state: AppState) -> None:
+    """Not a delayed node that was never touched, nor a dependent the trigger made wait."""
+    client = state.client
+    late = NodeRequest("late", TaskRequest("node", {"name": "late"}, delay_s=3600), ())
+    created = await client.create_workflow([node("a"), node("b", "a"), late])
+    keyed = {t.workflow_key: t for t in created.tasks}
+    await state.pool.execute(
+        f"UPDATE {state.store.table} SET status = 'dead', attempts = 1, finished_at = now()"
+        " WHERE id = $1", keyed["a"].id)
+    assert (await client.get(keyed["b"].id)).status == "cancelled"
+    await state.redis.delete(state.keys.stream("node"))
+    retried = await client.retry_workflow(created.id)
+    assert {t.workflow_key: t.status for t in retried.tasks} == {
+        "a": "queued", "b": "waiting", "late": "queued"}
+    entries: Any = await state.redis.xrange(state.keys.stream("node"))
+    published = {v for _, fields in entries for k, v in fields.items() if k in (b"id", "id")}
+    assert {p.decode() if isinstance(p, bytes) else p for p in published} == {
+        str(keyed["a"].id)}
