@@ -448,6 +448,8 @@ def apply_event(record: TaskRecord, e: Event) -> TaskRecord | None:
         return record
     if e.kind == "succeeded" and d.get("result_omitted"):
         return None
+    if e.kind == "cancelled" and d.get("finished_at") is None:
+        return None  # announced by a NOTIFY (a dependent its upstream cancelled): read it
     entry = {"number": attempt, "worker": d.get("worker", record.worker),
              "started_at": _moment(d.get("started_at")),
              "finished_at": _moment(d.get("finished_at")),

@@ -257,4 +257,10 @@ class Relay(LockedLoop):
             elif self.events is not None and also is not None:
                 await self.events.publish(announced)
         except Unavailable as exc:
-            log.warning("relay.notify.deferred", tasks=len(batch), error=str(exc))
+            # The released ones the scan publishes later; the cancelled ones nothing else
+            # announces, so they are announced again at the next pass (a waiter whose hub saw
+            # the outage too reads Postgres again anyway: RESYNC).
+            again = [t for t in batch if t.cancelled][-NOTIFIED_MAX:]
+            self._notified[:0] = again
+            log.warning("relay.notify.deferred", tasks=len(batch), kept=len(again),
+                        error=str(exc))

@@ -224,3 +224,15 @@ async def test_a_retry_publishes_only_the_nodes_it_queued_again(state: AppState)
     published = {v for _, fields in entries for k, v in fields.items() if k in (b"id", "id")}
     assert {p.decode() if isinstance(p, bytes) else p for p in published} == {
         str(keyed["a"].id)}
+
+
+async def test_a_waiter_on_a_dependent_its_upstream_cancelled_sees_why_and_when(
+    running: AppState,
+) -> None:
+    created = await running.client.create_workflow([node("a", fail_runs=1), node("b", "a")])
+    b = {t.workflow_key: t for t in created.tasks}["b"]
+    a = {t.workflow_key: t for t in created.tasks}["a"]
+    done = await running.client.wait(b.id, 20, known=b)
+    assert done.status == "cancelled"
+    assert done.last_error == f"upstream task {a.id} ended dead"
+    assert done.finished_at is not None
