@@ -7,11 +7,15 @@
 -- below skip, by its WHEN alone, every task nothing depends on (the hot path: no function
 -- call, no query), and every change that neither ends a task nor takes one back from its end
 -- (a start, a retry's requeue).
+--
+-- Every statement here on the tasks table only changes the catalog (a brief exclusive lock,
+-- no scan: the new columns have constant defaults, the checks are NOT VALID); the scans are in
+-- 0011, outside a transaction: the checks' VALIDATE (which lets writes go on) and the indexes,
+-- built CONCURRENTLY.
 ALTER TABLE {schema}.tasks DROP CONSTRAINT tasks_status_check;
 ALTER TABLE {schema}.tasks ADD CONSTRAINT tasks_status_check
     CHECK (status IN ('waiting', 'queued', 'running', 'succeeded', 'dead', 'cancelled'))
     NOT VALID;
-ALTER TABLE {schema}.tasks VALIDATE CONSTRAINT tasks_status_check;
 ALTER TABLE {schema}.tasks
     ADD COLUMN depends_on uuid[],                    -- as given at enqueue; NULL: none
     ADD COLUMN on_upstream_failure text,             -- NULL: cancel; 'run'
@@ -37,11 +41,6 @@ CREATE TABLE {schema}.workflows (
     created_at   timestamptz NOT NULL DEFAULT now(),
     cancelled_at timestamptz                         -- POST /v1/workflows/{id}/cancel
 );
-
--- A workflow's nodes, a parent's children, the waiting tasks: each a few rows of a big table.
-CREATE INDEX tasks_workflow ON {schema}.tasks (workflow_id) WHERE workflow_id IS NOT NULL;
-CREATE INDEX tasks_parent ON {schema}.tasks (parent_id) WHERE parent_id IS NOT NULL;
-CREATE INDEX tasks_waiting ON {schema}.tasks (type, status, id) WHERE status = 'waiting';
 
 -- The one owner of releasing dependents: whatever statement makes a task final (a worker's
 -- record, a kill by the rebalancer or the relay, a cancel from the API) or takes it back from
