@@ -203,12 +203,23 @@ class WorkflowStore:
         outside = sorted({d for n in nodes for d in n.depends_on if d not in own})
         status_of: dict[uuid.UUID, str] = {}
         if outside:
-            # Flags them and locks them: an upstream finishing now waits for this commit,
-            # and its trigger then sees the new edges.
-            rows = await conn.fetch(
-                f"UPDATE {self.tasks} SET has_dependents = true WHERE id = ANY($1::uuid[])"
-                " RETURNING id, status", outside)
-            status_of = {r[0]: r[1] for r in rows}
+            # Locks them till the caller's transaction ends: an upstream finishing meanwhile
+            # waits for this commit (its trigger then sees the new edges), so a transactional
+            # enqueue with depends_on holds up its upstreams' completions as long as the
+            # caller's transaction stays open. Only the first dependent flags an upstream (an
+            # update: its row lock); later ones take a shared lock, so dependents enqueued
+            # side by side do not queue behind one another.
+            flagged = await conn.fetch(
+                f"UPDATE {self.tasks} SET has_dependents = true"
+                " WHERE id = ANY($1::uuid[]) AND NOT has_dependents RETURNING id, status",
+                outside)
+            status_of = {r[0]: r[1] for r in flagged}
+            rest = [i for i in outside if i not in status_of]
+            if rest:
+                shared = await conn.fetch(
+                    f"SELECT id, status FROM {self.tasks} WHERE id = ANY($1::uuid[])"
+                    " ORDER BY id FOR SHARE", rest)
+                status_of.update((r[0], r[1]) for r in shared)
             unknown = [str(i) for i in outside if i not in status_of]
             if unknown:
                 raise WorkflowInvalid("unknown_task",

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from conveyor.client import NodeRequest, TaskRequest
+from conveyor.client import NodeRequest, TaskRequest, insert_in_transaction
 from conveyor.errors import WorkflowInvalid
 from conveyor.state import AppState
 from conveyor.store.workflows import WorkflowRecord
@@ -236,3 +236,25 @@ async def test_a_waiter_on_a_dependent_its_upstream_cancelled_sees_why_and_when(
     assert done.status == "cancelled"
     assert done.last_error == f"upstream task {a.id} ended dead"
     assert done.finished_at is not None
+
+
+async def test_enqueues_beside_one_another_depending_on_one_upstream_do_not_queue(
+    state: AppState,
+) -> None:
+    """The first dependent flags its upstream (a row lock till its commit); later ones only
+    share the lock, so one open transaction does not hold up another's enqueue."""
+    client = state.client
+    upstream = (await client.enqueue_many([TaskRequest("node", {"name": "u"})]))[0].record
+
+    def dependent(name: str) -> TaskRequest:
+        return TaskRequest("node", {"name": name}, depends_on=[upstream.id])
+
+    async with state.pool.acquire() as first, first.transaction():
+        await insert_in_transaction(client, first, dependent("d0"))
+    async with state.pool.acquire() as held, held.transaction():
+        await insert_in_transaction(client, held, dependent("d1"))
+        async with state.pool.acquire() as other, other.transaction():
+            await other.execute("SET LOCAL lock_timeout = '2s'")
+            record = await insert_in_transaction(client, other, dependent("d2"))
+    assert record.status == "waiting"
+    assert len((await client.get(upstream.id)).dependents) == 3
