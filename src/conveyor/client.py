@@ -119,8 +119,7 @@ class Client:
         self._coalescer: Coalescer[list[NewTask], list[Inserted]] = Coalescer(
             self._flush, max_batch=MAX_TASKS_PER_STATEMENT, weight=len
         )
-        self.flows = WorkflowStore(store.pool, store.table.rpartition(".")[0],
-                                   acquire_timeout_s=store.acquire_timeout_s)
+        self.flows = WorkflowStore(store)
 
     def prepare(self, request: TaskRequest) -> NewTask:
         """Validate the payload against its type's model (a mapping strictly, as JSON: see

@@ -84,8 +84,7 @@ class Janitor(LockedLoop):
         # Well inside the lock's TTL, which is extended after every batch anyway.
         self.budget_s = budget_s if budget_s is not None else self.lock.ttl_ms / 1000 / 3
         self.last: Pass | None = None
-        self.workflows = WorkflowStore(store.pool, store.table.rpartition(".")[0],
-                                       acquire_timeout_s=store.acquire_timeout_s)
+        self.workflows = WorkflowStore(store)
 
     def workflows_kept_s(self) -> float:
         """Seconds a finished workflow is kept (0: forever)."""

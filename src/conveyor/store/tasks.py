@@ -30,7 +30,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -185,6 +185,38 @@ def _insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
     )
 
 
+def _insert_statement(table: str, extra: Sequence[tuple[str, str, str]]) -> str:
+    """The insert of `TaskStore.insert`: $1-$7 a plain task's arrays, then one per `extra`
+    column (see ExtraColumns)."""
+    names = "".join(f", {c[0]}" for c in extra)
+    arrays = "".join(f", ${8 + i}::{c[1]}[]" for i, c in enumerate(extra))
+    values = "".join(f", {c[2]}" for c in extra)
+    return f"""
+            INSERT INTO {table} AS t (id, type, payload, idempotency_key, max_attempts, run_at,
+                                      trace_context{names})
+            SELECT u.id, u.type, u.payload::jsonb, u.key, u.max_attempts,
+                   now() + u.delay * interval '1 second', u.trace::jsonb{values}
+            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float8[],
+                        $7::text[]{arrays})
+                 AS u(id, type, payload, key, max_attempts, delay, trace{names})
+            ON CONFLICT (type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            RETURNING {_COLUMNS}"""
+
+
+@dataclass(frozen=True, slots=True)
+class ExtraColumns:
+    """Columns an insert sets beyond a plain task's (a workflow node's: `store/workflows.py`):
+    per column its name, its values' SQL type (an array parameter `u.<name>` of it) and the
+    expression inserted (over `u.*`); `values` holds each task's, by id, in that order."""
+
+    columns: tuple[tuple[str, str, str], ...]
+    values: Mapping[uuid.UUID, tuple[Any, ...]]
+
+    def args(self, tasks: Sequence[NewTask]) -> list[list[Any]]:
+        rows = [self.values[t.id] for t in tasks]
+        return [[r[i] for r in rows] for i in range(len(self.columns))]
+
+
 @dataclass(frozen=True, slots=True)
 class NewTask:
     """A task to insert; `payload_json` is already validated and serialised."""
@@ -322,16 +354,7 @@ class TaskStore:
         # NOTIFY channel for tasks enqueued inside a caller's transaction (sent on commit).
         self.channel = f"{schema}_enqueued"
         t = self.table
-        self._insert_sql = f"""
-            INSERT INTO {t} AS t (id, type, payload, idempotency_key, max_attempts, run_at,
-                                  trace_context)
-            SELECT u.id, u.type, u.payload::jsonb, u.key, u.max_attempts,
-                   now() + u.delay * interval '1 second', u.trace::jsonb
-            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float8[],
-                        $7::text[])
-                 AS u(id, type, payload, key, max_attempts, delay, trace)
-            ON CONFLICT (type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-            RETURNING {_COLUMNS}"""
+        self._insert_sql = _insert_statement(t, ())
         self._existing_sql = f"""
             SELECT {_COLUMNS} FROM {t} AS t
             JOIN unnest($1::text[], $2::text[]) AS u(type, key)
@@ -407,26 +430,35 @@ class TaskStore:
 
     async def insert(
         self, tasks: Sequence[NewTask], conn: Connection | None = None, *,
-        via: Pinned | None = None,
+        via: Pinned | None = None, extra: ExtraColumns | None = None,
     ) -> list[Inserted]:
-        """Insert tasks in one statement (on `conn` when given, to join its transaction).
+        """Insert tasks in one statement (on `conn` when given, to join its transaction),
+        setting `extra` columns too when given.
 
         A task whose (type, idempotency key) exists already is not inserted; the existing row is
         returned with `created=False`. Results follow the order of `tasks`.
         """
         if not tasks:
             return []
-        args = _insert_args(tasks)
+        sql = self._insert_sql if extra is None else self._insert_with(extra)
+
+        def args(these: Sequence[NewTask]) -> list[list[Any]]:
+            return [*_insert_args(these), *(extra.args(these) if extra is not None else ())]
+
         if conn is None:
             async with self._connection("tasks.insert", via) as own:
-                return await self._insert(own, tasks, args)
+                return await self._insert(own, tasks, sql, args)
         with translate("tasks.insert"):
-            return await self._insert(conn, tasks, args)
+            return await self._insert(conn, tasks, sql, args)
+
+    def _insert_with(self, extra: ExtraColumns) -> str:
+        return _insert_statement(self.table, extra.columns)
 
     async def _insert(
-        self, conn: Connection, tasks: Sequence[NewTask], args: tuple[list[Any], ...]
+        self, conn: Connection, tasks: Sequence[NewTask], sql: str,
+        args: Callable[[Sequence[NewTask]], list[list[Any]]],
     ) -> list[Inserted]:
-        rows = await conn.fetch(self._insert_sql, *args)
+        rows = await conn.fetch(sql, *args(tasks))
         created = {row[0]: _record(row) for row in rows}
         if len(created) == len(tasks):
             return [Inserted(created[t.id], True) for t in tasks]
@@ -451,7 +483,7 @@ class TaskStore:
                 found.update({(r["type"], r["idempotency_key"]): _record(r) for r in existing})
             again = [t for t in missing if (t.type, t.idempotency_key) not in found]
             if again:
-                rows = await conn.fetch(self._insert_sql, *_insert_args(again))
+                rows = await conn.fetch(sql, *args(again))
                 created.update({row[0]: _record(row) for row in rows})
         out = []
         for t in tasks:
@@ -822,3 +854,9 @@ class TaskStore:
             older_than_s,
         )
         return [(r[0], r[1], r[2]) for r in rows]
+
+
+# For the other stores that read task rows (store/workflows.py): the record's columns, from
+# `{schema}.tasks AS t`, and the record of such a row.
+RECORD_COLUMNS = _COLUMNS
+record_of = _record

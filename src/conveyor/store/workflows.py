@@ -33,15 +33,32 @@ from typing import Any, Literal
 import orjson
 
 from conveyor.errors import WorkflowInvalid
-from conveyor.store.pool import Connection, Pool, borrowed, translate
+from conveyor.store.pool import Connection, borrowed, translate
 from conveyor.store.tasks import (
-    _COLUMNS,
     FINISHED,
+    RECORD_COLUMNS,
+    ExtraColumns,
     Inserted,
     NewTask,
     TaskRecord,
+    TaskStore,
     UpstreamFailure,
-    _record,
+)
+from conveyor.store.tasks import record_of as _record
+
+_COLUMNS = RECORD_COLUMNS
+# What a node sets beyond a plain task (TaskStore.insert's `extra`): see migration 0007.
+_NODE_COLUMNS = (
+    ("status", "text", "u.status"),
+    ("finished_at", "bool", "CASE WHEN u.finished_at THEN now() END"),
+    ("last_error", "text", "u.last_error"),
+    ("depends_on", "text", "u.depends_on::uuid[]"),
+    ("on_upstream_failure", "text", "u.on_upstream_failure"),
+    ("workflow_id", "uuid", "u.workflow_id"),
+    ("node_key", "text", "u.node_key"),
+    ("parent_id", "uuid", "u.parent_id"),
+    ("has_dependents", "bool", "u.has_dependents"),
+    ("deps_left", "int", "u.deps_left"),
 )
 
 MAX_NODES = 1000
@@ -153,28 +170,14 @@ def order_nodes(keys: Sequence[str], depends_on: Sequence[Sequence[str]]) -> lis
 class WorkflowStore:
     """All SQL of dependencies, workflows and parent-child tasks on one schema."""
 
-    def __init__(self, pool: Pool, schema: str, *, acquire_timeout_s: float = 5.0) -> None:
-        self.pool = pool
-        self.acquire_timeout_s = acquire_timeout_s
+    def __init__(self, store: TaskStore) -> None:
+        self.store = store  # its insert is the one path of a new task, a node's too
+        self.pool = store.pool
+        self.acquire_timeout_s = store.acquire_timeout_s
+        schema = store.table.rpartition(".")[0]
         self.tasks = f"{schema}.tasks"
         self.edges = f"{schema}.task_edges"
         self.workflows = f"{schema}.workflows"
-        self._insert_sql = f"""
-            INSERT INTO {self.tasks} AS t (id, type, payload, idempotency_key, max_attempts,
-                run_at, trace_context, status, finished_at, last_error, depends_on,
-                on_upstream_failure, workflow_id, node_key, parent_id, has_dependents,
-                deps_left)
-            SELECT u.id, u.type, u.payload::jsonb, u.key, u.max_attempts,
-                   now() + u.delay * interval '1 second', u.trace::jsonb, u.status,
-                   CASE WHEN u.status = 'cancelled' THEN now() END, u.reason,
-                   u.deps::uuid[], u.mode, $13, u.node_key, u.parent, u.has_dependents, u.n_left
-            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[],
-                        $6::float8[], $7::text[], $8::text[], $9::text[], $10::text[],
-                        $11::text[], $12::text[], $14::uuid[], $15::bool[], $16::int[])
-                 AS u(id, type, payload, key, max_attempts, delay, trace, status, reason,
-                      deps, mode, node_key, parent, has_dependents, n_left)
-            ON CONFLICT (type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-            RETURNING {_COLUMNS}"""
 
     @contextlib.asynccontextmanager
     async def _connection(self, op: str) -> AsyncIterator[Connection]:
@@ -226,7 +229,8 @@ class WorkflowStore:
                                       "depends_on names no task with id " + ", ".join(unknown))
         upstreams = {d for n in nodes for d in n.depends_on}
         placed: dict[uuid.UUID, str] = {}
-        columns: list[list[Any]] = [[] for _ in range(15)]
+        values: dict[uuid.UUID, tuple[Any, ...]] = {}
+        workflow_id = workflow[0] if workflow else None
         for n in nodes:
             left, failed = 0, None
             for dep in dict.fromkeys(n.depends_on):
@@ -244,23 +248,20 @@ class WorkflowStore:
             else:
                 status = "waiting" if left else "queued"
             placed[n.task.id] = status if status == "cancelled" else "waiting"
-            t = n.task
-            for column, value in zip(columns, (
-                t.id, t.type, t.payload_json, t.idempotency_key, t.max_attempts, t.delay_s,
-                None if t.trace_context is None else orjson.dumps(t.trace_context).decode(),
-                status, reason,
+            values[n.task.id] = (
+                status, status == "cancelled", reason,
                 None if not n.depends_on else "{" + ",".join(map(str, n.depends_on)) + "}",
                 None if n.on_upstream_failure == "cancel" else n.on_upstream_failure,
-                n.key, n.parent_id, t.id in upstreams, left,
-            ), strict=True):
-                column.append(value)
+                workflow_id, n.key, n.parent_id, n.task.id in upstreams, left)
         if workflow is not None:
             await conn.execute(
                 f"INSERT INTO {self.workflows} (id, name, nodes) VALUES ($1, $2, $3)",
                 workflow[0], workflow[1], len(nodes))
-        rows = await conn.fetch(self._insert_sql, *columns[:12],
-                                workflow[0] if workflow else None, *columns[12:])
-        created = {r[0]: _record(r) for r in rows}
+        # A node whose idempotency key names a task already is that task (not inserted, no
+        # edges): TaskStore's own handling, the key's TTL and a concurrent release included.
+        out = await self.store.insert([n.task for n in nodes], conn,
+                                      extra=ExtraColumns(_NODE_COLUMNS, values))
+        created = {i.record.id for i in out if i.created}
         edges = [(d, n.task.id) for n in nodes if n.task.id in created
                  for d in dict.fromkeys(n.depends_on)]
         if edges:
@@ -268,21 +269,6 @@ class WorkflowStore:
                 f"INSERT INTO {self.edges} (upstream, downstream)"
                 " SELECT * FROM unnest($1::uuid[], $2::uuid[])",
                 [e[0] for e in edges], [e[1] for e in edges])
-        out = []
-        missing = [n.task for n in nodes if n.task.id not in created]
-        found: dict[tuple[str, str | None], TaskRecord] = {}
-        if missing:  # idempotency keys seen before: the first tasks
-            existing = await conn.fetch(
-                f"SELECT {_COLUMNS} FROM {self.tasks} AS t"
-                " JOIN unnest($1::text[], $2::text[]) AS u(type, key)"
-                " ON t.type = u.type AND t.idempotency_key = u.key",
-                [t.type for t in missing], [t.idempotency_key for t in missing])
-            found = {(r["type"], r["idempotency_key"]): _record(r) for r in existing}
-        for n in nodes:
-            if n.task.id in created:
-                out.append(Inserted(created[n.task.id], True))
-            else:
-                out.append(Inserted(found[(n.task.type, n.task.idempotency_key)], False))
         return out
 
     # -- reads -----------------------------------------------------------------------------

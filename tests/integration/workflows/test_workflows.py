@@ -258,3 +258,26 @@ async def test_enqueues_beside_one_another_depending_on_one_upstream_do_not_queu
             record = await insert_in_transaction(client, other, dependent("d2"))
     assert record.status == "waiting"
     assert len((await client.get(upstream.id)).dependents) == 3
+
+
+async def test_a_dependent_s_idempotency_key_is_released_past_its_ttl_like_any_task_s(
+    state: AppState,
+) -> None:
+    """One insert path: a node's key is resolved as a plain task's is (TaskStore.insert)."""
+    client = state.client
+    state.store.idempotency_ttl_s = 60
+    upstream = (await client.enqueue_many([TaskRequest("node", {"name": "u"})]))[0].record
+    request = TaskRequest("node", {"name": "d"}, idempotency_key="k", depends_on=[upstream.id])
+    first = (await client.enqueue_many([request]))[0]
+    again = (await client.enqueue_many([request]))[0]
+    assert first.created
+    assert not again.created
+    assert again.record.id == first.record.id
+    await state.pool.execute(
+        f"UPDATE {state.store.table} SET created_at = now() - interval '1 hour' WHERE id = $1",
+        first.record.id)
+    later = (await client.enqueue_many([request]))[0]
+    assert later.created
+    assert later.record.id != first.record.id
+    assert later.record.status == "waiting"
+    assert later.record.depends_on == [upstream.id]
