@@ -66,10 +66,16 @@ async def test_a_worker_kill_and_a_flushall_mid_workflow_lose_and_hasten_nothing
     by_id = {t.id: t for t in found.tasks}
     for task in found.tasks:
         assert task.started_at is not None
+        # Every attempt, not only the last: one begun before an upstream finished (by a
+        # worker killed since) would be a dependent released early.
+        starts = [a["started_at"] for a in task.attempt_history]
+        assert task.started_at in starts
+        assert all(s is not None for s in starts), task.attempt_history
         for dep in task.depends_on:
             upstream = by_id[dep].finished_at
             assert upstream is not None
-            assert task.started_at >= upstream, (task.workflow_key, by_id[dep].workflow_key)
+            for started in starts:
+                assert started >= upstream, (task.workflow_key, by_id[dep].workflow_key)
     callback = {t.workflow_key: t for t in found.tasks}["sum"]
     assert callback.result == {"count": 498, "ok": 498}
     assert callback.attempts == 1
