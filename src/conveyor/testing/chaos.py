@@ -21,9 +21,10 @@ What it records, in the `chaos` schema of the same database:
 - `chaos.faults`: the injected Postgres error, if one is active; a BEFORE UPDATE trigger on the
   tasks table raises it (`RAISE ... USING ERRCODE`) for a share of the rows while it lasts.
 
-With `--workflows N`, N fan-out/fan-in workflows of `--workflow-nodes` effect tasks each (a
-root, the middle nodes, a callback depending on all of them) are created while the faults
-strike, the first at the start and the others spread over the enqueue period.
+With `--workflows N`, N workflows of `--workflow-nodes` effect tasks each (a root, the middle
+nodes, a callback depending on all of them, then a chain of two after it whose first link
+fails its first attempt and is retried) are created while the faults strike, the first at the
+start and the others spread over the enqueue period.
 
 What it checks (any failure exits 1): every task succeeded; no run of a workflow node began
 before each of its upstreams had finished (its handler's start against their `finished_at`); no
@@ -80,6 +81,7 @@ _run_log: list[int] = []  # this process's open run file, once opened
 class Effect(BaseModel):
     n: int
     work_ms: int = 0
+    fail_attempts: int = 0  # its first this many attempts raise (then it is retried)
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ async def effect(payload: Effect, ctx: TaskContext) -> dict[str, int]:
     ok = False
     try:
         await asyncio.sleep(payload.work_ms / 1000)
+        if ctx.attempt <= payload.fail_attempts:
+            raise RuntimeError(f"attempt {ctx.attempt} was told to fail")
         ok = True
     finally:
         _note({**run, "finished": time.time(), "ok": ok})
@@ -555,11 +559,16 @@ async def _workflows(state: AppState, plan: Plan, report: Report) -> None:
         base = plan.tasks + k * plan.workflow_nodes
         mids = [NodeRequest(f"m{i}", TaskRequest("effect", Effect(n=base + i + 1,
                                                                    work_ms=plan.work_ms // 4)),
-                            ("root",)) for i in range(plan.workflow_nodes - 2)]
+                            ("root",)) for i in range(plan.workflow_nodes - 4)]
+        last = base + plan.workflow_nodes - 1
+        # After the fan-in, a chain (callback → then → last: root to last is 5 deep) whose
+        # middle link fails its first attempt and is retried before its dependent may run.
         nodes = [NodeRequest("root", TaskRequest("effect", Effect(n=base))), *mids,
-                 NodeRequest("callback", TaskRequest(
-                     "effect", Effect(n=base + plan.workflow_nodes - 1)),
-                     tuple(m.key for m in mids))]
+                 NodeRequest("callback", TaskRequest("effect", Effect(n=last - 2)),
+                             tuple(m.key for m in mids)),
+                 NodeRequest("then", TaskRequest("effect", Effect(n=last - 1, fail_attempts=1)),
+                             ("callback",)),
+                 NodeRequest("last", TaskRequest("effect", Effect(n=last)), ("then",))]
         name = f"chaos-{k}"
         deadline = time.monotonic() + 60
         while True:  # a retry after a lost answer must not make the workflow twice
@@ -922,10 +931,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workflows", type=int, default=0,
                         help="fan-out/fan-in workflows created while the faults strike")
     parser.add_argument("--workflow-nodes", type=int, default=500,
-                        help="nodes per workflow (a root, the middle ones, a callback)")
+                        help="nodes per workflow (a root, the middle ones, a callback, a "
+                             "chain of two after it; at least 5)")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep logs and server data in this directory")
     args = parser.parse_args(argv)
+    if args.workflows and args.workflow_nodes < 5:
+        parser.error("--workflow-nodes: at least 5 (a root, a middle node, a callback, two after)")
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     counts = {name: (getattr(args, name) if getattr(args, name) is not None
                      else args.faults_each if args.faults_each is not None else default)
