@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
@@ -12,8 +13,7 @@ from conveyor.cron.janitor import Janitor
 from conveyor.errors import WorkflowNotFound
 from conveyor.state import AppState
 from conveyor.testing.servers import PostgresServer, RedisServer
-from tests.conftest import judge, make_settings
-from tests.integration.workflows.test_workflows import settled
+from tests.conftest import eventually, judge, make_settings
 
 
 @pytest.fixture
@@ -31,17 +31,37 @@ async def test_a_workflow_is_pruned_whole_after_its_last_node(running: AppState)
     client = running.client
     created = await client.create_workflow([
         NodeRequest("a", TaskRequest("node", {"name": "a"})),
-        NodeRequest("b", TaskRequest("node", {"name": "b"}, delay_s=3.0), ("a",)),
+        NodeRequest("b", TaskRequest("node", {"name": "b"}, delay_s=3600), ("a",)),
     ])
+    keyed = {t.workflow_key: t for t in created.tasks}
     lone = (await client.enqueue_many([TaskRequest("node", {"name": "lone"})]))[0].record
-    await asyncio.sleep(2.0)  # a and the lone task finished more than the retention ago
+
+    async def finished() -> bool:
+        statuses = [(await client.get(i)).status for i in (keyed["a"].id, lone.id)]
+        return statuses == ["succeeded", "succeeded"]
+
+    await eventually(finished, 20)
+    table = running.store.table
+
+    async def age(*ids: uuid.UUID) -> None:
+        """As if these nodes had finished (and the workflow been made) an hour ago: b, due in
+        an hour, stays unfinished however slow the machine."""
+        await running.pool.execute(
+            f"UPDATE {table} SET finished_at = now() - interval '1 hour',"
+            " created_at = now() - interval '1 hour' WHERE id = ANY($1::uuid[])", list(ids))
+        await running.pool.execute(
+            f"UPDATE {running.client.flows.workflows} SET created_at = now() - interval '1 hour'"
+            " WHERE id = $1", created.id)
+
+    await age(keyed["a"].id)
+    await asyncio.sleep(1.5)  # the lone task finished more than its retention (1 s) ago
     await janitor.tick()
-    keyed = {t.workflow_key: t for t in (await client.get_workflow(created.id)).tasks}
-    assert keyed["a"].status == "succeeded"
-    assert keyed["b"].status in ("waiting", "queued", "running")
+    now = {t.workflow_key: t for t in (await client.get_workflow(created.id)).tasks}
+    assert now["a"].status == "succeeded"  # b (due in an hour) is unfinished: a is kept
+    assert now["b"].status in ("waiting", "queued")
     assert await running.store.get(lone.id) is None  # an ordinary task goes as before
-    await settled(running, created.id)
-    await asyncio.sleep(1.5)
+    await client.cancel_workflow(created.id)
+    await age(keyed["b"].id)
     await janitor.tick()
     assert janitor.last is not None
     assert janitor.last.workflows_pruned == 1
