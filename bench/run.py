@@ -130,6 +130,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="worker process counts of --topologies (default 1,2,4)")
     ap.add_argument("--topology-types", type=int, default=1, choices=range(1, 9),
                     help="task types the --topologies tasks are spread over (default 1)")
+    flows = ap.add_argument_group("workflow mode (bench/workflows.py)")
+    flows.add_argument("--workflows", action="store_true",
+                       help="instead of the table: a fan-out/fan-in workflow against as many "
+                            "independent tasks (uses --runs, --out)")
+    flows.add_argument("--workflow-nodes", type=int, default=10_000,
+                       help="nodes of the workflow, and independent tasks (default 10,000)")
     return ap.parse_args(argv)
 
 
@@ -222,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.topologies:
         from bench import topologies
         return topologies.main(args)
+    if args.workflows:
+        from bench import workflows
+        command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        with private_servers(args) as servers:
+            return workflows.main(args, servers, command, durability_note(args))
     if args.ui:
         from bench import ui_pages
         args.command = shlex.join([Path(sys.executable).as_posix(), "-m", "bench",

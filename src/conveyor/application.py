@@ -18,13 +18,14 @@ import functools
 import inspect
 import os
 import sys
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from conveyor.client import Client, TaskRequest, insert_in_transaction
+from conveyor.canvas import Canvas, Chain, Group, Signature
+from conveyor.client import Client, NodeRequest, TaskRequest, insert_in_transaction
 from conveyor.errors import ConfigError
 from conveyor.registry import (
     CronJob,
@@ -37,7 +38,8 @@ from conveyor.registry import (
 )
 from conveyor.store.keys import SCOPES
 from conveyor.store.pool import Connection
-from conveyor.store.tasks import TaskRecord
+from conveyor.store.tasks import TaskRecord, UpstreamFailure
+from conveyor.store.workflows import WorkflowRecord
 
 H = TypeVar("H", bound=Callable[..., Any])
 P = TypeVar("P", bound=BaseModel)
@@ -101,6 +103,15 @@ class TaskDefinition(Generic[P, Params, R]):
         request = self.request(payload, idempotency_key=idempotency_key, delay_s=delay_s,
                                max_attempts=max_attempts)
         return await self.app.submit(request)
+
+    def s(
+        self, payload: P, *, key: str | None = None, max_attempts: int | None = None,
+        delay_s: float = 0.0, on_upstream_failure: UpstreamFailure = "cancel",
+    ) -> Signature:
+        """A signature of one task of this type, for `app.chain`, `app.group` and `>>`
+        (`conveyor.canvas`); `key` names its node in the workflow."""
+        return Signature(self.name, payload, key, max_attempts, delay_s, on_upstream_failure,
+                         app=self.app)
 
     def enqueue_sync(
         self, payload: P, *, idempotency_key: str | None = None, delay_s: float = 0.0,
@@ -273,6 +284,26 @@ class Conveyor:
         return await asyncio.wrap_future(
             asyncio.run_coroutine_threadsafe(_record_of(client, request), loop)
         )
+
+    def chain(self, *parts: Canvas) -> Chain:
+        """Parts (signatures, chains, groups) one after the other: see `conveyor.canvas`."""
+        return Chain(tuple(parts), app=self)
+
+    def group(self, *parts: Canvas) -> Group:
+        """Parts side by side; `app.group(...) >> callback` runs the callback after all."""
+        return Group(tuple(parts), app=self)
+
+    async def submit_workflow(
+        self, nodes: Sequence[NodeRequest], *, name: str | None = None
+    ) -> WorkflowRecord:
+        """Create a workflow through the process's connections (see `TaskDefinition`)."""
+        if not self._bound and self._connect is not None:
+            await asyncio.to_thread(self._connect)
+        client, loop = self._binding()
+        work = client.create_workflow(nodes, name)
+        if loop is asyncio.get_running_loop():
+            return await work
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, loop))
 
     def submit_sync(self, request: TaskRequest) -> TaskRecord:
         """`submit` for blocking code, which must not run on the loop serving the connections

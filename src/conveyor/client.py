@@ -29,6 +29,8 @@ from conveyor.errors import (
     ReusedKey,
     TaskNotFound,
     Unavailable,
+    WorkflowInvalid,
+    WorkflowNotFound,
 )
 from conveyor.queue.events import (
     CLOSING,
@@ -46,7 +48,24 @@ from conveyor.runtime.coalescer import Coalescer
 from conveyor.store import notify
 from conveyor.store.notify import Enqueued
 from conveyor.store.pool import Connection, Pinned
-from conveyor.store.tasks import Inserted, NewTask, Status, TaskRecord, TaskStore, new_task_id
+from conveyor.store.tasks import (
+    Inserted,
+    NewTask,
+    Status,
+    TaskRecord,
+    TaskStore,
+    UpstreamFailure,
+    new_task_id,
+)
+from conveyor.store.workflows import (
+    MAX_NODES,
+    NewNode,
+    Upstream,
+    WorkflowRecord,
+    WorkflowStore,
+    WorkflowSummary,
+    order_nodes,
+)
 from conveyor.validation import json_text_flaw, text_flaw
 
 if TYPE_CHECKING:
@@ -65,6 +84,20 @@ class TaskRequest:
     idempotency_key: str | None = None
     delay_s: float = 0.0
     max_attempts: int | None = None
+    # Tasks (ids) it waits for (store/workflows.py), and what an upstream's failure does to
+    # it: `cancel` it, or `run` it anyway.
+    depends_on: Sequence[uuid.UUID | str] = ()
+    on_upstream_failure: UpstreamFailure = "cancel"
+    parent_id: uuid.UUID | None = None  # the task whose handler enqueues it (`ctx.enqueue`)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRequest:
+    """One node of a workflow: a task, its key in the workflow and the keys it depends on."""
+
+    key: str
+    request: TaskRequest
+    depends_on: Sequence[str] = ()
 
 
 class Client:
@@ -86,6 +119,7 @@ class Client:
         self._coalescer: Coalescer[list[NewTask], list[Inserted]] = Coalescer(
             self._flush, max_batch=MAX_TASKS_PER_STATEMENT, weight=len
         )
+        self.flows = WorkflowStore(store)
 
     def prepare(self, request: TaskRequest) -> NewTask:
         """Validate the payload against its type's model (a mapping strictly, as JSON: see
@@ -146,6 +180,10 @@ class Client:
         new = [self.prepare(r) for r in requests]
         if span is not None:
             tracing.enqueued(span, [t.id for t in new])
+        if any(r.depends_on or r.parent_id for r in requests):
+            return await self._enqueue_nodes([
+                NewNode(t, _ids(r.depends_on), r.on_upstream_failure, r.parent_id)
+                for t, r in zip(new, requests, strict=True)])
         if len(new) > 1 and any(t.idempotency_key for t in new):
             _refuse_reused_keys(new, await self.store.with_keys(_keys(new)))
         inserted = await self._coalescer.submit(new)
@@ -165,6 +203,85 @@ class Client:
             out.append(inserted[start:start + len(call)])
             start += len(call)
         return out
+
+    async def _enqueue_nodes(
+        self, nodes: Sequence[NewNode], workflow: tuple[uuid.UUID, str | None] | None = None
+    ) -> list[Inserted]:
+        """Insert tasks with dependencies (one transaction), then publish those queued."""
+        if len(nodes) > 1 and any(n.task.idempotency_key for n in nodes):
+            tasks = [n.task for n in nodes]
+            _refuse_reused_keys(tasks, await self.store.with_keys(_keys(tasks)))
+        inserted = await self.flows.insert(nodes, workflow=workflow)
+        _refuse_reused_keys([n.task for n in nodes], [i.record for i in inserted
+                                                      if not i.created])
+        fresh = [i.record for i in inserted if i.created]
+        await self.publish([r for r in fresh if r.status == "queued"],
+                           {n.task.id for n in nodes if n.task.delay_s > 0})
+        for r in fresh:
+            metrics.TASKS_ENQUEUED.labels(r.type).inc()
+        return inserted
+
+    # -- workflows -------------------------------------------------------------------------
+
+    async def create_workflow(
+        self, nodes: Sequence[NodeRequest], name: str | None = None, *,
+        max_nodes: int = MAX_NODES,
+    ) -> WorkflowRecord:
+        """Create a workflow (a DAG of tasks by key) in one transaction; WorkflowInvalid for
+        an empty one, more than `max_nodes` nodes (the API's limit unless a caller in Python
+        raises it), an unknown or repeated key, or a cycle."""
+        if not nodes:
+            raise WorkflowInvalid("empty", "a workflow needs at least one task")
+        if len(nodes) > max_nodes:
+            raise WorkflowInvalid("too_many_nodes",
+                                  f"{len(nodes)} tasks: a workflow has at most {max_nodes}")
+        order = order_nodes([n.key for n in nodes], [list(n.depends_on) for n in nodes])
+        prepared = [self.prepare(n.request) for n in nodes]
+        ids = {n.key: t.id for n, t in zip(nodes, prepared, strict=True)}
+        workflow_id = new_task_id()
+        batch = [NewNode(prepared[i], tuple(ids[k] for k in dict.fromkeys(nodes[i].depends_on)),
+                         nodes[i].request.on_upstream_failure, nodes[i].request.parent_id,
+                         nodes[i].key) for i in order]
+        await self._enqueue_nodes(batch, (workflow_id, name))
+        return await self.get_workflow(workflow_id)
+
+    async def get_workflow(self, workflow_id: uuid.UUID) -> WorkflowRecord:
+        found = await self.flows.get(workflow_id)
+        if found is None:
+            raise WorkflowNotFound(str(workflow_id))
+        return found
+
+    async def list_workflows(
+        self, *, before: uuid.UUID | None, limit: int
+    ) -> list[WorkflowSummary]:
+        return await self.flows.page(before=before, limit=limit)
+
+    async def cancel_workflow(self, workflow_id: uuid.UUID) -> WorkflowRecord:
+        """Cancel every unfinished node (a running one by its worker); InvalidTransition if
+        every node has finished."""
+        await self.get_workflow(workflow_id)
+        done = await self.flows.cancel(workflow_id)
+        if done is None:
+            found = await self.get_workflow(workflow_id)
+            raise InvalidTransition(str(workflow_id), found.status, "cancel", what="workflow")
+        cancelled, running = done
+        if self.events is not None:
+            try:
+                for task_id in running:
+                    await self.events.request_cancel(task_id)
+                await self.events.publish([
+                    event("cancelled", r.id, r.type, "cancelled", finished_at=r.finished_at,
+                          outcome="cancelled") for r in cancelled])
+            except Unavailable as exc:  # the workers' next beats see the requests
+                log.warning("client.cancel.unannounced", workflow_id=str(workflow_id),
+                            error=str(exc))
+        return await self.get_workflow(workflow_id)
+
+    async def retry_workflow(self, workflow_id: uuid.UUID) -> WorkflowRecord:
+        """Queue the failed nodes again; the rest of the graph follows them."""
+        await self.get_workflow(workflow_id)
+        await self.publish(await self.flows.retry(workflow_id))
+        return await self.get_workflow(workflow_id)
 
     async def publish(
         self, records: Sequence[TaskRecord], delayed: Collection[uuid.UUID] = ()
@@ -195,6 +312,9 @@ class Client:
         record = await self.store.get(task_id)
         if record is None:
             raise TaskNotFound(str(task_id))
+        below = await self.flows.dependents([task_id])
+        if below:
+            record = dataclasses.replace(record, dependents=below[task_id])
         return record
 
     async def cancel(self, task_id: uuid.UUID) -> TaskRecord:
@@ -288,7 +408,8 @@ class Client:
         if record is None:
             current = await self.get(task_id)
             raise InvalidTransition(str(task_id), current.status, "retry")
-        await self.publish([record])
+        if record.status == "queued":  # (waiting: an upstream is unfinished)
+            await self.publish([record])
         return record
 
     async def list_tasks(
@@ -326,6 +447,8 @@ def apply_event(record: TaskRecord, e: Event) -> TaskRecord | None:
         return record
     if e.kind == "succeeded" and d.get("result_omitted"):
         return None
+    if e.kind == "cancelled" and d.get("finished_at") is None:
+        return None  # announced by a NOTIFY (a dependent its upstream cancelled): read it
     entry = {"number": attempt, "worker": d.get("worker", record.worker),
              "started_at": _moment(d.get("started_at")),
              "finished_at": _moment(d.get("finished_at")),
@@ -346,6 +469,17 @@ def apply_event(record: TaskRecord, e: Event) -> TaskRecord | None:
         finished_at=None if e.kind == "retrying" else _moment(d.get("finished_at")),
         attempt_history=history,
     )
+
+
+def _ids(values: Sequence[uuid.UUID | str]) -> tuple[uuid.UUID, ...]:
+    """Task ids given as UUIDs or strings; WorkflowInvalid for one that is neither."""
+    out = []
+    for value in values:
+        try:
+            out.append(value if isinstance(value, uuid.UUID) else uuid.UUID(str(value)))
+        except ValueError:
+            raise WorkflowInvalid("unknown_task", f"depends_on: {value!r} is no task id") from None
+    return tuple(dict.fromkeys(out))
 
 
 def _keys(tasks: Sequence[NewTask]) -> list[tuple[str, str]]:
@@ -397,11 +531,48 @@ async def _insert_in_transaction(
     new = client.prepare(request)
     if span is not None:
         tracing.enqueued(span, [new.id])
-    inserted = (await client.store.insert([new], conn=conn))[0]
+    if request.depends_on or request.parent_id:
+        node = NewNode(new, _ids(request.depends_on), request.on_upstream_failure,
+                       request.parent_id)
+        inserted = (await client.flows.insert([node], conn=conn))[0]
+    else:
+        inserted = (await client.store.insert([new], conn=conn))[0]
     record = inserted.record
     if not inserted.created:
         _refuse_reused_keys([new], [record])  # the same key for another payload: refused
-    if inserted.created:
+    if inserted.created and record.status == "queued":
         at_ms = int(record.run_at.timestamp() * 1000) if new.delay_s > 0 else None
         await notify.send(conn, client.store.channel, Enqueued(record.type, record.id, at_ms))
     return record
+
+
+class TaskRelatives:
+    """`ctx.upstream()`, `ctx.enqueue()` and `ctx.wait_children()` of the handlers a worker
+    runs, through its client (see `conveyor.registry.Relatives`)."""
+
+    def __init__(self, client: Client, *, poll_s: float = 0.05, max_poll_s: float = 1.0
+                 ) -> None:
+        self.client = client
+        self.poll_s = poll_s
+        self.max_poll_s = max_poll_s
+
+    async def upstream(self, task_id: str) -> list[Upstream]:
+        return await self.client.flows.upstream(uuid.UUID(task_id))
+
+    async def enqueue(self, parent_id: str, type_: str, payload: Any, *,
+                      depends_on: Sequence[Any] = (), idempotency_key: str | None = None,
+                      delay_s: float = 0.0, max_attempts: int | None = None) -> TaskRecord:
+        request = TaskRequest(type_, payload, idempotency_key, delay_s, max_attempts,
+                              depends_on=depends_on, parent_id=uuid.UUID(parent_id))
+        return (await self.client.enqueue_many([request]))[0].record
+
+    async def wait_children(self, parent_id: str, timeout_s: float | None) -> list[TaskRecord]:
+        """Polls Postgres (one count on the parent's index), from `poll_s` up to
+        `max_poll_s` apart."""
+        parent = uuid.UUID(parent_id)
+        pause = self.poll_s
+        async with asyncio.timeout(timeout_s):
+            while await self.client.flows.live_children(parent):
+                await asyncio.sleep(pause)
+                pause = min(self.max_poll_s, pause * 1.5)
+        return await self.client.flows.children(parent)

@@ -11,10 +11,10 @@ import inspect
 import random
 import re
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 from croniter import croniter
@@ -169,6 +169,45 @@ class _Reported:
 _REPORTED = _Reported()
 
 
+class Relatives(Protocol):
+    """A running task's view of the tasks around it (its upstreams, its children), given to
+    its context by the worker (`conveyor.client.TaskRelatives`)."""
+
+    async def upstream(self, task_id: str) -> list[Any]: ...
+
+    async def enqueue(self, parent_id: str, type_: str, payload: Any, *,
+                      depends_on: Sequence[Any] = (), idempotency_key: str | None = None,
+                      delay_s: float = 0.0, max_attempts: int | None = None) -> Any: ...
+
+    async def wait_children(self, parent_id: str, timeout_s: float | None) -> list[Any]: ...
+
+
+class _NoRelatives:
+    """What a process handler's context has (the worker's connections stay in the worker)."""
+
+    def _refuse(self) -> Any:
+        raise RuntimeError("ctx.upstream, ctx.enqueue and ctx.wait_children are for loop and "
+                           "thread handlers, not process ones")
+
+    async def upstream(self, task_id: str) -> list[Any]:
+        return self._refuse()  # type: ignore[no-any-return]
+
+    async def enqueue(self, parent_id: str, type_: str, payload: Any, *,
+                      depends_on: Sequence[Any] = (), idempotency_key: str | None = None,
+                      delay_s: float = 0.0, max_attempts: int | None = None) -> Any:
+        return self._refuse()
+
+    async def wait_children(self, parent_id: str, timeout_s: float | None) -> list[Any]:
+        return self._refuse()  # type: ignore[no-any-return]
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_NoRelatives, ())
+
+
+def _no_relatives() -> Relatives:
+    return _NoRelatives()
+
+
 @dataclass(frozen=True, slots=True)
 class TaskContext:
     """What a handler learns about the run it is in. Picklable, so process handlers get it too."""
@@ -184,6 +223,38 @@ class TaskContext:
     # The worker's pooled outbound client under the egress policy (`await ctx.http.client
     # .post(...)`): use it, do not close it.
     http: OutboundHttp = field(default_factory=OutboundHttp, repr=False, compare=False)
+    # Upstreams and children (workflows): see `upstream`, `enqueue`, `wait_children`.
+    relatives: Relatives = field(default_factory=_no_relatives, repr=False, compare=False)
+
+    async def upstream(self, key: str | None = None) -> Any:
+        """The tasks this one depends on, finished: a dict by workflow key (or by id, for a
+        task outside a workflow) of `Upstream` (id, key, type, status, result, error); with
+        `key` (a key or an id), that one alone (KeyError if it is none of them)."""
+        found = await self.relatives.upstream(self.task_id)
+        by_key = {(u.key or str(u.id)): u for u in found}
+        if key is None:
+            return by_key
+        if key in by_key:
+            return by_key[key]
+        for u in found:
+            if str(u.id) == key:
+                return u
+        raise KeyError(f"task {self.task_id} has no upstream {key!r}")
+
+    async def enqueue(self, task: Any, payload: Any, *, depends_on: Sequence[Any] = (),
+                      idempotency_key: str | None = None, delay_s: float = 0.0,
+                      max_attempts: int | None = None) -> Any:
+        """Enqueue a child of this task (a type's name or definition and its payload): its
+        record names this task as `parent_id`. Returns the child's `TaskRecord`."""
+        name = task if isinstance(task, str) else task.name
+        return await self.relatives.enqueue(
+            self.task_id, name, payload, depends_on=depends_on,
+            idempotency_key=idempotency_key, delay_s=delay_s, max_attempts=max_attempts)
+
+    async def wait_children(self, timeout_s: float | None = None) -> list[Any]:
+        """Wait until every child of this task is final (TimeoutError after `timeout_s`);
+        returns their records, oldest first. The attempt holds its slot meanwhile."""
+        return await self.relatives.wait_children(self.task_id, timeout_s)
 
     def progress(self, fraction: float, message: str | None = None, **data: Any) -> _Reported:
         """Report how far the attempt has got: `fraction` from 0 to 1, an optional message and

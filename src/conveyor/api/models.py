@@ -7,10 +7,11 @@ field of that type's payload.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_type_hints
 
 from pydantic import (
     BaseModel,
@@ -22,7 +23,8 @@ from pydantic import (
 )
 
 from conveyor.registry import Registry, TaskType
-from conveyor.store.tasks import Status, TaskRecord
+from conveyor.store.tasks import Status, TaskRecord, UpstreamFailure
+from conveyor.store.workflows import MAX_NODES, WorkflowStatus
 from conveyor.validation import INTEGRAL_FLOATS, StorableStr, require_storable
 
 MAX_BATCH = 1000
@@ -55,8 +57,8 @@ class AttemptsOut(BaseModel):
 
 
 class TaskSummary(BaseModel):
-    """A task as listings show it by default: everything but its payload, result and attempt
-    history."""
+    """A task as listings show it by default: everything but its payload, result, attempt
+    history and dependents (read the task for those)."""
 
     id: uuid.UUID
     type: str
@@ -72,6 +74,11 @@ class TaskSummary(BaseModel):
     finished_at: datetime | None
     cancel_requested: bool
     progress: Progress | None
+    depends_on: list[uuid.UUID]
+    on_upstream_failure: UpstreamFailure
+    workflow_id: uuid.UUID | None
+    workflow_key: str | None
+    parent_id: uuid.UUID | None
 
 
 SUMMARY_FIELDS = tuple(TaskSummary.model_fields)
@@ -158,6 +165,66 @@ class TaskRequestBase(BaseModel):
     )
     delay_seconds: float = Field(default=0.0, ge=0, le=MAX_DELAY_S)
     max_attempts: Annotated[int, Field(ge=1, le=1000), INTEGRAL_FLOATS] | None = None
+    depends_on: list[Annotated[uuid.UUID, Field(strict=False)]] = Field(
+        default_factory=list, max_length=MAX_NODES,
+        description="ids of existing tasks it waits for: it is `waiting` until each is final",
+    )
+    on_upstream_failure: UpstreamFailure = Field(
+        default="cancel",
+        description="an upstream ended dead or cancelled: `cancel` this task (its "
+                    "`last_error` names the upstream), or `run` it anyway",
+    )
+
+
+class NodeRequestBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    key: StorableStr = Field(min_length=1, max_length=200,
+                             description="the node's name in the workflow")
+    depends_on: list[StorableStr] = Field(
+        default_factory=list, max_length=MAX_NODES,
+        description="keys of the nodes it waits for (a cycle is refused)")
+    on_upstream_failure: UpstreamFailure = "cancel"
+    delay_seconds: float = Field(default=0.0, ge=0, le=MAX_DELAY_S)
+    max_attempts: Annotated[int, Field(ge=1, le=1000), INTEGRAL_FLOATS] | None = None
+
+
+class WorkflowSummaryOut(BaseModel):
+    id: uuid.UUID
+    name: str | None
+    status: WorkflowStatus
+    nodes: int
+    created_at: datetime
+    cancelled_at: datetime | None
+    counts: dict[str, int] = Field(description="nodes by status")
+
+
+class WorkflowPage(BaseModel):
+    workflows: list[WorkflowSummaryOut]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page")
+
+
+def _workflow_node_model() -> type[BaseModel]:
+    hints = get_type_hints(TaskRecord)
+    fields: dict[str, Any] = {"key": (str, Field(description="its key in the workflow"))}
+    fields.update({f.name: (hints[f.name], ...) for f in dataclasses.fields(TaskRecord)})
+    model: type[BaseModel] = create_model(
+        "WorkflowNode", __doc__="A node: its key and its whole task record.", **fields)
+    return model
+
+
+WorkflowNode = _workflow_node_model()
+
+
+class WorkflowOut(BaseModel):
+    id: uuid.UUID
+    name: str | None
+    status: WorkflowStatus = Field(description="`running` while a node is unfinished; then "
+                                   "`succeeded`, `failed` (a node dead or cancelled) or "
+                                   "`cancelled` (the workflow was)")
+    created_at: datetime
+    cancelled_at: datetime | None
+    tasks: list[WorkflowNode]  # type: ignore[valid-type]
 
 
 def _storable_json(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
@@ -212,3 +279,29 @@ def request_models(registry: Registry) -> tuple[Any, type[BaseModel]]:
         tasks=(Annotated[list[single], Field(min_length=1, max_length=MAX_BATCH)], ...),
     )
     return single, batch
+
+
+def workflow_model(registry: Registry) -> type[BaseModel]:
+    """The body of POST /v1/workflows for the types in `registry`."""
+    models: list[type[BaseModel]] = []
+    for task_type in registry:
+        models.append(create_model(
+            _model_name(task_type.name)[:-4] + "Node",
+            __base__=NodeRequestBase,
+            __doc__=f"A `{task_type.name}` node.",
+            type=(Literal[task_type.name], ...),  # type: ignore[arg-type]
+            payload=(_payload_of(task_type), ...),
+        ))
+    if not models:
+        models.append(create_model(
+            "UntypedNode", __base__=NodeRequestBase, type=(StorableStr, ...),
+            payload=(Annotated[dict[str, Any], WrapValidator(_storable_json)], ...)))
+    node: Any = models[0]
+    if len(models) > 1:
+        node = Annotated[Union[tuple(models)], Field(discriminator="type")]  # noqa: UP007
+    return create_model(
+        "WorkflowIn",
+        __config__=ConfigDict(extra="forbid", strict=True),
+        name=(Annotated[StorableStr | None, Field(max_length=200)], None),
+        tasks=(Annotated[list[node], Field(min_length=1, max_length=MAX_NODES)], ...),
+    )

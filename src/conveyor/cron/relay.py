@@ -19,11 +19,16 @@ duplicate then is as harmless as any other). The others stand by and take the le
 released (shutdown) or expires (its holder died or lost Redis). Notifications sent in between
 reach nobody; the scan publishes those tasks once they are overdue by `grace_s`, as it does for
 any task whose publish was lost.
+
+The same NOTIFY announces the dependents a finished task released or cancelled (migration
+0007): the relay publishes the released ones and, with `events`, announces every notified task
+on the events stream (`queued`, or `cancelled` for one its upstream's failure cancelled).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections import defaultdict
 from datetime import datetime
@@ -34,7 +39,7 @@ from conveyor import metrics
 from conveyor.cron._locked import LockedLoop
 from conveyor.errors import Unavailable
 from conveyor.queue.connection import Redis
-from conveyor.queue.events import EventLog, cancelled
+from conveyor.queue.events import Event, EventLog, cancelled
 from conveyor.queue.keys import Keys, consumer_name
 from conveyor.queue.lock import Lock
 from conveyor.queue.streams import Publish, TaskStreams
@@ -47,7 +52,7 @@ from conveyor.store.tasks import TaskStore
 from conveyor.store.workers import Liveness
 
 log = structlog.get_logger("conveyor.relay")
-NOTIFIED_MAX = 10_000  # notified tasks waiting to be published; past it, left to the scan
+NOTIFIED_MAX = 100_000  # notified tasks waiting to be published; past it, left to the scan
 
 
 class Relay(LockedLoop):
@@ -78,7 +83,8 @@ class Relay(LockedLoop):
     ) -> None:
         super().__init__(redis, keys, streams, store, types, interval_s=interval_s)
         self.liveness = liveness
-        self.events = events  # to announce tasks of dead workers that end cancelled
+        # to announce the dependents a NOTIFY names and tasks of dead workers that end cancelled
+        self.events = events
         self.grace_s = grace_s
         self.ttl_s = ttl_s
         self.scan_limit = scan_limit
@@ -86,7 +92,7 @@ class Relay(LockedLoop):
         lease_s = lease_ttl_s if lease_ttl_s is not None else max(1.0, 3 * interval_s)
         self.lease = Lock(redis, keys.lock("relay.listen"), ttl_ms=int(lease_s * 1000))
         self._renew_s = lease_s / 3
-        self._notified: list[Publish] = []  # filled by the listener only while leading
+        self._notified: list[Enqueued] = []  # filled by the listener only while leading
         self._listening = False  # set by the listener while its LISTEN is in place
         self._wake = asyncio.Event()
 
@@ -173,7 +179,7 @@ class Relay(LockedLoop):
     def _on_notify(self, task: Enqueued) -> None:
         if len(self._notified) >= NOTIFIED_MAX:
             return  # Redis is not keeping up: the periodic scan publishes it after the grace
-        self._notified.append(Publish(task.task_type, task.task_id, task.run_at_ms))
+        self._notified.append(task)
         self._wake.set()
 
     async def _listen(self, shutdown: Shutdown) -> None:
@@ -237,7 +243,24 @@ class Relay(LockedLoop):
         if not self._notified or not self._may_publish():
             return
         batch, self._notified = self._notified, []
+        items = [Publish(t.task_type, t.task_id, t.run_at_ms) for t in batch if not t.cancelled]
+        also = None
+        if self.events is not None:
+            announced = [Event("cancelled" if t.cancelled else "queued", str(t.task_id),
+                               t.task_type, "cancelled" if t.cancelled else "queued",
+                               b'{"outcome":"cancelled"}' if t.cancelled else b"{}")
+                         for t in batch]
+            also = functools.partial(self.events.add, events=announced)
         try:
-            await self.streams.publish(batch)
+            if items:
+                await self.streams.publish(items, also)
+            elif self.events is not None and also is not None:
+                await self.events.publish(announced)
         except Unavailable as exc:
-            log.warning("relay.notify.deferred", tasks=len(batch), error=str(exc))
+            # The released ones the scan publishes later; the cancelled ones nothing else
+            # announces, so they are announced again at the next pass (a waiter whose hub saw
+            # the outage too reads Postgres again anyway: RESYNC).
+            again = [t for t in batch if t.cancelled][-NOTIFIED_MAX:]
+            self._notified[:0] = again
+            log.warning("relay.notify.deferred", tasks=len(batch), kept=len(again),
+                        error=str(exc))

@@ -4,6 +4,10 @@
 Postgres delivers a NOTIFY only if the transaction that sent it commits, so a listener learns of
 committed tasks at once. The payload is `type:id:run_at_ms`, the last part empty unless the task
 is delayed; the id and time are split off the right, so a type name may hold a colon.
+
+Migration 0007's trigger writes the same payloads for the dependents it resolves: a released
+one (`type:id:`, due now) and one it cancelled because an upstream failed (`type:id:cancelled`:
+nothing to publish, only its event).
 """
 
 from __future__ import annotations
@@ -29,10 +33,14 @@ class Enqueued:
     task_type: str
     task_id: uuid.UUID
     run_at_ms: int | None = None
+    cancelled: bool = False  # a dependent cancelled by its upstream's failure: not to publish
+
+
+CANCELLED = "cancelled"
 
 
 def payload(task: Enqueued) -> str:
-    at_ms = "" if task.run_at_ms is None else str(task.run_at_ms)
+    at_ms = CANCELLED if task.cancelled else "" if task.run_at_ms is None else str(task.run_at_ms)
     return f"{task.task_type}:{task.task_id}:{at_ms}"
 
 
@@ -43,6 +51,8 @@ def parse(text: str) -> Enqueued:
     try:
         if not sep or not sep2 or not task_type:
             raise ValueError("too few parts")
+        if at_ms == CANCELLED:
+            return Enqueued(task_type, uuid.UUID(raw_id), None, cancelled=True)
         return Enqueued(task_type, uuid.UUID(raw_id), int(at_ms) if at_ms else None)
     except ValueError as exc:
         raise ValueError(f"not a type:id:run_at_ms payload ({exc}): {text[:200]!r}") from exc

@@ -5,6 +5,7 @@ redelivered or stale message can never run a finished task or record a completio
 
     queued ──mark_running──▶ running ──record──▶ succeeded | dead | queued (retry)
     queued ──cancel──▶ cancelled;  dead | cancelled ──retry──▶ queued
+    waiting ──last upstream final──▶ queued | cancelled (store/workflows.py, by a trigger)
     running (worker lost) ──requeue──▶ queued
     running (drain deadline) ──hand_back──▶ queued (the attempt not counted)
     running ──request_cancel──▶ running, cancel_requested (its worker stops it: ▶ cancelled)
@@ -29,7 +30,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -39,8 +40,10 @@ import orjson
 from conveyor.errors import Conflict
 from conveyor.store.pool import Connection, Pinned, Pool, borrowed, translate
 
-Status = Literal["queued", "running", "succeeded", "dead", "cancelled"]
-STATUSES: tuple[Status, ...] = ("queued", "running", "succeeded", "dead", "cancelled")
+Status = Literal["waiting", "queued", "running", "succeeded", "dead", "cancelled"]
+STATUSES: tuple[Status, ...] = ("waiting", "queued", "running", "succeeded", "dead",
+                                "cancelled")
+UpstreamFailure = Literal["cancel", "run"]
 FinishedStatus = Literal["succeeded", "dead", "cancelled"]
 FINISHED: tuple[FinishedStatus, ...] = ("succeeded", "cancelled", "dead")
 # The idempotency keys of cron slots are never released: a slot fires once, however long ago.
@@ -81,6 +84,15 @@ class TaskRecord:
     finished_at: datetime | None
     cancel_requested: bool = False
     progress: Any = None  # {fraction, message, data, at}: the latest a handler reported
+    # Workflows (store/workflows.py): what it waits for, what waits for it (filled by reads
+    # that ask for it), how an upstream's failure resolves it, the workflow and its key
+    # there, and the task whose handler enqueued it.
+    depends_on: list[uuid.UUID] = field(default_factory=list)
+    dependents: list[uuid.UUID] = field(default_factory=list)
+    on_upstream_failure: UpstreamFailure = "cancel"
+    workflow_id: uuid.UUID | None = None
+    workflow_key: str | None = None
+    parent_id: uuid.UUID | None = None
     attempt_history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -88,7 +100,13 @@ class TaskRecord:
 AFTER_CANCEL = ("status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,"
                  " finished_at = CASE WHEN cancel_requested THEN now() ELSE NULL END")
 _STORED = [name for name in TaskRecord.__slots__ if name != "attempt_history"]
-_COLUMNS = ", ".join([*(f"t.{name}" for name in _STORED), "t.attempt_log"])
+# Columns whose record field is computed (migration 0007's, a NULL standing for the default).
+_COMPUTED = {"depends_on": "coalesce(t.depends_on, '{}'::uuid[])",
+             "dependents": "'{}'::uuid[]",
+             "on_upstream_failure": "coalesce(t.on_upstream_failure, 'cancel')",
+             "workflow_key": "t.node_key"}
+_COLUMNS = ", ".join([*(_COMPUTED.get(name, f"t.{name}") for name in _STORED),
+                      "t.attempt_log"])
 
 
 def _record(row: Any) -> TaskRecord:
@@ -165,6 +183,38 @@ def _insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
         [t.delay_s for t in tasks],
         [_json_or_none(t.trace_context) for t in tasks],
     )
+
+
+def _insert_statement(table: str, extra: Sequence[tuple[str, str, str]]) -> str:
+    """The insert of `TaskStore.insert`: $1-$7 a plain task's arrays, then one per `extra`
+    column (see ExtraColumns)."""
+    names = "".join(f", {c[0]}" for c in extra)
+    arrays = "".join(f", ${8 + i}::{c[1]}[]" for i, c in enumerate(extra))
+    values = "".join(f", {c[2]}" for c in extra)
+    return f"""
+            INSERT INTO {table} AS t (id, type, payload, idempotency_key, max_attempts, run_at,
+                                      trace_context{names})
+            SELECT u.id, u.type, u.payload::jsonb, u.key, u.max_attempts,
+                   now() + u.delay * interval '1 second', u.trace::jsonb{values}
+            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float8[],
+                        $7::text[]{arrays})
+                 AS u(id, type, payload, key, max_attempts, delay, trace{names})
+            ON CONFLICT (type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            RETURNING {_COLUMNS}"""
+
+
+@dataclass(frozen=True, slots=True)
+class ExtraColumns:
+    """Columns an insert sets beyond a plain task's (a workflow node's: `store/workflows.py`):
+    per column its name, its values' SQL type (an array parameter `u.<name>` of it) and the
+    expression inserted (over `u.*`); `values` holds each task's, by id, in that order."""
+
+    columns: tuple[tuple[str, str, str], ...]
+    values: Mapping[uuid.UUID, tuple[Any, ...]]
+
+    def args(self, tasks: Sequence[NewTask]) -> list[list[Any]]:
+        rows = [self.values[t.id] for t in tasks]
+        return [[r[i] for r in rows] for i in range(len(self.columns))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,16 +354,7 @@ class TaskStore:
         # NOTIFY channel for tasks enqueued inside a caller's transaction (sent on commit).
         self.channel = f"{schema}_enqueued"
         t = self.table
-        self._insert_sql = f"""
-            INSERT INTO {t} AS t (id, type, payload, idempotency_key, max_attempts, run_at,
-                                  trace_context)
-            SELECT u.id, u.type, u.payload::jsonb, u.key, u.max_attempts,
-                   now() + u.delay * interval '1 second', u.trace::jsonb
-            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float8[],
-                        $7::text[])
-                 AS u(id, type, payload, key, max_attempts, delay, trace)
-            ON CONFLICT (type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-            RETURNING {_COLUMNS}"""
+        self._insert_sql = _insert_statement(t, ())
         self._existing_sql = f"""
             SELECT {_COLUMNS} FROM {t} AS t
             JOIN unnest($1::text[], $2::text[]) AS u(type, key)
@@ -389,26 +430,35 @@ class TaskStore:
 
     async def insert(
         self, tasks: Sequence[NewTask], conn: Connection | None = None, *,
-        via: Pinned | None = None,
+        via: Pinned | None = None, extra: ExtraColumns | None = None,
     ) -> list[Inserted]:
-        """Insert tasks in one statement (on `conn` when given, to join its transaction).
+        """Insert tasks in one statement (on `conn` when given, to join its transaction),
+        setting `extra` columns too when given.
 
         A task whose (type, idempotency key) exists already is not inserted; the existing row is
         returned with `created=False`. Results follow the order of `tasks`.
         """
         if not tasks:
             return []
-        args = _insert_args(tasks)
+        sql = self._insert_sql if extra is None else self._insert_with(extra)
+
+        def args(these: Sequence[NewTask]) -> list[list[Any]]:
+            return [*_insert_args(these), *(extra.args(these) if extra is not None else ())]
+
         if conn is None:
             async with self._connection("tasks.insert", via) as own:
-                return await self._insert(own, tasks, args)
+                return await self._insert(own, tasks, sql, args)
         with translate("tasks.insert"):
-            return await self._insert(conn, tasks, args)
+            return await self._insert(conn, tasks, sql, args)
+
+    def _insert_with(self, extra: ExtraColumns) -> str:
+        return _insert_statement(self.table, extra.columns)
 
     async def _insert(
-        self, conn: Connection, tasks: Sequence[NewTask], args: tuple[list[Any], ...]
+        self, conn: Connection, tasks: Sequence[NewTask], sql: str,
+        args: Callable[[Sequence[NewTask]], list[list[Any]]],
     ) -> list[Inserted]:
-        rows = await conn.fetch(self._insert_sql, *args)
+        rows = await conn.fetch(sql, *args(tasks))
         created = {row[0]: _record(row) for row in rows}
         if len(created) == len(tasks):
             return [Inserted(created[t.id], True) for t in tasks]
@@ -433,7 +483,7 @@ class TaskStore:
                 found.update({(r["type"], r["idempotency_key"]): _record(r) for r in existing})
             again = [t for t in missing if (t.type, t.idempotency_key) not in found]
             if again:
-                rows = await conn.fetch(self._insert_sql, *_insert_args(again))
+                rows = await conn.fetch(sql, *args(again))
                 created.update({row[0]: _record(row) for row in rows})
         out = []
         for t in tasks:
@@ -562,6 +612,7 @@ class TaskStore:
               SELECT t.id FROM {t} AS t
               WHERE t.type = $1 AND t.status = {literal} AND t.id < {_uuid_floor(cutoff)}
                 AND t.finished_at < {cutoff}
+                AND t.workflow_id IS NULL  -- a workflow is pruned whole
               ORDER BY t.type, t.status, t.id LIMIT $3
               FOR UPDATE SKIP LOCKED)
             DELETE FROM {t} AS t USING doomed
@@ -711,14 +762,15 @@ class TaskStore:
         return _record(row) if row else None
 
     async def request_cancel(self, task_id: uuid.UUID) -> TaskRecord | None:
-        """queued → cancelled, or running → running with `cancel_requested` (its worker stops
-        it); None if the task is neither (or does not exist)."""
+        """waiting | queued → cancelled, or running → running with `cancel_requested` (its
+        worker stops it); None if the task is none of them (or does not exist)."""
         row = await self._fetchrow(
             "tasks.request_cancel",
             f"UPDATE {self.table} AS t SET cancel_requested = true,"
-            " status = CASE WHEN t.status = 'queued' THEN 'cancelled' ELSE t.status END,"
-            " finished_at = CASE WHEN t.status = 'queued' THEN now() ELSE t.finished_at END"
-            f" WHERE t.id = $1 AND t.status IN ('queued', 'running') RETURNING {_COLUMNS}",
+            " status = CASE WHEN t.status = 'running' THEN t.status ELSE 'cancelled' END,"
+            " finished_at = CASE WHEN t.status = 'running' THEN t.finished_at ELSE now() END"
+            " WHERE t.id = $1 AND t.status IN ('waiting', 'queued', 'running')"
+            f" RETURNING {_COLUMNS}",
             task_id,
         )
         return _record(row) if row else None
@@ -762,10 +814,13 @@ class TaskStore:
         )
 
     async def retry(self, task_id: uuid.UUID) -> TaskRecord | None:
-        """dead | cancelled → queued with a fresh set of attempts; None if not allowed."""
+        """dead | cancelled → queued (waiting, if an upstream is unfinished) with a fresh set
+        of attempts; None if not allowed."""
         row = await self._fetchrow(
             "tasks.retry",
-            f"UPDATE {self.table} AS t SET status = 'queued', attempts = 0, run_at = now(),"
+            # One with an upstream still unfinished waits for it again (migration 0007).
+            f"UPDATE {self.table} AS t SET attempts = 0, run_at = now(),"
+            " status = CASE WHEN t.deps_left > 0 THEN 'waiting' ELSE 'queued' END,"
             " started_at = NULL, finished_at = NULL, result = NULL, cancel_requested = false,"
             " progress = NULL"
             f" WHERE t.id = $1 AND t.status IN ('dead', 'cancelled') RETURNING {_COLUMNS}",
@@ -799,3 +854,9 @@ class TaskStore:
             older_than_s,
         )
         return [(r[0], r[1], r[2]) for r in rows]
+
+
+# For the other stores that read task rows (store/workflows.py): the record's columns, from
+# `{schema}.tasks AS t`, and the record of such a row.
+RECORD_COLUMNS = _COLUMNS
+record_of = _record

@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from conveyor import metrics
+from conveyor.client import TaskRelatives
 from conveyor.egress.client import OutboundHttp
 from conveyor.egress.policy import EgressPolicy
 from conveyor.errors import ConfigError, Unavailable
@@ -105,7 +106,8 @@ class Worker:
                                  interval_s=settings.progress_interval)
         self.cancels = Cancels(state.events, self.in_flight, grace_s=settings.cancel_grace)
         self.executor = Executor(settings, self.worker_id, self.http,
-                                 progress=self.progress.report)
+                                 progress=self.progress.report,
+                                 relatives=TaskRelatives(state.client))
         # Two connections pinned for the worker's lifetime: one starts tasks, one records them.
         self._pinned = [Pinned(state.pool, acquire_timeout_s=settings.pg_acquire_timeout)
                         for _ in range(2)]
