@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from conveyor.errors import (
 )
 from conveyor.queue.events import CLOSING, FINAL_STATUSES, RESYNC, Event, EventLog, Hub, event
 from conveyor.queue.streams import Publish, TaskStreams
-from conveyor.registry import Registry
+from conveyor.registry import PRIORITIES, Registry
 from conveyor.runtime.coalescer import Coalescer
 from conveyor.store import notify
 from conveyor.store.notify import Enqueued
@@ -56,6 +57,11 @@ class TaskRequest:
     idempotency_key: str | None = None
     delay_s: float = 0.0
     max_attempts: int | None = None
+    priority: str | None = None  # high, default or low, for a type declared with priorities
+    # No second task with the same unique key (default: the payload) while this one is
+    # queued or running, or within `unique_for` seconds of its creation.
+    unique_for: float | None = None
+    unique_key: str | None = None
 
 
 class Client:
@@ -96,6 +102,24 @@ class Client:
         key_flaw = text_flaw(request.idempotency_key or "")
         if key_flaw is not None:
             raise PayloadInvalid(f"idempotency key for {request.type!r}: {key_flaw}")
+        priority = request.priority
+        if priority is not None and priority not in PRIORITIES:
+            raise PayloadInvalid(f"priority {priority!r} for {request.type!r}: it is one of "
+                                 f"{', '.join(PRIORITIES)}")
+        if priority not in (None, "default") and not task_type.priorities:
+            raise PayloadInvalid(f"priority {priority!r}: task type {request.type!r} is not "
+                                 "declared with priorities")
+        unique_key = None
+        if request.unique_for is not None:
+            if not request.unique_for > 0:
+                raise PayloadInvalid(f"unique_for for {request.type!r}: seconds, above 0")
+            unique_key = request.unique_key or "payload:" + hashlib.sha256(
+                payload_json.encode()).hexdigest()
+            key_flaw = text_flaw(unique_key)
+            if key_flaw is not None:
+                raise PayloadInvalid(f"unique key for {request.type!r}: {key_flaw}")
+        elif request.unique_key is not None:
+            raise PayloadInvalid(f"unique_key for {request.type!r} needs unique_for")
         return NewTask(
             id=new_task_id(),
             type=request.type,
@@ -106,15 +130,21 @@ class Client:
             idempotency_key=request.idempotency_key,
             delay_s=max(0.0, request.delay_s),
             trace_context=tracing.current_context(),
+            priority=None if priority in (None, "default") else priority,
+            unique_key=unique_key,
+            unique_for_s=request.unique_for,
         )
 
     async def enqueue(
         self, type_: str, payload: BaseModel | Mapping[str, Any], *,
         idempotency_key: str | None = None, delay_s: float = 0.0, max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> Inserted:
         """Enqueue one task; with an idempotency key already used, return the first task
-        (IdempotencyConflict if its payload differs)."""
-        request = TaskRequest(type_, payload, idempotency_key, delay_s, max_attempts)
+        (IdempotencyConflict if its payload differs); the same with a unique key held."""
+        request = TaskRequest(type_, payload, idempotency_key, delay_s, max_attempts, priority,
+                              unique_for, unique_key)
         return (await self.enqueue_many([request]))[0]
 
     async def enqueue_many(self, requests: Sequence[TaskRequest]) -> list[Inserted]:

@@ -184,6 +184,9 @@ class TaskSpec:
     idempotency_key: str | None = None
     delay_s: float = 0.0
     max_attempts: int | None = None
+    priority: str | None = None
+    unique_for: float | None = None
+    unique_key: str | None = None
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -354,6 +357,9 @@ def _task_body(spec: TaskSpec) -> dict[str, Any]:
         body["delay_seconds"] = spec.delay_s
     if spec.max_attempts is not None:
         body["max_attempts"] = spec.max_attempts
+    for name in ("priority", "unique_for", "unique_key"):
+        if getattr(spec, name) is not None:
+            body[name] = getattr(spec, name)
     return body
 
 
@@ -435,9 +441,12 @@ class Client(_Base):
         self, type_: str, payload: BaseModel | Mapping[str, Any], *,
         idempotency_key: str | None = None, delay_s: float = 0.0,
         max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> Task:
         """Enqueue one task; with an idempotency key already used, the first task."""
-        body = _task_body(TaskSpec(type_, payload, idempotency_key, delay_s, max_attempts))
+        body = _task_body(TaskSpec(type_, payload, idempotency_key, delay_s, max_attempts,
+                                       priority, unique_for, unique_key))
         return Task.model_validate(self._request("POST", "/v1/tasks", json=body))
 
     def enqueue_many(self, specs: Sequence[TaskSpec]) -> Batch:
@@ -565,9 +574,12 @@ class AsyncClient(_Base):
         self, type_: str, payload: BaseModel | Mapping[str, Any], *,
         idempotency_key: str | None = None, delay_s: float = 0.0,
         max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> Task:
         """Enqueue one task; with an idempotency key already used, the first task."""
-        body = _task_body(TaskSpec(type_, payload, idempotency_key, delay_s, max_attempts))
+        body = _task_body(TaskSpec(type_, payload, idempotency_key, delay_s, max_attempts,
+                                       priority, unique_for, unique_key))
         return Task.model_validate(await self._request("POST", "/v1/tasks", json=body))
 
     async def enqueue_many(self, specs: Sequence[TaskSpec]) -> Batch:

@@ -19,9 +19,10 @@ from pydantic import (
     ValidatorFunctionWrapHandler,
     WrapValidator,
     create_model,
+    field_validator,
 )
 
-from conveyor.registry import Registry, TaskType
+from conveyor.registry import Registry, TaskType, parse_task_rate
 from conveyor.store.tasks import Status, TaskRecord
 from conveyor.validation import INTEGRAL_FLOATS, StorableStr, require_storable
 
@@ -139,6 +140,43 @@ class QueueOut(BaseModel):
     running: int
     dead: int
     oldest_queued_age_s: float | None = Field(description="age of the oldest due queued task")
+    flow: FlowOut | None = Field(default=None, description="flow control in force")
+
+
+class FlowOut(BaseModel):
+    """A type's flow limits in force (declared in code, or changed through the API) and what
+    they hold now. A limit of null is none."""
+
+    max_concurrency: int | None
+    concurrency_key: str | None
+    max_concurrency_per_key: int | None
+    rate_limit: str | None = Field(description="N/s, N/m or N/h, with its burst if not 1")
+    rate_limit_per_key: str | None
+    paused: bool
+    priorities: list[str] | None = Field(description="levels a task may carry, highest first")
+    leases_in_use: int | None = Field(description="concurrency slots held now, cluster-wide")
+    overridden: list[str] = Field(description="settings changed at run time (over the code's)")
+    updated_at: datetime | None = Field(description="when they were last changed at run time")
+
+
+class LimitsIn(BaseModel):
+    """Changes to a type's flow limits; a field left out stays as it is, null goes back to the
+    value declared in code, 0 (a rate of `off`) lifts the limit."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_concurrency: int | None = Field(default=None, ge=0, le=1_000_000)
+    max_concurrency_per_key: int | None = Field(default=None, ge=0, le=1_000_000)
+    rate_limit: StorableStr | None = Field(
+        default=None, max_length=64, description="N/s, N/m or N/h, optionally `burst=B`; off")
+    rate_limit_per_key: StorableStr | None = Field(default=None, max_length=64)
+
+    @field_validator("rate_limit", "rate_limit_per_key")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is None or value == "off":
+            return value
+        return str(parse_task_rate(value))  # ValueError (a 422 naming the field) otherwise
 
 
 class QueuesOut(BaseModel):
@@ -158,6 +196,16 @@ class TaskRequestBase(BaseModel):
     )
     delay_seconds: float = Field(default=0.0, ge=0, le=MAX_DELAY_S)
     max_attempts: Annotated[int, Field(ge=1, le=1000), INTEGRAL_FLOATS] | None = None
+    priority: Literal["high", "default", "low"] | None = Field(
+        default=None, description="for a type declared with priorities: higher runs first")
+    unique_for: float | None = Field(
+        default=None, gt=0, le=MAX_DELAY_S,
+        description="no second task with the same unique key while this one is queued or "
+                    "running, or within this many seconds of its creation; the first is "
+                    "returned instead")
+    unique_key: StorableStr | None = Field(
+        default=None, min_length=1, max_length=200,
+        description="with unique_for: what makes tasks the same (default: the payload)")
 
 
 def _storable_json(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:

@@ -38,6 +38,19 @@ class Keys:
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"
 
+    def leases(self, task_type: str, key: str | None = None) -> str:
+        """Sorted set of a type's concurrency leases (or one concurrency key's), each a token
+        scored by its expiry in Redis ms (`queue.flow`)."""
+        return f"{self.prefix}:{{{task_type}}}:leases" + ("" if key is None else f":k:{key}")
+
+    def pace(self, task_type: str, key: str | None = None) -> str:
+        """A type's rate-limit state (GCRA: its theoretical arrival time in µs), or a key's."""
+        return f"{self.prefix}:{{{task_type}}}:pace" + ("" if key is None else f":k:{key}")
+
+    def flow(self) -> str:
+        """Pub/sub channel nudging workers to reload flow settings (payload: the type)."""
+        return f"{self.prefix}:flow"
+
     def rate(self, principal: str) -> str:
         """An API key's rate-limit state (GCRA: its theoretical arrival time), one key each."""
         return f"{self.prefix}:rate:{principal}"

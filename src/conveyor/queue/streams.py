@@ -479,6 +479,10 @@ class TaskStreams:
                       if isinstance(entries, list) and entries else None)
         return out
 
+    async def lag(self, task_type: str) -> int:
+        """Entries of the type's stream not yet delivered to the group (0 if unknown)."""
+        return sum(s.undelivered or 0 for s in (await self.stats([task_type])).values())
+
     async def dead_letters(self, task_type: str, count: int = 100) -> list[dict[str, str]]:
         """Newest dead-letter entries of a type."""
         with translate("streams.dead_letters"):

@@ -164,6 +164,9 @@ def _insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
         [t.max_attempts for t in tasks],
         [t.delay_s for t in tasks],
         [_json_or_none(t.trace_context) for t in tasks],
+        [t.priority for t in tasks],
+        [t.unique_key for t in tasks],
+        [t.unique_for_s for t in tasks],
     )
 
 
@@ -179,6 +182,10 @@ class NewTask:
     delay_s: float = 0.0
     # The enqueuing span's context (`conveyor.tracing`), None with tracing off.
     trace_context: dict[str, str] | None = None
+    priority: str | None = None  # 'high' or 'low'; None is 'default' (flow control)
+    # One task per (type, unique key) while queued or running, or for unique_for_s seconds.
+    unique_key: str | None = None
+    unique_for_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,14 +299,29 @@ class TaskStore:
         t = self.table
         self._insert_sql = f"""
             INSERT INTO {t} AS t (id, type, payload, idempotency_key, max_attempts, run_at,
-                                  trace_context)
+                                  trace_context, priority, unique_key, unique_until)
             SELECT u.id, u.type, u.payload::jsonb, u.key, u.max_attempts,
-                   now() + u.delay * interval '1 second', u.trace::jsonb
+                   now() + u.delay * interval '1 second', u.trace::jsonb, u.priority,
+                   u.unique_key, now() + u.unique_for * interval '1 second'
             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float8[],
-                        $7::text[])
-                 AS u(id, type, payload, key, max_attempts, delay, trace)
-            ON CONFLICT (type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                        $7::text[], $8::text[], $9::text[], $10::float8[])
+                 AS u(id, type, payload, key, max_attempts, delay, trace, priority, unique_key,
+                      unique_for)
+            -- (type, idempotency_key) or (type, unique_key): either returns the task there
+            ON CONFLICT DO NOTHING
             RETURNING {_COLUMNS}"""
+        # $1 types, $2 unique keys. A unique key holds while its task is queued or running,
+        # or until its unique_until; past both it is released here, for a new task to take.
+        self._release_unique_sql = f"""
+            UPDATE {t} AS t SET unique_key = NULL
+            FROM unnest($1::text[], $2::text[]) AS u(type, key)
+            WHERE t.type = u.type AND t.unique_key = u.key
+              AND t.status IN ('succeeded', 'dead', 'cancelled') AND t.unique_until <= now()
+            RETURNING u.type, u.key"""
+        self._existing_unique_sql = f"""
+            SELECT {_COLUMNS}, t.unique_key FROM {t} AS t
+            JOIN unnest($1::text[], $2::text[]) AS u(type, key)
+              ON t.type = u.type AND t.unique_key = u.key"""
         self._existing_sql = f"""
             SELECT {_COLUMNS} FROM {t} AS t
             JOIN unnest($1::text[], $2::text[]) AS u(type, key)
@@ -395,13 +417,17 @@ class TaskStore:
         created = {row[0]: _record(row) for row in rows}
         if len(created) == len(tasks):
             return [Inserted(created[t.id], True) for t in tasks]
+        same = await self._unique(conn, [t for t in tasks
+                                         if t.id not in created and t.unique_key], created)
         found: dict[tuple[str, str | None], TaskRecord] = {}
         # A key taken by a task past the idempotency TTL is released and the task inserted
         # again; a key released by a concurrent caller (not found, not inserted) is tried
         # again too. Three rounds settle any such race.
         for _ in range(3):
             missing = [t for t in tasks
-                       if t.id not in created and (t.type, t.idempotency_key) not in found]
+                       if t.id not in created and t.idempotency_key is not None
+                       and (t.type, t.unique_key) not in same
+                       and (t.type, t.idempotency_key) not in found]
             if not missing:
                 break
             released = []
@@ -422,11 +448,41 @@ class TaskStore:
         for t in tasks:
             if t.id in created:
                 out.append(Inserted(created[t.id], True))
+            elif t.unique_key is not None and (t.type, t.unique_key) in same:
+                out.append(Inserted(same[(t.type, t.unique_key)], False))
             elif (t.type, t.idempotency_key) in found:
                 out.append(Inserted(found[(t.type, t.idempotency_key)], False))
             else:
                 raise Conflict("tasks.insert", "an idempotency key changed hands meanwhile")
         return out
+
+    async def _unique(
+        self, conn: Connection, tasks: list[NewTask], created: dict[uuid.UUID, TaskRecord]
+    ) -> dict[tuple[str, str], TaskRecord]:
+        """Tasks not inserted whose unique key another holds: release keys past their hold
+        and insert again, else find the holder (the unique index decides every race: a
+        concurrent insert of the same key waits for the first to commit, then finds it)."""
+        same: dict[tuple[str, str], TaskRecord] = {}
+        for _ in range(3):
+            if not tasks:
+                break
+            types, keys = [t.type for t in tasks], [t.unique_key for t in tasks]
+            if await conn.fetch(self._release_unique_sql, types, keys):
+                rows = await conn.fetch(self._insert_sql, *_insert_args(tasks))
+                created.update({row[0]: _record(row) for row in rows})
+                tasks = [t for t in tasks if t.id not in created]
+                types, keys = [t.type for t in tasks], [t.unique_key for t in tasks]
+            for row in await conn.fetch(self._existing_unique_sql, types, keys):
+                values = list(row)
+                key = values.pop()
+                same[(row["type"], key)] = _record(values)
+            tasks = [t for t in tasks if t.unique_key is not None
+                     and (t.type, t.unique_key) not in same]
+            if tasks:  # released by a concurrent caller meanwhile: insert again
+                rows = await conn.fetch(self._insert_sql, *_insert_args(tasks))
+                created.update({row[0]: _record(row) for row in rows})
+                tasks = [t for t in tasks if t.id not in created]
+        return same
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -667,6 +723,28 @@ class TaskStore:
                   AND t.attempts = h.attempt AND t.id = ANY($1::uuid[])
                 RETURNING t.id, t.status""",
             [i for i, _ in attempts], [a for _, a in attempts], worker,
+        )
+        return [r[0] for r in rows if r[1] == "queued"]
+
+    async def defer(
+        self, attempts: Sequence[tuple[uuid.UUID, int, float]], worker: str
+    ) -> list[uuid.UUID]:
+        """running on `worker` at the given attempt → queued, due after the given seconds, the
+        attempt not counted: a start its concurrency key's limit did not let run (flow
+        control). Returns the ids changed."""
+        if not attempts:
+            return []
+        rows = await self._fetch(
+            "tasks.defer",
+            f"""UPDATE {self.table} AS t
+                SET {AFTER_CANCEL}, attempts = t.attempts - 1,
+                    run_at = now() + h.delay * interval '1 second', started_at = NULL
+                FROM unnest($1::uuid[], $2::int[], $3::float8[]) AS h(id, attempt, delay)
+                WHERE t.id = h.id AND t.status = 'running' AND t.worker = $4
+                  AND t.attempts = h.attempt AND t.id = ANY($1::uuid[])
+                RETURNING t.id, t.status""",
+            [i for i, _, _ in attempts], [a for _, a, _ in attempts],
+            [d for _, _, d in attempts], worker,
         )
         return [r[0] for r in rows if r[1] == "queued"]
 

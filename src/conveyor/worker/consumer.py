@@ -9,20 +9,28 @@ for an entry newer than the stream's last one at that read (`TaskStreams.wait_ne
 every idle consumer of its type in every such worker: one read gets it, the others get nothing
 and wait again. A read that found a full batch is followed at once by another for every free
 slot.
+
+A type under flow limits (`gate.py`) reads only what the gate admits, never blocking (a
+blocked read would sit on leases and rate cells); at a limit its consumer gives its slots back
+and waits, holding nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Callable
 
+from conveyor import metrics
 from conveyor.errors import Unavailable
 from conveyor.queue.keys import consumer_name
 from conveyor.queue.streams import TaskStreams
-from conveyor.registry import TaskType
+from conveyor.registry import Limits, TaskType
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.worker.dispatcher import Dispatcher
+from conveyor.worker.gate import Gate
 from conveyor.worker.slots import Slots
 
 
@@ -40,6 +48,7 @@ class Consumer:
         spawn: Callable[[asyncio.Future[None]], None],
         block_ms: int,
         solo: bool,
+        gate: Gate | None = None,
     ) -> None:
         self.task_type = task_type
         self.name = consumer_name(worker_id, task_type.name)
@@ -49,6 +58,8 @@ class Consumer:
         self.spawn = spawn
         self.block_ms = block_ms
         self.solo = solo
+        self.gate = gate
+        self._waited_at = 0.0  # when the waiting-on-limit gauge was last read
         self._read_outage = Outage(f"consumer.{task_type.name}.read")
 
     async def run(self, shutdown: Shutdown) -> None:
@@ -74,9 +85,16 @@ class Consumer:
             taken = await self.slots.take(want)
             if taken == 0:
                 return
+            limits = self.gate.of(name) if self.gate is not None else None
+            if limits is not None and limits.limited:
+                taken = await self._admit(taken, shutdown)
+                if taken == 0:
+                    continue
+            else:
+                limits = None
             last: bytes | None = None
             try:
-                if self.solo:  # no one else needs the slots: block on them
+                if self.solo and limits is None:  # no one else needs the slots: block on them
                     messages = await self.streams.read(name, self.name, taken,
                                                        self.block_ms if blocking else None)
                 else:
@@ -84,12 +102,60 @@ class Consumer:
                 self._read_outage.recovered()
             except Unavailable as exc:
                 self.slots.give(taken)
+                if limits is not None and self.gate is not None:
+                    await self._unused(taken, limits)
                 await self._read_outage.failed(exc, shutdown)
                 continue
             if len(messages) < taken:
                 self.slots.give(taken - len(messages))
+                if limits is not None:
+                    await self._unused(taken - len(messages), limits)
             blocking = len(messages) < taken
             mark = last if blocking else None
             if messages:  # started alongside the next read, so starts can share a statement
                 self.spawn(asyncio.ensure_future(
-                    self.dispatcher.dispatch(self.name, messages, shutdown)))
+                    self.dispatcher.dispatch(self.name, messages, shutdown,
+                                             leased=limits is not None)))
+
+    async def _admit(self, taken: int, shutdown: Shutdown) -> int:
+        """Of `taken` slots, keep as many as the gate admits (0: it held the type back, and
+        this waited)."""
+        assert self.gate is not None
+        name = self.task_type.name
+        try:
+            granted, wait_s, limit = await self.gate.admit(name, taken)
+        except Unavailable as exc:
+            self.slots.give(taken)
+            await self._read_outage.failed(exc, shutdown)
+            return 0
+        if granted < taken:
+            self.slots.give(taken - granted)
+        if granted == 0:
+            await self._hold(limit or "concurrency", wait_s)
+            return 0
+        metrics.TASKS_WAITING_ON_LIMIT.labels(name).set(0)
+        return granted
+
+    async def _unused(self, count: int, limits: Limits) -> None:
+        assert self.gate is not None
+        # Cells taken and not used, if Redis is away: the rate is met a little early, never
+        # exceeded.
+        with contextlib.suppress(Unavailable):
+            await self.gate.unused(self.task_type.name, count, limits)
+
+    async def _hold(self, limit: str, wait_s: float) -> None:
+        """Wait, holding no slot, until the gate may admit again (or the slots close)."""
+        assert self.gate is not None
+        name = self.task_type.name
+        gauge = metrics.FLOW_LIMITED.labels(name, limit)
+        gauge.inc()
+        try:
+            now = time.monotonic()
+            if now - self._waited_at >= 1.0:
+                self._waited_at = now
+                with contextlib.suppress(Unavailable):
+                    lag = await self.streams.lag(name)
+                    metrics.TASKS_WAITING_ON_LIMIT.labels(name).set(lag)
+            await self.slots.idle(self.gate.wait(wait_s))
+        finally:
+            gauge.dec()

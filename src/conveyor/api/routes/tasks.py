@@ -63,6 +63,9 @@ def _task_request(body: Any) -> TaskRequest:
         idempotency_key=body.idempotency_key,
         delay_s=body.delay_seconds,
         max_attempts=body.max_attempts,
+        priority=body.priority,
+        unique_for=body.unique_for,
+        unique_key=body.unique_key,
     )
 
 

@@ -1,0 +1,78 @@
+"""Flow control inside one process, on real servers: several workers of one app share the
+limits through Redis (the subprocess tests in tests/system/test_flow.py do it across
+processes)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from conveyor.application import Conveyor
+from conveyor.client import TaskRequest
+from conveyor.state import AppState
+from conveyor.worker.worker import Worker
+from tests.apps import flow
+from tests.apps.flow import key
+from conveyor.config import Settings
+from conveyor.testing.servers import PostgresServer, RedisServer
+from tests.conftest import eventually, make_settings
+
+
+@pytest.fixture
+def app() -> Conveyor:
+    return flow.app
+
+
+@pytest.fixture
+def settings(postgres: PostgresServer, redis_server: RedisServer) -> Settings:
+    # Three workers in one process pin two connections each.
+    return make_settings(postgres, redis_server.url, pg_pool_max=20)
+
+
+StartWorker = Callable[..., Awaitable[Worker]]
+
+
+async def peak(state: AppState, scope: str) -> int:
+    return int(await state.redis.get(key(state.settings.key_prefix, "peak", scope)) or 0)
+
+
+async def finished(state: AppState, ids: list[Any]) -> bool:
+    rows = await state.pool.fetch(
+        f"SELECT status FROM {state.settings.database_schema}.tasks WHERE id = ANY($1::uuid[])",
+        ids)
+    return len(rows) == len(ids) and all(r[0] == "succeeded" for r in rows)
+
+
+async def test_global_concurrency_is_shared_by_workers(state: AppState,
+                                                       start_worker: StartWorker) -> None:
+    for _ in range(3):
+        await start_worker(types=["limited"])
+    inserted = await state.client.enqueue_many(
+        [TaskRequest("limited", {"seconds": 0.03}) for _ in range(60)])
+    await eventually(lambda: finished(state, [i.record.id for i in inserted]), 30)
+    assert await peak(state, "limited") == 3
+
+
+async def test_keyed_concurrency_per_tenant(state: AppState, start_worker: StartWorker) -> None:
+    for _ in range(2):
+        await start_worker(types=["keyed"])
+    inserted = await state.client.enqueue_many(
+        [TaskRequest("keyed", {"seconds": 0.05, "tenant": f"t{i % 3}"}) for i in range(30)])
+    await eventually(lambda: finished(state, [i.record.id for i in inserted]), 30)
+    for tenant in range(3):
+        assert await peak(state, f"keyed:t{tenant}") == 2
+    attempts = {(await state.store.get(i.record.id)).attempts  # type: ignore[union-attr]
+                for i in inserted}
+    assert attempts == {1}  # a put-back start is not an attempt
+
+
+async def test_unique_for_dedups_concurrent_enqueues(state: AppState) -> None:
+    async def one() -> Any:
+        return (await state.client.enqueue("plain", {"label": "x"}, unique_for=60)).record.id
+    ids = await asyncio.gather(*(one() for _ in range(50)))
+    assert len(set(ids)) == 1
+    other = await state.client.enqueue("plain", {"label": "y"}, unique_for=60)
+    assert other.record.id != ids[0] and other.created
