@@ -12,12 +12,12 @@ import pytest
 
 from conveyor.application import Conveyor
 from conveyor.client import TaskRequest
+from conveyor.config import Settings
 from conveyor.state import AppState
+from conveyor.testing.servers import PostgresServer, RedisServer
 from conveyor.worker.worker import Worker
 from tests.apps import flow
 from tests.apps.flow import key
-from conveyor.config import Settings
-from conveyor.testing.servers import PostgresServer, RedisServer
 from tests.conftest import eventually, make_settings
 
 
@@ -75,4 +75,5 @@ async def test_unique_for_dedups_concurrent_enqueues(state: AppState) -> None:
     ids = await asyncio.gather(*(one() for _ in range(50)))
     assert len(set(ids)) == 1
     other = await state.client.enqueue("plain", {"label": "y"}, unique_for=60)
-    assert other.record.id != ids[0] and other.created
+    assert other.record.id != ids[0]
+    assert other.created
