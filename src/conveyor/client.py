@@ -177,7 +177,8 @@ class Client:
         new = [task for call in calls for task in call]
         inserted = await self.store.insert(new, via=self.pinned)
         delayed = {t.id for t in new if t.delay_s > 0}
-        await self.publish([i.record for i in inserted if i.created], delayed)
+        levels = {t.id: t.priority for t in new if t.priority is not None}
+        await self.publish([i.record for i in inserted if i.created], delayed, levels)
         for i in inserted:
             if i.created:
                 metrics.TASKS_ENQUEUED.labels(i.record.type).inc()
@@ -188,14 +189,19 @@ class Client:
         return out
 
     async def publish(
-        self, records: Sequence[TaskRecord], delayed: Collection[uuid.UUID] = ()
+        self, records: Sequence[TaskRecord], delayed: Collection[uuid.UUID] = (),
+        levels: Mapping[uuid.UUID, str] | None = None,
     ) -> None:
-        """Put committed tasks on Redis (`delayed` ones in their delayed set until run_at);
+        """Put committed tasks on Redis (`delayed` ones in their delayed set until run_at; those
+        of a type with priorities in their level's ready set, by `levels`, default otherwise);
         if Redis is unavailable the relay will do it later."""
         if not records:
             return
+        types = self.registry.types
         items = [
-            Publish(r.type, r.id, int(r.run_at.timestamp() * 1000) if r.id in delayed else None)
+            Publish(r.type, r.id, int(r.run_at.timestamp() * 1000) if r.id in delayed else None,
+                    (levels or {}).get(r.id, "default")
+                    if r.type in types and types[r.type].priorities else None)
             for r in records
         ]
         events, also = self.events, None

@@ -219,6 +219,8 @@ class TaskContext:
 
 
 PRIORITIES: tuple[str, ...] = ("high", "default", "low")  # highest first
+# Shares of reads among levels that all have tasks waiting (README, Flow control: priorities).
+PRIORITY_WEIGHTS: tuple[int, ...] = (9, 3, 1)
 _TASK_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|m|h)\s*(?:[,;]?\s*burst\s*=?\s*(\d+))?\s*$")
 _PERIOD_S = {"s": 1, "m": 60, "h": 3600}
 

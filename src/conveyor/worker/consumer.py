@@ -26,7 +26,7 @@ from conveyor import metrics
 from conveyor.errors import Unavailable
 from conveyor.queue.keys import consumer_name
 from conveyor.queue.streams import TaskStreams
-from conveyor.registry import Limits, TaskType
+from conveyor.registry import PRIORITIES, PRIORITY_WEIGHTS, Limits, TaskType
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.worker.dispatcher import Dispatcher
@@ -68,7 +68,9 @@ class Consumer:
         (which holds no slot and claims nothing) is cut short."""
         name = self.task_type.name
         blocking = True  # the last read came back short: the stream is drained
-        mark: bytes | None = None  # shared slots: wait, holding none, for entries past this
+        # shared slots: wait, holding none, for entries past this (and the bell's, ranked)
+        mark: bytes | tuple[bytes, bytes] | None = None
+        ranked = self.task_type.priorities
         while not shutdown.begun:
             want = self.slots.capacity
             if mark is not None:
@@ -92,9 +94,12 @@ class Consumer:
                     continue
             else:
                 limits = None
-            last: bytes | None = None
+            last: bytes | tuple[bytes, bytes] | None = None
             try:
-                if self.solo and limits is None:  # no one else needs the slots: block on them
+                if ranked:
+                    messages, last = await self.streams.read_ranked(
+                        name, self.name, taken, PRIORITIES, PRIORITY_WEIGHTS)
+                elif self.solo and limits is None:  # no one else needs the slots: block
                     messages = await self.streams.read(name, self.name, taken,
                                                        self.block_ms if blocking else None)
                 else:

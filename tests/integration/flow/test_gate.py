@@ -5,7 +5,9 @@ processes)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from conveyor.application import Conveyor
 from conveyor.client import TaskRequest
 from conveyor.config import Settings
+from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState
 from conveyor.testing.servers import PostgresServer, RedisServer
 from conveyor.worker.worker import Worker
@@ -33,6 +36,26 @@ def settings(postgres: PostgresServer, redis_server: RedisServer) -> Settings:
 
 
 StartWorker = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def start_worker(state: AppState) -> AsyncIterator[StartWorker]:
+    """Workers running in the background (of `state=`, to run one with other settings);
+    drained at teardown."""
+    running: list[tuple[Shutdown, asyncio.Task[None]]] = []
+
+    async def start(*, state: AppState = state, **kwargs: Any) -> Worker:
+        worker = Worker(state, **kwargs)
+        shutdown = Shutdown(state.settings.drain_timeout)
+        running.append((shutdown, asyncio.create_task(worker.run(shutdown))))
+        return worker
+
+    yield start
+    for shutdown, _ in running:
+        shutdown.begin("test over")
+    for _, task in running:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 15)
 
 
 async def peak(state: AppState, scope: str) -> int:
@@ -77,3 +100,49 @@ async def test_unique_for_dedups_concurrent_enqueues(state: AppState) -> None:
     other = await state.client.enqueue("plain", {"label": "y"}, unique_for=60)
     assert other.record.id != ids[0]
     assert other.created
+
+
+def with_concurrency(state: AppState, n: int) -> AppState:
+    return dataclasses.replace(state, settings=state.settings.model_copy(update={
+        "concurrency": n}))
+
+
+async def order(state: AppState) -> list[str]:
+    raw = await state.redis.lrange(key(state.settings.key_prefix, "order"), 0, -1)
+    return [x.decode() for x in raw]
+
+
+async def test_priorities_high_first_low_not_starved(state: AppState,
+                                                     start_worker: StartWorker) -> None:
+    await state.client.enqueue_many(
+        [TaskRequest("ranked", {"label": f"low{i}"}, priority="low") for i in range(20)]
+        + [TaskRequest("ranked", {"label": f"high{i}"}, priority="high") for i in range(20)])
+    await start_worker(types=["ranked"], state=with_concurrency(state, 1))
+    await eventually(lambda: _count(state, 40), 30)
+    first = (await order(state))[:13]
+    print("first starts:", first)
+    assert sum(x.startswith("high") for x in first) >= 10
+    assert any(x.startswith("low") for x in first)  # its share, though high ones wait
+
+
+async def test_high_starts_within_one_read_behind_a_low_backlog(
+        state: AppState, start_worker: StartWorker) -> None:
+    await state.client.enqueue_many(
+        [TaskRequest("ranked", {"label": f"low{i}", "seconds": 0.005}, priority="low")
+         for i in range(1000)])
+    await start_worker(types=["ranked"])
+    await eventually(lambda: _count(state, 20), 30)
+    await state.client.enqueue("ranked", {"label": "high"}, priority="high")
+    before = len(await order(state))
+    await eventually(lambda: _has(state, "high"), 30)
+    position = (await order(state)).index("high")
+    print(f"high started after {position - before} low starts past its enqueue")
+    assert position - before <= 5  # the reads in flight when it came, at most one batch
+
+
+async def _count(state: AppState, n: int) -> bool:
+    return len(await order(state)) >= n
+
+
+async def _has(state: AppState, label: str) -> bool:
+    return label in await order(state)
