@@ -109,7 +109,7 @@ def with_concurrency(state: AppState, n: int) -> AppState:
 
 async def order(state: AppState) -> list[str]:
     raw = await state.redis.lrange(key(state.settings.key_prefix, "order"), 0, -1)
-    return [x.decode() for x in raw]
+    return [x.decode() if isinstance(x, bytes) else x for x in raw]
 
 
 async def test_priorities_high_first_low_not_starved(state: AppState,
