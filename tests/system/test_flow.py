@@ -110,7 +110,8 @@ async def test_global_concurrency_holds_across_processes_and_a_killed_worker_fre
     assert view["leases_in_use"] == 3
 
     # SIGKILL a worker holding a slot: its lease expires within the TTL, the fourth starts.
-    tokens = [bytes(t).decode() for t in await state.redis.zrange(leases, 0, -1)]
+    raw: Any = await state.redis.zrange(leases, 0, -1)
+    tokens = [t.decode() for t in raw]
     pids = {int(t.split(":")[0].split("-")[-2]) for t in tokens}
     victim = next(p for p in procs if p.pid in pids)
     killed_at = time.monotonic()
