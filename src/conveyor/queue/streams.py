@@ -583,13 +583,19 @@ class TaskStreams:
                              if isinstance(found, list) else None)
                     start = "(" + group["last-delivered-id"].decode() if group else "-"
                     pipe.xrange(self.keys.stream(t), min=start, max="+", count=1)
+                    for level in READY_LEVELS:  # a type with priorities: its ready sets
+                        pipe.zrange(self.keys.ready(t, level), 0, 0, withscores=True)
                 pipe.time()
-                *firsts, (seconds, micros) = await pipe.execute(raise_on_error=False)
+                *replies, (seconds, micros) = await pipe.execute(raise_on_error=False)
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         out: dict[str, int | None] = {}
-        for t, entries in zip(types, firsts, strict=True):
-            out[t] = (max(0, now_ms - int(entries[0][0].split(b"-")[0]))
-                      if isinstance(entries, list) and entries else None)
+        width = 1 + len(READY_LEVELS)
+        for i, t in enumerate(types):
+            entries, *ready = replies[width * i:width * (i + 1)]
+            oldest = [int(entries[0][0].split(b"-")[0])] if isinstance(entries, list) and entries \
+                else []
+            oldest += [int(r[0][1]) for r in ready if isinstance(r, list) and r]
+            out[t] = max(0, now_ms - min(oldest)) if oldest else None
         return out
 
     async def lag(self, task_type: str) -> int:

@@ -146,3 +146,14 @@ async def _count(state: AppState, n: int) -> bool:
 
 async def _has(state: AppState, label: str) -> bool:
     return label in await order(state)
+
+
+async def test_ready_sets_count_as_waiting_for_the_gauges_and_the_relay(
+        state: AppState) -> None:
+    ids = [i.record.id for i in await state.client.enqueue_many(
+        [TaskRequest("ranked", {}, priority=p) for p in ("high", "default", "low")])]
+    stats = (await state.streams.stats(["ranked"]))["ranked"]
+    assert stats.undelivered == 3
+    assert stats.length == 0  # nothing entered the stream yet
+    assert (await state.streams.oldest_undelivered_age_ms(["ranked"]))["ranked"] is not None
+    assert await state.streams.delayed_among("ranked", ids) == set(ids)  # the relay skips them
