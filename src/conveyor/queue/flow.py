@@ -73,25 +73,29 @@ end
 return 0
 """
 
-# KEYS[1] TAT (µs of Redis TIME); ARGV[1] interval µs, ARGV[2] tolerance µs, ARGV[3] wanted.
-# Takes as many cells as the burst allows now, up to the wanted count: {taken, µs until one
-# more would be}.
+# KEYS[1] TAT (µs of Redis TIME); ARGV[1] interval µs, ARGV[2] tolerance µs, ARGV[3] wanted,
+# ARGV[4] lead µs. Takes as many cells as the burst allows, up to the wanted count, including
+# cells due within the lead (the caller starts each when it is due: the n-th taken is due
+# (n-1) intervals after the first, so time between a cell coming due and the next request is
+# not lost to the rate). Returns {taken, µs until the first is due (<= 0: now)} or {0, µs
+# until one would be taken}.
 _TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
+local lead = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
-local room = math.floor((tolerance - (tat - now)) / interval) + 1
+local room = math.floor((tolerance + lead - (tat - now)) / interval) + 1
 if room <= 0 then
-  return {0, tat - tolerance - now}
+  return {0, tat - tolerance - lead - now}
 end
 local taken = math.min(room, tonumber(ARGV[3]))
 local next_tat = tat + taken * interval
 redis.call('SET', KEYS[1], string.format('%.0f', next_tat),
            'PX', math.ceil((next_tat - now) / 1000) + 1)
-return {taken, 0}
+return {taken, tat - tolerance - now}
 """
 
 # KEYS[1] TAT; ARGV[1] interval µs, ARGV[2] cells to give back (taken, then not used).
@@ -114,7 +118,17 @@ MAX_KEY_CHARS = 200  # a concurrency key longer than this is cut (it names a Red
 @dataclass(frozen=True, slots=True)
 class Allowance:
     taken: int
-    retry_after_s: float  # 0 when something was taken
+    retry_after_s: float  # nothing taken: when to ask again
+    # Something taken: seconds until the first cell is due (<= 0: now) and between the next.
+    first_due_s: float = 0.0
+    interval_s: float = 0.0
+
+    def due_s(self, n: int) -> float:
+        """Seconds from the take until the n-th cell taken (from 0) is due."""
+        return max(0.0, self.first_due_s + n * self.interval_s)
+
+
+LEAD_US = 100_000  # cells may be taken this long before they are due (started when due)
 
 
 def _gcra_args(rate: TaskRate) -> tuple[int, int]:
@@ -182,12 +196,18 @@ class FlowRedis:
                 await self._renew(keys=sets,
                                   args=[ttl_ms, *(f"{index[k]}:{t}" for k, t in pairs)])
 
-    async def take(self, pace_key: str, rate: TaskRate, wanted: int) -> Allowance:
+    async def take(self, pace_key: str, rate: TaskRate, wanted: int, *, ahead: bool = False
+                   ) -> Allowance:
+        """Take up to `wanted` cells; `ahead`: including cells due within a short lead
+        (`due_in_s` says how long to wait before using them)."""
         interval, tolerance = _gcra_args(rate)
+        lead = LEAD_US if ahead else 0
         with translate("flow.take"):
             taken, wait_us = await self._take(keys=[pace_key],
-                                              args=[interval, tolerance, wanted])
-        return Allowance(int(taken), int(wait_us) / 1_000_000)
+                                              args=[interval, tolerance, wanted, lead])
+        if int(taken):
+            return Allowance(int(taken), 0.0, int(wait_us) / 1_000_000, interval / 1_000_000)
+        return Allowance(0, int(wait_us) / 1_000_000)
 
     async def refund(self, pace_key: str, rate: TaskRate, cells: int) -> None:
         if cells <= 0:

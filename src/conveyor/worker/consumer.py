@@ -24,8 +24,9 @@ from collections.abc import Callable
 
 from conveyor import metrics
 from conveyor.errors import Unavailable
+from conveyor.queue.flow import Allowance
 from conveyor.queue.keys import consumer_name
-from conveyor.queue.streams import TaskStreams
+from conveyor.queue.streams import Message, TaskStreams
 from conveyor.registry import PRIORITIES, PRIORITY_WEIGHTS, Limits, TaskType
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
@@ -88,8 +89,9 @@ class Consumer:
             if taken == 0:
                 return
             limits = self.gate.of(name) if self.gate is not None else None
+            cells: tuple[float, Allowance] | None = None  # rate cells: when each is due
             if limits is not None and limits.limited:
-                taken = await self._admit(taken, shutdown)
+                taken, cells = await self._admit(taken, shutdown)
                 if taken == 0:
                     continue
             else:
@@ -117,29 +119,49 @@ class Consumer:
                     await self._unused(taken - len(messages), limits)
             blocking = len(messages) < taken
             mark = last if blocking else None
-            if messages:  # started alongside the next read, so starts can share a statement
-                self.spawn(asyncio.ensure_future(
-                    self.dispatcher.dispatch(self.name, messages, shutdown,
-                                             leased=limits is not None)))
+            if messages:
+                self._dispatch(messages, shutdown, leased=limits is not None, cells=cells)
 
-    async def _admit(self, taken: int, shutdown: Shutdown) -> int:
+    def _dispatch(self, messages: list[Message], shutdown: Shutdown, *, leased: bool,
+                  cells: tuple[float, Allowance] | None) -> None:
+        """Started alongside the next read, so starts can share a statement; under a rate,
+        each when its cell is due."""
+        if cells is None:
+            self.spawn(asyncio.ensure_future(
+                self.dispatcher.dispatch(self.name, messages, shutdown, leased=leased)))
+            return
+        taken_at, allowance = cells
+        for i, message in enumerate(messages):
+            self.spawn(asyncio.ensure_future(
+                self._paced(taken_at + allowance.due_s(i), message, shutdown)))
+
+    async def _admit(self, taken: int, shutdown: Shutdown
+                     ) -> tuple[int, tuple[float, Allowance] | None]:
         """Of `taken` slots, keep as many as the gate admits (0: it held the type back, and
-        this waited)."""
+        this waited), and the rate cells taken for them with when (monotonic) they were."""
         assert self.gate is not None
         name = self.task_type.name
+        asked_at = time.monotonic()
         try:
-            granted, wait_s, limit = await self.gate.admit(name, taken)
+            granted, wait_s, limit, allowance = await self.gate.admit(name, taken)
         except Unavailable as exc:
             self.slots.give(taken)
             await self._read_outage.failed(exc, shutdown)
-            return 0
+            return 0, None
         if granted < taken:
             self.slots.give(taken - granted)
         if granted == 0:
             await self._hold(limit or "concurrency", wait_s)
-            return 0
+            return 0, None
         metrics.TASKS_WAITING_ON_LIMIT.labels(name).set(0)
-        return granted
+        return granted, (asked_at, allowance) if allowance is not None else None
+
+    async def _paced(self, at: float, message: Message, shutdown: Shutdown) -> None:
+        """Start `message` once its rate cell is due (at most the gate's lead from now)."""
+        wait_s = at - time.monotonic()
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        await self.dispatcher.dispatch(self.name, [message], shutdown, leased=True)
 
     async def _unused(self, count: int, limits: Limits) -> None:
         assert self.gate is not None
@@ -161,6 +183,6 @@ class Consumer:
                 with contextlib.suppress(Unavailable):
                     lag = await self.streams.lag(name)
                     metrics.TASKS_WAITING_ON_LIMIT.labels(name).set(lag)
-            await self.slots.idle(self.gate.wait(wait_s))
+            await self.slots.idle(self.gate.wait(name, wait_s))
         finally:
             gauge.dec()

@@ -24,7 +24,7 @@ import structlog
 
 from conveyor import metrics
 from conveyor.errors import Unavailable
-from conveyor.queue.flow import FlowRedis
+from conveyor.queue.flow import Allowance, FlowRedis
 from conveyor.registry import Limits, TaskType
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
@@ -55,8 +55,10 @@ class Gate:
         self.defer_s = defer_s
         self._seq = itertools.count()
         self._held: dict[str, list[str]] = {t.name: [] for t in types}  # global lease tokens
+        self._freed = {t.name: asyncio.Event() for t in types}  # some of its leases given back
         self._keyed: dict[uuid.UUID, tuple[str, str]] = {}  # task id: (lease set, token)
         self._to_release: list[tuple[str, str]] = []
+        self._released_types: set[str] = set()  # types of the leases in _to_release
         self._release_wake = asyncio.Event()
         self._changed = asyncio.Event()  # set by every reload
         self._reload_now = asyncio.Event()
@@ -70,12 +72,14 @@ class Gate:
 
     # -- before a read ---------------------------------------------------------------------
 
-    async def admit(self, task_type: str, want: int) -> tuple[int, float, str | None]:
-        """Take leases and cells for up to `want` messages: (how many, and if none, seconds to
-        wait and the limit that holds them back). Unavailable when Redis does not answer."""
+    async def admit(self, task_type: str, want: int
+                    ) -> tuple[int, float, str | None, Allowance | None]:
+        """Take leases and cells for up to `want` messages: (how many; if none, seconds to wait
+        and the limit that holds them back; the rate cells taken, which say when each may
+        start). Unavailable when Redis does not answer."""
         limits = self.limits[task_type]
         if limits.paused:
-            return 0, WAIT_MOST_S, "paused"
+            return 0, WAIT_MOST_S, "paused", None
         granted = want
         tokens: list[str] = []
         if limits.max_concurrency is not None:
@@ -85,20 +89,20 @@ class Gate:
             tokens = candidates[:granted]
             self._held[task_type].extend(tokens)
             if granted == 0:
-                return 0, self.poll_s, "concurrency"
+                return 0, self.poll_s, "concurrency", None
         if limits.rate_limit is not None:
             try:
                 allowance = await self.flow.take(self.flow.keys.pace(task_type),
-                                                 limits.rate_limit, granted)
+                                                 limits.rate_limit, granted, ahead=True)
             except Unavailable:
                 self.release(task_type, len(tokens))
                 raise
             if allowance.taken < granted:
                 self.release(task_type, granted - allowance.taken)
             if allowance.taken == 0:
-                return 0, min(WAIT_MOST_S, max(0.001, allowance.retry_after_s)), "rate"
-            granted = allowance.taken
-        return granted, 0.0, None
+                return 0, min(WAIT_MOST_S, max(0.001, allowance.retry_after_s)), "rate", None
+            return allowance.taken, 0.0, None, allowance
+        return granted, 0.0, None, None
 
     async def unused(self, task_type: str, count: int, limits: Limits) -> None:
         """A read came back `count` short of what `admit` allowed: give those back."""
@@ -109,14 +113,18 @@ class Gate:
         if limits.rate_limit is not None:
             await self.flow.refund(self.flow.keys.pace(task_type), limits.rate_limit, count)
 
-    async def wait(self, seconds: float) -> None:
-        """Sleep `seconds` at most, less if the limits are reloaded meanwhile."""
+    async def wait(self, task_type: str, seconds: float) -> None:
+        """Sleep `seconds` at most, less if the limits are reloaded or some of the type's
+        leases given back (by this worker) meanwhile."""
         self._changed.clear()
+        freed = self._freed[task_type]
+        freed.clear()
+        waits = [asyncio.ensure_future(self._changed.wait()), asyncio.ensure_future(freed.wait())]
         try:
-            async with asyncio.timeout(seconds):
-                await self._changed.wait()
-        except TimeoutError:
-            pass
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     def release(self, task_type: str, count: int) -> None:
         """Give back `count` of the type's leases (in the background, batched)."""
@@ -127,6 +135,7 @@ class Gate:
         tokens, held[:] = held[:count], held[count:]
         key = self.flow.keys.leases(task_type)
         self._to_release.extend((key, t) for t in tokens)
+        self._released_types.add(task_type)
         self._release_wake.set()
 
     # -- after a start ---------------------------------------------------------------------
@@ -257,8 +266,11 @@ class Gate:
                     w.cancel()
                 continue
             batch, self._to_release = self._to_release, []
+            types, self._released_types = self._released_types, set()
             try:
                 await self.flow.release(batch)
+                for task_type in types:  # a consumer waiting at the limit may try now
+                    self._freed[task_type].set()
             except Unavailable as exc:  # they expire by themselves
                 log.warning("flow.release.failed", leases=len(batch), error=str(exc))
                 if stop.begun:
