@@ -184,6 +184,11 @@ class Conveyor:
         """
 
         kept = Retention.of(retention)
+        if (max_concurrency_per_key is not None or rate_limit_per_key is not None) \
+                and concurrency_key is None:
+            raise ConfigError(f"task type {name!r}: max_concurrency_per_key and "
+                              "rate_limit_per_key need a concurrency_key (a payload path such "
+                              "as 'payload.tenant_id')")
         try:
             limits = Limits(
                 max_concurrency=max_concurrency, concurrency_key=concurrency_key,

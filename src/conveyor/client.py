@@ -109,17 +109,17 @@ class Client:
         if priority not in (None, "default") and not task_type.priorities:
             raise PayloadInvalid(f"priority {priority!r}: task type {request.type!r} is not "
                                  "declared with priorities")
-        unique_key = None
-        if request.unique_for is not None:
-            if not request.unique_for > 0:
-                raise PayloadInvalid(f"unique_for for {request.type!r}: seconds, above 0")
+        unique_key, unique_for = None, request.unique_for
+        if unique_for is not None or request.unique_key is not None:
+            # A unique key alone holds while its task is queued or running (a window of 0).
+            unique_for = unique_for or 0.0
+            if not unique_for >= 0:
+                raise PayloadInvalid(f"unique_for for {request.type!r}: seconds, 0 or more")
             unique_key = request.unique_key or "payload:" + hashlib.sha256(
                 payload_json.encode()).hexdigest()
             key_flaw = text_flaw(unique_key)
             if key_flaw is not None:
                 raise PayloadInvalid(f"unique key for {request.type!r}: {key_flaw}")
-        elif request.unique_key is not None:
-            raise PayloadInvalid(f"unique_key for {request.type!r} needs unique_for")
         return NewTask(
             id=new_task_id(),
             type=request.type,
@@ -132,7 +132,7 @@ class Client:
             trace_context=tracing.current_context(),
             priority=None if priority in (None, "default") else priority,
             unique_key=unique_key,
-            unique_for_s=request.unique_for,
+            unique_for_s=unique_for,
         )
 
     async def enqueue(

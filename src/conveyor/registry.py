@@ -271,10 +271,6 @@ class Limits:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}={value!r}: must be >= 1 (None: no limit)")
-        keyed = self.max_concurrency_per_key is not None or self.rate_limit_per_key is not None
-        if keyed and not self.concurrency_key:
-            raise ConfigError("max_concurrency_per_key and rate_limit_per_key need a "
-                              "concurrency_key (a payload path such as 'payload.tenant_id')")
         if self.concurrency_key is not None and not re.match(
                 r"^payload(\.[A-Za-z0-9_-]+)+$", self.concurrency_key):
             raise ConfigError(f"concurrency_key={self.concurrency_key!r}: write a payload "

@@ -159,17 +159,24 @@ class FlowOut(BaseModel):
     updated_at: datetime | None = Field(description="when they were last changed at run time")
 
 
+# What parse_task_rate takes (counts and bursts of 1 to 9 digits), or `off`.
+RATE_PATTERN = (r"^\s*(0*[1-9][0-9]{0,8}\s*/\s*[smh]\s*([,;]?\s*burst\s*=?\s*0*[1-9][0-9]{0,8})?"
+                r"|off)\s*$")
+
+
 class LimitsIn(BaseModel):
     """Changes to a type's flow limits; a field left out stays as it is, null goes back to the
     value declared in code, 0 (a rate of `off`) lifts the limit."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    max_concurrency: int | None = Field(default=None, ge=0, le=1_000_000)
-    max_concurrency_per_key: int | None = Field(default=None, ge=0, le=1_000_000)
-    rate_limit: StorableStr | None = Field(
-        default=None, max_length=64, description="N/s, N/m or N/h, optionally `burst=B`; off")
-    rate_limit_per_key: StorableStr | None = Field(default=None, max_length=64)
+    max_concurrency: Annotated[int, Field(ge=0, le=1_000_000), INTEGRAL_FLOATS] | None = None
+    max_concurrency_per_key: Annotated[int, Field(ge=0, le=1_000_000),
+                                       INTEGRAL_FLOATS] | None = None
+    rate_limit: str | None = Field(
+        default=None, max_length=64, pattern=RATE_PATTERN,
+        description="N/s, N/m or N/h, optionally `burst=B`; `off` lifts it")
+    rate_limit_per_key: str | None = Field(default=None, max_length=64, pattern=RATE_PATTERN)
 
     @field_validator("rate_limit", "rate_limit_per_key")
     @classmethod
@@ -205,7 +212,8 @@ class TaskRequestBase(BaseModel):
                     "returned instead")
     unique_key: StorableStr | None = Field(
         default=None, min_length=1, max_length=200,
-        description="with unique_for: what makes tasks the same (default: the payload)")
+        description="what makes tasks the same for unique_for (default: the payload); alone, "
+                    "it holds while its task is queued or running")
 
 
 def _storable_json(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
@@ -232,6 +240,16 @@ def _payload_of(task_type: TaskType) -> Any:
     return Annotated[task_type.payload_model, WrapValidator(validate)]
 
 
+def _priority_of(task_type: TaskType) -> Any:
+    """The priority field of `task_type`'s request: a level for a type declared with
+    priorities, else only `default` (or none)."""
+    if task_type.priorities:
+        return (Literal["high", "default", "low"] | None, Field(
+            default=None, description="higher runs first (weighted: lower ones still run)"))
+    return (Literal["default"] | None, Field(
+        default=None, description="this type has no priorities: `default` or none"))
+
+
 def _model_name(type_name: str) -> str:
     words = re.split(r"[^a-zA-Z0-9]+", type_name)
     return "".join(w[:1].upper() + w[1:] for w in words if w) + "Task"
@@ -247,6 +265,7 @@ def request_models(registry: Registry) -> tuple[Any, type[BaseModel]]:
             __doc__=task_type.description or f"A `{task_type.name}` task.",
             type=(Literal[task_type.name], ...),  # type: ignore[arg-type]
             payload=(_payload_of(task_type), ...),
+            priority=_priority_of(task_type),
         ))
     single: Any
     if not models:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import structlog
 
 from conveyor import metrics
-from conveyor.errors import Unavailable
+from conveyor.errors import ConfigError, Unavailable
 from conveyor.queue.flow import Allowance, FlowRedis
 from conveyor.registry import Limits, TaskType
 from conveyor.runtime.outage import Outage
@@ -207,7 +207,7 @@ class Gate:
             row = overrides.get(name)
             try:
                 changed[name] = row.over(declared) if row is not None else declared
-            except ValueError as exc:  # a rate the API checked: only a hand-edited row
+            except (ValueError, ConfigError) as exc:  # the API checks: a hand-edited row
                 log.warning("flow.settings.invalid", task_type=name, error=str(exc))
                 changed[name] = declared
         if changed != self.limits:

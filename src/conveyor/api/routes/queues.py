@@ -25,6 +25,13 @@ from conveyor.store.keys import ADMIN, MANAGE, READ
 from conveyor.store.queue_settings import FIELDS, Override, QueueSettingsStore
 from conveyor.validation import StorableStr
 
+_BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "malformed JSON"},
+    413: {"description": "body over MAX_BODY_BYTES"},
+    415: {"description": "the body is not JSON"},
+    422: {"description": "a limit out of range or a rate that is none; `errors` names it"},
+}
+
 
 def _flow(state: AppState) -> tuple[FlowRedis, QueueSettingsStore]:
     return (FlowRedis(state.redis, state.keys),
@@ -111,7 +118,8 @@ def build_router(registry: Registry) -> APIRouter:
         return OrjsonResponse(_flow_out(declared, row, None))
 
     @router.patch("/{task_type}/limits", response_model=FlowOut,
-                  dependencies=[Depends(requires[ADMIN])], responses=forbidden(ADMIN),
+                  dependencies=[Depends(requires[ADMIN])],
+                  responses={**forbidden(ADMIN), **_BODY_ERRORS},
                   summary="Change a type's flow limits at run time (admin)")
     async def set_limits(
         task_type: Annotated[type_name, Path(description="a registered task type")],
