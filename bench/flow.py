@@ -157,8 +157,10 @@ def run(n: int, rounds: int, before: Path | None) -> str:
     try:
         trees = {"this tree": REPO, **({"before": before} if before else {})}
         rates: dict[str, list[float]] = {t: [] for t in trees}
-        for _ in range(rounds):
-            for label, tree in trees.items():
+        for i in range(rounds):  # ABBA: what one round leaves behind (a dropped schema's
+            # cleanup) falls on each tree alike
+            order = list(trees.items())
+            for label, tree in order if i % 2 == 0 else order[::-1]:
                 rates[label].append(_child(tree, postgres.dsn, redis.url, n))
         limited = asyncio.run(_limited_rows(_settings(postgres.dsn, redis.url), n))
     finally:
@@ -166,14 +168,17 @@ def run(n: int, rounds: int, before: Path | None) -> str:
         postgres.stop()
         shutil.rmtree(base, ignore_errors=True)
     lines = [f"One worker (concurrency 10) draining {n:,} queued no-op tasks, {rounds} rounds "
-             "alternating between trees; tasks/s, median (every round):", "",
+             "alternating between trees (ABBA); tasks/s, median (every round):", "",
              "| type | tasks/s | rounds |", "|---|---:|---|"]
     for label, values in rates.items():
         lines.append(f"| unlimited, {label} | {statistics.median(values):,.0f} | "
                      + ", ".join(f"{v:,.0f}" for v in values) + " |")
     if "before" in rates:
         change = statistics.median(rates["this tree"]) / statistics.median(rates["before"]) - 1
-        lines += ["", f"Unlimited type, this tree against before: {change:+.1%}."]
+        lines += ["", f"Unlimited type, this tree against before ({before}): {change:+.1%}."]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines += ["", f"Load average at the end: {load} on {os.cpu_count()} CPUs (the rounds' "
+              "spread is the machine's, not the code's)."]
     lines += ["", "Types at their limits (one round, one worker):", "",
               "| type | tasks/s | limit |", "|---|---:|---|"]
     lines += [f"| {name} | {rate:,.1f} | {limit} |" for name, rate, limit in limited]
