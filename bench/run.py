@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import harness as bp
-from bench import scale
+from bench import notes, scale
 from bench.peers import all_peers as peer_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +122,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--json", type=Path, help="also write every run's raw figures here")
     ap.add_argument("--logdir", type=Path, default=Path("/tmp/conveyor-bench-logs"))
+    ui = ap.add_argument_group("dashboard mode (bench/ui_pages.py; durable Postgres)")
+    ui.add_argument("--ui", action="store_true",
+                    help="time every dashboard page on a large tasks table instead")
+    ui.add_argument("--ui-rows", type=int, default=10_000_000,
+                    help="finished tasks in the table (default 10,000,000)")
+    ui.add_argument("--ui-requests", type=int, default=30, help="requests per page (30)")
     ap.add_argument("--topologies", action="store_true",
                     help="instead of the table: drain throughput of 1, 2, 4 worker processes on "
                          "one Redis and on a Redis Cluster of 3+3 nodes (bench/topologies.py); "
@@ -227,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.topologies:
         from bench import topologies
         return topologies.main(args)
+    if args.ui:
+        from bench import ui_pages
+        args.command = shlex.join([Path(sys.executable).as_posix(), "-m", "bench",
+                                   *(sys.argv[1:] if argv is None else argv)])
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so its servers are stopped
+        return ui_pages.run(args)
     if args.scale:
         args.command = shlex.join([Path(sys.executable).as_posix(), "-m", "bench",
                                    *(sys.argv[1:] if argv is None else argv)])
@@ -414,7 +426,7 @@ class Bench:
                  *([others] if others else [])]
         text = render(self.results, self.rows, ns, facts, self.command, self.latency,
                       self.profiles)
-        args.out.write_text(scale.kept_section(args.out, text))
+        args.out.write_text(notes.kept_notes(args.out, scale.kept_section(args.out, text)))
         if args.json:
             profiles = [{**p, "profile": p["profile"].as_dict(25)} if "profile" in p else p
                         for p in self.profiles]

@@ -11,6 +11,8 @@ if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && ! command -v pg_co
     missing+=(postgresql)
 fi
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
+# the dashboard's browser tests (tests/browser/) drive Debian's headless Chromium
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
@@ -21,3 +23,4 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 echo "redis-server: $(redis-server --version | awk '{print $3}')"
 echo "postgres: $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -n1)"
+echo "chromium: $(chromium --version 2>/dev/null | awk '{print $2}')"

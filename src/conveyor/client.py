@@ -31,7 +31,16 @@ from conveyor.errors import (
     TaskNotFound,
     Unavailable,
 )
-from conveyor.queue.events import CLOSING, FINAL_STATUSES, RESYNC, Event, EventLog, Hub, event
+from conveyor.queue.events import (
+    CLOSING,
+    FINAL_STATUSES,
+    RESYNC,
+    Event,
+    EventLog,
+    Hub,
+    cancelled,
+    event,
+)
 from conveyor.queue.streams import Publish, TaskStreams
 from conveyor.registry import PRIORITIES, Registry
 from conveyor.runtime.coalescer import Coalescer
@@ -239,9 +248,8 @@ class Client:
                     await self.events.publish([event("cancel_requested", record.id,
                                                      record.type, "running")])
                 else:
-                    await self.events.publish([event("cancelled", record.id, record.type,
-                                                     "cancelled", finished_at=record.finished_at,
-                                                     outcome="cancelled")])
+                    await self.events.publish([
+                        cancelled(record.id, record.type, record.finished_at)])
             except Unavailable as exc:  # the worker's next beat sees the request
                 log.warning("client.cancel.unannounced", task_id=str(task_id), error=str(exc))
         return record

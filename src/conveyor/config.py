@@ -166,6 +166,18 @@ class Settings(BaseSettings):
     cancel_grace: float = Field(default=5.0, ge=0)
     max_wait: float = Field(default=60.0, gt=0, le=3600)  # the largest `?wait=` taken
 
+    # Write batching (cost per task): how long the worker's recorder waits for more outcomes
+    # before writing a batch, and its event publisher for more events before an XADD, while
+    # handlers are still running (0: write at once)
+    record_linger: float = Field(default=0.005, ge=0, le=1)
+
+    # Dashboard (/ui): a session's lifetime, rows per page, rows a payload-field search
+    # examines per page, and tasks one bulk action (on a filter) changes per request
+    ui_session_ttl: float = Field(default=43_200.0, gt=0)
+    ui_page_size: int = Field(default=50, ge=1, le=500)
+    ui_search_scan: int = Field(default=20_000, ge=100, le=10_000_000)
+    ui_bulk_max: int = Field(default=10_000, ge=1, le=1_000_000)
+
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -1,12 +1,15 @@
 """The benchmark harness (`bench/`, `python -m bench`) end to end, small: Conveyor's doors in
 both deployments (split processes and `conveyor run`) and the raw Streams baseline (which needs
 only redis-py, so no peer packages), N=200, one run, in this venv, plus a peer that is not
-installed here, which is skipped with a line, and PgQueuer where it is installed. The harness
-starts its own (durable) PostgreSQL and redis-server."""
+installed here, which is skipped with a line, and PgQueuer where it is installed. It runs in a
+copy of the repository's tracked files with nothing beside it (no ../shared), and starts its
+own (durable) PostgreSQL and redis-server."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,12 +37,22 @@ def test_benchmark_runs_every_row_once_and_writes_one_table(tmp_path: Path) -> N
     absent = next((key for key, peer in peers_here.items() if peer.missing()), None)
     pg_peer = "pgqueuer-fast" if not peers_here["pgqueuer-fast"].missing() else None
     peers = ",".join(p for p in ("raw-stream", pg_peer, absent) if p)
+    alone = tmp_path / "empty" / "conveyor"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                             check=True, timeout=30).stdout.decode().split("\0")
+    for name in filter(None, tracked):  # as they are now, edits included
+        if (ROOT / name).is_file():
+            (alone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, alone / name)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CONVEYOR_", "PYTEST_", "BENCH_")) and k != "PYTHONPATH"}
+    env["PYTHONPATH"] = f"{alone / 'src'}{os.pathsep}{alone}"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--n", str(N), "--runs", "1", "--peers", peers,
          "--doors", ",".join(DOORS),
          "--latency-seconds", "2", "--timeout", "60", "--out", str(out), "--json", str(raw),
          "--logdir", str(tmp_path / "logs")],
-        cwd=ROOT, capture_output=True, text=True, timeout=290, check=False,
+        cwd=alone, env=env, capture_output=True, text=True, timeout=290, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     if absent:

@@ -154,8 +154,13 @@ def clone(into: Path) -> Path:
     return target
 
 
-@pytest.mark.timeout(540)  # the unit tests and the small benchmark (both deployments)
-def test_a_fresh_clone_with_nothing_beside_it_passes_the_quick_suite(tmp_path: Path) -> None:
+@pytest.mark.timeout(120)
+def test_a_fresh_clone_with_nothing_beside_it_imports_and_collects_only_itself(
+    tmp_path: Path
+) -> None:
+    """What is committed stands alone: the package, the benchmark and every test module import
+    from the clone, with no ../shared beside it. (The benchmark runs from such a copy in
+    tests/system/test_bench.py; CI runs `make test` on a clean clone.)"""
     empty = tmp_path / "empty"
     empty.mkdir()
     repo = clone(empty)
@@ -166,14 +171,12 @@ def test_a_fresh_clone_with_nothing_beside_it_passes_the_quick_suite(tmp_path: P
          "print(bench.harness.__file__)"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=60, check=True)
     assert all(Path(line).is_relative_to(repo) for line in where.stdout.split()), where.stdout
-    suite = subprocess.run(
-        [str(PYTHON), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/unit",
-         "tests/system/test_bench.py"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=500, check=False)
-    assert suite.returncode == 0, suite.stdout[-4000:] + suite.stderr[-2000:]
-    assert re.search(r"\d+ passed", suite.stdout), suite.stdout[-2000:]
-    skipped = [line for line in suite.stdout.splitlines() if line.startswith("SKIPPED")]
-    assert not [line for line in skipped if "test_bench" in line], skipped  # it ran
+    collected = subprocess.run(
+        [str(PYTHON), "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=100, check=False)
+    assert collected.returncode == 0, collected.stdout[-4000:] + collected.stderr[-2000:]
+    assert re.search(r"\d+ tests collected", collected.stdout), collected.stdout[-2000:]
+    assert "error" not in collected.stdout.splitlines()[-1], collected.stdout[-2000:]
 
 
 def _private_clone(parent: Path, owner: pwd.struct_passwd) -> Path:

@@ -33,6 +33,7 @@ from conveyor.queue.backlog import Backlog
 from conveyor.queue.ratelimit import RateLimiter
 from conveyor.state import AppState
 from conveyor.store.keys import KeyStore
+from conveyor.ui import install as install_ui
 
 _PROBES = frozenset({"/healthz", "/readyz", METRICS_PATH})  # no spans: polled all day
 
@@ -99,6 +100,7 @@ def create_app(state: AppState, backlog: Backlog | None = None) -> FastAPI:
     app.include_router(queues.build_router(registry), dependencies=strict)
     app.include_router(keys.router, dependencies=strict)
     app.include_router(events.build_router(registry), dependencies=strict)
+    install_ui(app, state)  # the dashboard at /ui: its own pages, the same keys
     for router, prefix, scope in state.app.routers:  # an application's own
         if scope is None:
             app.include_router(router, prefix=prefix)

@@ -14,6 +14,7 @@ the stream: a worker reading the copy finds the task runnable.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 import structlog
 
@@ -21,7 +22,7 @@ from conveyor import metrics
 from conveyor.cron._locked import LockedLoop
 from conveyor.errors import Unavailable
 from conveyor.queue.connection import Redis
-from conveyor.queue.events import EventLog, event
+from conveyor.queue.events import EventLog, cancelled, event
 from conveyor.queue.keys import Keys, worker_of
 from conveyor.queue.streams import TaskStreams
 from conveyor.store.tasks import TaskStore
@@ -94,7 +95,9 @@ class Rebalancer(LockedLoop):
             if not claimed:
                 continue
             if not alive:
-                await self.store.requeue([m.task_id for m in claimed if m.task_id], worker)
+                returned = await self.store.requeue(
+                    [m.task_id for m in claimed if m.task_id], worker)
+                await self._announce(task_type, returned.cancelled)
             requeued, dead = await self.streams.requeue(task_type, claimed,
                                                         max_requeues=self.max_requeues)
             if dead:
@@ -106,6 +109,16 @@ class Rebalancer(LockedLoop):
                      worker_alive=alive, requeued=len(requeued),
                      dead_lettered=len(dead))
         return requeued_total, dead_total
+
+    async def _announce(self, task_type: str,
+                        ended: list[tuple[uuid.UUID, datetime]]) -> None:
+        """Tell waiters and followers of tasks that ended cancelled as they were taken back."""
+        if self.events is None or not ended:
+            return
+        try:
+            await self.events.publish([cancelled(i, task_type, at) for i, at in ended])
+        except Unavailable as exc:  # a wait still ends, on its timeout, from Postgres
+            log.warning("rebalance.events.unpublished", tasks=len(ended), error=str(exc))
 
     async def _kill(self, task_type: str, task_ids: list[uuid.UUID]) -> None:
         reason = f"delivery limit reached: re-queued {self.max_requeues} times after lost workers"

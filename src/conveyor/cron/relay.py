@@ -34,6 +34,7 @@ from conveyor import metrics
 from conveyor.cron._locked import LockedLoop
 from conveyor.errors import Unavailable
 from conveyor.queue.connection import Redis
+from conveyor.queue.events import EventLog, cancelled
 from conveyor.queue.keys import Keys, consumer_name
 from conveyor.queue.lock import Lock
 from conveyor.queue.streams import Publish, TaskStreams
@@ -52,8 +53,9 @@ NOTIFIED_MAX = 10_000  # notified tasks waiting to be published; past it, left t
 class Relay(LockedLoop):
     """Options: `grace_s` (how overdue a queued task must be before it counts as lost),
     `ttl_s` (heartbeat TTL), `scan_limit` (largest backlog read per type), `page` (rows per
-    query), `lease_ttl_s` (listener lease; by default three intervals, at least 1 s: how long a
-    dead listener goes unreplaced)."""
+    query), `events` (where tasks it ends cancelled are announced), `lease_ttl_s` (listener
+    lease; by default three intervals, at least 1 s: how long a dead listener goes
+    unreplaced)."""
 
     name = "relay"
 
@@ -72,9 +74,11 @@ class Relay(LockedLoop):
         scan_limit: int = 10_000,
         page: int = 1000,
         lease_ttl_s: float | None = None,
+        events: EventLog | None = None,
     ) -> None:
         super().__init__(redis, keys, streams, store, types, interval_s=interval_s)
         self.liveness = liveness
+        self.events = events  # to announce tasks of dead workers that end cancelled
         self.grace_s = grace_s
         self.ttl_s = ttl_s
         self.scan_limit = scan_limit
@@ -140,8 +144,12 @@ class Relay(LockedLoop):
             name = consumer_name(worker, task_type)
             if any(c.name == name and c.pending for c in consumers):
                 continue  # the rebalancer hands those over
-            requeued = await self.store.requeue(ids, worker)
+            returned = await self.store.requeue(ids, worker)
+            requeued = returned.queued
             await self.streams.publish([Publish(task_type, t) for t in requeued])
+            if returned.cancelled and self.events is not None:
+                await self.events.publish([cancelled(i, task_type, at)
+                                           for i, at in returned.cancelled])
             published += len(requeued)
             if requeued:
                 metrics.RELAYED.labels(task_type).inc(len(requeued))

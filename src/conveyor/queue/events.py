@@ -26,8 +26,9 @@ import contextlib
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 import orjson
@@ -113,6 +114,13 @@ def event(kind: EventKind, task_id: object, task_type: str, status: str,
         else:
             details["result_omitted"] = True
     return Event(kind, str(task_id), task_type, status, orjson.dumps(details))
+
+
+def cancelled(task_id: object, task_type: str, finished_at: datetime | None) -> Event:
+    """A task that ended cancelled outside a handler's outcome (the API's cancel of a queued
+    task, or a cancel asked of a task whose worker was lost or stopped meanwhile)."""
+    return event("cancelled", task_id, task_type, "cancelled", finished_at=finished_at,
+                 outcome="cancelled")
 
 
 RESYNC = Event("resync", "", "", "")  # the hub may have missed events: read Postgres again
@@ -219,9 +227,14 @@ class Publisher:
     `emit` never waits. While Redis is away, up to `capacity` events wait; older ones are
     dropped (a waiter then learns the outcome from Postgres when its wait ends)."""
 
-    def __init__(self, events: EventLog, *, capacity: int = 10_000) -> None:
+    def __init__(self, events: EventLog, *, capacity: int = 10_000, linger_s: float = 0.0,
+                 busy: Callable[[], bool] | None = None) -> None:
         self.events = events
         self.capacity = capacity
+        # While `busy()` (handlers running: more events are coming), wait `linger_s` before
+        # a publish so that one XADD carries the events of several batches.
+        self.linger_s = linger_s
+        self.busy = busy
         self._buffer: list[Event] = []
         self._wake = asyncio.Event()
         self._outage = Outage("worker.events")
@@ -250,6 +263,9 @@ class Publisher:
                     waiter.cancel()
                     stopper.cancel()
                 continue
+            if (self.linger_s > 0 and not stop.begun and len(self._buffer) < 1000
+                    and self.busy is not None and self.busy()):
+                await asyncio.sleep(self.linger_s)
             batch, self._buffer = self._buffer[:1000], self._buffer[1000:]
             try:
                 await self.events.publish(batch)

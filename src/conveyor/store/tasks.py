@@ -252,6 +252,20 @@ class Recorded:
 
 
 @dataclass(frozen=True, slots=True)
+class Returned:
+    """Tasks taken back from a lost or stopping worker: `queued` again, or `cancelled` (with
+    when) because a cancel was requested of them while they ran."""
+
+    queued: list[uuid.UUID]
+    cancelled: list[tuple[uuid.UUID, datetime]]
+
+    @classmethod
+    def of(cls, rows: Sequence[Any]) -> Returned:
+        return cls([r[0] for r in rows if r[1] == "queued"],
+                   [(r[0], r[2]) for r in rows if r[1] == "cancelled"])
+
+
+@dataclass(frozen=True, slots=True)
 class QueueCounts:
     queued: int
     running: int
@@ -365,9 +379,12 @@ class TaskStore:
             FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::float8[],
                         $8::text[])
                  AS c(id, attempt, status, result, error, delay, kind)
-            WHERE t.id = c.id AND t.status = 'running' AND t.worker = $7
-              AND t.attempts = c.attempt
-              AND t.id = ANY($1::uuid[])  -- lets the planner see a primary-key lookup
+            WHERE t.id = c.id AND t.attempts = c.attempt
+              -- Written so that no other index serves them (as in the start): a scan of the
+              -- running-by-worker index walks every entry it holds, the dead ones of tasks
+              -- finished since the last vacuum included, per batch.
+              AND NOT (t.status IS DISTINCT FROM 'running')
+              AND NOT (t.worker IS DISTINCT FROM $7)
             RETURNING t.id, t.status, t.run_at, t.started_at, now()"""
 
     @contextlib.asynccontextmanager
@@ -694,25 +711,26 @@ class TaskStore:
         )
         return [r[0] for r in rows]
 
-    async def requeue(self, ids: Iterable[uuid.UUID], worker: str) -> list[uuid.UUID]:
-        """running on `worker` → queued, for tasks whose worker is gone; returns ids changed."""
+    async def requeue(self, ids: Iterable[uuid.UUID], worker: str) -> Returned:
+        """running on `worker` → queued (or cancelled, if asked), for tasks whose worker is
+        gone."""
         rows = await self._fetch(
             "tasks.requeue",
             f"UPDATE {self.table} AS t SET {AFTER_CANCEL},"
             f" attempt_log = t.attempt_log || {WORKER_LOST}"
             " WHERE id = ANY($1::uuid[]) AND status = 'running' AND worker = $2"
-            " RETURNING id, status",
+            " RETURNING id, status, finished_at",
             list(ids), worker,
         )
-        return [r[0] for r in rows if r[1] == "queued"]
+        return Returned.of(rows)
 
     async def hand_back(
         self, attempts: Sequence[tuple[uuid.UUID, int]], worker: str
-    ) -> list[uuid.UUID]:
-        """running on `worker` at the given attempt → queued, due now, the attempt not counted:
-        a stopping worker gives back what it could not finish. Returns the ids changed."""
+    ) -> Returned:
+        """running on `worker` at the given attempt → queued, due now, the attempt not counted
+        (or cancelled, if asked): a stopping worker gives back what it could not finish."""
         if not attempts:
-            return []
+            return Returned([], [])
         rows = await self._fetch(
             "tasks.hand_back",
             f"""UPDATE {self.table} AS t
@@ -721,10 +739,10 @@ class TaskStore:
                 FROM unnest($1::uuid[], $2::int[]) AS h(id, attempt)
                 WHERE t.id = h.id AND t.status = 'running' AND t.worker = $3
                   AND t.attempts = h.attempt AND t.id = ANY($1::uuid[])
-                RETURNING t.id, t.status""",
+                RETURNING t.id, t.status, t.finished_at""",
             [i for i, _ in attempts], [a for _, a in attempts], worker,
         )
-        return [r[0] for r in rows if r[1] == "queued"]
+        return Returned.of(rows)
 
     async def defer(
         self, attempts: Sequence[tuple[uuid.UUID, int, float]], worker: str

@@ -26,7 +26,7 @@ from conveyor import metrics
 from conveyor.egress.client import OutboundHttp
 from conveyor.egress.policy import EgressPolicy
 from conveyor.errors import ConfigError, Unavailable
-from conveyor.queue.events import Publisher
+from conveyor.queue.events import Publisher, cancelled
 from conveyor.queue.flow import FlowRedis
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
@@ -102,7 +102,8 @@ class Worker:
         self.handlers: set[asyncio.Future[None]] = set()
         # The one outbound client of this worker's handlers, closed when the worker stops.
         self.http = http or OutboundHttp(EgressPolicy.from_settings(settings))
-        self.publisher = Publisher(state.events)
+        self.publisher = Publisher(state.events, linger_s=settings.record_linger,
+                                   busy=lambda: self.slots.in_use > 0)
         self.progress = Progress(state.store, self.publisher, self.worker_id,
                                  interval_s=settings.progress_interval)
         self.cancels = Cancels(state.events, self.in_flight, grace_s=settings.cancel_grace)
@@ -123,7 +124,8 @@ class Worker:
         self.recorder = Recorder(
             state.store, state.streams, self._pinned[1], self.worker_id,
             on_settled=self._settled, capacity=max(100, 4 * settings.concurrency),
-            publisher=self.publisher,
+            publisher=self.publisher, linger_s=settings.record_linger,
+            busy=lambda: self.slots.in_use > 0,
         )
         self.dispatchers = [
             Dispatcher(t, store=state.store, streams=state.streams, executor=self.executor,
@@ -304,15 +306,20 @@ class Worker:
         if not held:
             return
         try:
-            back = set(await self.state.store.hand_back(
+            returned = await self.state.store.hand_back(
                 [(h.message.task_id, h.attempt) for h in held
                  if h.message.task_id is not None and h.attempt is not None],
                 self.worker_id,
-            ))
+            )
+            back = set(returned.queued)
+            ended = dict(returned.cancelled)
             by_type: dict[str, list[Held]] = {}
             for h in held:
                 if h.message.task_id in back:
                     by_type.setdefault(h.task_type, []).append(h)
+                elif h.message.task_id in ended:  # asked to cancel while it ran: over now
+                    self.publisher.emit(cancelled(h.message.task_id, h.task_type,
+                                                  ended[h.message.task_id]))
             for task_type, items in by_type.items():
                 _, dead = await self.state.streams.requeue(
                     task_type, [h.message for h in items],

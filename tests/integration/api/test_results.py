@@ -506,7 +506,7 @@ async def test_attempt_history_of_a_task_that_failed_three_ways(
     # Its worker looks dead to the rebalancer: the attempt is taken from it (re-queued); the
     # worker learns so at its next beat, and the attempt is logged as lease lost.
     worker = (await client.get(f"/v1/tasks/{task['id']}")).json()["worker"]
-    assert await service.api.store.requeue([uuid.UUID(task["id"])], worker)
+    assert (await service.api.store.requeue([uuid.UUID(task["id"])], worker)).queued
     await service.api.client.publish([await service.api.client.get(uuid.UUID(task["id"]))])
     done = (await client.get(f"/v1/tasks/{task['id']}", params={"wait": 30})).json()
     assert done["status"] == "succeeded"

@@ -177,3 +177,23 @@ async def test_trim_drops_acked_entries_only(state: AppState) -> None:
     assert len(remaining) == 2  # the undelivered two survive
     rest = await state.streams.read("echo", name, 10, None)
     assert len(rest) == 2
+
+
+async def test_a_waiter_ends_when_a_lost_workers_task_had_been_asked_to_cancel(
+    state: AppState
+) -> None:
+    """A cancel asked of a task whose worker then died ends it `cancelled` when the rebalancer
+    takes it back, and that transition is announced like the others."""
+    await state.streams.ensure_group("echo")
+    task_id = (await state.client.enqueue("echo", {})).record.id
+    await state.streams.read("echo", consumer_name("ghost", "echo"), 10, None)
+    started, _ = await state.store.mark_running([task_id], "ghost")
+    assert len(started) == 1
+    assert await state.store.request_cancel(task_id)  # the flag; the ghost never hears it
+    waiting = asyncio.create_task(state.client.wait(task_id, 60))
+    balancer = rebalancer(state)
+    balancer.min_idle_ms = 0
+    await balancer.rebalance("echo")  # the ghost has no beat: it is dead
+    done = await asyncio.wait_for(waiting, 10)  # the event, not the wait's 60 s
+    assert done.status == "cancelled"
+    assert basic.probe.runs[str(task_id)] == 0

@@ -253,3 +253,25 @@ async def _len_at_least(state: AppState, n: int) -> bool:
 
 async def _has(state: AppState, ids: set[uuid.UUID]) -> bool:
     return ids <= set(await streamed(state))
+
+
+async def test_an_orphan_asked_to_cancel_ends_cancelled_and_is_announced(state: AppState
+                                                                        ) -> None:
+    task_id = (await state.client.enqueue("echo", {})).record.id
+    await state.streams.ensure_group("echo")
+    await state.streams.read("echo", consumer_name("ghost", "echo"), 1, None)
+    started, _ = await state.store.mark_running([task_id], "ghost")
+    assert len(started) == 1
+    assert await state.store.request_cancel(task_id)
+    await state.redis.flushall()  # the pending entry is gone with everything else
+    await state.pool.execute(
+        f"UPDATE {state.store.table} SET started_at = now() - interval '1 hour' WHERE id = $1",
+        task_id,
+    )
+    waiting = asyncio.create_task(state.client.wait(task_id, 60))
+    await asyncio.sleep(0.2)  # the waiter is listening before the transition
+    r = relay(state)
+    r.events = state.events
+    assert await r.relay_orphans() == 0  # nothing to publish: it is over
+    done = await asyncio.wait_for(waiting, 10)
+    assert done.status == "cancelled"

@@ -15,6 +15,7 @@ from conveyor.store.tasks import (
     NewTask,
     NotStarted,
     Outcome,
+    Returned,
     Started,
     TaskRecord,
     new_task_id,
@@ -333,7 +334,7 @@ async def test_requeue_takes_back_only_tasks_running_on_the_named_worker(
     [done] = await running_on(state, "w1")
     await put(state, done, status="succeeded")
     before = await rows(state)
-    assert await state.store.requeue([mine, theirs, queued, done], "w1") == [mine]
+    assert await state.store.requeue([mine, theirs, queued, done], "w1") == Returned([mine], [])
     after = await rows(state)
     assert changed(before, after) == {mine}
     assert after[mine].status == "queued"

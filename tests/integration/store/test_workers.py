@@ -173,7 +173,7 @@ async def test_hand_back_requeues_only_the_workers_own_attempt(state: AppState) 
     await state.store.requeue([theirs], "w1")
     await state.store.mark_running([theirs], "w2")
     back = await state.store.hand_back([(mine, 1), (stale, 2), (theirs, 1)], "w1")
-    assert back == [mine]
+    assert back.queued == [mine]
     record = await state.store.get(mine)
     assert record is not None
     assert (record.status, record.attempts, record.started_at) == ("queued", 0, None)

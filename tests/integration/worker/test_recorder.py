@@ -1,8 +1,12 @@
 """The recorder's recovery after a write whose reply was lost: what it finds recorded by this
-worker is not mistaken for an attempt another worker took over."""
+worker is not mistaken for an attempt another worker took over; its batches linger for more
+outcomes only while handlers run."""
 
 from __future__ import annotations
 
+import asyncio
+
+from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState
 from conveyor.store.pool import Pinned
 from conveyor.store.tasks import Outcome
@@ -26,3 +30,45 @@ async def test_a_retry_that_ended_a_cancelled_task_is_found_recorded(state: AppS
     finally:
         await pinned.release()
     assert found[task.id].status == "cancelled"
+
+
+async def _record_two(state: AppState, *, busy: bool) -> list[int]:
+    """Two outcomes handed over 30 ms apart to a recorder lingering 0.5 s: the sizes of the
+    statements that recorded them."""
+    tasks = [(await state.client.enqueue("echo", {"text": str(i)})).record for i in range(2)]
+    started, _ = await state.store.mark_running([t.id for t in tasks], "w1")
+    sizes: list[int] = []
+    record = state.store.record
+
+    async def counted(outcomes: list[Outcome], worker: str, **kw: object) -> object:
+        sizes.append(len(outcomes))
+        return await record(outcomes, worker, **kw)  # type: ignore[arg-type]
+
+    state.store.record = counted  # type: ignore[assignment, method-assign]
+    pinned = Pinned(state.pool)
+    settled: list[object] = []
+    recorder = Recorder(state.store, state.streams, pinned, "w1", on_settled=settled.extend,
+                        linger_s=0.5, busy=lambda: busy)
+    shutdown, until = Shutdown(), Shutdown()
+    running = asyncio.create_task(recorder.run(shutdown, until))
+    try:
+        for i, task in enumerate(started):
+            await recorder.submit(f"{i + 1}-0".encode(),
+                                  Outcome(task.id, "echo", task.attempt, "succeeded", "null"))
+            await asyncio.sleep(0.03)
+        until.begin()
+        await asyncio.wait_for(running, 5)
+    finally:
+        del state.store.record
+        await pinned.release()
+    assert len(settled) == 2
+    assert {(await state.store.get(t.id)).status for t in tasks} == {"succeeded"}  # type: ignore[union-attr]
+    return sizes
+
+
+async def test_outcomes_arriving_while_handlers_run_share_one_statement(state: AppState) -> None:
+    assert await _record_two(state, busy=True) == [2]
+
+
+async def test_an_idle_worker_records_at_once(state: AppState) -> None:
+    assert await _record_two(state, busy=False) == [1, 1]

@@ -1,0 +1,182 @@
+"""`python -m bench --ui`: every dashboard page timed on a tasks table of `--ui-rows` (default
+10,000,000) finished tasks, on a private durable PostgreSQL and redis-server.
+
+The table is filled as bench/scale.py fills it (succeeded `noop` tasks created over the last
+20 hours, so the last hour holds 1/20 of them), then the newest 1 % are made dead. Each page is
+requested `--ui-requests` times in process (httpx over ASGI, the app `conveyor run` serves);
+p50 / p95 / max go to BENCHMARKS.md between `<!-- ui:start -->` and `<!-- ui:end -->`,
+with the plan of the queries that read the most.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from bench import scale
+
+START, END = "<!-- ui:start -->", "<!-- ui:end -->"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def put_section(path: Path, body: str) -> None:
+    text = path.read_text() if path.exists() else ""
+    section = f"{START}\n{body.rstrip()}\n{END}\n"
+    if START in text and END in text:
+        head, _, rest = text.partition(START)
+        _, _, tail = rest.partition(END)
+        text = head + section + tail.lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+async def _fill(url: str, schema: str, rows: int) -> float:
+    import asyncpg
+    conn = await asyncpg.connect(url)
+    try:
+        began = time.perf_counter()
+        table = f"{schema}.tasks"
+        await scale.fill(conn, table, rows, span_s=20 * 3600)
+        await conn.execute(f"""
+            UPDATE {table} SET status = 'dead', last_error = 'RuntimeError: card declined'
+            WHERE id IN (SELECT id FROM {table} ORDER BY id DESC LIMIT {max(1, rows // 100)})""")
+        await conn.execute(f"VACUUM (ANALYZE) {table}")
+        return time.perf_counter() - began
+    finally:
+        await conn.close()
+
+
+async def _explain(conn: Any, sql: str, *args: Any) -> str:
+    rows = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS, TIMING OFF, SUMMARY ON) {sql}", *args)
+    lines = [r[0] for r in rows]
+    nodes = [line.strip().lstrip("-> ").split("  (")[0] for line in lines
+             if "Scan" in line or "Index" in line]
+    total = next((line for line in lines if line.startswith("Execution Time")), "")
+    return f"{'; '.join(dict.fromkeys(nodes))} ({total.lower()})"
+
+
+async def _measure(url: str, redis_url: str, schema: str, rows: int, requests: int
+                   ) -> list[str]:
+    import httpx
+
+    from bench import app as bench_app
+    from conveyor.api.app import create_app
+    from conveyor.config import Settings
+    from conveyor.state import open_state
+    from conveyor.store.dashboard import id_floor
+
+    settings = Settings(database_url=url, redis_url=redis_url, database_schema=schema,
+                        key_prefix=schema, log_level="warning")
+    lines: list[str] = []
+    async with open_state(settings, bench_app.app) as state:
+        table = f"{schema}.tasks"
+        middle = await state.pool.fetchval(
+            f"SELECT id FROM {table} ORDER BY id DESC OFFSET $1 LIMIT 1", rows // 2)
+        newest = await state.pool.fetchval(f"SELECT id FROM {table} ORDER BY id DESC LIMIT 1")
+        pages = {
+            "Overview": "/ui",
+            "Overview (live fragment)": "/ui/overview/body",
+            "Tasks: newest": "/ui/tasks",
+            "Tasks: type + succeeded": "/ui/tasks?type=noop&status=succeeded",
+            "Tasks: dead": "/ui/tasks?status=dead",
+            "Tasks: deep keyset page": f"/ui/tasks?type=noop&cursor={middle}",
+            "Tasks: a window 2 h to 1 h ago": "/ui/tasks?type=noop&since=2h&until=1h",
+            "Tasks: payload field (no match, 20,000 examined)":
+                "/ui/tasks?type=noop&field=payload.customer_id+%3D+42",
+            "Tasks: idempotency key": "/ui/tasks?key=absent",
+            "Task": f"/ui/tasks/{newest}",
+            "Confirm: retry all dead (count to 10,001)":
+                "/ui/tasks/confirm?type=noop&status=dead&action=retry",
+            "Dead letters": "/ui/dead-letters?type=noop",
+            "Workers": "/ui/workers",
+            "Cron": "/ui/cron",
+            "Queues": "/ui/queues",
+        }
+        transport = httpx.ASGITransport(app=create_app(state))
+        lines += ["| page | p50 | p95 | max |", "|---|---|---|---|"]
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as http:
+            for name, path in pages.items():
+                times = []
+                for _ in range(requests):
+                    t0 = time.perf_counter()
+                    response = await http.get(path)
+                    times.append((time.perf_counter() - t0) * 1000)
+                    assert response.status_code == 200, (path, response.status_code)
+                times.sort()
+                lines.append(f"| {name} (`{path.split('?')[0]}`) | {times[len(times) // 2]:.1f} ms"
+                             f" | {times[int(0.95 * (len(times) - 1))]:.1f} ms "
+                             f"| {times[-1]:.1f} ms |")
+                print(lines[-1], flush=True)
+        async with state.pool.acquire() as conn:
+            since = datetime.now(UTC) - timedelta(hours=1)
+            plans = {
+                "overview, succeeded per minute of the last hour": (
+                    f"SELECT date_trunc('minute', t.finished_at), count(*) FROM {table} AS t"
+                    " WHERE t.type = 'noop' AND t.status = 'succeeded' AND t.id >= $1"
+                    " AND t.finished_at >= $2 GROUP BY 1", (id_floor(since), since)),
+                "tasks, type + status page": (
+                    f"SELECT * FROM {table} AS t WHERE t.type >= 'noop' AND t.type <= 'noop'"
+                    " AND t.status = 'succeeded' ORDER BY t.type DESC, t.status DESC,"
+                    " t.id DESC LIMIT 51", ()),
+                "payload search, 20,000 examined": (
+                    f"SELECT * FROM (SELECT * FROM {table} AS t WHERE t.type >= 'noop'"
+                    " AND t.type <= 'noop' ORDER BY t.type DESC, t.id DESC LIMIT 20000) AS t"
+                    " WHERE t.payload #> '{customer_id}' = '42'::jsonb LIMIT 50", ()),
+            }
+            lines += ["", "Plans (EXPLAIN ANALYZE at this size):", ""]
+            for name, (sql, args) in plans.items():
+                lines.append(f"- {name}: {await _explain(conn, sql, *args)}")
+    return lines
+
+
+def run(args: Any) -> int:
+    from conveyor import logs
+    from conveyor.testing.servers import PostgresServer, RedisServer
+
+    logs.configure("warning", "console")
+    scratch = Path(tempfile.mkdtemp(prefix="conveyor-ui-bench-"))
+    scratch.chmod(0o755)
+    pg = PostgresServer(scratch / "postgres", durable=True)
+    rs = RedisServer(scratch / "redis", persistent=False)
+    schema = "ui_bench"
+    try:
+        pg.start()
+        rs.start()
+        lines = asyncio.run(_run(pg.dsn, rs.url, schema, args.ui_rows, args.ui_requests))
+    finally:
+        rs.stop()
+        pg.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    report = "\n".join(lines) + "\n"
+    print(report)
+    put_section(args.out, f"## Dashboard pages on a large tasks table\n\n`{args.command}`\n\n"
+                f"{report}")
+    return 0
+
+
+async def _run(url: str, redis_url: str, schema: str, rows: int, requests: int) -> list[str]:
+    from bench import app as bench_app
+    from conveyor.config import Settings
+    from conveyor.state import open_state
+
+    settings = Settings(database_url=url, redis_url=redis_url, database_schema=schema,
+                        key_prefix=schema, log_level="warning")
+    async with open_state(settings, bench_app.app):  # migrates
+        pass
+    print(f"filling {rows:,} finished tasks", flush=True)
+    fill_s = await _fill(url, schema, rows)
+    lines = [f"{rows:,} finished tasks of one type (1 % dead), created over 20 hours; durable "
+             f"PostgreSQL (shared_buffers=128MB), one shared 2-core machine; {requests} "
+             f"requests per page, in process (httpx over ASGI). Filling took {fill_s:.0f} s.",
+             "", "The first overview of a process starts its one read of the hour's record "
+             "(the first plan below) in the background and waits up to 0.2 s for it; that "
+             "request is the overview's max. Every other request reads no more than one page "
+             "of rows.", ""]
+    lines += await _measure(url, redis_url, schema, rows, requests)
+    return lines

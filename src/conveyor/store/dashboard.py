@@ -1,0 +1,325 @@
+"""The dashboard's reads and bulk actions on the tasks table: filtered keyset pages, the
+overview's per-minute figures, stale workers, and retry / cancel / delete of a selection or of
+everything a filter matches, in bounded batches.
+
+Every query names a task type (a filter without one runs once per type, merged), so each is a
+range of one of the (type, ...) indexes: `tasks_type_id`, or the partial `tasks_live` /
+`tasks_finished` when a status is given (named as a literal, see store/tasks.py). Ids are
+UUIDv7, so a time window is a range of ids. A payload-field filter reads the heap, so it needs
+a type and a window and examines at most `scan` rows per page (the page says where it stopped).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import orjson
+
+from conveyor.store.pool import Pool, borrowed
+from conveyor.store.tasks import (
+    _COLUMNS,
+    FINISHED,
+    STATUSES,
+    Status,
+    TaskRecord,
+    _literal,
+    _record,
+)
+
+Action = Literal["retry", "cancel", "delete"]
+ACTIONS: tuple[Action, ...] = ("retry", "cancel", "delete")
+# The statuses each action applies to; the others are left as they are.
+ACTION_FROM: dict[Action, tuple[Status, ...]] = {
+    "retry": ("dead", "cancelled"),
+    "cancel": ("queued", "running"),
+    "delete": FINISHED,
+}
+
+
+def id_floor(moment: datetime) -> uuid.UUID:
+    """The smallest UUIDv7 of `moment`'s millisecond: every task created before it has a
+    smaller id."""
+    return uuid.UUID(int=(int(moment.timestamp() * 1000) & ((1 << 48) - 1)) << 80)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    """What the task list shows. `field` is a payload path and its value as JSON text."""
+
+    type: str | None = None
+    status: Status | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    key: str | None = None
+    field: tuple[tuple[str, ...], str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    tasks: list[TaskRecord]
+    next_cursor: uuid.UUID | None  # the id to continue below (None: no more)
+    scanned: int | None = None  # with a payload filter: rows examined for this page
+
+
+@dataclass(frozen=True, slots=True)
+class Minute:
+    at: datetime
+    succeeded: int
+    dead: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerBeat:
+    id: str
+    host: str
+    pid: int
+    types: list[str]
+    concurrency: int
+    started_at: datetime
+    beat_at: datetime
+    info: dict[str, Any]
+    running: int
+    age_s: float  # since its last beat, by Postgres's clock
+
+
+class Dashboard:
+    """The dashboard's SQL on the tasks and workers tables of one schema."""
+
+    def __init__(self, pool: Pool, schema: str, *, acquire_timeout_s: float = 5.0) -> None:
+        self.pool = pool
+        self.acquire_timeout_s = acquire_timeout_s
+        self.table = f"{schema}.tasks"
+        self.workers = f"{schema}.workers"
+
+    async def _fetch(self, op: str, sql: str, *args: Any) -> list[Any]:
+        async with borrowed(self.pool, self.acquire_timeout_s, op) as conn:
+            return await conn.fetch(sql, *args)
+
+    # -- the task list ---------------------------------------------------------------------
+
+    def _clauses(self, f: TaskFilter, args: list[Any], *, statuses: Sequence[Status] = (),
+                 ranged: bool = False) -> list[str]:
+        """WHERE clauses (on `t`, its type given as `types.type`) for `f`; `statuses`
+        narrows to those of an action (a literal list, for the partial indexes). `ranged`
+        writes the type as a range of one value: it then stays in the page's order (type,
+        status, id), which only the (type, ...) indexes hold, so the planner walks the one
+        of the filter instead of the primary key past newer rows of other types and
+        statuses (an equality would make the type a constant, and `id` alone the order)."""
+        ranged = ranged and f.key is None  # a key: the idempotency index, by equality
+        clauses = [("t.type >= types.type AND t.type <= types.type" if ranged
+                    else "t.type = types.type")]
+        if f.status is not None:
+            clauses.append(f"t.status = {_literal(f.status)}")
+        if statuses:
+            clauses.append(f"t.status IN ({', '.join(_literal(s) for s in statuses)})")
+        if f.since is not None:
+            args.append(id_floor(f.since))
+            clauses.append(f"t.id >= ${len(args)}")
+        if f.until is not None:
+            args.append(id_floor(f.until))
+            clauses.append(f"t.id < ${len(args)}")
+        if f.key is not None:
+            args.append(f.key)
+            clauses.append(f"t.idempotency_key = ${len(args)}")
+        return clauses
+
+    def _field_clause(self, f: TaskFilter, args: list[Any]) -> str:
+        assert f.field is not None
+        path, value = f.field
+        args.append(list(path))
+        args.append(orjson.loads(value))  # the pool's jsonb codec encodes it
+        return f"t.payload #> ${len(args) - 1}::text[] = ${len(args)}::jsonb"
+
+    async def page(self, types: Sequence[str], f: TaskFilter, *, before: uuid.UUID | None,
+                   limit: int, scan: int = 20_000) -> Page:
+        """One page of `f`'s tasks, newest first, below `before`. With a payload field (one
+        type only), at most `scan` rows are examined: `next_cursor` is then where to go on."""
+        names = [f.type] if f.type is not None else list(types)
+        if not names:
+            return Page([], None)
+        args: list[Any] = [names]
+        clauses = self._clauses(f, args, ranged=True)
+        if before is not None:
+            args.append(before)
+            clauses.append(f"t.id < ${len(args)}")
+        where = " AND ".join(clauses)
+        t = self.table
+        order = ("t.id DESC" if f.key is not None
+                 else "t.type DESC, t.status DESC, t.id DESC" if f.status
+                 else "t.type DESC, t.id DESC")
+        if f.field is None:
+            args.append(limit + 1)
+            rows = await self._fetch("dashboard.page", f"""
+                SELECT {_COLUMNS} FROM unnest($1::text[]) AS types(type) CROSS JOIN LATERAL (
+                  SELECT * FROM {t} AS t WHERE {where} ORDER BY {order} LIMIT ${len(args)}
+                ) AS t ORDER BY t.id DESC LIMIT ${len(args)}""", *args)
+            records = [_record(r) for r in rows]
+            more = len(records) > limit
+            records = records[:limit]
+            return Page(records, records[-1].id if more else None)
+        args.append(scan)
+        scan_arg = len(args)
+
+        def inner(columns: str) -> str:
+            return (f"SELECT t.{columns} FROM unnest($1::text[]) AS types(type) CROSS JOIN"
+                    f" LATERAL (SELECT t.{columns} FROM {t} AS t WHERE {where}"
+                    f" ORDER BY {order} LIMIT ${scan_arg}) AS t")
+
+        bounds_args = list(args)
+        field = self._field_clause(f, args)
+        args.append(limit)
+        async with borrowed(self.pool, self.acquire_timeout_s, "dashboard.search") as conn:
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM ({inner('*')}) AS t WHERE {field}"
+                f" ORDER BY t.id DESC LIMIT ${len(args)}", *args)
+            bounds = await conn.fetchrow(
+                f"SELECT count(*), (array_agg(t.id ORDER BY t.id))[1] FROM ({inner('id')}) AS t",
+                *bounds_args)
+        assert bounds is not None
+        scanned, lowest = int(bounds[0]), bounds[1]
+        records = [_record(r) for r in rows]
+        if len(records) == limit:
+            return Page(records, records[-1].id, scanned)
+        return Page(records, lowest if scanned == scan else None, scanned)
+
+    async def count(self, types: Sequence[str], f: TaskFilter, *, cap: int,
+                    statuses: Sequence[Status] = ()) -> int:
+        """How many tasks `f` matches (of `statuses`, when given), counted up to `cap`."""
+        names = [f.type] if f.type is not None else list(types)
+        if not names:
+            return 0
+        args: list[Any] = [names]
+        where = " AND ".join(self._clauses(f, args, statuses=statuses))
+        field = ""
+        if f.field is not None:
+            field = "AND " + self._field_clause(f, args)
+        args.append(cap)
+        rows = await self._fetch("dashboard.count", f"""
+            SELECT count(*) FROM (
+              SELECT 1 FROM unnest($1::text[]) AS types(type) CROSS JOIN LATERAL (
+                SELECT 1 FROM {self.table} AS t WHERE {where} {field} LIMIT ${len(args)}
+              ) AS x LIMIT ${len(args)}) AS c""", *args)
+        return int(rows[0][0])
+
+    async def matching_ids(self, types: Sequence[str], f: TaskFilter, statuses: Sequence[Status],
+                           *, before: uuid.UUID | None, limit: int) -> list[uuid.UUID]:
+        """Up to `limit` ids `f` matches in `statuses`, newest first, below `before`."""
+        names = [f.type] if f.type is not None else list(types)
+        if not names:
+            return []
+        args: list[Any] = [names]
+        clauses = self._clauses(f, args, statuses=statuses)
+        if before is not None:
+            args.append(before)
+            clauses.append(f"t.id < ${len(args)}")
+        if f.field is not None:
+            clauses.append(self._field_clause(f, args))
+        args.append(limit)
+        rows = await self._fetch("dashboard.matching", f"""
+            SELECT t.id FROM unnest($1::text[]) AS types(type) CROSS JOIN LATERAL (
+              SELECT t.id FROM {self.table} AS t WHERE {' AND '.join(clauses)}
+              ORDER BY t.id DESC LIMIT ${len(args)}) AS t
+            ORDER BY t.id DESC LIMIT ${len(args)}""", *args)
+        return [r[0] for r in rows]
+
+    # -- bulk actions (one statement per batch of ids) ----------------------------------------
+
+    async def retry(self, ids: Sequence[uuid.UUID]) -> list[TaskRecord]:
+        """dead | cancelled → queued with fresh attempts, as TaskStore.retry does, for many;
+        the rows changed (to publish)."""
+        rows = await self._fetch(
+            "dashboard.retry",
+            f"UPDATE {self.table} AS t SET status = 'queued', attempts = 0, run_at = now(),"
+            " started_at = NULL, finished_at = NULL, result = NULL, cancel_requested = false,"
+            " progress = NULL"
+            f" WHERE t.id = ANY($1::uuid[]) AND t.status IN ('dead', 'cancelled')"
+            f" RETURNING {_COLUMNS}", list(ids))
+        return [_record(r) for r in rows]
+
+    async def cancel(self, ids: Sequence[uuid.UUID]) -> list[TaskRecord]:
+        """queued → cancelled, running → cancel requested, as TaskStore.request_cancel does,
+        for many; the rows changed (to announce)."""
+        rows = await self._fetch(
+            "dashboard.cancel",
+            f"UPDATE {self.table} AS t SET cancel_requested = true,"
+            " status = CASE WHEN t.status = 'queued' THEN 'cancelled' ELSE t.status END,"
+            " finished_at = CASE WHEN t.status = 'queued' THEN now() ELSE t.finished_at END"
+            " WHERE t.id = ANY($1::uuid[]) AND t.status IN ('queued', 'running')"
+            "   AND NOT (t.status = 'running' AND t.cancel_requested)"
+            f" RETURNING {_COLUMNS}", list(ids))
+        return [_record(r) for r in rows]
+
+    async def delete(self, ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+        """Delete finished tasks (succeeded, dead, cancelled) among `ids`; live ones stay
+        (cancel them first). The ids deleted."""
+        finished = ", ".join(_literal(s) for s in FINISHED)
+        rows = await self._fetch(
+            "dashboard.delete",
+            f"DELETE FROM {self.table} AS t WHERE t.id = ANY($1::uuid[])"
+            f" AND t.status IN ({finished}) RETURNING t.id", list(ids))
+        return [r[0] for r in rows]
+
+    # -- the overview ----------------------------------------------------------------------
+
+    async def minutes(self, type_: str, minutes: int = 60, *,
+                      until: datetime | None = None) -> list[Minute]:
+        """Succeeded and dead per minute (by finished_at) over the last `minutes` (those
+        before `until`, when given), of the tasks created within them: per status, a range
+        of `tasks_finished` (type, status, id) INCLUDE (finished_at). Its cost follows the
+        tasks finished in the span: the dashboard reads it once per process (ui/throughput.py)."""
+        since = datetime.now(UTC) - timedelta(minutes=minutes)
+        end = until or datetime.now(UTC) + timedelta(days=1)
+        t = self.table
+
+        def part(status: str) -> str:
+            return (f"SELECT date_trunc('minute', t.finished_at) AS m, t.status"
+                    f" FROM {t} AS t WHERE t.type = $1 AND t.status = {status}"
+                    " AND t.id >= $2 AND t.finished_at >= $3 AND t.finished_at < $4")
+
+        rows = await self._fetch("dashboard.minutes", f"""
+            SELECT x.m, count(*) FILTER (WHERE x.status = 'succeeded'),
+                   count(*) FILTER (WHERE x.status = 'dead')
+            FROM ({part("'succeeded'")} UNION ALL {part("'dead'")}) AS x
+            GROUP BY 1 ORDER BY 1""", type_, id_floor(since), since, end)
+        return [Minute(r[0], int(r[1]), int(r[2])) for r in rows]
+
+    async def latency(self, type_: str, sample: int = 200) -> list[float]:
+        """Seconds from due (run_at) to start of the newest `sample` started tasks of a type,
+        sorted."""
+        rows = await self._fetch("dashboard.latency", f"""
+            SELECT extract(epoch FROM (s.started_at - s.run_at)) FROM (
+              SELECT t.started_at, t.run_at FROM {self.table} AS t
+              WHERE t.type = $1 ORDER BY t.id DESC LIMIT $2) AS s
+            WHERE s.started_at IS NOT NULL ORDER BY 1""", type_, sample)
+        return [max(0.0, float(r[0])) for r in rows]
+
+    # -- workers ---------------------------------------------------------------------------
+
+    async def worker_beats(self) -> list[WorkerBeat]:
+        """Every worker row (live and stale; the janitor prunes long-stale ones), with its
+        running count and the age of its beat."""
+        rows = await self._fetch("dashboard.workers", f"""
+            SELECT w.id, w.host, w.pid, w.types, w.concurrency, w.started_at, w.beat_at,
+                   w.info,
+                   (SELECT count(*) FROM {self.table} AS t
+                    WHERE t.status = 'running' AND t.worker = w.id),
+                   extract(epoch FROM now() - w.beat_at)
+            FROM {self.workers} AS w ORDER BY w.beat_at DESC, w.id LIMIT 500""")
+        return [WorkerBeat(id=r[0], host=r[1], pid=r[2], types=list(r[3]), concurrency=r[4],
+                           started_at=r[5], beat_at=r[6], info=_info(r[7]), running=int(r[8]),
+                           age_s=float(r[9])) for r in rows]
+
+
+def _info(value: Any) -> dict[str, Any]:
+    if isinstance(value, str | bytes):
+        loaded: dict[str, Any] = orjson.loads(value)
+        return loaded
+    return dict(value or {})
+
+
+__all__ = ["ACTIONS", "ACTION_FROM", "STATUSES", "Action", "Dashboard", "Minute", "Page",
+           "TaskFilter", "WorkerBeat", "id_floor"]

@@ -1,0 +1,290 @@
+"""The dashboard's actions (POST, each with the session's CSRF token): retry, cancel and
+delete a task, a selection, or everything a filter matches (in batches, up to
+`CONVEYOR_UI_BULK_MAX` per request); enqueue a copy of a task; sign in and out.
+
+An action answers with a redirect back to the page it came from (`next`, a dashboard path),
+carrying a `notice` that says what was done."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import uuid
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import orjson
+import structlog
+from fastapi import APIRouter, Request
+from starlette.responses import RedirectResponse, Response
+
+from conveyor.client import TaskRequest
+from conveyor.errors import (
+    InvalidTransition,
+    PayloadInvalid,
+    TaskNotFound,
+    Unauthorized,
+    Unavailable,
+)
+from conveyor.queue.events import event
+from conveyor.state import AppState
+from conveyor.store.dashboard import ACTION_FROM, ACTIONS, Action, Dashboard
+from conveyor.store.keys import ENQUEUE, MANAGE
+from conveyor.ui import filters
+from conveyor.ui.pages import ViewerDep, dashboard_of, state_of
+from conveyor.ui.render import bare, page, pretty, secure
+from conveyor.ui.session import (
+    COOKIE,
+    LOGIN_COOKIE,
+    PREFIX,
+    Sessions,
+    check_csrf,
+    require,
+    secure_request,
+    set_session_cookie,
+)
+
+log = structlog.get_logger("conveyor.ui")
+BATCH = 500  # tasks per statement of a bulk action
+_PAST = {"retry": "retried", "cancel": "cancelled", "delete": "deleted"}
+
+
+async def form_of(request: Request) -> dict[str, list[str]]:
+    """The urlencoded body, every value of every field."""
+    body = (await request.body()).decode("utf-8", errors="replace")
+    return parse_qs(body, keep_blank_values=True)
+
+
+def first(form: dict[str, list[str]]) -> dict[str, str]:
+    return {k: v[0] for k, v in form.items() if v}
+
+
+def back_to(target: str | None, notice: str | None = None, default: str = PREFIX) -> Response:
+    """303 to `target` when it is a dashboard path (never elsewhere), with `notice`."""
+    path = target or default
+    parts = urlsplit(path)
+    if parts.scheme or parts.netloc or not (path == PREFIX or path.startswith(PREFIX + "/")):
+        path = default
+        parts = urlsplit(path)
+    query = [(k, v) for k, vs in parse_qs(parts.query).items() for v in vs
+             if k not in ("notice", "cursor")]
+    if notice:
+        query.append(("notice", notice))
+    location = parts.path + (f"?{urlencode(query)}" if query else "")
+    return secure(RedirectResponse(location, status_code=303))
+
+
+async def apply(state: AppState, dashboard: Dashboard, action: Action,
+                ids: Sequence[uuid.UUID]) -> int:
+    """Do `action` to the tasks `ids` it applies to (one statement), publish or announce what
+    changed; how many changed."""
+    if not ids:
+        return 0
+    if action == "retry":
+        records = await dashboard.retry(ids)
+        await state.client.publish(records)
+        return len(records)
+    if action == "delete":
+        return len(await dashboard.delete(ids))
+    records = await dashboard.cancel(ids)
+    events = state.events
+    try:
+        running = [r for r in records if r.status == "running"]
+        for r in running:
+            await events.request_cancel(r.id)  # its worker hears it now
+        await events.publish([
+            event("cancel_requested", r.id, r.type, "running") if r.status == "running"
+            else event("cancelled", r.id, r.type, "cancelled", finished_at=r.finished_at,
+                       outcome="cancelled")
+            for r in records])
+    except Unavailable as exc:  # the workers' next beats see the requests
+        log.warning("ui.cancel.unannounced", tasks=len(records), error=str(exc))
+    return len(records)
+
+
+def _action(raw: str | None) -> Action:
+    for action in ACTIONS:
+        if raw == action:
+            return action
+    raise PayloadInvalid(f"action: {raw!r} is not one of {', '.join(ACTIONS)}")
+
+
+def _ids(values: list[str]) -> list[uuid.UUID]:
+    out = []
+    for value in values:
+        try:
+            out.append(uuid.UUID(value))
+        except ValueError:
+            raise PayloadInvalid(f"id: {value!r} is not a task id") from None
+    return out
+
+
+def _counted(n: int, action: Action, more: bool = False) -> str:
+    noun = "task" if n == 1 else "tasks"
+    text = f"{_PAST[action].capitalize()} {n} {noun}"
+    if more:
+        text += "; more match: run it again for the next batch"
+    return text
+
+
+router = APIRouter(prefix=PREFIX, include_in_schema=False)
+
+
+@router.post("/tasks/act")
+async def act_on_selection(request: Request, view: ViewerDep) -> Response:
+    form = await form_of(request)
+    check_csrf(view, first(form))
+    require(view, MANAGE)
+    action = _action(first(form).get("action"))
+    ids = _ids(form.get("id", []))[:BATCH * 10]
+    done = 0
+    for start in range(0, len(ids), BATCH):
+        done += await apply(state_of(request), dashboard_of(request), action,
+                            ids[start:start + BATCH])
+    skipped = len(ids) - done
+    notice = _counted(done, action)
+    if skipped:
+        notice += f" ({skipped} not {', '.join(ACTION_FROM[action])}: left as they are)"
+    if not ids:
+        notice = "Nothing selected"
+    return back_to(first(form).get("next"), notice, f"{PREFIX}/tasks")
+
+
+@router.post("/tasks/act-all")
+async def act_on_filter(request: Request, view: ViewerDep) -> Response:
+    """Everything the filter matches, in batches of BATCH, up to UI_BULK_MAX."""
+    form = first(await form_of(request))
+    check_csrf(view, form)
+    require(view, MANAGE)
+    state, dashboard = state_of(request), dashboard_of(request)
+    action = _action(form.get("action"))
+    parsed = filters.parse(form, state.app.registry.types)
+    if parsed.errors:
+        raise PayloadInvalid("; ".join(parsed.errors))
+    cap = state.settings.ui_bulk_max
+    types = list(state.app.registry.types)
+    done, cursor, more = 0, None, False
+    while done < cap:
+        ids = await dashboard.matching_ids(types, parsed.filter, ACTION_FROM[action],
+                                           before=cursor, limit=min(BATCH, cap - done))
+        if not ids:
+            break
+        done += await apply(state, dashboard, action, ids)
+        cursor = ids[-1]
+    else:
+        more = bool(await dashboard.matching_ids(types, parsed.filter, ACTION_FROM[action],
+                                                 before=cursor, limit=1))
+    log.info("ui.bulk", action=action, tasks=done, by=view.caller.name)
+    return back_to(form.get("next"), _counted(done, action, more), f"{PREFIX}/tasks")
+
+
+@router.post("/tasks/{task_id}/copy")
+async def enqueue_copy(request: Request, view: ViewerDep, task_id: uuid.UUID) -> Response:
+    form = first(await form_of(request))
+    check_csrf(view, form)
+    require(view, ENQUEUE)
+    state = state_of(request)
+    record = await state.store.get(task_id)
+    if record is None:
+        raise TaskNotFound(str(task_id))
+    view.caller.check_types([record.type])
+    task_type = state.app.registry.types.get(record.type)
+    text = form.get("payload", "")
+    error = None
+    try:
+        payload: Any = orjson.loads(text)
+        if not isinstance(payload, dict):
+            raise PayloadInvalid("the payload must be a JSON object")
+        inserted = await state.client.enqueue_many([TaskRequest(record.type, payload)])
+    except orjson.JSONDecodeError as exc:
+        error = f"not JSON: {exc}"
+    except PayloadInvalid as exc:
+        error = str(exc)
+    if error is not None:
+        return page(request, view, "copy.html", 422, active="tasks", task=record,
+                    task_type=task_type, payload=text, error=error,
+                    schema=pretty(task_type.payload_model.model_json_schema())
+                    if task_type else None)
+    new = inserted[0].record
+    return back_to(f"{PREFIX}/tasks/{new.id}", f"Enqueued a copy of {str(task_id)[:8]}")
+
+
+@router.post("/tasks/{task_id}/{action}")
+async def act_on_task(request: Request, view: ViewerDep, task_id: uuid.UUID,
+                      action: str) -> Response:
+    form = first(await form_of(request))
+    check_csrf(view, form)
+    require(view, MANAGE)
+    state = state_of(request)
+    act = _action(action)
+    here = f"{PREFIX}/tasks/{task_id}"
+    try:
+        if act == "retry":
+            await state.client.retry(task_id)
+            return back_to(here, "Retried: queued again")
+        if act == "cancel":
+            record = await state.client.cancel(task_id)
+            return back_to(here, "Cancel requested: its worker stops it"
+                           if record.status == "running" else "Cancelled")
+    except InvalidTransition as exc:
+        return back_to(here, f"Not done: the task is {exc.status}")
+    if await dashboard_of(request).delete([task_id]):
+        return back_to(f"{PREFIX}/tasks", f"Deleted task {str(task_id)[:8]}")
+    if await state.store.get(task_id) is None:
+        raise TaskNotFound(str(task_id))
+    return back_to(here, "Not deleted: only finished tasks can be (cancel it first)")
+
+# -- signing in and out ------------------------------------------------------------------
+
+
+@router.get("/login")
+async def login_form(request: Request) -> Response:
+    auth = request.app.state.authenticator
+    if await auth.keyless() and auth.anonymous_allowed:
+        return back_to(request.query_params.get("next"))
+    return _login_page(request, request.query_params.get("reason") or None)
+
+
+@router.post("/login")
+async def login(request: Request) -> Response:
+    form = first(await form_of(request))
+    expected = request.cookies.get(LOGIN_COOKIE, "")
+    given = form.get("csrf", "")
+    if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
+        return _login_page(request, "the form expired: try again", 403, form.get("next"))
+    token = form.get("key", "").strip()
+    if not token:
+        return _login_page(request, "enter an API key", 401, form.get("next"))
+    auth = request.app.state.authenticator
+    try:
+        await auth.principal(token)
+    except Unauthorized as exc:
+        return _login_page(request, str(exc), 401, form.get("next"))
+    sessions: Sessions = request.app.state.ui_sessions
+    session = await sessions.create(token)
+    response = back_to(form.get("next"))
+    set_session_cookie(response, session.sid, sessions.ttl_s,
+                       secure=secure_request(request))
+    response.delete_cookie(LOGIN_COOKIE, path=PREFIX)
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request, view: ViewerDep) -> Response:
+    check_csrf(view, first(await form_of(request)))
+    sessions: Sessions = request.app.state.ui_sessions
+    await sessions.drop(view.session.sid)
+    response = back_to(f"{PREFIX}/login")
+    response.delete_cookie(COOKIE, path=PREFIX)
+    return response
+
+
+def _login_page(request: Request, error: str | None, status_code: int = 200,
+                next_path: str | None = None) -> Response:
+    value = secrets.token_urlsafe(24)
+    response = bare("login.html", status_code, csrf=value, error=error,
+                    next=next_path or request.query_params.get("next", ""))
+    response.set_cookie(LOGIN_COOKIE, value, max_age=3600, path=PREFIX, httponly=True,
+                        samesite="strict", secure=secure_request(request))
+    return response
