@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import structlog
 
 from conveyor import metrics
-from conveyor.errors import ConfigError, Unavailable
+from conveyor.errors import Unavailable
 from conveyor.queue.flow import Allowance, FlowRedis
 from conveyor.registry import Limits, TaskType
 from conveyor.runtime.outage import Outage
@@ -205,11 +205,10 @@ class Gate:
         changed = {}
         for name, declared in self.declared.items():
             row = overrides.get(name)
-            try:
-                changed[name] = row.over(declared) if row is not None else declared
-            except (ValueError, ConfigError) as exc:  # the API checks: a hand-edited row
-                log.warning("flow.settings.invalid", task_type=name, error=str(exc))
-                changed[name] = declared
+            # A row that cannot apply (the API checks its own: one written by hand) leaves the
+            # declared limits, with a warning: it never stops a worker.
+            changed[name] = row.over_or_declared(declared, name) if row is not None \
+                else declared
         if changed != self.limits:
             log.info("flow.limits.reloaded", changed=[n for n in changed
                                                       if changed[n] != self.limits[n]])

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
+from fastapi.exceptions import RequestValidationError
 from starlette.responses import Response
 
 from conveyor.api.auth import forbidden, requires
@@ -19,17 +20,18 @@ from conveyor.api.models import DeadLettersOut, FlowOut, LimitsIn, QueuesOut
 from conveyor.api.responses import OrjsonResponse
 from conveyor.errors import Unavailable
 from conveyor.queue.flow import FlowRedis
-from conveyor.registry import PRIORITIES, Registry, TaskType
+from conveyor.registry import PRIORITIES, Limits, Registry, TaskType
 from conveyor.state import AppState
 from conveyor.store.keys import ADMIN, MANAGE, READ
-from conveyor.store.queue_settings import FIELDS, Override, QueueSettingsStore
+from conveyor.store.queue_settings import FIELDS, InvalidOverride, Override, QueueSettingsStore
 from conveyor.validation import StorableStr
 
 _BODY_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "malformed JSON"},
     413: {"description": "body over MAX_BODY_BYTES"},
     415: {"description": "the body is not JSON"},
-    422: {"description": "a limit out of range or a rate that is none; `errors` names it"},
+    422: {"description": "a limit out of range, a rate that is none, or a per-key limit on a "
+                         "type without a concurrency_key; `errors` names it"},
 }
 
 
@@ -40,7 +42,13 @@ def _flow(state: AppState) -> tuple[FlowRedis, QueueSettingsStore]:
 
 
 def _flow_out(task_type: TaskType, row: Override | None, in_use: int | None) -> dict[str, Any]:
-    limits = row.over(task_type.limits) if row is not None else task_type.limits
+    limits = row.over_or_declared(task_type.limits, task_type.name) if row is not None \
+        else task_type.limits
+    return _flow_of(task_type, limits, row, in_use)
+
+
+def _flow_of(task_type: TaskType, limits: Limits, row: Override | None,
+             in_use: int | None) -> dict[str, Any]:
     return {
         "max_concurrency": limits.max_concurrency,
         "concurrency_key": limits.concurrency_key,
@@ -112,10 +120,15 @@ def build_router(registry: Registry) -> APIRouter:
         Redis, at their next periodic reload) and answer the flow in force."""
         declared = state.app.registry.get(task_type)
         flow, queue_settings = _flow(state)
-        row = await queue_settings.change(task_type, changes)
+        try:
+            row, limits = await queue_settings.change(task_type, changes, declared.limits)
+        except InvalidOverride as exc:  # rolled back: nothing was stored
+            raise RequestValidationError([{
+                "type": "value_error", "loc": ("body", exc.field), "msg": exc.message,
+                "input": changes.get(exc.field)}]) from None
         with contextlib.suppress(Unavailable):
             await flow.nudge(task_type)
-        return OrjsonResponse(_flow_out(declared, row, None))
+        return OrjsonResponse(_flow_of(declared, limits, row, None))
 
     @router.patch("/{task_type}/limits", response_model=FlowOut,
                   dependencies=[Depends(requires[ADMIN])],
