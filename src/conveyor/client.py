@@ -41,7 +41,7 @@ from conveyor.queue.events import (
     cancelled,
     event,
 )
-from conveyor.queue.streams import Publish, TaskStreams
+from conveyor.queue.streams import Publish, TaskStreams, level_of
 from conveyor.registry import PRIORITIES, Registry
 from conveyor.runtime.coalescer import Coalescer
 from conveyor.store import notify
@@ -209,7 +209,7 @@ class Client:
         types = self.registry.types
         items = [
             Publish(r.type, r.id, int(r.run_at.timestamp() * 1000) if r.id in delayed else None,
-                    (levels or {}).get(r.id, "default")
+                    level_of((levels or {}).get(r.id))
                     if r.type in types and types[r.type].priorities else None)
             for r in records
         ]
@@ -439,5 +439,9 @@ async def _insert_in_transaction(
         _refuse_reused_keys([new], [record])  # the same key for another payload: refused
     if inserted.created:
         at_ms = int(record.run_at.timestamp() * 1000) if new.delay_s > 0 else None
-        await notify.send(conn, client.store.channel, Enqueued(record.type, record.id, at_ms))
+        ranked = client.registry.types[record.type].priorities \
+            if record.type in client.registry.types else False
+        level = level_of(new.priority) if ranked else None
+        await notify.send(conn, client.store.channel,
+                          Enqueued(record.type, record.id, at_ms, level))
     return record

@@ -43,6 +43,11 @@ class Keys:
         with priorities), scored by when they were published (`TaskStreams.read_ranked`)."""
         return f"{self.prefix}:{{{task_type}}}:ready:{level}"
 
+    def levels(self, task_type: str) -> str:
+        """Hash of the priority level (`high`, `low`) of the delayed tasks of a type declared
+        with priorities that are not `default`: where the forwarder moves each when due."""
+        return f"{self.prefix}:{{{task_type}}}:levels"
+
     def bell(self, task_type: str) -> str:
         """Capped stream with an entry per task put in a ready set: what idle consumers of a
         type with priorities wait on."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +26,26 @@ log = structlog.get_logger("conveyor.streams")
 
 # Move due members of a type's delayed set to its stream.
 # KEYS[1] delayed set, KEYS[2] stream; ARGV[1] max members to move.
+# A type with priorities also has KEYS[3] its levels hash, KEYS[4] its bell, then its ready
+# sets with ARGV[2..] their levels: each due task goes to its level's ready set (`default`
+# unless the hash names another), not the stream, so a retry or a put-back keeps its priority.
 # Uses the Redis clock, so every worker agrees on "due". Returns the number moved.
 _FORWARD = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local ready = {}
+for i = 5, #KEYS do ready[ARGV[i - 3]] = KEYS[i] end
 for _, member in ipairs(due) do
-  redis.call('XADD', KEYS[2], '*', 'id', member, 'r', '0')
+  if #KEYS > 2 then
+    local level = redis.call('HGET', KEYS[3], member)
+    local set = (level and ready[level]) or ready['default']
+    redis.call('ZADD', set, now, member)
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', 1000, '*', 't', member)
+    if level then redis.call('HDEL', KEYS[3], member) end
+  else
+    redis.call('XADD', KEYS[2], '*', 'id', member, 'r', '0')
+  end
   redis.call('ZREM', KEYS[1], member)
 end
 return #due
@@ -163,6 +176,12 @@ class Publish:
     level: str | None = None  # a type with priorities: its task's level (ready set, not stream)
 
 
+def level_of(priority: str | None) -> str:
+    """The ready set level of a task of a type with priorities (its stored priority, None
+    being `default`)."""
+    return priority or "default"
+
+
 @dataclass(frozen=True, slots=True)
 class ConsumerInfo:
     name: str
@@ -248,6 +267,8 @@ class TaskStreams:
                         pipe.xadd(self.keys.stream(item.task_type), {"id": member, "r": "0"})
                     else:
                         pipe.zadd(self.keys.delayed(item.task_type), {member: item.run_at_ms})
+                        if item.level not in (None, "default"):
+                            pipe.hset(self.keys.levels(item.task_type), member, item.level)
                 await pipe.execute()
 
     async def read(
@@ -340,9 +361,12 @@ class TaskStreams:
         *,
         delays: Sequence[tuple[uuid.UUID, int]] = (),
         dead: Sequence[tuple[str, str]] = (),
+        levels: Mapping[uuid.UUID, str] | None = None,
     ) -> None:
         """Schedule retries, dead-letter, then ack, in one pipeline (in that order, so a crash
-        midway leaves a message pending rather than a task nowhere)."""
+        midway leaves a message pending rather than a task nowhere). `levels`: the priority
+        of delayed tasks that is not `default` (a type with priorities), kept for when they
+        are due."""
         with translate("streams.settle"):
             if not delays and not dead:  # the common case: one command, no pipeline
                 if acks:
@@ -352,6 +376,10 @@ class TaskStreams:
                 if delays:
                     pipe.zadd(self.keys.delayed(task_type),
                               {str(task_id): at_ms for task_id, at_ms in delays})
+                    kept: dict[Any, Any] = {str(i): (levels or {})[i] for i, _ in delays
+                            if (levels or {}).get(i) not in (None, "default")}
+                    if kept:
+                        pipe.hset(self.keys.levels(task_type), mapping=kept)
                 for task_id, reason in dead:
                     pipe.xadd(self.keys.dead(task_type), {"id": task_id, "reason": reason[:2000]},
                               maxlen=self.dead_letter_maxlen, approximate=True)
@@ -376,12 +404,17 @@ class TaskStreams:
                 if not lost_state(exc):
                     raise
 
-    async def forward(self, task_type: str, limit: int = 1000) -> int:
-        """Move due delayed tasks of `task_type` to its stream; returns how many moved."""
+    async def forward(self, task_type: str, limit: int = 1000, *, ranked: bool = False) -> int:
+        """Move due delayed tasks of `task_type` to its stream (`ranked`, a type with
+        priorities: to their level's ready set); returns how many moved."""
+        keys = [self.keys.delayed(task_type), self.keys.stream(task_type)]
+        args: list[Any] = [limit]
+        if ranked:
+            keys += [self.keys.levels(task_type), self.keys.bell(task_type),
+                     *(self.keys.ready(task_type, level) for level in READY_LEVELS)]
+            args += list(READY_LEVELS)
         with translate("streams.forward"):
-            moved = await self._forward(
-                keys=[self.keys.delayed(task_type), self.keys.stream(task_type)], args=[limit]
-            )
+            moved = await self._forward(keys=keys, args=args)
         return int(moved)
 
     # -- rebalance -------------------------------------------------------------------------

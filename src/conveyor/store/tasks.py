@@ -81,6 +81,7 @@ class TaskRecord:
     finished_at: datetime | None
     cancel_requested: bool = False
     progress: Any = None  # {fraction, message, data, at}: the latest a handler reported
+    priority: str | None = None  # 'high' or 'low'; None is 'default' (a type with priorities)
     attempt_history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -206,6 +207,7 @@ class Started:
     run_at: datetime
     trace_context: dict[str, str] | None = None  # the enqueuing span's (`conveyor.tracing`)
     started_at: datetime | None = None
+    priority: str | None = None  # 'high' or 'low'; None is 'default'
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +224,7 @@ class NotStarted:
     # Postgres refused to start it, for this reason (an error retrying does not cure): the task
     # is left as it is, and its message pending.
     refused: str | None = None
+    priority: str | None = None  # 'high' or 'low'; None is 'default'
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +252,7 @@ class Recorded:
     run_at: datetime
     started_at: datetime | None = None
     at: datetime | None = None  # when it was recorded (the attempt's end)
+    priority: str | None = None  # 'high' or 'low'; None is 'default' (its retry's level)
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,7 +366,7 @@ class TaskStore:
               AND t.run_at - now() <= interval '{EARLY_START_S} seconds'
               AND t.attempts < t.max_attempts
             RETURNING t.id, t.type, t.payload, t.attempts, t.max_attempts, t.run_at,
-                      t.trace_context, t.started_at"""
+                      t.trace_context, t.started_at, t.priority"""
         # An outcome that would retry a task whose cancel was requested ends it cancelled.
         final = ("CASE WHEN c.status = 'queued' AND t.cancel_requested THEN 'cancelled'"
                  " ELSE c.status END")
@@ -385,7 +389,7 @@ class TaskStore:
               -- finished since the last vacuum included, per batch.
               AND NOT (t.status IS DISTINCT FROM 'running')
               AND NOT (t.worker IS DISTINCT FROM $7)
-            RETURNING t.id, t.status, t.run_at, t.started_at, now()"""
+            RETURNING t.id, t.status, t.run_at, t.started_at, now(), t.priority"""
 
     @contextlib.asynccontextmanager
     async def _connection(self, op: str, via: Pinned | None = None) -> AsyncIterator[Connection]:
@@ -660,15 +664,16 @@ class TaskStore:
             rest = [i for i in dict.fromkeys(ids) if i not in done]
             found = await conn.fetch(
                 f"SELECT id, status, run_at, attempts >= max_attempts, worker, type, payload,"
-                f" attempts, max_attempts, trace_context, started_at FROM {self.table}"
+                f" attempts, max_attempts, trace_context, started_at, priority FROM {self.table}"
                 " WHERE id = ANY($1::uuid[])",
                 rest,
             )
         by_id = {
             r[0]: NotStarted(
                 r[0], r[1], r[2], r[1] == "queued" and r[3],
-                Started(r[0], r[5], r[6], r[7], r[8], r[2], r[9], r[10])
+                Started(r[0], r[5], r[6], r[7], r[8], r[2], r[9], r[10], r[11])
                 if r[1] == "running" and r[4] == worker else None,
+                priority=r[11],
             )
             for r in found
         }
@@ -746,12 +751,12 @@ class TaskStore:
 
     async def defer(
         self, attempts: Sequence[tuple[uuid.UUID, int, float]], worker: str
-    ) -> list[uuid.UUID]:
+    ) -> Returned:
         """running on `worker` at the given attempt → queued, due after the given seconds, the
-        attempt not counted: a start its concurrency key's limit did not let run (flow
-        control). Returns the ids changed."""
+        attempt not counted (or cancelled, if asked): a start its concurrency key's limit did
+        not let run (flow control)."""
         if not attempts:
-            return []
+            return Returned([], [])
         rows = await self._fetch(
             "tasks.defer",
             f"""UPDATE {self.table} AS t
@@ -760,11 +765,11 @@ class TaskStore:
                 FROM unnest($1::uuid[], $2::int[], $3::float8[]) AS h(id, attempt, delay)
                 WHERE t.id = h.id AND t.status = 'running' AND t.worker = $4
                   AND t.attempts = h.attempt AND t.id = ANY($1::uuid[])
-                RETURNING t.id, t.status""",
+                RETURNING t.id, t.status, t.finished_at""",
             [i for i, _, _ in attempts], [a for _, a, _ in attempts],
             [d for _, _, d in attempts], worker,
         )
-        return [r[0] for r in rows if r[1] == "queued"]
+        return Returned.of(rows)
 
     async def running_on(self, ids: Iterable[uuid.UUID], worker: str) -> set[uuid.UUID]:
         """Which of `ids` are running on `worker` (whose lease, if it is alive, it holds)."""
@@ -856,9 +861,11 @@ class TaskStore:
     async def overdue(
         self, type_: str, older_than_s: float, after: tuple[datetime, uuid.UUID] | None,
         limit: int,
-    ) -> list[tuple[datetime, uuid.UUID]]:
-        """Queued tasks of `type_` due more than `older_than_s` ago, oldest first, keyset."""
-        sql = (f"SELECT run_at, id FROM {self.table} WHERE status = 'queued' AND type = $1"
+    ) -> list[tuple[datetime, uuid.UUID, str | None]]:
+        """(run_at, id, priority) of queued tasks of `type_` due more than `older_than_s` ago,
+        oldest first, keyset (`after`: the last run_at and id)."""
+        sql = (f"SELECT run_at, id, priority FROM {self.table}"
+               " WHERE status = 'queued' AND type = $1"
                " AND run_at < now() - $2 * interval '1 second'")
         args: list[Any] = [type_, older_than_s]
         if after is not None:
@@ -866,14 +873,15 @@ class TaskStore:
             args += list(after)
         sql += f" ORDER BY run_at, id LIMIT ${len(args) + 1}"
         rows = await self._fetch("tasks.overdue", sql, *args, limit)
-        return [(r[0], r[1]) for r in rows]
+        return [(r[0], r[1], r[2]) for r in rows]
 
-    async def running_since(self, older_than_s: float) -> list[tuple[uuid.UUID, str, str]]:
-        """(id, type, worker) of tasks running for more than `older_than_s`."""
+    async def running_since(self, older_than_s: float
+                            ) -> list[tuple[uuid.UUID, str, str, str | None]]:
+        """(id, type, worker, priority) of tasks running for more than `older_than_s`."""
         rows = await self._fetch(
             "tasks.running_since",
-            f"SELECT id, type, worker FROM {self.table} WHERE status = 'running'"
+            f"SELECT id, type, worker, priority FROM {self.table} WHERE status = 'running'"
             " AND started_at < now() - $1 * interval '1 second'",
             older_than_s,
         )
-        return [(r[0], r[1], r[2]) for r in rows]
+        return [(r[0], r[1], r[2], r[3]) for r in rows]

@@ -173,13 +173,14 @@ class Dispatcher:
         if not deferred:
             return allowed
         try:
-            back = set(await self.store.defer(
-                [(t.id, t.attempt, delay) for t, delay, _ in deferred], self.worker_id))
+            back = set((await self.store.defer(
+                [(t.id, t.attempt, delay) for t, delay, _ in deferred], self.worker_id)).queued)
             now_ms = int(time.time() * 1000)
             await self.streams.settle(
                 name, [by_task[t.id].stream_id for t, _, _ in deferred],
                 delays=[(t.id, now_ms + int(delay * 1000)) for t, delay, _ in deferred
-                        if t.id in back])
+                        if t.id in back],
+                levels={t.id: t.priority for t, _, _ in deferred if t.priority is not None})
         except Unavailable as exc:  # left pending: the rebalancer hands it on
             log.warning("flow.defer.failed", task_type=name, tasks=len(deferred),
                         error=str(exc))

@@ -142,7 +142,8 @@ class Worker:
             for d in self.dispatchers
         ]
         self.forwarder = Forwarder(
-            state.streams, wanted, interval_s=settings.forward_interval
+            state.streams, wanted, interval_s=settings.forward_interval,
+            ranked=[t for t in wanted if state.app.registry.types[t].priorities],
         )
         self.heartbeat = Heartbeat(
             state.workers,

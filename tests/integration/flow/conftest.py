@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -74,3 +75,13 @@ async def api(state: AppState) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=create_app(state))
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
         yield http
+
+
+def with_concurrency(state: AppState, n: int) -> AppState:
+    return dataclasses.replace(state, settings=state.settings.model_copy(update={
+        "concurrency": n}))
+
+
+async def order(state: AppState) -> list[str]:
+    raw = await state.redis.lrange(key(state.settings.key_prefix, "order"), 0, -1)
+    return [x.decode() if isinstance(x, bytes) else x for x in raw]

@@ -5,14 +5,12 @@ processes)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Any
 
 from conveyor.client import TaskRequest
 from conveyor.state import AppState
-from tests.apps.flow import key
 from tests.conftest import eventually
-from tests.integration.flow.conftest import StartWorker, finished, peak
+from tests.integration.flow.conftest import StartWorker, finished, order, peak, with_concurrency
 
 
 async def test_global_concurrency_is_shared_by_workers(state: AppState,
@@ -46,16 +44,6 @@ async def test_unique_for_dedups_concurrent_enqueues(state: AppState) -> None:
     other = await state.client.enqueue("plain", {"label": "y"}, unique_for=60)
     assert other.record.id != ids[0]
     assert other.created
-
-
-def with_concurrency(state: AppState, n: int) -> AppState:
-    return dataclasses.replace(state, settings=state.settings.model_copy(update={
-        "concurrency": n}))
-
-
-async def order(state: AppState) -> list[str]:
-    raw = await state.redis.lrange(key(state.settings.key_prefix, "order"), 0, -1)
-    return [x.decode() if isinstance(x, bytes) else x for x in raw]
 
 
 async def test_priorities_high_first_low_not_starved(state: AppState,

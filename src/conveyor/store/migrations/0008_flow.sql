@@ -10,9 +10,10 @@ CREATE TABLE {schema}.queue_settings (
     paused                   boolean NOT NULL DEFAULT false,
     updated_at               timestamptz NOT NULL DEFAULT now()
 );
--- A task's priority ('high' or 'low'; NULL is 'default'), so the relay re-publishes it to its
--- level's stream; and its unique key for `unique_for` (store/tasks.py): one task per (type,
--- unique key) while it is queued or running, or until `unique_until`, whichever is later.
+-- A task's priority ('high' or 'low'; NULL is 'default'), so a task republished (relay),
+-- retried or put back goes to its level's ready set again; and its unique key for
+-- `unique_for` (store/tasks.py): one task per (type, unique key) while it is queued or
+-- running, or until `unique_until`, whichever is later.
 ALTER TABLE {schema}.tasks
     ADD COLUMN priority text CHECK (priority IN ('high', 'low')),
     ADD COLUMN unique_key text,
