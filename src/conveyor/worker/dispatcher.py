@@ -111,7 +111,7 @@ class Dispatcher:
             started, not_started = result
         adopted, not_started = self._adopt(not_started, by_task)
         if self.gate is not None and started and self.gate.keyed(self.task_type.name):
-            started = await self._keyed(started, by_task)
+            started = await self._keyed(started, by_task, shutdown)
         now = time.time()
         if self.publisher is not None and started:
             self.publisher.emit(*(
@@ -157,11 +157,12 @@ class Dispatcher:
                 self._leased.difference_update(leased)
                 self.gate.release(self.task_type.name, len(leased))
 
-    async def _keyed(self, started: list[Started], by_task: dict[uuid.UUID, Message]
-                     ) -> list[Started]:
+    async def _keyed(self, started: list[Started], by_task: dict[uuid.UUID, Message],
+                     shutdown: Shutdown) -> list[Started]:
         """The started tasks their keys' limits let run now; the others are put back, due
         when their key may have room (queued again, the attempt not counted), their
-        messages acked. Without Redis to ask, they run (a limit met late, nothing lost)."""
+        messages acked. Without Redis or Postgres to ask or to put them back, they run (a
+        limit met late, nothing lost: a task is never left running without a handler)."""
         assert self.gate is not None
         name = self.task_type.name
         try:
@@ -173,17 +174,22 @@ class Dispatcher:
         if not deferred:
             return allowed
         try:
-            back = set((await self.store.defer(
-                [(t.id, t.attempt, delay) for t, delay, _ in deferred], self.worker_id)).queued)
-            now_ms = int(time.time() * 1000)
-            await self.streams.settle(
-                name, [by_task[t.id].stream_id for t, _, _ in deferred],
-                delays=[(t.id, now_ms + int(delay * 1000)) for t, delay, _ in deferred
-                        if t.id in back],
-                levels={t.id: t.priority for t, _, _ in deferred if t.priority is not None})
-        except Unavailable as exc:  # left pending: the rebalancer hands it on
+            returned = await self.store.defer(
+                [(t.id, t.attempt, delay) for t, delay, _ in deferred], self.worker_id)
+        except Unavailable as exc:  # still running here: run them rather than strand them
             log.warning("flow.defer.failed", task_type=name, tasks=len(deferred),
-                        error=str(exc))
+                        error=str(exc), running_instead=True)
+            return allowed + [t for t, _, _ in deferred]
+        back = set(returned.queued)
+        now_ms = int(time.time() * 1000)
+        # Retried while Redis is away (until the drain deadline): left pending otherwise, for
+        # the rebalancer to hand on; the relay publishes a task Redis lost.
+        await self.settler.settle(
+            name, [by_task[t.id].stream_id for t, _, _ in deferred],
+            delays=[(t.id, now_ms + int(delay * 1000)) for t, delay, _ in deferred
+                    if t.id in back],
+            levels={t.id: t.priority for t, _, _ in deferred if t.priority is not None},
+            shutdown=shutdown)
         self._release([by_task[t.id] for t, _, _ in deferred])
         return allowed
 
