@@ -18,7 +18,7 @@ import structlog
 
 from conveyor import metrics, tracing
 from conveyor.errors import Unavailable
-from conveyor.queue.events import Publisher, event
+from conveyor.queue.events import Publisher, cancelled, event
 from conveyor.queue.streams import Message, TaskStreams
 from conveyor.registry import Lease, TaskType
 from conveyor.runtime.shutdown import Shutdown
@@ -182,6 +182,8 @@ class Dispatcher:
             return allowed + [t for t, _, _ in deferred]
         back = set(returned.queued)
         now_ms = int(time.time() * 1000)
+        if returned.cancelled and self.publisher is not None:  # asked while put back
+            self.publisher.emit(*(cancelled(i, name, at) for i, at in returned.cancelled))
         # Retried while Redis is away (until the drain deadline): left pending otherwise, for
         # the rebalancer to hand on; the relay publishes a task Redis lost.
         await self.settler.settle(

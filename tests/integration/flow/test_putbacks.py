@@ -55,3 +55,39 @@ async def test_a_put_back_postgres_refuses_runs_the_task_instead(
         await eventually(all_succeeded, 20)  # none is left running without a handler
     finally:
         await _drop(state, "refuse_defer")
+
+
+async def test_a_put_back_whose_cancel_was_asked_ends_cancelled_and_is_announced(
+    state: AppState, start_worker: StartWorker
+) -> None:
+    # The task labelled `cancel-me` is asked to stop as it starts (the trigger stands for a
+    # cancel arriving between its start and its put-back).
+    await _trigger(state, "ask_cancel", """
+        IF OLD.status = 'queued' AND NEW.status = 'running'
+           AND NEW.payload->>'label' = 'cancel-me' THEN
+          NEW.cancel_requested := true;
+        END IF;""")
+    try:
+        await start_worker(types=["keyed"])
+        busy = await state.client.enqueue_many(
+            [TaskRequest("keyed", {"tenant": "t1", "seconds": 1.5}) for _ in range(2)])
+
+        async def both_running() -> bool:
+            return (await _statuses(state, [i.record.id for i in busy])).get("running") == 2
+
+        await eventually(both_running, 10)  # the tenant is at its limit of 2
+        task = (await state.client.enqueue("keyed", {"tenant": "t1",
+                                                     "label": "cancel-me"})).record
+
+        async def cancelled() -> bool:
+            return (await _statuses(state, [task.id])).get("cancelled") == 1
+
+        await eventually(cancelled, 10)
+
+        async def announced() -> bool:
+            events = await state.events.read("0", 100, 10_000)
+            return any(e.kind == "cancelled" and e.task_id == str(task.id) for e in events)
+
+        await eventually(announced, 5)
+    finally:
+        await _drop(state, "ask_cancel")
