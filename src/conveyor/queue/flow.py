@@ -59,7 +59,9 @@ return out
 """
 
 # KEYS: lease sets; ARGV[1] TTL ms, ARGV[2..] "<index of KEYS>:<token>". Pushes the expiry of
-# tokens still held (XX: one that expired and was dropped is not brought back).
+# the tokens of handlers still running, and puts back any Redis lost (a wipe, a failover, an
+# outage longer than the TTL): they are still in use. The set may so hold more than its limit
+# for a while; the acquire grants nothing until it is below it again.
 _RENEW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -67,7 +69,7 @@ local ttl = tonumber(ARGV[1])
 for i = 2, #ARGV do
   local sep = string.find(ARGV[i], ':')
   local key = KEYS[tonumber(string.sub(ARGV[i], 1, sep - 1))]
-  redis.call('ZADD', key, 'XX', now + ttl, string.sub(ARGV[i], sep + 1))
+  redis.call('ZADD', key, now + ttl, string.sub(ARGV[i], sep + 1))
   redis.call('PEXPIRE', key, ttl * 2)
 end
 return 0
@@ -184,8 +186,10 @@ class FlowRedis:
                 await pipe.execute()
 
     async def renew(self, held: Sequence[tuple[str, str]], ttl_ms: int) -> None:
-        """Push the expiry of (lease set key, token) pairs this worker still holds; one script
-        call per type (a type's keys share a slot)."""
+        """Push the expiry of (lease set key, token) pairs this worker still holds, putting
+        back those Redis lost; one script call per type (a type's keys share a slot). (A
+        token given back while a renewal is on its way may come back: it expires a TTL
+        later.)"""
         by_tag: dict[str, list[tuple[str, str]]] = {}
         for key, token in held:
             by_tag.setdefault(key[key.index("{"):key.index("}")], []).append((key, token))

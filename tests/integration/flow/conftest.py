@@ -58,6 +58,11 @@ async def start_worker(state: AppState) -> AsyncIterator[StartWorker]:
             await asyncio.wait_for(task, 15)
 
 
+async def number(state: AppState, *parts: str) -> int:
+    """A counter the flow test app keeps (`running:<type>`, `peak:<type>`)."""
+    return int(await state.redis.get(key(state.settings.key_prefix, *parts)) or 0)
+
+
 async def peak(state: AppState, scope: str) -> int:
     return int(await state.redis.get(key(state.settings.key_prefix, "peak", scope)) or 0)
 

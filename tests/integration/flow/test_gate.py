@@ -5,12 +5,20 @@ processes)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 from conveyor.client import TaskRequest
 from conveyor.state import AppState
 from tests.conftest import eventually
-from tests.integration.flow.conftest import StartWorker, finished, order, peak, with_concurrency
+from tests.integration.flow.conftest import (
+    StartWorker,
+    finished,
+    number,
+    order,
+    peak,
+    with_concurrency,
+)
 
 
 async def test_global_concurrency_is_shared_by_workers(state: AppState,
@@ -91,3 +99,27 @@ async def test_ready_sets_count_as_waiting_for_the_gauges_and_the_relay(
     assert stats.length == 0  # nothing entered the stream yet
     assert (await state.streams.oldest_undelivered_age_ms(["ranked"]))["ranked"] is not None
     assert await state.streams.delayed_among("ranked", ids) == set(ids)  # the relay skips them
+
+
+async def test_leases_lost_with_redis_come_back_at_the_next_renewal(
+    state: AppState, start_worker: StartWorker
+) -> None:
+    # Three slots, all busy: the consumer asks for no lease while they run, so what the lease
+    # set holds after the wipe is what the renewals put back.
+    short = dataclasses.replace(state, settings=state.settings.model_copy(update={
+        "flow_lease_ttl": 1.5, "concurrency": 3}))  # renewed every 0.5 s
+    await start_worker(types=["limited"], state=short)
+    await state.client.enqueue_many(
+        [TaskRequest("limited", {"seconds": 3.0}) for _ in range(4)])
+    leases = state.keys.leases("limited")
+
+    async def running() -> bool:
+        return await number(state, "running", "limited") == 3
+
+    await eventually(running, 10)
+    await state.redis.delete(leases)  # a wipe, a failover to a replica without them
+
+    async def back() -> bool:
+        return int(await state.redis.zcard(leases)) == 3
+
+    await eventually(back, 2)  # the running handlers' leases, at the next renewal
