@@ -79,8 +79,8 @@ return 0
 # ARGV[4] lead µs. Takes as many cells as the burst allows, up to the wanted count, including
 # cells due within the lead (the caller starts each when it is due: the n-th taken is due
 # (n-1) intervals after the first, so time between a cell coming due and the next request is
-# not lost to the rate). Returns {taken, µs until the first is due (<= 0: now)} or {0, µs
-# until one would be taken}.
+# not lost to the rate). Returns {taken, µs until the first is due (<= 0: now), the state it
+# set} or {0, µs until one would be taken}.
 _TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -94,24 +94,28 @@ if room <= 0 then
   return {0, tat - tolerance - lead - now}
 end
 local taken = math.min(room, tonumber(ARGV[3]))
-local next_tat = tat + taken * interval
-redis.call('SET', KEYS[1], string.format('%.0f', next_tat),
-           'PX', math.ceil((next_tat - now) / 1000) + 1)
-return {taken, tat - tolerance - now}
+local next_tat = string.format('%.0f', tat + taken * interval)
+redis.call('SET', KEYS[1], next_tat, 'PX', math.ceil((tonumber(next_tat) - now) / 1000) + 1)
+return {taken, tat - tolerance - now, next_tat}
 """
 
-# KEYS[1] TAT; ARGV[1] interval µs, ARGV[2] cells to give back (taken, then not used).
+# KEYS[1] TAT; ARGV[1] interval µs, ARGV[2] cells to give back (taken, then not used), ARGV[3]
+# the state the take set. Given back only if no one took since (else the state given back
+# would free cells another worker's take already counted on: a burst past the rate); returns
+# 1 if given back.
 _REFUND = """
+local current = redis.call('GET', KEYS[1])
+if current ~= ARGV[3] then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+local tat = tonumber(current)
 local back = tat - tonumber(ARGV[1]) * tonumber(ARGV[2])
 if back <= now then
   redis.call('DEL', KEYS[1])
 else
   redis.call('SET', KEYS[1], string.format('%.0f', back), 'PX', math.ceil((back - now) / 1000) + 1)
 end
-return 0
+return 1
 """
 
 MAX_KEY_CHARS = 200  # a concurrency key longer than this is cut (it names a Redis key)
@@ -124,6 +128,7 @@ class Allowance:
     # Something taken: seconds until the first cell is due (<= 0: now) and between the next.
     first_due_s: float = 0.0
     interval_s: float = 0.0
+    state: str | None = None  # the rate state this take set (what `refund` expects to find)
 
     def due_s(self, n: int) -> float:
         """Seconds from the take until the n-th cell taken (from 0) is due."""
@@ -207,18 +212,23 @@ class FlowRedis:
         interval, tolerance = _gcra_args(rate)
         lead = LEAD_US if ahead else 0
         with translate("flow.take"):
-            taken, wait_us = await self._take(keys=[pace_key],
-                                              args=[interval, tolerance, wanted, lead])
-        if int(taken):
-            return Allowance(int(taken), 0.0, int(wait_us) / 1_000_000, interval / 1_000_000)
-        return Allowance(0, int(wait_us) / 1_000_000)
+            reply = await self._take(keys=[pace_key], args=[interval, tolerance, wanted, lead])
+        taken, wait_us = int(reply[0]), int(reply[1])
+        if taken:
+            state = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
+            return Allowance(taken, 0.0, wait_us / 1_000_000, interval / 1_000_000, state)
+        return Allowance(0, wait_us / 1_000_000)
 
-    async def refund(self, pace_key: str, rate: TaskRate, cells: int) -> None:
-        if cells <= 0:
-            return
+    async def refund(self, pace_key: str, rate: TaskRate, cells: int, allowance: Allowance
+                     ) -> bool:
+        """Give back `cells` of `allowance` not used, if no take came after it (else they
+        are kept: the rate is met a little early, never exceeded); whether given back."""
+        if cells <= 0 or allowance.state is None:
+            return False
         interval, _ = _gcra_args(rate)
         with translate("flow.refund"):
-            await self._refund(keys=[pace_key], args=[interval, cells])
+            back = await self._refund(keys=[pace_key], args=[interval, cells, allowance.state])
+        return bool(back)
 
     async def in_use(self, task_types: Sequence[str]) -> dict[str, int]:
         """Unexpired leases per type (for GET /v1/queues)."""

@@ -110,13 +110,13 @@ class Consumer:
             except Unavailable as exc:
                 self.slots.give(taken)
                 if limits is not None and self.gate is not None:
-                    await self._unused(taken, limits)
+                    await self._unused(taken, limits, cells)
                 await self._read_outage.failed(exc, shutdown)
                 continue
             if len(messages) < taken:
                 self.slots.give(taken - len(messages))
                 if limits is not None:
-                    await self._unused(taken - len(messages), limits)
+                    await self._unused(taken - len(messages), limits, cells)
             blocking = len(messages) < taken
             mark = last if blocking else None
             if messages:
@@ -163,12 +163,14 @@ class Consumer:
             await asyncio.sleep(wait_s)
         await self.dispatcher.dispatch(self.name, [message], shutdown, leased=True)
 
-    async def _unused(self, count: int, limits: Limits) -> None:
+    async def _unused(self, count: int, limits: Limits,
+                      cells: tuple[float, Allowance] | None) -> None:
         assert self.gate is not None
         # Cells taken and not used, if Redis is away: the rate is met a little early, never
         # exceeded.
         with contextlib.suppress(Unavailable):
-            await self.gate.unused(self.task_type.name, count, limits)
+            await self.gate.unused(self.task_type.name, count, limits,
+                                   cells[1] if cells is not None else None)
 
     async def _hold(self, limit: str, wait_s: float) -> None:
         """Wait, holding no slot, until the gate may admit again (or the slots close)."""

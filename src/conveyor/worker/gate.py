@@ -104,14 +104,17 @@ class Gate:
             return allowance.taken, 0.0, None, allowance
         return granted, 0.0, None, None
 
-    async def unused(self, task_type: str, count: int, limits: Limits) -> None:
-        """A read came back `count` short of what `admit` allowed: give those back."""
+    async def unused(self, task_type: str, count: int, limits: Limits,
+                     allowance: Allowance | None) -> None:
+        """A read came back `count` short of what `admit` allowed: give those back (the rate
+        cells only if no one took any since, see `FlowRedis.refund`)."""
         if count <= 0:
             return
         if limits.max_concurrency is not None:
             self.release(task_type, count)
-        if limits.rate_limit is not None:
-            await self.flow.refund(self.flow.keys.pace(task_type), limits.rate_limit, count)
+        if limits.rate_limit is not None and allowance is not None:
+            await self.flow.refund(self.flow.keys.pace(task_type), limits.rate_limit, count,
+                                   allowance)
 
     async def wait(self, task_type: str, seconds: float) -> None:
         """Sleep `seconds` at most, less if the limits are reloaded or some of the type's
