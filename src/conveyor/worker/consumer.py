@@ -138,10 +138,10 @@ class Consumer:
     async def _admit(self, taken: int, shutdown: Shutdown
                      ) -> tuple[int, tuple[float, Allowance] | None]:
         """Of `taken` slots, keep as many as the gate admits (0: it held the type back, and
-        this waited), and the rate cells taken for them with when (monotonic) they were."""
+        this waited), and the rate cells taken for them with when (monotonic) the reply
+        came."""
         assert self.gate is not None
         name = self.task_type.name
-        asked_at = time.monotonic()
         try:
             granted, wait_s, limit, allowance = await self.gate.admit(name, taken)
         except Unavailable as exc:
@@ -154,7 +154,10 @@ class Consumer:
             await self._hold(limit or "concurrency", wait_s)
             return 0, None
         metrics.TASKS_WAITING_ON_LIMIT.labels(name).set(0)
-        return granted, (asked_at, allowance) if allowance is not None else None
+        # The cells' due times count from Redis's clock at the take: from the reply's arrival
+        # here, not the request's, they are never early (at most a round trip late).
+        replied_at = time.monotonic()
+        return granted, (replied_at, allowance) if allowance is not None else None
 
     async def _paced(self, at: float, message: Message, shutdown: Shutdown) -> None:
         """Start `message` once its rate cell is due (at most the gate's lead from now)."""
