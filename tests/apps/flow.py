@@ -73,6 +73,11 @@ async def keyed(payload: Job, ctx: TaskContext) -> None:
     await _measured(ctx, payload, f"keyed:{payload.tenant}")
 
 
+@app.task("keyed_rate", payload=Job, concurrency_key="payload.tenant", rate_limit_per_key="5/s")
+async def keyed_rate(payload: Job, ctx: TaskContext) -> None:
+    await _measured(ctx, payload)
+
+
 @app.task("rated", payload=Job, rate_limit="20/s")
 async def rated(payload: Job, ctx: TaskContext) -> None:
     await _measured(ctx, payload)

@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import random
 import uuid
+from collections import defaultdict
 from collections.abc import Sequence
 
 import structlog
@@ -162,24 +163,43 @@ class Gate:
                 [(keys[t.id] or "", tok) for t, tok in zip(candidates, tokens, strict=True)],
                 self.ttl_ms)
             passed = []
+            # A key's n-th task put back in this batch waits n/limit defers more: a busy key's
+            # backlog comes back spread out, about as fast as its slots could take it, rather
+            # than all at once (to be put back again, in the way of the other keys).
+            waiting: dict[str, int] = defaultdict(int)
+            per_key = limits.max_concurrency_per_key
             for task, token, ok in zip(candidates, tokens, got, strict=True):
                 if ok:
                     self._keyed[task.id] = (self.flow.key_set(task_type, keys[task.id] or ""),
                                             token)
                     passed.append(task)
                 else:
-                    deferred.append((task, self.defer_s * (1 + random.random()),
+                    n = waiting[keys[task.id] or ""]
+                    waiting[keys[task.id] or ""] = n + 1
+                    deferred.append((task, self.defer_s * (1 + random.random() + n / per_key),
                                      "key_concurrency"))
             candidates = passed
         if limits.rate_limit_per_key is not None:
+            rate = limits.rate_limit_per_key
+            interval_s = rate.period_s / rate.count
+            # A key out of cells is not asked again in this batch: its n-th task put back is
+            # due at the key's next cell plus n intervals (jittered within one), so the
+            # put-backs come due one by one as cells do, not all at once to be put back again.
+            behind: dict[str, tuple[float, int]] = {}  # key: (its next cell, tasks put back)
             for task in candidates:
-                pace = self.flow.keys.pace(task_type, keys[task.id])
-                allowance = await self.flow.take(pace, limits.rate_limit_per_key, 1)
-                if allowance.taken:
-                    allowed.append(task)
-                else:
-                    self.release_keyed(task.id)
-                    deferred.append((task, allowance.retry_after_s, "key_rate"))
+                key = keys[task.id] or ""
+                if key not in behind:
+                    pace = self.flow.keys.pace(task_type, keys[task.id])
+                    allowance = await self.flow.take(pace, rate, 1)
+                    if allowance.taken:
+                        allowed.append(task)
+                        continue
+                    behind[key] = (allowance.retry_after_s, 0)
+                next_s, n = behind[key]
+                behind[key] = (next_s, n + 1)
+                self.release_keyed(task.id)
+                deferred.append((task, next_s + (n + random.random()) * interval_s,
+                                 "key_rate"))
         else:
             allowed += candidates
         for _, _, limit in deferred:
