@@ -113,6 +113,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="CONVEYOR_RETENTION_SUCCEEDED during the soak (60 s)")
     scale.add_argument("--scale-out", type=Path,
                        help="also write the scale report to this file")
+    flow = ap.add_argument_group("flow mode (bench/flow.py)")
+    flow.add_argument("--flow", action="store_true",
+                      help="cost of an unlimited type and throughput at limits, then exit")
+    flow.add_argument("--flow-n", type=int, default=5000, help="tasks per flow round (5000)")
+    flow.add_argument("--flow-before", type=Path,
+                      help="a checkout without flow control, for the unlimited type's figure")
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--json", type=Path, help="also write every run's raw figures here")
     ap.add_argument("--logdir", type=Path, default=Path("/tmp/conveyor-bench-logs"))
@@ -225,6 +231,11 @@ async def postgres_version(url: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.flow:
+        from bench import flow
+        return flow.main(["--n", str(args.flow_n), "--rounds", str(args.runs), "--out",
+                          str(args.out), *(["--before", str(args.flow_before)]
+                                           if args.flow_before else [])])
     if args.topologies:
         from bench import topologies
         return topologies.main(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,8 +43,8 @@ from conveyor.queue.events import (
     cancelled,
     event,
 )
-from conveyor.queue.streams import Publish, TaskStreams
-from conveyor.registry import Registry
+from conveyor.queue.streams import Publish, TaskStreams, level_of
+from conveyor.registry import PRIORITIES, Registry
 from conveyor.runtime.coalescer import Coalescer
 from conveyor.store import notify
 from conveyor.store.notify import Enqueued
@@ -84,6 +85,11 @@ class TaskRequest:
     idempotency_key: str | None = None
     delay_s: float = 0.0
     max_attempts: int | None = None
+    priority: str | None = None  # high, default or low, for a type declared with priorities
+    # No second task with the same unique key (default: the payload) while this one is
+    # queued or running, or within `unique_for` seconds of its creation.
+    unique_for: float | None = None
+    unique_key: str | None = None
     # Tasks (ids) it waits for (store/workflows.py), and what an upstream's failure does to
     # it: `cancel` it, or `run` it anyway.
     depends_on: Sequence[uuid.UUID | str] = ()
@@ -139,6 +145,24 @@ class Client:
         key_flaw = text_flaw(request.idempotency_key or "")
         if key_flaw is not None:
             raise PayloadInvalid(f"idempotency key for {request.type!r}: {key_flaw}")
+        priority = request.priority
+        if priority is not None and priority not in PRIORITIES:
+            raise PayloadInvalid(f"priority {priority!r} for {request.type!r}: it is one of "
+                                 f"{', '.join(PRIORITIES)}")
+        if priority not in (None, "default") and not task_type.priorities:
+            raise PayloadInvalid(f"priority {priority!r}: task type {request.type!r} is not "
+                                 "declared with priorities")
+        unique_key, unique_for = None, request.unique_for
+        if unique_for is not None or request.unique_key is not None:
+            # A unique key alone holds while its task is queued or running (a window of 0).
+            unique_for = unique_for or 0.0
+            if not unique_for >= 0:
+                raise PayloadInvalid(f"unique_for for {request.type!r}: seconds, 0 or more")
+            unique_key = request.unique_key or "payload:" + hashlib.sha256(
+                payload_json.encode()).hexdigest()
+            key_flaw = text_flaw(unique_key)
+            if key_flaw is not None:
+                raise PayloadInvalid(f"unique key for {request.type!r}: {key_flaw}")
         return NewTask(
             id=new_task_id(),
             type=request.type,
@@ -149,15 +173,21 @@ class Client:
             idempotency_key=request.idempotency_key,
             delay_s=max(0.0, request.delay_s),
             trace_context=tracing.current_context(),
+            priority=None if priority in (None, "default") else priority,
+            unique_key=unique_key,
+            unique_for_s=unique_for,
         )
 
     async def enqueue(
         self, type_: str, payload: BaseModel | Mapping[str, Any], *,
         idempotency_key: str | None = None, delay_s: float = 0.0, max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> Inserted:
         """Enqueue one task; with an idempotency key already used, return the first task
-        (IdempotencyConflict if its payload differs)."""
-        request = TaskRequest(type_, payload, idempotency_key, delay_s, max_attempts)
+        (IdempotencyConflict if its payload differs); the same with a unique key held."""
+        request = TaskRequest(type_, payload, idempotency_key, delay_s, max_attempts, priority,
+                              unique_for, unique_key)
         return (await self.enqueue_many([request]))[0]
 
     async def enqueue_many(self, requests: Sequence[TaskRequest]) -> list[Inserted]:
@@ -194,7 +224,8 @@ class Client:
         new = [task for call in calls for task in call]
         inserted = await self.store.insert(new, via=self.pinned)
         delayed = {t.id for t in new if t.delay_s > 0}
-        await self.publish([i.record for i in inserted if i.created], delayed)
+        levels = {t.id: t.priority for t in new if t.priority is not None}
+        await self.publish([i.record for i in inserted if i.created], delayed, levels)
         for i in inserted:
             if i.created:
                 metrics.TASKS_ENQUEUED.labels(i.record.type).inc()
@@ -284,14 +315,19 @@ class Client:
         return await self.get_workflow(workflow_id)
 
     async def publish(
-        self, records: Sequence[TaskRecord], delayed: Collection[uuid.UUID] = ()
+        self, records: Sequence[TaskRecord], delayed: Collection[uuid.UUID] = (),
+        levels: Mapping[uuid.UUID, str] | None = None,
     ) -> None:
-        """Put committed tasks on Redis (`delayed` ones in their delayed set until run_at);
+        """Put committed tasks on Redis (`delayed` ones in their delayed set until run_at; those
+        of a type with priorities in their level's ready set, by `levels`, default otherwise);
         if Redis is unavailable the relay will do it later."""
         if not records:
             return
+        types = self.registry.types
         items = [
-            Publish(r.type, r.id, int(r.run_at.timestamp() * 1000) if r.id in delayed else None)
+            Publish(r.type, r.id, int(r.run_at.timestamp() * 1000) if r.id in delayed else None,
+                    level_of((levels or {}).get(r.id))
+                    if r.type in types and types[r.type].priorities else None)
             for r in records
         ]
         events, also = self.events, None
@@ -542,7 +578,11 @@ async def _insert_in_transaction(
         _refuse_reused_keys([new], [record])  # the same key for another payload: refused
     if inserted.created and record.status == "queued":
         at_ms = int(record.run_at.timestamp() * 1000) if new.delay_s > 0 else None
-        await notify.send(conn, client.store.channel, Enqueued(record.type, record.id, at_ms))
+        ranked = client.registry.types[record.type].priorities \
+            if record.type in client.registry.types else False
+        level = level_of(new.priority) if ranked else None
+        await notify.send(conn, client.store.channel,
+                          Enqueued(record.type, record.id, at_ms, level))
     return record
 
 

@@ -234,6 +234,9 @@ class TaskSpec:
     idempotency_key: str | None = None
     delay_s: float = 0.0
     max_attempts: int | None = None
+    priority: str | None = None
+    unique_for: float | None = None
+    unique_key: str | None = None
     depends_on: Sequence[uuid.UUID | str] = ()  # ids of tasks it waits for
     on_upstream_failure: Literal["cancel", "run"] = "cancel"
 
@@ -410,6 +413,9 @@ def _task_body(spec: TaskSpec) -> dict[str, Any]:
         body["depends_on"] = [str(d) for d in spec.depends_on]
     if spec.on_upstream_failure != "cancel":
         body["on_upstream_failure"] = spec.on_upstream_failure
+    for name in ("priority", "unique_for", "unique_key"):
+        if getattr(spec, name) is not None:
+            body[name] = getattr(spec, name)
     return body
 
 
@@ -491,9 +497,12 @@ class Client(_Base):
         self, type_: str, payload: BaseModel | Mapping[str, Any], *,
         idempotency_key: str | None = None, delay_s: float = 0.0,
         max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> Task:
         """Enqueue one task; with an idempotency key already used, the first task."""
-        body = _task_body(TaskSpec(type_, payload, idempotency_key, delay_s, max_attempts))
+        body = _task_body(TaskSpec(type_, payload, idempotency_key, delay_s, max_attempts,
+                                       priority, unique_for, unique_key))
         return Task.model_validate(self._request("POST", "/v1/tasks", json=body))
 
     def enqueue_many(self, specs: Sequence[TaskSpec]) -> Batch:
@@ -640,9 +649,12 @@ class AsyncClient(_Base):
         self, type_: str, payload: BaseModel | Mapping[str, Any], *,
         idempotency_key: str | None = None, delay_s: float = 0.0,
         max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> Task:
         """Enqueue one task; with an idempotency key already used, the first task."""
-        body = _task_body(TaskSpec(type_, payload, idempotency_key, delay_s, max_attempts))
+        body = _task_body(TaskSpec(type_, payload, idempotency_key, delay_s, max_attempts,
+                                       priority, unique_for, unique_key))
         return Task.model_validate(await self._request("POST", "/v1/tasks", json=body))
 
     async def enqueue_many(self, specs: Sequence[TaskSpec]) -> Batch:

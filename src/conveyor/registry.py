@@ -289,6 +289,88 @@ class TaskContext:
         return self.lease.lost
 
 
+PRIORITIES: tuple[str, ...] = ("high", "default", "low")  # highest first
+# Shares of reads among levels that all have tasks waiting (README, Flow control: priorities).
+PRIORITY_WEIGHTS: tuple[int, ...] = (9, 3, 1)
+_TASK_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|m|h)\s*(?:[,;]?\s*burst\s*=?\s*(\d+))?\s*$")
+_PERIOD_S = {"s": 1, "m": 60, "h": 3600}
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRate:
+    """A task type's rate limit: `count` starts per `period_s` seconds, at most `burst` of them
+    at once (1, the default, spaces them evenly: one every period/count)."""
+
+    count: int
+    period_s: int
+    burst: int = 1
+
+    def __str__(self) -> str:
+        unit = {1: "s", 60: "m", 3600: "h"}[self.period_s]
+        return f"{self.count}/{unit}" + (f" burst={self.burst}" if self.burst != 1 else "")
+
+    @property
+    def interval_s(self) -> float:
+        return self.period_s / self.count
+
+
+def parse_task_rate(text: str) -> TaskRate:
+    """`100/s`, `6000/m`, `20000/h`, optionally with a burst (`100/s burst=20`); ValueError
+    naming the form otherwise."""
+    match = _TASK_RATE.match(text)
+    if not match or int(match[1]) < 1 or (match[3] is not None and int(match[3]) < 1):
+        raise ValueError(f"{text!r} is not a rate: write N/s, N/m or N/h with N >= 1, "
+                         "optionally followed by burst=B with B >= 1")
+    return TaskRate(int(match[1]), _PERIOD_S[match[2]], int(match[3] or 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A type's flow control (docs: README, Flow control): global and per-key concurrency and
+    rate, as declared in code or overridden at run time; None is no limit. `concurrency_key`
+    is a dotted path into the payload (`payload.tenant_id`), whose value names the key."""
+
+    max_concurrency: int | None = None
+    concurrency_key: str | None = None
+    max_concurrency_per_key: int | None = None
+    rate_limit: TaskRate | None = None
+    rate_limit_per_key: TaskRate | None = None
+    paused: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_concurrency", "max_concurrency_per_key"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}={value!r}: must be >= 1 (None: no limit)")
+        if self.concurrency_key is not None and not re.match(
+                r"^payload(\.[A-Za-z0-9_-]+)+$", self.concurrency_key):
+            raise ConfigError(f"concurrency_key={self.concurrency_key!r}: write a payload "
+                              "path such as 'payload.tenant_id'")
+
+    @property
+    def limited(self) -> bool:
+        """Reads of the type must pass the gate (a global limit, or paused)."""
+        return self.paused or self.max_concurrency is not None or self.rate_limit is not None
+
+    @property
+    def keyed(self) -> bool:
+        return self.concurrency_key is not None and (
+            self.max_concurrency_per_key is not None or self.rate_limit_per_key is not None)
+
+    def key_of(self, payload: Any) -> str | None:
+        """The concurrency key of a payload (a JSON value), None when it has none."""
+        if self.concurrency_key is None:
+            return None
+        value = payload
+        for part in self.concurrency_key.split(".")[1:]:
+            if not isinstance(value, dict) or part not in value:
+                return None
+            value = value[part]
+        if value is None:
+            return None
+        return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
 @dataclass(frozen=True, slots=True)
 class TaskType:
     """One registered kind of task."""
@@ -303,6 +385,8 @@ class TaskType:
     description: str = ""
     strict: bool = True
     retention: Retention = field(default_factory=Retention)
+    limits: Limits = field(default_factory=Limits)  # as declared; overridable at run time
+    priorities: bool = False  # tasks carry a priority (PRIORITIES), one stream per level
 
     def validate_payload(self, payload: Any) -> BaseModel:
         """`payload` (a JSON value: what an HTTP request carries, or a mapping from Python) as

@@ -20,9 +20,10 @@ from pydantic import (
     ValidatorFunctionWrapHandler,
     WrapValidator,
     create_model,
+    field_validator,
 )
 
-from conveyor.registry import Registry, TaskType
+from conveyor.registry import Registry, TaskType, parse_task_rate
 from conveyor.store.tasks import Status, TaskRecord, UpstreamFailure
 from conveyor.store.workflows import MAX_NODES, WorkflowStatus
 from conveyor.validation import INTEGRAL_FLOATS, StorableStr, require_storable
@@ -146,6 +147,50 @@ class QueueOut(BaseModel):
     running: int
     dead: int
     oldest_queued_age_s: float | None = Field(description="age of the oldest due queued task")
+    flow: FlowOut | None = Field(default=None, description="flow control in force")
+
+
+class FlowOut(BaseModel):
+    """A type's flow limits in force (declared in code, or changed through the API) and what
+    they hold now. A limit of null is none."""
+
+    max_concurrency: int | None
+    concurrency_key: str | None
+    max_concurrency_per_key: int | None
+    rate_limit: str | None = Field(description="N/s, N/m or N/h, with its burst if not 1")
+    rate_limit_per_key: str | None
+    paused: bool
+    priorities: list[str] | None = Field(description="levels a task may carry, highest first")
+    leases_in_use: int | None = Field(description="concurrency slots held now, cluster-wide")
+    overridden: list[str] = Field(description="settings changed at run time (over the code's)")
+    updated_at: datetime | None = Field(description="when they were last changed at run time")
+
+
+# What parse_task_rate takes (counts and bursts of 1 to 9 digits), or `off`.
+RATE_PATTERN = (r"^\s*(0*[1-9][0-9]{0,8}\s*/\s*[smh]\s*([,;]?\s*burst\s*=?\s*0*[1-9][0-9]{0,8})?"
+                r"|off)\s*$")
+
+
+class LimitsIn(BaseModel):
+    """Changes to a type's flow limits; a field left out stays as it is, null goes back to the
+    value declared in code, 0 (a rate of `off`) lifts the limit."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_concurrency: Annotated[int, Field(ge=0, le=1_000_000), INTEGRAL_FLOATS] | None = None
+    max_concurrency_per_key: Annotated[int, Field(ge=0, le=1_000_000),
+                                       INTEGRAL_FLOATS] | None = None
+    rate_limit: str | None = Field(
+        default=None, max_length=64, pattern=RATE_PATTERN,
+        description="N/s, N/m or N/h, optionally `burst=B`; `off` lifts it")
+    rate_limit_per_key: str | None = Field(default=None, max_length=64, pattern=RATE_PATTERN)
+
+    @field_validator("rate_limit", "rate_limit_per_key")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is None or value == "off":
+            return value
+        return str(parse_task_rate(value))  # ValueError (a 422 naming the field) otherwise
 
 
 class QueuesOut(BaseModel):
@@ -174,6 +219,17 @@ class TaskRequestBase(BaseModel):
         description="an upstream ended dead or cancelled: `cancel` this task (its "
                     "`last_error` names the upstream), or `run` it anyway",
     )
+    priority: Literal["high", "default", "low"] | None = Field(
+        default=None, description="for a type declared with priorities: higher runs first")
+    unique_for: float | None = Field(
+        default=None, gt=0, le=MAX_DELAY_S,
+        description="no second task with the same unique key while this one is queued or "
+                    "running, or within this many seconds of its creation; the first is "
+                    "returned instead")
+    unique_key: StorableStr | None = Field(
+        default=None, min_length=1, max_length=200,
+        description="what makes tasks the same for unique_for (default: the payload); alone, "
+                    "it holds while its task is queued or running")
 
 
 class NodeRequestBase(BaseModel):
@@ -251,6 +307,16 @@ def _payload_of(task_type: TaskType) -> Any:
     return Annotated[task_type.payload_model, WrapValidator(validate)]
 
 
+def _priority_of(task_type: TaskType) -> Any:
+    """The priority field of `task_type`'s request: a level for a type declared with
+    priorities, else only `default` (or none)."""
+    if task_type.priorities:
+        return (Literal["high", "default", "low"] | None, Field(
+            default=None, description="higher runs first (weighted: lower ones still run)"))
+    return (Literal["default"] | None, Field(
+        default=None, description="this type has no priorities: `default` or none"))
+
+
 def _model_name(type_name: str) -> str:
     words = re.split(r"[^a-zA-Z0-9]+", type_name)
     return "".join(w[:1].upper() + w[1:] for w in words if w) + "Task"
@@ -266,6 +332,7 @@ def request_models(registry: Registry) -> tuple[Any, type[BaseModel]]:
             __doc__=task_type.description or f"A `{task_type.name}` task.",
             type=(Literal[task_type.name], ...),  # type: ignore[arg-type]
             payload=(_payload_of(task_type), ...),
+            priority=_priority_of(task_type),
         ))
     single: Any
     if not models:

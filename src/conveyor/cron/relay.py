@@ -31,6 +31,7 @@ import asyncio
 import functools
 import uuid
 from collections import defaultdict
+from collections.abc import Collection
 from datetime import datetime
 
 import structlog
@@ -42,7 +43,7 @@ from conveyor.queue.connection import Redis
 from conveyor.queue.events import Event, EventLog, cancelled
 from conveyor.queue.keys import Keys, consumer_name
 from conveyor.queue.lock import Lock
-from conveyor.queue.streams import Publish, TaskStreams
+from conveyor.queue.streams import Publish, TaskStreams, level_of
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.store import notify
@@ -60,7 +61,8 @@ class Relay(LockedLoop):
     `ttl_s` (heartbeat TTL), `scan_limit` (largest backlog read per type), `page` (rows per
     query), `events` (where tasks it ends cancelled are announced), `lease_ttl_s` (listener
     lease; by default three intervals, at least 1 s: how long a dead listener goes
-    unreplaced)."""
+    unreplaced), `ranked` (the types declared with priorities: their tasks are published to
+    their level's ready set)."""
 
     name = "relay"
 
@@ -80,8 +82,10 @@ class Relay(LockedLoop):
         page: int = 1000,
         lease_ttl_s: float | None = None,
         events: EventLog | None = None,
+        ranked: Collection[str] = (),
     ) -> None:
         super().__init__(redis, keys, streams, store, types, interval_s=interval_s)
+        self.ranked = frozenset(ranked)
         self.liveness = liveness
         # to announce the dependents a NOTIFY names and tasks of dead workers that end cancelled
         self.events = events
@@ -120,28 +124,37 @@ class Relay(LockedLoop):
         after: tuple[datetime, uuid.UUID] | None = None
         while True:
             rows = await self.store.overdue(task_type, self.grace_s, after, self.page)
-            candidates = [task_id for _, task_id in rows if task_id not in backlog]
+            priorities = {task_id: priority for _, task_id, priority in rows}
+            candidates = [task_id for _, task_id, _ in rows if task_id not in backlog]
             waiting = await self.streams.delayed_among(task_type, candidates)
             lost = [t for t in candidates if t not in waiting]
             if lost:
-                await self.streams.publish([Publish(task_type, t) for t in lost])
+                await self.streams.publish([self._publish(task_type, t, priorities[t])
+                                            for t in lost])
                 published += len(lost)
             if len(rows) < self.page:
                 break
-            after = rows[-1]
+            after = rows[-1][:2]
         if published:
             metrics.RELAYED.labels(task_type).inc(published)
             log.warning("relay.republished", task_type=task_type, tasks=published)
         return published
+
+    def _publish(self, task_type: str, task_id: uuid.UUID, priority: str | None) -> Publish:
+        """A task due now: to its level's ready set for a type with priorities (its priority
+        kept), to the stream otherwise."""
+        return Publish(task_type, task_id,
+                       level=level_of(priority) if task_type in self.ranked else None)
 
     async def relay_orphans(self) -> int:
         """Re-queue and publish tasks running on dead workers whose messages Redis lost."""
         running = await self.store.running_since(self.ttl_s)
         if not running:
             return 0
-        dead = await self.liveness.dead({w for _, _, w in running if w})
+        dead = await self.liveness.dead({w for _, _, w, _ in running if w})
         by_owner: dict[tuple[str, str], list[uuid.UUID]] = defaultdict(list)
-        for task_id, task_type, worker in running:
+        priorities = {task_id: priority for task_id, _, _, priority in running}
+        for task_id, task_type, worker, _ in running:
             if worker in dead:
                 by_owner[(task_type, worker)].append(task_id)
         published = 0
@@ -152,7 +165,8 @@ class Relay(LockedLoop):
                 continue  # the rebalancer hands those over
             returned = await self.store.requeue(ids, worker)
             requeued = returned.queued
-            await self.streams.publish([Publish(task_type, t) for t in requeued])
+            await self.streams.publish([self._publish(task_type, t, priorities[t])
+                                        for t in requeued])
             if returned.cancelled and self.events is not None:
                 await self.events.publish([cancelled(i, task_type, at)
                                            for i, at in returned.cancelled])
@@ -243,7 +257,8 @@ class Relay(LockedLoop):
         if not self._notified or not self._may_publish():
             return
         batch, self._notified = self._notified, []
-        items = [Publish(t.task_type, t.task_id, t.run_at_ms) for t in batch if not t.cancelled]
+        items = [Publish(t.task_type, t.task_id, t.run_at_ms, t.level) for t in batch
+                 if not t.cancelled]
         also = None
         if self.events is not None:
             announced = [Event("cancelled" if t.cancelled else "queued", str(t.task_id),

@@ -38,6 +38,38 @@ class Keys:
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"
 
+    def ready(self, task_type: str, level: str) -> str:
+        """Sorted set of a priority level's tasks waiting to enter the stream (a type declared
+        with priorities), scored by when they were published (`TaskStreams.read_ranked`)."""
+        return f"{self.prefix}:{{{task_type}}}:ready:{level}"
+
+    def levels(self, task_type: str) -> str:
+        """Hash of the priority level (`high`, `low`) of the delayed tasks of a type declared
+        with priorities that are not `default`: where the forwarder moves each when due."""
+        return f"{self.prefix}:{{{task_type}}}:levels"
+
+    def bell(self, task_type: str) -> str:
+        """Capped stream with an entry per task put in a ready set: what idle consumers of a
+        type with priorities wait on."""
+        return f"{self.prefix}:{{{task_type}}}:bell"
+
+    def turns(self, task_type: str) -> str:
+        """Hash of the priority levels' current weights (smooth weighted round robin)."""
+        return f"{self.prefix}:{{{task_type}}}:turns"
+
+    def leases(self, task_type: str, key: str | None = None) -> str:
+        """Sorted set of a type's concurrency leases (or one concurrency key's), each a token
+        scored by its expiry in Redis ms (`queue.flow`)."""
+        return f"{self.prefix}:{{{task_type}}}:leases" + ("" if key is None else f":k:{key}")
+
+    def pace(self, task_type: str, key: str | None = None) -> str:
+        """A type's rate-limit state (GCRA: its theoretical arrival time in µs), or a key's."""
+        return f"{self.prefix}:{{{task_type}}}:pace" + ("" if key is None else f":k:{key}")
+
+    def flow(self) -> str:
+        """Pub/sub channel nudging workers to reload flow settings (payload: the type)."""
+        return f"{self.prefix}:flow"
+
     def rate(self, principal: str) -> str:
         """An API key's rate-limit state (GCRA: its theoretical arrival time), one key each."""
         return f"{self.prefix}:rate:{principal}"

@@ -84,6 +84,7 @@ class TaskRecord:
     finished_at: datetime | None
     cancel_requested: bool = False
     progress: Any = None  # {fraction, message, data, at}: the latest a handler reported
+    priority: str | None = None  # 'high' or 'low'; None is 'default' (a type with priorities)
     # Workflows (store/workflows.py): what it waits for, what waits for it (filled by reads
     # that ask for it), how an upstream's failure resolves it, the workflow and its key
     # there, and the task whose handler enqueued it.
@@ -182,24 +183,30 @@ def _insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
         [t.max_attempts for t in tasks],
         [t.delay_s for t in tasks],
         [_json_or_none(t.trace_context) for t in tasks],
+        [t.priority for t in tasks],
+        [t.unique_key for t in tasks],
+        [t.unique_for_s for t in tasks],
     )
 
 
 def _insert_statement(table: str, extra: Sequence[tuple[str, str, str]]) -> str:
-    """The insert of `TaskStore.insert`: $1-$7 a plain task's arrays, then one per `extra`
-    column (see ExtraColumns)."""
+    """The insert of `TaskStore.insert`: $1-$10 a plain task's arrays (`_insert_args`), then
+    one per `extra` column (see ExtraColumns)."""
     names = "".join(f", {c[0]}" for c in extra)
-    arrays = "".join(f", ${8 + i}::{c[1]}[]" for i, c in enumerate(extra))
+    arrays = "".join(f", ${11 + i}::{c[1]}[]" for i, c in enumerate(extra))
     values = "".join(f", {c[2]}" for c in extra)
     return f"""
             INSERT INTO {table} AS t (id, type, payload, idempotency_key, max_attempts, run_at,
-                                      trace_context{names})
+                                      trace_context, priority, unique_key, unique_until{names})
             SELECT u.id, u.type, u.payload::jsonb, u.key, u.max_attempts,
-                   now() + u.delay * interval '1 second', u.trace::jsonb{values}
+                   now() + u.delay * interval '1 second', u.trace::jsonb, u.priority,
+                   u.unique_key, now() + u.unique_for * interval '1 second'{values}
             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float8[],
-                        $7::text[]{arrays})
-                 AS u(id, type, payload, key, max_attempts, delay, trace{names})
-            ON CONFLICT (type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                        $7::text[], $8::text[], $9::text[], $10::float8[]{arrays})
+                 AS u(id, type, payload, key, max_attempts, delay, trace, priority, unique_key,
+                      unique_for{names})
+            -- (type, idempotency_key) or (type, unique_key): either returns the task there
+            ON CONFLICT DO NOTHING
             RETURNING {_COLUMNS}"""
 
 
@@ -229,6 +236,10 @@ class NewTask:
     delay_s: float = 0.0
     # The enqueuing span's context (`conveyor.tracing`), None with tracing off.
     trace_context: dict[str, str] | None = None
+    priority: str | None = None  # 'high' or 'low'; None is 'default' (flow control)
+    # One task per (type, unique key) while queued or running, or for unique_for_s seconds.
+    unique_key: str | None = None
+    unique_for_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +260,7 @@ class Started:
     run_at: datetime
     trace_context: dict[str, str] | None = None  # the enqueuing span's (`conveyor.tracing`)
     started_at: datetime | None = None
+    priority: str | None = None  # 'high' or 'low'; None is 'default'
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +277,7 @@ class NotStarted:
     # Postgres refused to start it, for this reason (an error retrying does not cure): the task
     # is left as it is, and its message pending.
     refused: str | None = None
+    priority: str | None = None  # 'high' or 'low'; None is 'default'
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +305,7 @@ class Recorded:
     run_at: datetime
     started_at: datetime | None = None
     at: datetime | None = None  # when it was recorded (the attempt's end)
+    priority: str | None = None  # 'high' or 'low'; None is 'default' (its retry's level)
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +369,18 @@ class TaskStore:
         self.channel = f"{schema}_enqueued"
         t = self.table
         self._insert_sql = _insert_statement(t, ())
+        # $1 types, $2 unique keys. A unique key holds while its task is queued or running,
+        # or until its unique_until; past both it is released here, for a new task to take.
+        self._release_unique_sql = f"""
+            UPDATE {t} AS t SET unique_key = NULL
+            FROM unnest($1::text[], $2::text[]) AS u(type, key)
+            WHERE t.type = u.type AND t.unique_key = u.key
+              AND t.status IN ('succeeded', 'dead', 'cancelled') AND t.unique_until <= now()
+            RETURNING u.type, u.key"""
+        self._existing_unique_sql = f"""
+            SELECT {_COLUMNS}, t.unique_key FROM {t} AS t
+            JOIN unnest($1::text[], $2::text[]) AS u(type, key)
+              ON t.type = u.type AND t.unique_key = u.key"""
         self._existing_sql = f"""
             SELECT {_COLUMNS} FROM {t} AS t
             JOIN unnest($1::text[], $2::text[]) AS u(type, key)
@@ -381,7 +407,7 @@ class TaskStore:
               AND t.run_at - now() <= interval '{EARLY_START_S} seconds'
               AND t.attempts < t.max_attempts
             RETURNING t.id, t.type, t.payload, t.attempts, t.max_attempts, t.run_at,
-                      t.trace_context, t.started_at"""
+                      t.trace_context, t.started_at, t.priority"""
         # An outcome that would retry a task whose cancel was requested ends it cancelled.
         final = ("CASE WHEN c.status = 'queued' AND t.cancel_requested THEN 'cancelled'"
                  " ELSE c.status END")
@@ -404,7 +430,7 @@ class TaskStore:
               -- finished since the last vacuum included, per batch.
               AND NOT (t.status IS DISTINCT FROM 'running')
               AND NOT (t.worker IS DISTINCT FROM $7)
-            RETURNING t.id, t.status, t.run_at, t.started_at, now()"""
+            RETURNING t.id, t.status, t.run_at, t.started_at, now(), t.priority"""
 
     @contextlib.asynccontextmanager
     async def _connection(self, op: str, via: Pinned | None = None) -> AsyncIterator[Connection]:
@@ -462,13 +488,17 @@ class TaskStore:
         created = {row[0]: _record(row) for row in rows}
         if len(created) == len(tasks):
             return [Inserted(created[t.id], True) for t in tasks]
+        same = await self._unique(conn, [t for t in tasks
+                                         if t.id not in created and t.unique_key], created)
         found: dict[tuple[str, str | None], TaskRecord] = {}
         # A key taken by a task past the idempotency TTL is released and the task inserted
         # again; a key released by a concurrent caller (not found, not inserted) is tried
         # again too. Three rounds settle any such race.
         for _ in range(3):
             missing = [t for t in tasks
-                       if t.id not in created and (t.type, t.idempotency_key) not in found]
+                       if t.id not in created and t.idempotency_key is not None
+                       and (t.type, t.unique_key) not in same
+                       and (t.type, t.idempotency_key) not in found]
             if not missing:
                 break
             released = []
@@ -489,11 +519,41 @@ class TaskStore:
         for t in tasks:
             if t.id in created:
                 out.append(Inserted(created[t.id], True))
+            elif t.unique_key is not None and (t.type, t.unique_key) in same:
+                out.append(Inserted(same[(t.type, t.unique_key)], False))
             elif (t.type, t.idempotency_key) in found:
                 out.append(Inserted(found[(t.type, t.idempotency_key)], False))
             else:
                 raise Conflict("tasks.insert", "an idempotency key changed hands meanwhile")
         return out
+
+    async def _unique(
+        self, conn: Connection, tasks: list[NewTask], created: dict[uuid.UUID, TaskRecord]
+    ) -> dict[tuple[str, str], TaskRecord]:
+        """Tasks not inserted whose unique key another holds: release keys past their hold
+        and insert again, else find the holder (the unique index decides every race: a
+        concurrent insert of the same key waits for the first to commit, then finds it)."""
+        same: dict[tuple[str, str], TaskRecord] = {}
+        for _ in range(3):
+            if not tasks:
+                break
+            types, keys = [t.type for t in tasks], [t.unique_key for t in tasks]
+            if await conn.fetch(self._release_unique_sql, types, keys):
+                rows = await conn.fetch(self._insert_sql, *_insert_args(tasks))
+                created.update({row[0]: _record(row) for row in rows})
+                tasks = [t for t in tasks if t.id not in created]
+                types, keys = [t.type for t in tasks], [t.unique_key for t in tasks]
+            for row in await conn.fetch(self._existing_unique_sql, types, keys):
+                values = list(row)
+                key = values.pop()
+                same[(row["type"], key)] = _record(values)
+            tasks = [t for t in tasks if t.unique_key is not None
+                     and (t.type, t.unique_key) not in same]
+            if tasks:  # released by a concurrent caller meanwhile: insert again
+                rows = await conn.fetch(self._insert_sql, *_insert_args(tasks))
+                created.update({row[0]: _record(row) for row in rows})
+                tasks = [t for t in tasks if t.id not in created]
+        return same
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -655,15 +715,16 @@ class TaskStore:
             rest = [i for i in dict.fromkeys(ids) if i not in done]
             found = await conn.fetch(
                 f"SELECT id, status, run_at, attempts >= max_attempts, worker, type, payload,"
-                f" attempts, max_attempts, trace_context, started_at FROM {self.table}"
+                f" attempts, max_attempts, trace_context, started_at, priority FROM {self.table}"
                 " WHERE id = ANY($1::uuid[])",
                 rest,
             )
         by_id = {
             r[0]: NotStarted(
                 r[0], r[1], r[2], r[1] == "queued" and r[3],
-                Started(r[0], r[5], r[6], r[7], r[8], r[2], r[9], r[10])
+                Started(r[0], r[5], r[6], r[7], r[8], r[2], r[9], r[10], r[11])
                 if r[1] == "running" and r[4] == worker else None,
+                priority=r[11],
             )
             for r in found
         }
@@ -736,6 +797,28 @@ class TaskStore:
                   AND t.attempts = h.attempt AND t.id = ANY($1::uuid[])
                 RETURNING t.id, t.status, t.finished_at""",
             [i for i, _ in attempts], [a for _, a in attempts], worker,
+        )
+        return Returned.of(rows)
+
+    async def defer(
+        self, attempts: Sequence[tuple[uuid.UUID, int, float]], worker: str
+    ) -> Returned:
+        """running on `worker` at the given attempt → queued, due after the given seconds, the
+        attempt not counted (or cancelled, if asked): a start its concurrency key's limit did
+        not let run (flow control)."""
+        if not attempts:
+            return Returned([], [])
+        rows = await self._fetch(
+            "tasks.defer",
+            f"""UPDATE {self.table} AS t
+                SET {AFTER_CANCEL}, attempts = t.attempts - 1,
+                    run_at = now() + h.delay * interval '1 second', started_at = NULL
+                FROM unnest($1::uuid[], $2::int[], $3::float8[]) AS h(id, attempt, delay)
+                WHERE t.id = h.id AND t.status = 'running' AND t.worker = $4
+                  AND t.attempts = h.attempt AND t.id = ANY($1::uuid[])
+                RETURNING t.id, t.status, t.finished_at""",
+            [i for i, _, _ in attempts], [a for _, a, _ in attempts],
+            [d for _, _, d in attempts], worker,
         )
         return Returned.of(rows)
 
@@ -833,9 +916,11 @@ class TaskStore:
     async def overdue(
         self, type_: str, older_than_s: float, after: tuple[datetime, uuid.UUID] | None,
         limit: int,
-    ) -> list[tuple[datetime, uuid.UUID]]:
-        """Queued tasks of `type_` due more than `older_than_s` ago, oldest first, keyset."""
-        sql = (f"SELECT run_at, id FROM {self.table} WHERE status = 'queued' AND type = $1"
+    ) -> list[tuple[datetime, uuid.UUID, str | None]]:
+        """(run_at, id, priority) of queued tasks of `type_` due more than `older_than_s` ago,
+        oldest first, keyset (`after`: the last run_at and id)."""
+        sql = (f"SELECT run_at, id, priority FROM {self.table}"
+               " WHERE status = 'queued' AND type = $1"
                " AND run_at < now() - $2 * interval '1 second'")
         args: list[Any] = [type_, older_than_s]
         if after is not None:
@@ -843,17 +928,18 @@ class TaskStore:
             args += list(after)
         sql += f" ORDER BY run_at, id LIMIT ${len(args) + 1}"
         rows = await self._fetch("tasks.overdue", sql, *args, limit)
-        return [(r[0], r[1]) for r in rows]
+        return [(r[0], r[1], r[2]) for r in rows]
 
-    async def running_since(self, older_than_s: float) -> list[tuple[uuid.UUID, str, str]]:
-        """(id, type, worker) of tasks running for more than `older_than_s`."""
+    async def running_since(self, older_than_s: float
+                            ) -> list[tuple[uuid.UUID, str, str, str | None]]:
+        """(id, type, worker, priority) of tasks running for more than `older_than_s`."""
         rows = await self._fetch(
             "tasks.running_since",
-            f"SELECT id, type, worker FROM {self.table} WHERE status = 'running'"
+            f"SELECT id, type, worker, priority FROM {self.table} WHERE status = 'running'"
             " AND started_at < now() - $1 * interval '1 second'",
             older_than_s,
         )
-        return [(r[0], r[1], r[2]) for r in rows]
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
 
 
 # For the other stores that read task rows (store/workflows.py): the record's columns, from

@@ -66,6 +66,9 @@ def _task_request(body: Any) -> TaskRequest:
         max_attempts=body.max_attempts,
         depends_on=body.depends_on,
         on_upstream_failure=body.on_upstream_failure,
+        priority=body.priority,
+        unique_for=body.unique_for,
+        unique_key=body.unique_key,
     )
 
 

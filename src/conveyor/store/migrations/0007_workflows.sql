@@ -119,7 +119,7 @@ BEGIN
             SELECT coalesce(array_agg(m.id) FILTER (WHERE m.status = 'cancelled'), '{}'),
                    coalesce(array_agg(m.type || ':' || m.id || ':'
                                       || CASE WHEN m.status = 'cancelled' THEN 'cancelled'
-                                              ELSE '' END), '{}')
+                                              ELSE '' END || ':'), '{}')
             INTO frontier, notes
             FROM moved AS m
             WHERE m.was = 'waiting' AND m.status <> 'waiting';

@@ -1,0 +1,300 @@
+"""Gate: a worker's side of flow control (README, Flow control). Before a consumer reads, the
+gate says how many messages of its type may be read now: the type is not paused, it got that
+many concurrency leases (global, in Redis) and rate cells. A worker so never reads a message
+it cannot run, and a type at its limit holds no slot another type of the worker could use.
+
+Per-key limits need the payload, which a worker first sees when it starts the task: a started
+task whose key is at its limit is put back (queued again, due a little later, the attempt not
+counted) rather than run, so one busy key never stops the others.
+
+The limits in force are the declared ones with the `queue_settings` row over them, reloaded
+when the API nudges (pub/sub) and every `reload_s` in case a nudge was missed. Leases held
+are renewed every third of their TTL; a worker that dies stops renewing, and its leases expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+
+import structlog
+
+from conveyor import metrics
+from conveyor.errors import Unavailable
+from conveyor.queue.flow import Allowance, FlowRedis
+from conveyor.registry import Limits, TaskType
+from conveyor.runtime.outage import Outage
+from conveyor.runtime.shutdown import Shutdown
+from conveyor.store.queue_settings import QueueSettingsStore
+from conveyor.store.tasks import Started
+
+log = structlog.get_logger("conveyor.gate")
+
+WAIT_MOST_S = 1.0  # a consumer at a limit looks again at least this often (limits may change)
+
+
+class Gate:
+    """Flow limits of one worker's types, and the leases it holds."""
+
+    def __init__(
+        self, types: Sequence[TaskType], flow: FlowRedis, queue_settings: QueueSettingsStore,
+        worker_id: str, *, lease_ttl_s: float, reload_s: float, poll_s: float,
+        defer_s: float,
+    ) -> None:
+        self.declared = {t.name: t.limits for t in types}
+        self.limits: dict[str, Limits] = dict(self.declared)
+        self.flow = flow
+        self.queue_settings = queue_settings
+        self.worker_id = worker_id
+        self.ttl_ms = max(1, int(lease_ttl_s * 1000))
+        self.reload_s = reload_s
+        self.poll_s = poll_s
+        self.defer_s = defer_s
+        self._seq = itertools.count()
+        self._held: dict[str, list[str]] = {t.name: [] for t in types}  # global lease tokens
+        self._freed = {t.name: asyncio.Event() for t in types}  # some of its leases given back
+        self._keyed: dict[uuid.UUID, tuple[str, str]] = {}  # task id: (lease set, token)
+        self._to_release: list[tuple[str, str]] = []
+        self._released_types: set[str] = set()  # types of the leases in _to_release
+        self._release_wake = asyncio.Event()
+        self._changed = asyncio.Event()  # set by every reload
+        self._reload_now = asyncio.Event()
+        self._outage = Outage("worker.flow")
+
+    def _token(self) -> str:
+        return f"{self.worker_id}:{next(self._seq)}"
+
+    def of(self, task_type: str) -> Limits:
+        return self.limits[task_type]
+
+    # -- before a read ---------------------------------------------------------------------
+
+    async def admit(self, task_type: str, want: int
+                    ) -> tuple[int, float, str | None, Allowance | None]:
+        """Take leases and cells for up to `want` messages: (how many; if none, seconds to wait
+        and the limit that holds them back; the rate cells taken, which say when each may
+        start). Unavailable when Redis does not answer."""
+        limits = self.limits[task_type]
+        if limits.paused:
+            return 0, WAIT_MOST_S, "paused", None
+        granted = want
+        tokens: list[str] = []
+        if limits.max_concurrency is not None:
+            candidates = [self._token() for _ in range(want)]
+            granted = await self.flow.acquire(task_type, limits.max_concurrency, candidates,
+                                              self.ttl_ms)
+            tokens = candidates[:granted]
+            self._held[task_type].extend(tokens)
+            if granted == 0:
+                return 0, self.poll_s, "concurrency", None
+        if limits.rate_limit is not None:
+            try:
+                allowance = await self.flow.take(self.flow.keys.pace(task_type),
+                                                 limits.rate_limit, granted, ahead=True)
+            except Unavailable:
+                self.release(task_type, len(tokens))
+                raise
+            if allowance.taken < granted:
+                self.release(task_type, granted - allowance.taken)
+            if allowance.taken == 0:
+                return 0, min(WAIT_MOST_S, max(0.001, allowance.retry_after_s)), "rate", None
+            return allowance.taken, 0.0, None, allowance
+        return granted, 0.0, None, None
+
+    async def unused(self, task_type: str, count: int, limits: Limits,
+                     allowance: Allowance | None) -> None:
+        """A read came back `count` short of what `admit` allowed: give those back (the rate
+        cells only if no one took any since, see `FlowRedis.refund`)."""
+        if count <= 0:
+            return
+        if limits.max_concurrency is not None:
+            self.release(task_type, count)
+        if limits.rate_limit is not None and allowance is not None:
+            await self.flow.refund(self.flow.keys.pace(task_type), limits.rate_limit, count,
+                                   allowance)
+
+    async def wait(self, task_type: str, seconds: float) -> None:
+        """Sleep `seconds` at most, less if the limits are reloaded or some of the type's
+        leases given back (by this worker) meanwhile."""
+        self._changed.clear()
+        freed = self._freed[task_type]
+        freed.clear()
+        waits = [asyncio.ensure_future(self._changed.wait()), asyncio.ensure_future(freed.wait())]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    def release(self, task_type: str, count: int) -> None:
+        """Give back `count` of the type's leases (in the background, batched)."""
+        held = self._held[task_type]
+        count = min(count, len(held))
+        if count <= 0:
+            return
+        tokens, held[:] = held[:count], held[count:]
+        key = self.flow.keys.leases(task_type)
+        self._to_release.extend((key, t) for t in tokens)
+        self._released_types.add(task_type)
+        self._release_wake.set()
+
+    # -- after a start ---------------------------------------------------------------------
+
+    def keyed(self, task_type: str) -> bool:
+        return self.limits[task_type].keyed
+
+    async def admit_keyed(self, task_type: str, started: list[Started]
+                          ) -> tuple[list[Started], list[tuple[Started, float, str]]]:
+        """Which started tasks may run under their key's limits; the others with how long
+        they should wait, and the limit that holds them back."""
+        limits = self.limits[task_type]
+        keys = {t.id: limits.key_of(t.payload) for t in started}
+        allowed = [t for t in started if keys[t.id] is None]
+        candidates = [t for t in started if keys[t.id] is not None]
+        deferred: list[tuple[Started, float, str]] = []
+        if limits.max_concurrency_per_key is not None and candidates:
+            tokens = [self._token() for _ in candidates]
+            got = await self.flow.acquire_keyed(
+                task_type, limits.max_concurrency_per_key,
+                [(keys[t.id] or "", tok) for t, tok in zip(candidates, tokens, strict=True)],
+                self.ttl_ms)
+            passed = []
+            # A key's n-th task put back in this batch waits n/limit defers more: a busy key's
+            # backlog comes back spread out, about as fast as its slots could take it, rather
+            # than all at once (to be put back again, in the way of the other keys).
+            waiting: dict[str, int] = defaultdict(int)
+            per_key = limits.max_concurrency_per_key
+            for task, token, ok in zip(candidates, tokens, got, strict=True):
+                if ok:
+                    self._keyed[task.id] = (self.flow.key_set(task_type, keys[task.id] or ""),
+                                            token)
+                    passed.append(task)
+                else:
+                    n = waiting[keys[task.id] or ""]
+                    waiting[keys[task.id] or ""] = n + 1
+                    deferred.append((task, self.defer_s * (1 + random.random() + n / per_key),
+                                     "key_concurrency"))
+            candidates = passed
+        if limits.rate_limit_per_key is not None:
+            rate = limits.rate_limit_per_key
+            interval_s = rate.period_s / rate.count
+            # A key out of cells is not asked again in this batch: its n-th task put back is
+            # due at the key's next cell plus n intervals (jittered within one), so the
+            # put-backs come due one by one as cells do, not all at once to be put back again.
+            behind: dict[str, tuple[float, int]] = {}  # key: (its next cell, tasks put back)
+            for task in candidates:
+                key = keys[task.id] or ""
+                if key not in behind:
+                    pace = self.flow.keys.pace(task_type, keys[task.id])
+                    allowance = await self.flow.take(pace, rate, 1)
+                    if allowance.taken:
+                        allowed.append(task)
+                        continue
+                    behind[key] = (allowance.retry_after_s, 0)
+                next_s, n = behind[key]
+                behind[key] = (next_s, n + 1)
+                self.release_keyed(task.id)
+                deferred.append((task, next_s + (n + random.random()) * interval_s,
+                                 "key_rate"))
+        else:
+            allowed += candidates
+        for _, _, limit in deferred:
+            metrics.FLOW_DEFERRED.labels(task_type, limit).inc()
+        return allowed, deferred
+
+    def release_keyed(self, task_id: uuid.UUID) -> None:
+        held = self._keyed.pop(task_id, None)
+        if held is not None:
+            self._to_release.append(held)
+            self._release_wake.set()
+
+    # -- background ------------------------------------------------------------------------
+
+    async def run(self, stop: Shutdown) -> None:
+        """Reload the limits, renew and give back leases, until `stop` begins (then the
+        leases still held are given back, as far as Redis lets)."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._listen(stop))
+            group.create_task(self._reloads(stop))
+            group.create_task(self._renewals(stop))
+            group.create_task(self._releases(stop))
+
+    async def reload(self) -> None:
+        overrides = await self.queue_settings.all()
+        changed = {}
+        for name, declared in self.declared.items():
+            row = overrides.get(name)
+            # A row that cannot apply (the API checks its own: one written by hand) leaves the
+            # declared limits, with a warning: it never stops a worker.
+            changed[name] = row.over_or_declared(declared, name) if row is not None \
+                else declared
+        if changed != self.limits:
+            log.info("flow.limits.reloaded", changed=[n for n in changed
+                                                      if changed[n] != self.limits[n]])
+        self.limits = changed
+        self._changed.set()
+
+    async def _listen(self, stop: Shutdown) -> None:
+        async for task_type in self.flow.nudges(stop):
+            if task_type in self.declared or task_type == "*":
+                self._reload_now.set()
+
+    async def _reloads(self, stop: Shutdown) -> None:
+        while not stop.begun:
+            try:
+                await self.reload()
+                self._outage.recovered()
+            except Unavailable as exc:
+                await self._outage.failed(exc, stop)
+                continue
+            self._reload_now.clear()
+            waits = [asyncio.ensure_future(stop.wait()),
+                     asyncio.ensure_future(self._reload_now.wait())]
+            await asyncio.wait(waits, timeout=self.reload_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+
+    def _all_held(self) -> list[tuple[str, str]]:
+        held = [(self.flow.keys.leases(t), tok) for t, tokens in self._held.items()
+                for tok in tokens]
+        return held + list(self._keyed.values())
+
+    async def _renewals(self, stop: Shutdown) -> None:
+        every_s = self.ttl_ms / 3000
+        while not stop.begun:
+            await stop.wait(every_s)
+            held = self._all_held()
+            if held:
+                try:
+                    await self.flow.renew(held, self.ttl_ms)
+                except Unavailable as exc:
+                    log.warning("flow.renew.failed", leases=len(held), error=str(exc))
+
+    async def _releases(self, stop: Shutdown) -> None:
+        while True:
+            if not self._to_release:
+                if stop.begun:
+                    return
+                self._release_wake.clear()
+                waits = [asyncio.ensure_future(stop.wait()),
+                         asyncio.ensure_future(self._release_wake.wait())]
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
+                continue
+            batch, self._to_release = self._to_release, []
+            types, self._released_types = self._released_types, set()
+            try:
+                await self.flow.release(batch)
+                for task_type in types:  # a consumer waiting at the limit may try now
+                    self._freed[task_type].set()
+            except Unavailable as exc:  # they expire by themselves
+                log.warning("flow.release.failed", leases=len(batch), error=str(exc))
+                if stop.begun:
+                    return
+                await stop.wait(0.1)

@@ -1,0 +1,63 @@
+"""Limits changed through the API: a change that cannot apply is refused whole (422 naming the
+field, nothing stored), and a bad row written by hand stops neither a worker nor a page."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from conveyor.client import TaskRequest
+from conveyor.state import AppState
+from tests.conftest import eventually
+from tests.integration.flow.conftest import StartWorker, finished
+
+
+async def _row(state: AppState, task_type: str) -> object:
+    return await state.pool.fetchrow(
+        f"SELECT * FROM {state.settings.database_schema}.queue_settings WHERE type = $1",
+        task_type)
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_concurrency_per_key", 5),
+                                          ("rate_limit_per_key", "5/s")])
+async def test_a_per_key_limit_on_a_keyless_type_is_refused_and_not_stored(
+    state: AppState, api: httpx.AsyncClient, start_worker: StartWorker, field: str,
+    value: object,
+) -> None:
+    refused = await api.patch("/v1/queues/plain/limits", json={field: value})
+    assert refused.status_code == 422, refused.text
+    problem = refused.json()
+    assert problem["errors"][0]["path"] == field
+    assert "concurrency_key" in problem["detail"]
+    assert await _row(state, "plain") is None  # rolled back
+    assert (await api.get("/v1/queues")).status_code == 200
+    # Lifting it (0 / off) on a keyless type is harmless, and allowed.
+    lifted = await api.patch("/v1/queues/plain/limits",
+                             json={field: 0 if isinstance(value, int) else "off"})
+    assert lifted.status_code == 200, lifted.text
+    await start_worker(types=["plain"])
+    inserted = await state.client.enqueue_many([TaskRequest("plain", {}) for _ in range(5)])
+    await eventually(lambda: finished(state, [i.record.id for i in inserted]), 20)
+
+
+async def test_a_bad_stored_row_falls_back_to_the_declared_limits(
+    state: AppState, api: httpx.AsyncClient, start_worker: StartWorker
+) -> None:
+    await state.pool.execute(
+        f"INSERT INTO {state.settings.database_schema}.queue_settings"
+        " (type, max_concurrency_per_key, rate_limit) VALUES ('plain', 5, 'lots'),"
+        " ('limited', NULL, 'fast')")
+    listed = await api.get("/v1/queues")
+    assert listed.status_code == 200, listed.text
+    flows = {q["type"]: q["flow"] for q in listed.json()["queues"]}
+    assert flows["plain"]["max_concurrency_per_key"] is None
+    assert flows["plain"]["rate_limit"] is None
+    assert flows["limited"]["max_concurrency"] == 3  # as declared
+    worker = await start_worker(types=["plain", "limited"])
+    inserted = await state.client.enqueue_many(
+        [TaskRequest(t, {}) for t in ("plain", "limited") for _ in range(5)])
+    await eventually(lambda: finished(state, [i.record.id for i in inserted]), 20)
+    await worker.gate.reload()  # a reload meets the row again: declared limits, no failure
+    assert worker.gate.of("limited").max_concurrency == 3
+    inserted = await state.client.enqueue_many([TaskRequest("plain", {}) for _ in range(3)])
+    await eventually(lambda: finished(state, [i.record.id for i in inserted]), 20)

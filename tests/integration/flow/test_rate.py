@@ -1,0 +1,67 @@
+"""Rate cells on a real Redis: a refund never frees cells another take counted on; paced starts
+count from when the cells' answer arrived."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, cast
+
+from conveyor.queue.flow import Allowance, FlowRedis
+from conveyor.registry import parse_task_rate
+from conveyor.runtime.shutdown import Shutdown
+from conveyor.state import AppState
+from conveyor.store.queue_settings import QueueSettingsStore
+from conveyor.worker.consumer import Consumer
+from conveyor.worker.gate import Gate
+from conveyor.worker.slots import Slots
+
+
+async def test_a_refund_after_another_take_is_skipped(state: AppState) -> None:
+    flow = FlowRedis(state.redis, state.keys)
+    pace = state.keys.pace("rated")
+    rate = parse_task_rate("2/s burst=5")  # a cell every 500 ms, 5 at once
+    first = await flow.take(pace, rate, 3)
+    assert first.taken == 3
+    await asyncio.sleep(1.6)  # its cells have all come due meanwhile
+    second = await flow.take(pace, rate, 5)
+    assert second.taken == 5  # the whole burst, from now
+    assert not await flow.refund(pace, rate, 3, first)  # its read came back empty, late
+    third = await flow.take(pace, rate, 5)
+    # the burst is spent: nothing more until a cell comes due (500 ms after the second take;
+    # before the fix the refund freed 3)
+    assert third.taken == 0
+    # A refund right after its own take, with no take between, gives the cells back.
+    other = state.keys.pace("rated", "tenant-1")
+    fourth = await flow.take(other, rate, 2)
+    assert fourth.taken == 2
+    assert await flow.refund(other, rate, 2, fourth)
+    assert (await flow.take(other, rate, 5)).taken == 5
+
+
+class _LateReply(Gate):
+    """A gate whose answer arrives 0.2 s after Redis took the cells (a slow network, a busy
+    loop)."""
+
+    async def admit(self, task_type: str, want: int
+                    ) -> tuple[int, float, str | None, Allowance | None]:
+        answer = await super().admit(task_type, want)
+        await asyncio.sleep(0.2)
+        return answer
+
+
+async def test_paced_starts_count_from_the_reply_not_the_request(state: AppState) -> None:
+    rated = state.app.registry.types["rated"]
+    gate = _LateReply([rated], FlowRedis(state.redis, state.keys),
+                      QueueSettingsStore(state.pool, state.settings.database_schema), "w1",
+                      lease_ttl_s=10, reload_s=5, poll_s=0.05, defer_s=0.5)
+    consumer = Consumer(rated, worker_id="w1", streams=state.streams, slots=Slots(5),
+                        dispatcher=cast(Any, None), spawn=lambda _: None, block_ms=100,
+                        solo=True, gate=gate)
+    asked = time.monotonic()
+    granted, cells = await consumer._admit(5, Shutdown(1.0))
+    assert granted >= 1
+    assert cells is not None
+    counted_from, _ = cells
+    print(f"cells counted from {counted_from - asked:.3f} s after the request")
+    assert counted_from >= asked + 0.2  # the first start is not 0.2 s early
