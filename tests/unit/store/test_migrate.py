@@ -40,6 +40,8 @@ def test_from_0007_no_transaction_holds_a_scan_of_the_tasks_table() -> None:
             assert all("CONCURRENTLY" in s for s in migration.statements() if "INDEX" in s)
     assert not shipped[11].transactional
     assert "VALIDATE CONSTRAINT TASKS_STATUS_CHECK" in shipped[11].sql.upper()
+    assert not shipped[12].transactional
+    assert "VALIDATE CONSTRAINT TASKS_PRIORITY_CHECK" in shipped[12].sql.upper()
 
 
 def test_a_newer_schema_is_refused_naming_both_versions() -> None:

@@ -14,9 +14,12 @@ CREATE TABLE {schema}.queue_settings (
 -- retried or put back goes to its level's ready set again; and its unique key for
 -- `unique_for` (store/tasks.py): one task per (type, unique key) while it is queued or
 -- running, or until `unique_until`, whichever is later.
+-- Catalog changes only (nullable columns without a default, a check NOT VALID): the scans
+-- that validate the check and build the unique index run in 0012_flow_indexes, outside a
+-- transaction, while writes go on.
 ALTER TABLE {schema}.tasks
-    ADD COLUMN priority text CHECK (priority IN ('high', 'low')),
+    ADD COLUMN priority text,
     ADD COLUMN unique_key text,
     ADD COLUMN unique_until timestamptz;
-CREATE UNIQUE INDEX tasks_unique ON {schema}.tasks (type, unique_key)
-    WHERE unique_key IS NOT NULL;
+ALTER TABLE {schema}.tasks ADD CONSTRAINT tasks_priority_check
+    CHECK (priority IN ('high', 'low')) NOT VALID;
