@@ -11,10 +11,11 @@ with the plan of the queries that read the most.
 from __future__ import annotations
 
 import asyncio
+import html
+import re
 import shutil
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,28 @@ async def _fill(url: str, schema: str, rows: int) -> float:
         await conn.close()
 
 
-async def _explain(conn: Any, sql: str, *args: Any) -> str:
+async def _explain(conn: Any, sql: str, args: tuple[Any, ...]) -> str:
     rows = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS, TIMING OFF, SUMMARY ON) {sql}", *args)
     lines = [r[0] for r in rows]
     nodes = [line.strip().lstrip("-> ").split("  (")[0] for line in lines
              if "Scan" in line or "Index" in line]
     total = next((line for line in lines if line.startswith("Execution Time")), "")
     return f"{'; '.join(dict.fromkeys(nodes))} ({total.lower()})"
+
+
+def _record(dashboard: Any) -> dict[str, tuple[str, tuple[Any, ...]]]:
+    """The last statement of each kind `dashboard` runs (to EXPLAIN them afterwards)."""
+    statements: dict[str, tuple[str, tuple[Any, ...]]] = {}
+
+    def recording(fetch: Any) -> Any:
+        async def recorded(op: str, sql: str, *args: Any) -> list[Any]:
+            statements[op] = (sql, args)
+            return list(await fetch(op, sql, *args))
+        return recorded
+
+    dashboard._fetch = recording(dashboard._fetch)
+    dashboard._fetch_custom = recording(dashboard._fetch_custom)
+    return statements
 
 
 async def _measure(url: str, redis_url: str, schema: str, rows: int, requests: int
@@ -69,7 +85,7 @@ async def _measure(url: str, redis_url: str, schema: str, rows: int, requests: i
     from conveyor.api.app import create_app
     from conveyor.config import Settings
     from conveyor.state import open_state
-    from conveyor.store.dashboard import id_floor
+    from conveyor.store.dashboard import TaskFilter
 
     settings = Settings(database_url=url, redis_url=redis_url, database_schema=schema,
                         key_prefix=schema, log_level="warning")
@@ -93,13 +109,25 @@ async def _measure(url: str, redis_url: str, schema: str, rows: int, requests: i
             "Task": f"/ui/tasks/{newest}",
             "Confirm: retry all dead (count to 10,001)":
                 "/ui/tasks/confirm?type=noop&status=dead&action=retry",
+            "Confirm: delete by payload field (no match, 20,000 examined)":
+                "/ui/tasks/confirm?type=noop&field=payload.customer_id+%3D+42&action=delete",
             "Dead letters": "/ui/dead-letters?type=noop",
             "Workers": "/ui/workers",
             "Cron": "/ui/cron",
             "Queues": "/ui/queues",
         }
-        transport = httpx.ASGITransport(app=create_app(state))
+        app = create_app(state)
+        statements = _record(app.state.ui_dashboard)
+        transport = httpx.ASGITransport(app=app)
         lines += ["| page | p50 | p95 | max |", "|---|---|---|---|"]
+
+        def row(name: str, path: str, times: list[float]) -> None:
+            times.sort()
+            lines.append(f"| {name} (`{path.partition('?')[0]}`) | {times[len(times) // 2]:.1f} ms"
+                         f" | {times[int(0.95 * (len(times) - 1))]:.1f} ms "
+                         f"| {times[-1]:.1f} ms |")
+            print(lines[-1], flush=True)
+
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as http:
             for name, path in pages.items():
                 times = []
@@ -108,30 +136,46 @@ async def _measure(url: str, redis_url: str, schema: str, rows: int, requests: i
                     response = await http.get(path)
                     times.append((time.perf_counter() - t0) * 1000)
                     assert response.status_code == 200, (path, response.status_code)
-                times.sort()
-                lines.append(f"| {name} (`{path.split('?')[0]}`) | {times[len(times) // 2]:.1f} ms"
-                             f" | {times[int(0.95 * (len(times) - 1))]:.1f} ms "
-                             f"| {times[-1]:.1f} ms |")
-                print(lines[-1], flush=True)
+                row(name, path, times)
+            # an action on everything a payload field matches: it examines 20,000 tasks and
+            # (matching none) changes nothing, so every request does the same work
+            confirm = (await http.get(pages["Confirm: delete by payload field (no match, "
+                                            "20,000 examined)"])).text
+            form = dict(re.findall(r'type="hidden" name="([^"]+)" value="([^"]*)"', confirm))
+            form = {k: html.unescape(v) for k, v in form.items()}
+            times = []
+            for _ in range(requests):
+                t0 = time.perf_counter()
+                response = await http.post("/ui/tasks/act-all", data=form)
+                times.append((time.perf_counter() - t0) * 1000)
+                assert response.status_code == 303, response.text
+            row("Act on all: delete by payload field (no match, 20,000 examined)",
+                "/ui/tasks/act-all", times)
+        # one batch of an action on a filter: the 500 newest dead or cancelled ids
+        dashboard = app.state.ui_dashboard
+        times = []
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            await dashboard.matching_ids(["noop"], TaskFilter(type="noop"),
+                                         ("dead", "cancelled"), before=None, limit=500)
+            times.append((time.perf_counter() - t0) * 1000)
+        row("Act on all: one batch, the 500 newest dead or cancelled (ids)",
+            "dashboard.matching", times)
         async with state.pool.acquire() as conn:
-            since = datetime.now(UTC) - timedelta(hours=1)
             plans = {
-                "overview, succeeded per minute of the last hour": (
-                    f"SELECT date_trunc('minute', t.finished_at), count(*) FROM {table} AS t"
-                    " WHERE t.type = 'noop' AND t.status = 'succeeded' AND t.id >= $1"
-                    " AND t.finished_at >= $2 GROUP BY 1", (id_floor(since), since)),
-                "tasks, type + status page": (
-                    f"SELECT * FROM {table} AS t WHERE t.type >= 'noop' AND t.type <= 'noop'"
-                    " AND t.status = 'succeeded' ORDER BY t.type DESC, t.status DESC,"
-                    " t.id DESC LIMIT 51", ()),
-                "payload search, 20,000 examined": (
-                    f"SELECT * FROM (SELECT * FROM {table} AS t WHERE t.type >= 'noop'"
-                    " AND t.type <= 'noop' ORDER BY t.type DESC, t.id DESC LIMIT 20000) AS t"
-                    " WHERE t.payload #> '{customer_id}' = '42'::jsonb LIMIT 50", ()),
+                "overview, succeeded and dead per minute of the last hour (once per process)":
+                    statements.get("dashboard.minutes"),
+                "dead letters of a type (a page of type + dead)": statements.get("dashboard.page"),
+                "confirm, retry all dead (count)": statements.get("dashboard.count"),
+                "confirm and act on all, payload field (20,000 examined)":
+                    statements.get("dashboard.search_ids"),
+                "act on all, one batch of ids": statements.get("dashboard.matching"),
             }
-            lines += ["", "Plans (EXPLAIN ANALYZE at this size):", ""]
-            for name, (sql, args) in plans.items():
-                lines.append(f"- {name}: {await _explain(conn, sql, *args)}")
+            lines += ["", "Plans of the statements the pages ran (EXPLAIN ANALYZE at this "
+                      "size):", ""]
+            for name, statement in plans.items():
+                if statement is not None:
+                    lines.append(f"- {name}: {await _explain(conn, *statement)}")
     return lines
 
 

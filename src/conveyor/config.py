@@ -178,6 +178,10 @@ class Settings(BaseSettings):
     ui_search_scan: int = Field(default=20_000, ge=100, le=10_000_000)
     ui_bulk_max: int = Field(default=10_000, ge=1, le=1_000_000)
 
+    # Dashboard session cookie: Secure always ("on"), never ("off"), or when the request came
+    # over https ("auto"; behind a TLS-terminating proxy, say "on")
+    ui_secure_cookie: Literal["auto", "on", "off"] = "auto"
+
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

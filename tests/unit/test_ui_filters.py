@@ -72,3 +72,11 @@ def test_durations_and_charts() -> None:
     line = str(failure_svg(rows, NOW))
     assert line.count("<polyline") == 1
     assert "<polyline" not in str(failure_svg([], NOW))
+
+
+def test_windows_out_of_range_are_named_and_ids_clamped() -> None:
+    far = filters.parse({"since": "1000000d"}, {"echo"}, now=NOW)
+    assert any(e.startswith("since:") for e in far.errors), far.errors
+    old = filters.parse({"since": "1900-01-01"}, {"echo"}, now=NOW)
+    assert not old.errors
+    assert id_floor(old.filter.since).int == 0  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ route's scope (403), so refused requests count too. Health, readiness and docs n
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import time
@@ -168,10 +169,38 @@ class Authenticator:
             raise Unauthorized("send an API key as `Authorization: Bearer <key>`")
         raise Unauthorized("unknown API key")
 
+    def reference(self, token: str) -> str | None:
+        """What a session keeps of `token` instead of the secret: `key:<id>` for a table key,
+        `env:<sha256>` for a bootstrap key (None: neither). `principal_of` checks it again."""
+        if self._env_index(token.encode()) is not None:
+            return "env:" + hashlib.sha256(token.encode()).hexdigest()
+        parsed = parse_key(token)
+        return f"key:{parsed[0]}" if parsed is not None else None
+
+    async def principal_of(self, reference: str) -> Principal:
+        """The caller a session's `reference` names, checked as a token is (a revoked,
+        expired or removed key is Unauthorized)."""
+        kind, _, value = reference.partition(":")
+        if kind == "env":
+            digests = [hashlib.sha256(key).hexdigest().encode() for key in self.env_keys]
+            matches = [hmac.compare_digest(value.encode(), d) for d in digests]
+            if any(matches):
+                index = matches.index(True)
+                return Principal(f"bootstrap key {index + 1}", frozenset({ADMIN}),
+                                 rate=self.default_rate, limit_id=f"env:{index}")
+        elif kind == "key":
+            row = await self._row(value)
+            if row is not None:
+                return await self._checked(row)
+        raise Unauthorized("unknown API key")
+
     async def _table_principal(self, key_id: str, secret: str) -> Principal:
         row = await self._row(key_id)
         if row is None or not row.matches(secret):
             raise Unauthorized("unknown API key")
+        return await self._checked(row)
+
+    async def _checked(self, row: KeyRecord) -> Principal:
         now = datetime.now(UTC)
         state = row.state(now)
         if state == "revoked":

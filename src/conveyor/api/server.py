@@ -7,6 +7,8 @@ import structlog
 from fastapi import FastAPI
 
 from conveyor.runtime.http_server import HttpServer
+from conveyor.runtime.shutdown import Shutdown
+from conveyor.ui import close as close_ui
 
 log = structlog.get_logger("conveyor.api")
 
@@ -18,6 +20,12 @@ class ApiServer(HttpServer):
 
     def __init__(self, app: FastAPI, *, host: str, port: int, drain_timeout_s: float) -> None:
         super().__init__(app, host=host, port=port, drain_timeout_s=drain_timeout_s)
+
+    async def run(self, shutdown: Shutdown) -> None:
+        try:
+            await super().run(shutdown)
+        finally:
+            await close_ui(self.app)  # the dashboard's overview stops following events
 
     def announce(self) -> None:
         log.info("api.started", url=self.url, docs=f"{self.url}/docs")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -40,10 +40,28 @@ ACTION_FROM: dict[Action, tuple[Status, ...]] = {
 }
 
 
+# The overview's hour, read from the record, counts tasks by when they finished, among those
+# created up to this long before the hour (an id range of the index, so the read costs about
+# two hours of tasks); one that took longer is counted only from the events.
+FINISH_LAG = timedelta(hours=1)
+_MAX_MILLIS = (1 << 48) - 1  # a UUIDv7's time field
+
+
+def _millis(moment: datetime) -> int:
+    """`moment` in Unix milliseconds, clamped to what a UUIDv7 can hold."""
+    return min(max(int(moment.timestamp() * 1000), 0), _MAX_MILLIS)
+
+
 def id_floor(moment: datetime) -> uuid.UUID:
     """The smallest UUIDv7 of `moment`'s millisecond: every task created before it has a
     smaller id."""
-    return uuid.UUID(int=(int(moment.timestamp() * 1000) & ((1 << 48) - 1)) << 80)
+    return uuid.UUID(int=_millis(moment) << 80)
+
+
+def id_ceiling(moment: datetime) -> uuid.UUID:
+    """The largest UUIDv7 of `moment`'s millisecond: every task created after it has a
+    larger id."""
+    return uuid.UUID(int=(_millis(moment) << 80) | ((1 << 80) - 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +74,8 @@ class TaskFilter:
     until: datetime | None = None
     key: str | None = None
     field: tuple[tuple[str, ...], str] | None = None
+    id: uuid.UUID | None = None  # one task
+    upto: uuid.UUID | None = None  # the largest id (a confirmed action's bound)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +83,25 @@ class Page:
     tasks: list[TaskRecord]
     next_cursor: uuid.UUID | None  # the id to continue below (None: no more)
     scanned: int | None = None  # with a payload filter: rows examined for this page
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    """How many tasks a filter matches; with a payload field, among `scanned` examined, and
+    the id to go on below when there may be more (None: no more)."""
+
+    n: int
+    scanned: int | None = None
+    next_cursor: uuid.UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Walk:
+    """Ids a filter matches, newest first, and the id to go on below (None: no more)."""
+
+    ids: list[uuid.UUID]
+    next_cursor: uuid.UUID | None
+    scanned: int | None = None  # with a payload field: tasks examined
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,14 +138,20 @@ class Dashboard:
         async with borrowed(self.pool, self.acquire_timeout_s, op) as conn:
             return await conn.fetch(sql, *args)
 
+    async def _fetch_custom(self, op: str, sql: str, *args: Any) -> list[Any]:
+        """`_fetch`, planned for these arguments (no generic plan, no JIT)."""
+        async with borrowed(self.pool, self.acquire_timeout_s, op) as conn, \
+                conn.transaction(readonly=True):
+            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan;"
+                               " SET LOCAL jit = off")
+            return await conn.fetch(sql, *args)
+
     # -- the task list ---------------------------------------------------------------------
 
-    def _clauses(self, f: TaskFilter, args: list[Any], *, statuses: Sequence[Status] = (),
-                 ranged: bool = False) -> list[str]:
-        """WHERE clauses (on `t`, its type given as `types.type`) for `f`; `statuses`
-        narrows to those of an action (a literal list, for the partial indexes). `ranged`
-        writes the type as a range of one value: it then stays in the page's order (type,
-        status, id), which only the (type, ...) indexes hold, so the planner walks the one
+    def _clauses(self, f: TaskFilter, args: list[Any], *, ranged: bool = False) -> list[str]:
+        """WHERE clauses (on `t`, its type given as `types.type`) for `f`. `ranged` writes
+        the type as a range of one value: it then stays in the page's order (type, status,
+        id), which only the (type, ...) indexes hold, so the planner walks the one
         of the filter instead of the primary key past newer rows of other types and
         statuses (an equality would make the type a constant, and `id` alone the order)."""
         ranged = ranged and f.key is None  # a key: the idempotency index, by equality
@@ -114,8 +159,6 @@ class Dashboard:
                     else "t.type = types.type")]
         if f.status is not None:
             clauses.append(f"t.status = {_literal(f.status)}")
-        if statuses:
-            clauses.append(f"t.status IN ({', '.join(_literal(s) for s in statuses)})")
         if f.since is not None:
             args.append(id_floor(f.since))
             clauses.append(f"t.id >= ${len(args)}")
@@ -125,6 +168,12 @@ class Dashboard:
         if f.key is not None:
             args.append(f.key)
             clauses.append(f"t.idempotency_key = ${len(args)}")
+        if f.id is not None:
+            args.append(f.id)
+            clauses.append(f"t.id = ${len(args)}")
+        if f.upto is not None:
+            args.append(f.upto)
+            clauses.append(f"t.id <= ${len(args)}")
         return clauses
 
     def _field_clause(self, f: TaskFilter, args: list[Any]) -> str:
@@ -186,45 +235,108 @@ class Dashboard:
             return Page(records, records[-1].id, scanned)
         return Page(records, lowest if scanned == scan else None, scanned)
 
+    def _sources(self, f: TaskFilter, statuses: Sequence[Status], args: list[Any],
+                 before: uuid.UUID | None, select: str, limit_arg: int) -> list[str]:
+        """One `types CROSS JOIN LATERAL` per status (a literal each, so each walks its
+        partial (type, status, id) index newest first, as page() does), selecting `select`
+        from up to `$limit_arg` rows of each type; to be merged with UNION ALL. `statuses`:
+        those of an action (narrowed by the filter's own); a running task already asked to
+        cancel is not among them (an action would not change it)."""
+        wanted: list[Status | None]
+        if statuses:
+            wanted = [s for s in statuses if f.status is None or s == f.status]
+        else:
+            wanted = [f.status]
+        out = []
+        for status in wanted:
+            clauses = self._clauses(replace(f, status=status), args, ranged=True)
+            if statuses and status == "running":
+                clauses.append("NOT t.cancel_requested")
+            if before is not None:
+                args.append(before)
+                clauses.append(f"t.id < ${len(args)}")
+            order = ("t.id DESC" if f.key is not None
+                     else "t.type DESC, t.status DESC, t.id DESC" if status
+                     else "t.type DESC, t.id DESC")
+            out.append(f"SELECT {select} FROM unnest($1::text[]) AS types(type) CROSS JOIN"
+                       f" LATERAL (SELECT {select} FROM {self.table} AS t"
+                       f" WHERE {' AND '.join(clauses)} ORDER BY {order}"
+                       f" LIMIT ${limit_arg}) AS t")
+        return out
+
+    async def _search(self, names: list[str], f: TaskFilter, statuses: Sequence[Status], *,
+                      before: uuid.UUID | None, limit: int, scan: int) -> Walk:
+        """Up to `limit` ids matching `f`'s payload field among the newest `scan` tasks of
+        the rest of `f` below `before` (one statement)."""
+        args: list[Any] = [names]
+        field = self._field_clause(f, args)
+        args.append(scan)
+        scan_arg = len(args)
+        sources = self._sources(f, statuses, args, before, "t.id", scan_arg)
+        if not sources:
+            return Walk([], None, 0)
+        args.append(limit)
+        # the newest `scan` ids from the indexes alone, then the payload of those only (a
+        # lookup by id each: the LIMIT keeps the planner from joining the whole table). A
+        # custom plan each time: a generic one (the driver prepares statements) does not
+        # know the bounds and can scan the table instead (seconds on 10M rows).
+        row = (await self._fetch_custom("dashboard.search_ids", f"""
+            WITH e AS (SELECT x.id FROM ({' UNION ALL '.join(sources)}) AS x
+                       ORDER BY x.id DESC LIMIT ${scan_arg}),
+                 h AS (SELECT e.id FROM e CROSS JOIN LATERAL (
+                         SELECT t.payload FROM {self.table} AS t WHERE t.id = e.id LIMIT 1
+                       ) AS t WHERE {field} ORDER BY e.id DESC LIMIT ${len(args)})
+            SELECT (SELECT coalesce(array_agg(h.id ORDER BY h.id DESC), '{{}}') FROM h),
+                   (SELECT count(*) FROM e),
+                   (SELECT (array_agg(e.id ORDER BY e.id))[1] FROM e),
+                   (SELECT count(*) FROM e WHERE e.id >= (SELECT h.id FROM h
+                                                           ORDER BY h.id LIMIT 1))""",
+                                 *args))[0]
+        ids, examined, lowest, to_last = list(row[0]), int(row[1]), row[2], int(row[3])
+        if len(ids) == limit:  # examined down to the last one found
+            return Walk(ids, ids[-1], to_last)
+        return Walk(ids, lowest if examined == scan else None, examined)
+
     async def count(self, types: Sequence[str], f: TaskFilter, *, cap: int,
-                    statuses: Sequence[Status] = ()) -> int:
-        """How many tasks `f` matches (of `statuses`, when given), counted up to `cap`."""
+                    statuses: Sequence[Status] = (), scan: int = 20_000) -> Count:
+        """How many tasks `f` matches (of `statuses`, when given), counted up to `cap`. With a
+        payload field, among the newest `scan` tasks of the rest of the filter: the count
+        then says how many it examined and where to go on."""
         names = [f.type] if f.type is not None else list(types)
         if not names:
-            return 0
-        args: list[Any] = [names]
-        where = " AND ".join(self._clauses(f, args, statuses=statuses))
-        field = ""
+            return Count(0)
         if f.field is not None:
-            field = "AND " + self._field_clause(f, args)
+            walk = await self._search(names, f, statuses, before=None, limit=cap, scan=scan)
+            return Count(len(walk.ids), walk.scanned, walk.next_cursor)
+        args: list[Any] = [names]
         args.append(cap)
+        sources = self._sources(f, statuses, args, None, "1", 2)
+        if not sources:
+            return Count(0)
         rows = await self._fetch("dashboard.count", f"""
-            SELECT count(*) FROM (
-              SELECT 1 FROM unnest($1::text[]) AS types(type) CROSS JOIN LATERAL (
-                SELECT 1 FROM {self.table} AS t WHERE {where} {field} LIMIT ${len(args)}
-              ) AS x LIMIT ${len(args)}) AS c""", *args)
-        return int(rows[0][0])
+            SELECT count(*) FROM ({' UNION ALL '.join(sources)} LIMIT $2) AS c""", *args)
+        return Count(int(rows[0][0]))
 
     async def matching_ids(self, types: Sequence[str], f: TaskFilter, statuses: Sequence[Status],
-                           *, before: uuid.UUID | None, limit: int) -> list[uuid.UUID]:
-        """Up to `limit` ids `f` matches in `statuses`, newest first, below `before`."""
+                           *, before: uuid.UUID | None, limit: int, scan: int = 20_000) -> Walk:
+        """Up to `limit` ids `f` matches in `statuses`, newest first, below `before`, and
+        where to go on. With a payload field, among the newest `scan` tasks of the rest of
+        the filter (`scanned`: how many of them it examined)."""
         names = [f.type] if f.type is not None else list(types)
         if not names:
-            return []
-        args: list[Any] = [names]
-        clauses = self._clauses(f, args, statuses=statuses)
-        if before is not None:
-            args.append(before)
-            clauses.append(f"t.id < ${len(args)}")
+            return Walk([], None)
         if f.field is not None:
-            clauses.append(self._field_clause(f, args))
-        args.append(limit)
+            return await self._search(names, f, statuses, before=before, limit=limit,
+                                      scan=scan)
+        args: list[Any] = [names, limit]
+        sources = self._sources(f, statuses, args, before, "t.id", 2)
+        if not sources:
+            return Walk([], None)
         rows = await self._fetch("dashboard.matching", f"""
-            SELECT t.id FROM unnest($1::text[]) AS types(type) CROSS JOIN LATERAL (
-              SELECT t.id FROM {self.table} AS t WHERE {' AND '.join(clauses)}
-              ORDER BY t.id DESC LIMIT ${len(args)}) AS t
-            ORDER BY t.id DESC LIMIT ${len(args)}""", *args)
-        return [r[0] for r in rows]
+            SELECT x.id FROM ({' UNION ALL '.join(sources)}) AS x
+            ORDER BY x.id DESC LIMIT $2""", *args)
+        ids = [r[0] for r in rows]
+        return Walk(ids, ids[-1] if len(ids) == limit else None)
 
     # -- bulk actions (one statement per batch of ids) ----------------------------------------
 
@@ -268,9 +380,11 @@ class Dashboard:
     async def minutes(self, type_: str, minutes: int = 60, *,
                       until: datetime | None = None) -> list[Minute]:
         """Succeeded and dead per minute (by finished_at) over the last `minutes` (those
-        before `until`, when given), of the tasks created within them: per status, a range
-        of `tasks_finished` (type, status, id) INCLUDE (finished_at). Its cost follows the
-        tasks finished in the span: the dashboard reads it once per process (ui/throughput.py)."""
+        before `until`, when given): per status, a range of `tasks_finished` (type, status,
+        id) INCLUDE (finished_at) over the tasks created up to FINISH_LAG before the span
+        (one that took longer from creation to its end is not counted). Its cost follows
+        the tasks finished in that range: the dashboard reads it once per process
+        (ui/throughput.py)."""
         since = datetime.now(UTC) - timedelta(minutes=minutes)
         end = until or datetime.now(UTC) + timedelta(days=1)
         t = self.table
@@ -284,7 +398,7 @@ class Dashboard:
             SELECT x.m, count(*) FILTER (WHERE x.status = 'succeeded'),
                    count(*) FILTER (WHERE x.status = 'dead')
             FROM ({part("'succeeded'")} UNION ALL {part("'dead'")}) AS x
-            GROUP BY 1 ORDER BY 1""", type_, id_floor(since), since, end)
+            GROUP BY 1 ORDER BY 1""", type_, id_floor(since - FINISH_LAG), since, end)
         return [Minute(r[0], int(r[1]), int(r[2])) for r in rows]
 
     async def latency(self, type_: str, sample: int = 200) -> list[float]:
@@ -321,5 +435,5 @@ def _info(value: Any) -> dict[str, Any]:
     return dict(value or {})
 
 
-__all__ = ["ACTIONS", "ACTION_FROM", "STATUSES", "Action", "Dashboard", "Minute", "Page",
-           "TaskFilter", "WorkerBeat", "id_floor"]
+__all__ = ["ACTIONS", "ACTION_FROM", "FINISH_LAG", "STATUSES", "Action", "Count", "Dashboard",
+           "Minute", "Page", "TaskFilter", "Walk", "WorkerBeat", "id_ceiling", "id_floor"]

@@ -1,7 +1,8 @@
 """The dashboard at `/ui`: server-rendered pages (Jinja2) with htmx for live parts, served by
 the API app itself (its middleware, its keys), assets vendored in `static/`.
 
-`install(app, state)` adds the routes, the static files and the login redirect."""
+`install(app, state)` adds the routes, the static files and the login redirect; `close(app)`
+stops what it started (the overview's event follower)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,10 @@ def install(app: FastAPI, state: AppState) -> None:
     app.include_router(actions.router)  # /tasks/act before /tasks/{task_id}
     app.include_router(pages.router)
     app.include_router(live.router)
+
+
+async def close(app: FastAPI) -> None:
+    """Stop the dashboard's background work on `app` (when the API server stops)."""
+    throughput: Throughput | None = getattr(app.state, "ui_throughput", None)
+    if throughput is not None:
+        await throughput.close()

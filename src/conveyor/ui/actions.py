@@ -39,7 +39,10 @@ from conveyor.ui.session import (
     LOGIN_COOKIE,
     PREFIX,
     Sessions,
+    Viewer,
     check_csrf,
+    notice_mac,
+    reads,
     require,
     secure_request,
     set_session_cookie,
@@ -47,6 +50,7 @@ from conveyor.ui.session import (
 
 log = structlog.get_logger("conveyor.ui")
 BATCH = 500  # tasks per statement of a bulk action
+SELECTION_MAX = BATCH * 10  # selected tasks one request acts on
 _PAST = {"retry": "retried", "cancel": "cancelled", "delete": "deleted"}
 
 
@@ -60,17 +64,20 @@ def first(form: dict[str, list[str]]) -> dict[str, str]:
     return {k: v[0] for k, v in form.items() if v}
 
 
-def back_to(target: str | None, notice: str | None = None, default: str = PREFIX) -> Response:
-    """303 to `target` when it is a dashboard path (never elsewhere), with `notice`."""
+def back_to(target: str | None, notice: str | None = None, default: str = PREFIX, *,
+            view: Viewer | None = None) -> Response:
+    """303 to `target` when it is a dashboard path (never elsewhere), with `notice` signed
+    for `view`'s session (a page shows a notice only with its session's signature, so a link
+    from elsewhere cannot put words on the dashboard)."""
     path = target or default
     parts = urlsplit(path)
     if parts.scheme or parts.netloc or not (path == PREFIX or path.startswith(PREFIX + "/")):
         path = default
         parts = urlsplit(path)
     query = [(k, v) for k, vs in parse_qs(parts.query).items() for v in vs
-             if k not in ("notice", "cursor")]
-    if notice:
-        query.append(("notice", notice))
+             if k not in ("notice", "sig", "cursor")]
+    if notice and view is not None:
+        query += [("notice", notice), ("sig", notice_mac(view.session, notice))]
     location = parts.path + (f"?{urlencode(query)}" if query else "")
     return secure(RedirectResponse(location, status_code=303))
 
@@ -120,12 +127,9 @@ def _ids(values: list[str]) -> list[uuid.UUID]:
     return out
 
 
-def _counted(n: int, action: Action, more: bool = False) -> str:
+def _counted(n: int, action: Action) -> str:
     noun = "task" if n == 1 else "tasks"
-    text = f"{_PAST[action].capitalize()} {n} {noun}"
-    if more:
-        text += "; more match: run it again for the next batch"
-    return text
+    return f"{_PAST[action].capitalize()} {n} {noun}"
 
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
@@ -137,7 +141,8 @@ async def act_on_selection(request: Request, view: ViewerDep) -> Response:
     check_csrf(view, first(form))
     require(view, MANAGE)
     action = _action(first(form).get("action"))
-    ids = _ids(form.get("id", []))[:BATCH * 10]
+    given = list(dict.fromkeys(_ids(form.get("id", []))))
+    ids = given[:SELECTION_MAX]
     done = 0
     for start in range(0, len(ids), BATCH):
         done += await apply(state_of(request), dashboard_of(request), action,
@@ -146,9 +151,12 @@ async def act_on_selection(request: Request, view: ViewerDep) -> Response:
     notice = _counted(done, action)
     if skipped:
         notice += f" ({skipped} not {', '.join(ACTION_FROM[action])}: left as they are)"
+    if len(given) > len(ids):
+        notice += (f"; {len(given) - len(ids)} more were selected than one request takes "
+                   f"({SELECTION_MAX}): left as they are")
     if not ids:
         notice = "Nothing selected"
-    return back_to(first(form).get("next"), notice, f"{PREFIX}/tasks")
+    return back_to(first(form).get("next"), notice, f"{PREFIX}/tasks", view=view)
 
 
 @router.post("/tasks/act-all")
@@ -163,20 +171,49 @@ async def act_on_filter(request: Request, view: ViewerDep) -> Response:
     if parsed.errors:
         raise PayloadInvalid("; ".join(parsed.errors))
     cap = state.settings.ui_bulk_max
+    scan = state.settings.ui_search_scan  # with a payload field: tasks examined, at most
     types = list(state.app.registry.types)
-    done, cursor, more = 0, None, False
+    done, examined, cursor = 0, 0, None
     while done < cap:
-        ids = await dashboard.matching_ids(types, parsed.filter, ACTION_FROM[action],
-                                           before=cursor, limit=min(BATCH, cap - done))
-        if not ids:
+        walk = await dashboard.matching_ids(types, parsed.filter, ACTION_FROM[action],
+                                            before=cursor, limit=min(BATCH, cap - done),
+                                            scan=max(1, scan - examined))
+        done += await apply(state, dashboard, action, walk.ids)
+        examined += walk.scanned or 0
+        cursor = walk.next_cursor
+        if cursor is None or (walk.scanned is not None and examined >= scan):
             break
-        done += await apply(state, dashboard, action, ids)
-        cursor = ids[-1]
+    if cursor is not None and parsed.filter.field is None:
+        more = bool((await dashboard.matching_ids(types, parsed.filter, ACTION_FROM[action],
+                                                  before=cursor, limit=1)).ids)
     else:
-        more = bool(await dashboard.matching_ids(types, parsed.filter, ACTION_FROM[action],
-                                                 before=cursor, limit=1))
+        more = cursor is not None
     log.info("ui.bulk", action=action, tasks=done, by=view.caller.name)
-    return back_to(form.get("next"), _counted(done, action, more), f"{PREFIX}/tasks")
+    notice = _counted(done, action)
+    confirmed = _confirmed(form.get("confirmed"))
+    if confirmed is not None and done < min(confirmed, cap):
+        notice += f" of the {confirmed} confirmed: the others had changed or gone since"
+    if more and cursor is not None and parsed.filter.field is not None:
+        # the tasks further back were not examined: their own confirmation
+        back = form.get("next") or f"{PREFIX}/tasks"
+        further = parsed.query(action=action, back=back,
+                               upto=str(uuid.UUID(int=cursor.int - 1)))
+        return back_to(f"{PREFIX}/tasks/confirm?{further}",
+                       notice + "; tasks further back are not examined yet: confirm them",
+                       view=view)
+    if more:
+        notice += "; more match: run it again for the next batch"
+    return back_to(form.get("next"), notice, f"{PREFIX}/tasks", view=view)
+
+
+def _confirmed(raw: str | None) -> int | None:
+    """The count the confirmation page showed (None when not given)."""
+    if not raw:
+        return None
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        raise PayloadInvalid(f"confirmed: {raw!r} is not a count") from None
 
 
 @router.post("/tasks/{task_id}/copy")
@@ -207,7 +244,8 @@ async def enqueue_copy(request: Request, view: ViewerDep, task_id: uuid.UUID) ->
                     schema=pretty(task_type.payload_model.model_json_schema())
                     if task_type else None)
     new = inserted[0].record
-    return back_to(f"{PREFIX}/tasks/{new.id}", f"Enqueued a copy of {str(task_id)[:8]}")
+    return back_to(f"{PREFIX}/tasks/{new.id}", f"Enqueued a copy of {str(task_id)[:8]}",
+                   view=view)
 
 
 @router.post("/tasks/{task_id}/{action}")
@@ -222,18 +260,19 @@ async def act_on_task(request: Request, view: ViewerDep, task_id: uuid.UUID,
     try:
         if act == "retry":
             await state.client.retry(task_id)
-            return back_to(here, "Retried: queued again")
+            return back_to(here, "Retried: queued again", view=view)
         if act == "cancel":
             record = await state.client.cancel(task_id)
             return back_to(here, "Cancel requested: its worker stops it"
-                           if record.status == "running" else "Cancelled")
+                           if record.status == "running" else "Cancelled", view=view)
     except InvalidTransition as exc:
-        return back_to(here, f"Not done: the task is {exc.status}")
+        return back_to(here, f"Not done: the task is {exc.status}", view=view)
     if await dashboard_of(request).delete([task_id]):
-        return back_to(f"{PREFIX}/tasks", f"Deleted task {str(task_id)[:8]}")
+        return back_to(f"{PREFIX}/tasks", f"Deleted task {str(task_id)[:8]}", view=view)
     if await state.store.get(task_id) is None:
         raise TaskNotFound(str(task_id))
-    return back_to(here, "Not deleted: only finished tasks can be (cancel it first)")
+    return back_to(here, "Not deleted: only finished tasks can be (cancel it first)",
+                   view=view)
 
 # -- signing in and out ------------------------------------------------------------------
 
@@ -258,11 +297,18 @@ async def login(request: Request) -> Response:
         return _login_page(request, "enter an API key", 401, form.get("next"))
     auth = request.app.state.authenticator
     try:
-        await auth.principal(token)
+        caller = await auth.principal(token)
     except Unauthorized as exc:
         return _login_page(request, str(exc), 401, form.get("next"))
+    if not reads(caller):
+        return _login_page(request, f"API key {caller.name!r} lacks the scope 'tasks:read': "
+                           "the dashboard needs a key that may read tasks", 403,
+                           form.get("next"))
     sessions: Sessions = request.app.state.ui_sessions
-    session = await sessions.create(token)
+    previous = request.cookies.get(COOKIE)
+    if previous:  # a sign-in starts afresh (no session fixed before it lives on)
+        await sessions.drop(previous)
+    session = await sessions.create(auth.reference(token))
     response = back_to(form.get("next"))
     set_session_cookie(response, session.sid, sessions.ttl_s,
                        secure=secure_request(request))

@@ -4,6 +4,7 @@ id, and a payload field (`payload.customer_id = 42`), with messages naming what 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from collections.abc import Mapping
@@ -15,12 +16,12 @@ from urllib.parse import urlencode
 import orjson
 
 from conveyor.config import parse_duration
-from conveyor.store.dashboard import TaskFilter
+from conveyor.store.dashboard import TaskFilter, id_ceiling
 from conveyor.store.tasks import STATUSES, Status
 
 __all__ = ["FIELDS", "STATUSES", "Parsed", "parse", "payload_field"]
 
-FIELDS = ("type", "status", "since", "until", "key", "id", "field")
+FIELDS = ("type", "status", "since", "until", "key", "id", "field", "upto")
 SEARCH_WINDOW = timedelta(hours=24)  # a payload search's window when none is given
 _PATH = re.compile(r"^(?:payload\.)?([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\s*=\s*(.+)$")
 
@@ -32,6 +33,18 @@ class Parsed:
     values: dict[str, str] = field(default_factory=dict)  # as given, for the form
     errors: list[str] = field(default_factory=list)
 
+    def absolute(self, now: datetime) -> None:
+        """Write the window as date-times and bound the ids at `now`, so the filter given
+        on (a confirmation's form) matches what it matched at `now`, and no task created
+        since."""
+        for name in ("since", "until"):
+            moment = getattr(self.filter, name)
+            if moment is not None:
+                self.values[name] = moment.astimezone(UTC).isoformat()
+        if self.filter.upto is None:
+            self.values["upto"] = str(id_ceiling(now))
+            self.filter = dataclasses.replace(self.filter, upto=id_ceiling(now))
+
     def query(self, **extra: str) -> str:
         """The filter as a query string (with `extra`), for links and forms."""
         return urlencode({**{k: v for k, v in self.values.items() if v}, **extra})
@@ -42,6 +55,9 @@ def _moment(name: str, text: str, now: datetime, errors: list[str]) -> datetime 
         return now - timedelta(seconds=parse_duration(text))
     except ValueError:
         pass
+    except OverflowError:
+        errors.append(f"{name}: {text!r} reaches back before the year 1")
+        return None
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
@@ -49,6 +65,14 @@ def _moment(name: str, text: str, now: datetime, errors: list[str]) -> datetime 
                       "length back from now (15m, 2h, 7d)")
         return None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _id(name: str, text: str, errors: list[str]) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        errors.append(f"{name}: {text!r} is not a task id (a UUID)")
+        return None
 
 
 def payload_field(text: str) -> tuple[tuple[str, ...], str]:
@@ -82,12 +106,8 @@ def parse(query: Mapping[str, str], types: Any, now: datetime | None = None) -> 
         errors.append(f"status: {values['status']!r} is not one of {', '.join(STATUSES)}")
     since = _moment("since", values["since"], now, errors) if values["since"] else None
     until = _moment("until", values["until"], now, errors) if values["until"] else None
-    task_id = None
-    if values["id"]:
-        try:
-            task_id = uuid.UUID(values["id"])
-        except ValueError:
-            errors.append(f"id: {values['id']!r} is not a task id (a UUID)")
+    task_id = _id("id", values["id"], errors) if values["id"] else None
+    upto = _id("upto", values["upto"], errors) if values["upto"] else None
     payload = None
     if values["field"]:
         try:
@@ -101,5 +121,6 @@ def parse(query: Mapping[str, str], types: Any, now: datetime | None = None) -> 
             since = now - SEARCH_WINDOW
             values["since"] = "24h"
     f = TaskFilter(type=type_, status=status, since=since, until=until,
-                   key=values["key"] or None, field=payload)
+                   key=values["key"] or None, field=payload, id=task_id,
+                   upto=upto)
     return Parsed(f, task_id, values, errors)

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import RedirectResponse, Response
@@ -16,7 +17,14 @@ from starlette.responses import RedirectResponse, Response
 from conveyor.errors import TaskNotFound
 from conveyor.registry import TaskType
 from conveyor.state import AppState
-from conveyor.store.dashboard import ACTION_FROM, ACTIONS, Dashboard, Minute, TaskFilter
+from conveyor.store.dashboard import (
+    ACTION_FROM,
+    ACTIONS,
+    Count,
+    Dashboard,
+    Minute,
+    TaskFilter,
+)
 from conveyor.store.tasks import FINISHED, QueueCounts, TaskRecord
 from conveyor.ui import filters
 from conveyor.ui.render import failure_svg, page, pretty, throughput_svg
@@ -91,11 +99,16 @@ class TypeRow:
         return failure_svg(self.minutes, self.now)
 
 
+def _throughput(request: Request) -> Throughput:
+    throughput: Throughput = request.app.state.ui_throughput
+    return throughput
+
+
 async def overview_rows(request: Request) -> list[TypeRow]:
     state, dashboard = state_of(request), dashboard_of(request)
     now = datetime.now(UTC)
 
-    throughput: Throughput = request.app.state.ui_throughput
+    throughput = _throughput(request)
     await throughput.ensure()
 
     async def row(name: str) -> TypeRow:
@@ -104,6 +117,15 @@ async def overview_rows(request: Request) -> list[TypeRow]:
         return TypeRow(name, counts, throughput.rows(name, now), latency, now)
 
     return await each(list(state.app.registry.types), row)
+
+
+def safe_back(target: str | None) -> str:
+    """`target` when it is a dashboard path (never elsewhere), else the task list."""
+    path = target or ""
+    parts = urlsplit(path)
+    if parts.scheme or parts.netloc or not (path == PREFIX or path.startswith(PREFIX + "/")):
+        return f"{PREFIX}/tasks"
+    return path
 
 
 def task_types(request: Request) -> list[str]:
@@ -115,13 +137,16 @@ router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
 @router.get("")
 async def overview(request: Request, view: ViewerDep) -> Response:
-    return page(request, view, "overview.html", active="overview",
-                rows=await overview_rows(request))
+    rows = await overview_rows(request)
+    return page(request, view, "overview.html", active="overview", rows=rows,
+                filled=_throughput(request).filled)
 
 
 @router.get("/overview/body")
 async def overview_body(request: Request, view: ViewerDep) -> Response:
-    return page(request, view, "overview_body.html", rows=await overview_rows(request))
+    rows = await overview_rows(request)
+    return page(request, view, "overview_body.html", rows=rows,
+                filled=_throughput(request).filled)
 
 
 @router.get("/tasks")
@@ -157,15 +182,23 @@ async def confirm(request: Request, view: ViewerDep) -> Response:
     action = next((a for a in ACTIONS if a == raw), None)
     if action is None:
         parsed.errors.append(f"action: {raw!r} is not one of {', '.join(ACTIONS)}")
-    count = 0
+    count = Count(0)
     cap = state.settings.ui_bulk_max
+    if not parsed.errors:
+        parsed.absolute(datetime.now(UTC))
     if not parsed.errors and action is not None:
         count = await dashboard.count(task_types(request), parsed.filter, cap=cap + 1,
-                                      statuses=ACTION_FROM[action])
+                                      statuses=ACTION_FROM[action],
+                                      scan=state.settings.ui_search_scan)
+    back = request.query_params.get("back", "")
+    further = None  # with a payload field: the confirmation of the tasks further back
+    if count.next_cursor is not None and action is not None:
+        further = parsed.query(action=action, back=back,
+                               upto=str(uuid.UUID(int=count.next_cursor.int - 1)))
     return page(request, view, "confirm.html", 422 if parsed.errors else 200,
-                active="tasks", parsed=parsed, action=action, count=count, cap=cap,
-                applies_to=ACTION_FROM[action] if action else (),
-                back=request.query_params.get("back", ""))
+                active="tasks", parsed=parsed, action=action, count=count.n,
+                scanned=count.scanned, further=further, cap=cap,
+                applies_to=ACTION_FROM[action] if action else (), back=safe_back(back))
 
 
 async def one_task(request: Request, task_id: uuid.UUID) -> tuple[TaskRecord, TaskType | None]:

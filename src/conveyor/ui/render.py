@@ -16,7 +16,7 @@ from markupsafe import Markup
 from starlette.responses import HTMLResponse, Response
 
 from conveyor.store.dashboard import Minute
-from conveyor.ui.session import PREFIX, Viewer
+from conveyor.ui.session import PREFIX, Viewer, shown_notice
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -126,7 +126,8 @@ def secure(response: Response) -> Response:
 def page(request: Request, view: Viewer, template: str, status_code: int = 200,
          **context: Any) -> Response:
     """A rendered page (or fragment) with the headers, and the session cookie if new."""
-    notice = request.query_params.get("notice")
+    notice = shown_notice(view.session, request.query_params.get("notice"),
+                          request.query_params.get("sig"))
     html = ENV.get_template(template).render(
         view=view, csrf=view.session.csrf, notice=notice, request=request,
         here=request.url.path + (f"?{request.url.query}" if request.url.query else ""),

@@ -1,10 +1,12 @@
-"""Who is looking at the dashboard: an API key given once on the login page, kept in a
-server-side session (Redis, `CONVEYOR_UI_SESSION_TTL`), named by an HttpOnly, SameSite=Strict
-cookie; and the CSRF token every POST must carry (the session's own, compared in constant
-time).
+"""Who is looking at the dashboard: an API key given once on the login page, whose id (never
+the secret; a bootstrap key's SHA-256) is kept in a server-side session (Redis,
+`CONVEYOR_UI_SESSION_TTL`), named by an HttpOnly, SameSite=Strict cookie (Secure per
+`CONVEYOR_UI_SECURE_COOKIE`); and the CSRF token every POST must carry (the session's own,
+compared in constant time).
 
-The key is checked again on every request by the API's authenticator (its cache, its rate
-limit), so a revoked key ends its sessions within `CONVEYOR_API_KEY_CACHE`. With no key at all
+The key is checked again by its id on every request by the API's authenticator (its cache,
+its rate limit), so a revoked or expired key ends its sessions within
+`CONVEYOR_API_KEY_CACHE`. Signing in drops the session the browser had. With no key at all
 and the API open (loopback), the viewer is the API's anonymous admin: no login, but still a
 session, for the CSRF token.
 """
@@ -24,7 +26,7 @@ from starlette.responses import Response
 from conveyor.errors import Forbidden, Unauthorized
 from conveyor.queue.connection import translate
 from conveyor.state import AppState
-from conveyor.store.keys import ENQUEUE, MANAGE
+from conveyor.store.keys import ENQUEUE, MANAGE, READ
 
 COOKIE = "conveyor_ui"
 LOGIN_COOKIE = "conveyor_ui_login"  # the login form's own CSRF value (double submit)
@@ -46,6 +48,10 @@ class Authenticates(Protocol):
 
     async def principal(self, token: str | None) -> Any: ...
 
+    def reference(self, token: str) -> str | None: ...
+
+    async def principal_of(self, reference: str) -> Any: ...
+
     async def limit(self, principal: Any) -> None: ...
 
 
@@ -59,8 +65,10 @@ class LoginNeeded(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Session:
+    """`key`: the signed-in key's reference (its id, never the secret; None: open mode)."""
+
     sid: str
-    token: str | None
+    key: str | None
     csrf: str
 
 
@@ -83,7 +91,7 @@ class Viewer:
 
     @property
     def signed_in(self) -> bool:
-        return self.session.token is not None
+        return self.session.key is not None
 
     def set_cookie(self, response: Response, ttl_s: float) -> None:
         if self.new:
@@ -112,13 +120,16 @@ class Sessions:
         if raw is None:
             return None
         data = orjson.loads(raw)
-        return Session(sid, data.get("token"), data["csrf"])
+        if "key" not in data:  # a session of an older form: sign in again
+            return None
+        return Session(sid, data["key"], data["csrf"])
 
-    async def create(self, token: str | None) -> Session:
-        session = Session(secrets.token_urlsafe(32), token, secrets.token_urlsafe(32))
+    async def create(self, key: str | None) -> Session:
+        """A new session for the key `key` references (None: open mode)."""
+        session = Session(secrets.token_urlsafe(32), key, secrets.token_urlsafe(32))
         with translate("ui.session.create"):
             await self.redis.set(self._key(session.sid),
-                                 orjson.dumps({"token": token, "csrf": session.csrf}),
+                                 orjson.dumps({"key": key, "csrf": session.csrf}),
                                  ex=max(1, int(self.ttl_s)))
         return session
 
@@ -138,7 +149,10 @@ def _sessions(request: Request) -> Sessions:
 
 
 def secure_request(request: Request) -> bool:
-    return request.url.scheme == "https"
+    """Whether cookies are to be Secure (CONVEYOR_UI_SECURE_COOKIE; auto: over https)."""
+    state: AppState = request.app.state.conveyor
+    mode = state.settings.ui_secure_cookie
+    return mode == "on" or (mode == "auto" and request.url.scheme == "https")
 
 
 async def viewer(request: Request) -> Viewer:
@@ -149,18 +163,49 @@ async def viewer(request: Request) -> Viewer:
     session = await sessions.get(sid) if sid else None
     auth = _authenticator(request)
     try:
-        caller = await auth.principal(session.token if session else None)
+        if session is not None and session.key is not None:
+            caller = await auth.principal_of(session.key)
+        else:
+            caller = await auth.principal(None)
     except Unauthorized as exc:
-        if session is not None and session.token is not None:
+        if session is not None and session.key is not None:
             await sessions.drop(session.sid)
             raise LoginNeeded(f"signed out: {exc}") from None
         raise LoginNeeded("") from None
     await auth.limit(caller)
+    check_reads(caller)
     new = False
     if session is None:  # open (no keys): a session for the CSRF token alone
         session = await sessions.create(None)
         new = True
     return Viewer(caller, session, new, secure_request(request))
+
+
+def reads(caller: Caller) -> bool:
+    """Whether `caller` may see the dashboard: every page shows tasks, so it needs
+    tasks:read (or tasks:manage, or admin)."""
+    return caller.may(READ) or caller.may(MANAGE)
+
+
+def check_reads(caller: Caller) -> None:
+    """Forbidden unless `caller` may see the dashboard."""
+    if not reads(caller):
+        raise Forbidden(f"API key {caller.name!r} lacks the scope {READ!r}: the dashboard "
+                        "shows tasks, so it needs a key with tasks:read (or tasks:manage)",
+                        scope=READ)
+
+
+def notice_mac(session: Session, notice: str) -> str:
+    """The signature of a notice for `session` (keyed by its CSRF token)."""
+    return hmac.new(session.csrf.encode(), notice.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def shown_notice(session: Session, notice: str | None, mac: str | None) -> str | None:
+    """`notice` when `mac` is its signature for `session` (None otherwise)."""
+    if not notice or not mac:
+        return None
+    expected = notice_mac(session, notice)
+    return notice if hmac.compare_digest(mac.encode(), expected.encode()) else None
 
 
 def check_csrf(view: Viewer, form: dict[str, str]) -> None:

@@ -92,6 +92,8 @@ class Throughput:
                             if place is None:
                                 continue
                             at = int(e.id.partition("-")[0]) / 1000 if e.id else time.time()
+                            if at < self.since:  # before the split: the record has it
+                                continue
                             counts = self._events[e.task_type].setdefault(_minute(at), [0, 0])
                             counts[place] += 1
                     finally:

@@ -4,7 +4,9 @@ apply to, the overview's per-minute figures, and the plans they use."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from conveyor.client import TaskRequest
 from conveyor.state import AppState
@@ -47,8 +49,8 @@ async def test_pages_filters_and_the_bounded_payload_search(state: AppState) -> 
         cursor = part.next_cursor
     assert seen == echo_fours
     assert pages == 4
-    assert await d.count(types, f, cap=100) == len(echo_fours)
-    assert await d.count(types, TaskFilter(), cap=10) == 10
+    assert (await d.count(types, f, cap=100)).n == len(echo_fours)
+    assert (await d.count(types, TaskFilter(), cap=10)).n == 10
     future = TaskFilter(since=datetime.now(UTC) + timedelta(hours=1))
     assert (await d.page(types, future, before=None, limit=5)).tasks == []
 
@@ -66,7 +68,8 @@ async def test_bulk_actions_touch_only_what_they_apply_to(state: AppState) -> No
     assert {r.status for r in retried} == {"queued"}
     matching = await d.matching_ids(["echo"], TaskFilter(type="echo"), ("queued",),
                                     before=None, limit=10)
-    assert set(matching) == set(ids)
+    assert set(matching.ids) == set(ids)
+    assert matching.next_cursor is None
     await d.cancel(ids)
     assert set(await d.delete(ids)) == set(ids)
 
@@ -88,6 +91,16 @@ async def test_minutes_latency_and_workers(state: AppState) -> None:
     latency = await d.latency("echo")
     assert len(latency) == 3
     assert all(1.5 < s < 2.5 for s in latency)
+    # made 90 minutes ago, finished now: in the hour; finished 2 hours ago: not
+    for finished in ("now()", "now() - interval '2 hours'"):
+        await state.pool.execute(
+            f"INSERT INTO {t} (id, type, status, payload, attempts, max_attempts, created_at,"
+            " run_at, started_at, finished_at) VALUES ($1, 'echo', 'succeeded', '{}', 1, 1,"
+            f" now(), now(), now(), {finished})",
+            uuid.UUID(int=id_floor(datetime.now(UTC) - timedelta(minutes=90)).int
+                      + uuid.uuid4().int % (1 << 64)))
+    minutes = await d.minutes("echo")
+    assert sum(m.succeeded for m in minutes) == 3
     assert await d.worker_beats() == []
 
 
@@ -110,7 +123,6 @@ async def test_the_plans_are_index_ranges(state: AppState) -> None:
 
 async def test_throughput_reads_the_record_once_then_counts_events(state: AppState) -> None:
     import asyncio
-    import uuid
 
     from conveyor.queue.events import event
     from conveyor.ui.throughput import Throughput
@@ -136,3 +148,86 @@ async def test_throughput_reads_the_record_once_then_counts_events(state: AppSta
     assert sum(m.dead for m in throughput.rows("echo")) == 1
     assert sum(m.dead for m in throughput.rows("flaky")) == 1
     await throughput.close()
+
+
+class Recorded(Dashboard):
+    """The dashboard, keeping every statement it ran (to EXPLAIN them)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.statements: list[tuple[str, str, tuple[Any, ...]]] = []
+
+    async def _fetch(self, op: str, sql: str, *args: Any) -> list[Any]:
+        self.statements.append((op, sql, args))
+        return await super()._fetch(op, sql, *args)
+
+    async def _fetch_custom(self, op: str, sql: str, *args: Any) -> list[Any]:
+        self.statements.append((op, sql, args))
+        return await super()._fetch_custom(op, sql, *args)
+
+
+async def test_payload_counts_and_bulk_walks_are_bounded_by_the_scan(state: AppState) -> None:
+    d = dashboard_of(state)
+    records = [i.record for i in await state.client.enqueue_many(
+        [TaskRequest("echo", {"value": n % 5}, delay_s=3600) for n in range(30)])]
+    newest = sorted((r.id for r in records), reverse=True)
+    fours = sorted((r.id for r in records if r.payload["value"] == 4), reverse=True)
+    f = TaskFilter(type="echo", since=datetime.now(UTC) - timedelta(hours=1),
+                   field=(("value",), "4"))
+    counted = await d.count(["echo"], f, cap=100, statuses=("queued",), scan=10)
+    assert counted.scanned == 10
+    assert counted.n == len([i for i in fours if i >= newest[9]])
+    assert counted.next_cursor == newest[9]
+    # the walk goes on from its cursor, each call examining at most `scan`
+    seen: list[uuid.UUID] = []
+    cursor = None
+    while True:
+        walk = await d.matching_ids(["echo"], f, ("queued",), before=cursor, limit=100,
+                                    scan=10)
+        assert walk.scanned is not None
+        assert walk.scanned <= 10
+        seen += walk.ids
+        if walk.next_cursor is None:
+            break
+        cursor = walk.next_cursor
+    assert seen == fours
+    # a limit reached: it goes on below the last one found, having examined down to it
+    first = await d.matching_ids(["echo"], f, ("queued",), before=None, limit=1, scan=30)
+    assert first.ids == fours[:1]
+    assert first.next_cursor == fours[0]
+    assert first.scanned == newest.index(fours[0]) + 1
+    # the id bound: only those at or below it
+    bounded = TaskFilter(type="echo", upto=newest[5])
+    assert (await d.count(["echo"], bounded, cap=100)).n == 25
+
+
+async def test_cancel_counts_leave_out_running_tasks_already_asked(state: AppState) -> None:
+    d = dashboard_of(state)
+    records = [i.record for i in await state.client.enqueue_many(
+        [TaskRequest("echo", {"value": n}, delay_s=3600) for n in range(3)])]
+    await state.pool.execute(
+        f"UPDATE {state.store.table} SET status = 'running', started_at = now(),"
+        " cancel_requested = (id = $1) WHERE id = ANY($2::uuid[])",
+        records[0].id, [r.id for r in records[:2]])
+    f = TaskFilter(type="echo")
+    assert (await d.count(["echo"], f, cap=10, statuses=("queued", "running"))).n == 2
+    walk = await d.matching_ids(["echo"], f, ("queued", "running"), before=None, limit=10)
+    assert set(walk.ids) == {records[1].id, records[2].id}
+
+
+async def test_bulk_statements_walk_one_index_range_per_status(state: AppState) -> None:
+    d = Recorded(state.pool, state.settings.database_schema)
+    f = TaskFilter(type="echo", since=datetime.now(UTC) - timedelta(hours=1))
+    await d.matching_ids(["echo"], f, ("dead", "cancelled"), before=None, limit=500)
+    await d.count(["echo"], f, cap=1001, statuses=("dead", "cancelled"))
+    await d.matching_ids(["echo"], TaskFilter(type="echo", field=(("value",), "1")),
+                         ("dead", "cancelled"), before=None, limit=500)
+    assert len(d.statements) == 3
+    for _, sql, args in d.statements:
+        assert "IN (" not in sql, sql
+        async with state.pool.acquire() as conn:
+            await conn.execute("SET enable_seqscan = off")
+            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", *args))
+            await conn.execute("RESET enable_seqscan")
+        assert plan.count("tasks_finished") == 2, plan
+        assert "Seq Scan" not in plan, plan
