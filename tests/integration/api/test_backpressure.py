@@ -75,7 +75,9 @@ async def test_an_exhausted_pool_is_503_not_an_endless_wait(
             # Both connections end up waiting on the lock: the enqueue path's own, and a read.
             holding = [asyncio.create_task(http.post("/v1/tasks", json=BODY)),
                        asyncio.create_task(http.get("/v1/tasks"))]
-            await asyncio.sleep(0.3)
+            async with asyncio.timeout(30):  # both taken (a first request can be slow)
+                while state.pool.get_size() < 2 or state.pool.get_idle_size():  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
             starved = await http.get(f"/v1/tasks/{uuid.uuid4()}")
             assert starved.status_code == 503
             assert starved.headers["retry-after"]
