@@ -14,7 +14,7 @@ side; `a >> b` is the chain of the two. A callback reads its upstreams' results 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,15 +36,19 @@ class Canvas:
     def __rshift__(self, other: Canvas) -> Chain:
         return Chain((self, other), app=self.app or other.app)
 
-    def _place(self, into: list[NodeRequest], after: Sequence[str]) -> list[str]:
+    def _place(self, into: list[NodeRequest], after: Sequence[str], taken: set[str]
+               ) -> list[str]:
         """Add this part's nodes to `into`, each first one depending on `after`; returns
-        the keys of its last nodes."""
+        the keys of its last nodes. A key made up avoids those in `taken` (the given ones)."""
+        raise NotImplementedError
+
+    def _given_keys(self) -> Iterator[str]:
         raise NotImplementedError
 
     def nodes(self) -> list[NodeRequest]:
         """The workflow's nodes, upstreams first."""
         out: list[NodeRequest] = []
-        self._place(out, ())
+        self._place(out, (), set(self._given_keys()))
         return out
 
     async def enqueue(self, *, name: str | None = None) -> WorkflowRecord:
@@ -68,12 +72,21 @@ class Signature(Canvas):
     on_upstream_failure: UpstreamFailure = "cancel"
     app: Conveyor | None = field(default=None, repr=False)
 
-    def _place(self, into: list[NodeRequest], after: Sequence[str]) -> list[str]:
-        key = self.key or f"{len(into)}:{self.type}"
+    def _place(self, into: list[NodeRequest], after: Sequence[str], taken: set[str]
+               ) -> list[str]:
+        key = self.key
+        if key is None:
+            key = f"{len(into)}:{self.type}"
+            while key in taken:  # a given key that looks like a made-up one
+                key += "'"
         into.append(NodeRequest(key, TaskRequest(
             self.type, self.payload, None, self.delay_s, self.max_attempts,
             on_upstream_failure=self.on_upstream_failure), tuple(after)))
         return [key]
+
+    def _given_keys(self) -> Iterator[str]:
+        if self.key is not None:
+            yield self.key
 
 
 @dataclass(eq=False)
@@ -83,11 +96,16 @@ class Chain(Canvas):
     parts: tuple[Canvas, ...]
     app: Conveyor | None = field(default=None, repr=False)
 
-    def _place(self, into: list[NodeRequest], after: Sequence[str]) -> list[str]:
+    def _place(self, into: list[NodeRequest], after: Sequence[str], taken: set[str]
+               ) -> list[str]:
         last = list(after)
         for part in self.parts:
-            last = part._place(into, last)
+            last = part._place(into, last, taken)
         return last
+
+    def _given_keys(self) -> Iterator[str]:
+        for part in self.parts:
+            yield from part._given_keys()
 
 
 @dataclass(eq=False)
@@ -97,8 +115,13 @@ class Group(Canvas):
     parts: tuple[Canvas, ...]
     app: Conveyor | None = field(default=None, repr=False)
 
-    def _place(self, into: list[NodeRequest], after: Sequence[str]) -> list[str]:
+    def _place(self, into: list[NodeRequest], after: Sequence[str], taken: set[str]
+               ) -> list[str]:
         last: list[str] = []
         for part in self.parts:
-            last.extend(part._place(into, after))
+            last.extend(part._place(into, after, taken))
         return last
+
+    def _given_keys(self) -> Iterator[str]:
+        for part in self.parts:
+            yield from part._given_keys()

@@ -451,7 +451,11 @@ class Client:
     async def list_tasks(
         self, *, type_: str | None, status: Status | None, before: uuid.UUID | None, limit: int
     ) -> list[TaskRecord]:
-        return await self.store.list_tasks(type_=type_, status=status, before=before, limit=limit)
+        records = await self.store.list_tasks(type_=type_, status=status, before=before,
+                                              limit=limit)
+        below = await self.flows.dependents([r.id for r in records])  # one lookup per page
+        return [dataclasses.replace(r, dependents=below[r.id]) if r.id in below else r
+                for r in records]
 
 
 def _moment(value: Any) -> datetime | None:

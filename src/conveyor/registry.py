@@ -7,6 +7,7 @@ A `TaskType` ties a name to its payload model, handler, retry policy and where t
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import random
 import re
@@ -208,6 +209,14 @@ def _no_relatives() -> Relatives:
     return _NoRelatives()
 
 
+def child_key(parent_id: str, n: int, task_type: str, payload: Any) -> str:
+    """The default idempotency key of a parent's `n`th child (see `TaskContext.enqueue`)."""
+    data = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else payload
+    digest = hashlib.blake2b(orjson.dumps([task_type, data], option=orjson.OPT_SORT_KEYS),
+                             digest_size=8).hexdigest()
+    return f"child:{parent_id}:{n}:{digest}"
+
+
 @dataclass(frozen=True, slots=True)
 class TaskContext:
     """What a handler learns about the run it is in. Picklable, so process handlers get it too."""
@@ -225,6 +234,9 @@ class TaskContext:
     http: OutboundHttp = field(default_factory=OutboundHttp, repr=False, compare=False)
     # Upstreams and children (workflows): see `upstream`, `enqueue`, `wait_children`.
     relatives: Relatives = field(default_factory=_no_relatives, repr=False, compare=False)
+    # How many children this run enqueued so far (the default keys of `enqueue`).
+    _children: list[int] = field(default_factory=lambda: [0], init=False, repr=False,
+                                 compare=False)
 
     async def upstream(self, key: str | None = None) -> Any:
         """The tasks this one depends on, finished: a dict by workflow key (or by id, for a
@@ -245,8 +257,15 @@ class TaskContext:
                       idempotency_key: str | None = None, delay_s: float = 0.0,
                       max_attempts: int | None = None) -> Any:
         """Enqueue a child of this task (a type's name or definition and its payload): its
-        record names this task as `parent_id`. Returns the child's `TaskRecord`."""
+        record names this task as `parent_id`. Returns the child's `TaskRecord`.
+
+        Without an `idempotency_key`, the child's key is made from this task, the child's
+        place among this run's enqueues and its type and payload: a retried parent that
+        enqueues the same children again gets the first ones back, not copies."""
         name = task if isinstance(task, str) else task.name
+        self._children[0] += 1
+        if idempotency_key is None:
+            idempotency_key = child_key(self.task_id, self._children[0], name, payload)
         return await self.relatives.enqueue(
             self.task_id, name, payload, depends_on=depends_on,
             idempotency_key=idempotency_key, delay_s=delay_s, max_attempts=max_attempts)

@@ -52,3 +52,14 @@ async def parent(payload: Fan, ctx: TaskContext) -> dict[str, Any]:
     done = await ctx.wait_children(timeout_s=20)
     return {"children": sorted(c.result["name"] for c in done),
             "statuses": sorted({c.status for c in done})}
+
+
+@app.task("parent_retried", payload=Fan, max_attempts=2)
+async def parent_retried(payload: Fan, ctx: TaskContext) -> dict[str, Any]:
+    """Enqueues its children, fails its first attempt after that, and enqueues them again."""
+    for i in range(payload.children):
+        await ctx.enqueue("node", {"name": f"kid-{i}"})
+    if ctx.attempt == 1:
+        raise RuntimeError("the first attempt fails after enqueueing")
+    done = await ctx.wait_children(timeout_s=20)
+    return {"children": sorted(c.result["name"] for c in done)}

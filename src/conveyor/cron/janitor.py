@@ -87,9 +87,12 @@ class Janitor(LockedLoop):
         self.workflows = WorkflowStore(store)
 
     def workflows_kept_s(self) -> float:
-        """Seconds a finished workflow is kept (0: forever)."""
+        """Seconds a finished workflow is kept (0: forever): the longest any of its nodes
+        could be kept, by the global settings or a type's own `retention`."""
         kept = [self.settings.retention_succeeded, self.settings.retention_cancelled,
                 self.settings.retention_dead]
+        for task_type in self.retention:
+            kept.extend(self.kept_s(task_type).values())
         return 0.0 if any(k <= 0 for k in kept) else max(kept)
 
     def kept_s(self, task_type: str) -> dict[str, float]:

@@ -49,6 +49,9 @@ async def test_a_workflow_is_created_read_listed_and_finishes(http: httpx.AsyncC
     await eventually(done, 20)
     task = (await http.get(f"/v1/tasks/{keyed['a']['id']}")).json()
     assert sorted(task["dependents"]) == sorted([keyed["b"]["id"], keyed["c"]["id"]])
+    page = (await http.get("/v1/tasks", params={"type": "node", "fields": "full"})).json()
+    listed_a = next(t for t in page["tasks"] if t["id"] == keyed["a"]["id"])
+    assert sorted(listed_a["dependents"]) == sorted([keyed["b"]["id"], keyed["c"]["id"]])
     listed = (await http.get("/v1/workflows")).json()
     assert [w["id"] for w in listed["workflows"]] == [body["id"]]
     assert listed["workflows"][0]["counts"] == {"succeeded": 4}

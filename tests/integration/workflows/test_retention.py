@@ -11,6 +11,7 @@ from conveyor.client import NodeRequest, TaskRequest
 from conveyor.config import Settings
 from conveyor.cron.janitor import Janitor
 from conveyor.errors import WorkflowNotFound
+from conveyor.registry import Retention
 from conveyor.state import AppState
 from conveyor.testing.servers import PostgresServer, RedisServer
 from tests.conftest import eventually, judge, make_settings
@@ -68,3 +69,15 @@ async def test_a_workflow_is_pruned_whole_after_its_last_node(running: AppState)
     with pytest.raises(WorkflowNotFound):
         await client.get_workflow(created.id)
     assert await running.store.get(keyed["a"].id) is None
+
+
+async def test_a_type_s_own_retention_keeps_its_workflows_as_long(state: AppState) -> None:
+    def janitor(retention: dict[str, Retention]) -> Janitor:
+        return Janitor(state.redis, state.keys, state.streams, state.store,
+                       list(state.app.registry.types), liveness=judge(state),
+                       settings=state.settings, retention=retention, interval_s=1.0,
+                       batch=1000, lock_timeout_s=1.0)
+
+    assert janitor({}).workflows_kept_s() == 1.0
+    assert janitor({"node": Retention(succeeded=7200)}).workflows_kept_s() == 7200
+    assert janitor({"node": Retention(dead=0)}).workflows_kept_s() == 0

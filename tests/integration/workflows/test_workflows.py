@@ -281,3 +281,17 @@ async def test_a_dependent_s_idempotency_key_is_released_past_its_ttl_like_any_t
     assert later.record.id != first.record.id
     assert later.record.status == "waiting"
     assert later.record.depends_on == [upstream.id]
+
+
+async def test_a_retried_parent_does_not_enqueue_its_children_twice(running: AppState) -> None:
+    client = running.client
+    parent = (await client.enqueue_many([TaskRequest("parent_retried", {"children": 3})])
+              )[0].record
+    async with asyncio.timeout(30):
+        while (record := await client.get(parent.id)).status != "succeeded":
+            assert record.status in ("queued", "running"), record.last_error
+            await asyncio.sleep(0.05)
+    assert record.attempts == 2
+    assert record.result == {"children": ["kid-0", "kid-1", "kid-2"]}
+    assert len(await client.flows.children(parent.id)) == 3
+    assert all(flows.runs[f"kid-{i}"] == 1 for i in range(3))
