@@ -155,7 +155,7 @@ class Dispatcher:
             leased = [m.stream_id for m in messages if m.stream_id in self._leased]
             if leased:
                 self._leased.difference_update(leased)
-                self.gate.release(self.task_type.name, len(leased))
+                self.gate.release(self.task_type.name, len(leased), keep=True)
 
     async def _keyed(self, started: list[Started], by_task: dict[uuid.UUID, Message],
                      shutdown: Shutdown) -> list[Started]:

@@ -30,6 +30,11 @@ async def test_global_concurrency_is_shared_by_workers(state: AppState,
     await eventually(lambda: finished(state, [i.record.id for i in inserted]), 30)
     assert await peak(state, "limited") == 3
 
+    async def none_held() -> bool:  # leases kept for a next read are given back once idle
+        return int(await state.redis.zcard(state.keys.leases("limited"))) == 0
+
+    await eventually(none_held, 5)
+
 
 async def test_keyed_concurrency_per_tenant(state: AppState, start_worker: StartWorker) -> None:
     for _ in range(2):
