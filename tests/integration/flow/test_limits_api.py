@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from conveyor import metrics
 from conveyor.client import TaskRequest
 from conveyor.state import AppState
 from tests.conftest import eventually
@@ -61,3 +62,23 @@ async def test_a_bad_stored_row_falls_back_to_the_declared_limits(
     assert worker.gate.of("limited").max_concurrency == 3
     inserted = await state.client.enqueue_many([TaskRequest("plain", {}) for _ in range(3)])
     await eventually(lambda: finished(state, [i.record.id for i in inserted]), 20)
+
+
+def _waiting(task_type: str) -> float:
+    return float(metrics.TASKS_WAITING_ON_LIMIT.labels(task_type)._value.get())
+
+
+async def test_the_waiting_gauge_counts_a_paused_backlog_and_clears_once_lifted(
+    state: AppState, api: httpx.AsyncClient, start_worker: StartWorker
+) -> None:
+    assert (await api.post("/v1/queues/plain/pause")).status_code == 200
+    await start_worker(types=["plain"])
+    inserted = await state.client.enqueue_many([TaskRequest("plain", {}) for _ in range(10)])
+
+    async def shown(n: float) -> bool:
+        return _waiting("plain") == n
+
+    await eventually(lambda: shown(10), 10)  # read at most once a second while held back
+    assert (await api.post("/v1/queues/plain/resume")).status_code == 200
+    await eventually(lambda: finished(state, [i.record.id for i in inserted]), 20)
+    await eventually(lambda: shown(0), 5)  # no limit left: the gauge does not keep its 10
