@@ -3,6 +3,9 @@ field, nothing stored), and a bad row written by hand stops neither a worker nor
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
 import httpx
 import pytest
 
@@ -82,3 +85,32 @@ async def test_the_waiting_gauge_counts_a_paused_backlog_and_clears_once_lifted(
     assert (await api.post("/v1/queues/plain/resume")).status_code == 200
     await eventually(lambda: finished(state, [i.record.id for i in inserted]), 20)
     await eventually(lambda: shown(0), 5)  # no limit left: the gauge does not keep its 10
+
+
+async def test_a_message_a_blocking_read_returns_after_the_pause_is_not_started(
+    state: AppState, api: httpx.AsyncClient, start_worker: StartWorker
+) -> None:
+    # One unlimited type: its consumer blocks in XREADGROUP (here up to 5 s), begun before
+    # the pause; what that read returns afterwards waits for the resume.
+    slow = dataclasses.replace(state, settings=state.settings.model_copy(update={
+        "read_block": 5.0}))
+    worker = await start_worker(types=["plain"], state=slow)
+    await eventually(lambda: _beating(state), 10)
+    await asyncio.sleep(0.3)  # the read is blocking
+    assert (await api.post("/v1/queues/plain/pause")).status_code == 200
+
+    async def paused() -> bool:
+        return worker.gate.of("plain").paused
+
+    await eventually(paused, 5)
+    task = (await state.client.enqueue("plain", {})).record
+    await asyncio.sleep(1.5)
+    stored = await state.store.get(task.id)
+    assert stored is not None
+    assert stored.status == "queued"  # handed back to the stream, not started
+    assert (await api.post("/v1/queues/plain/resume")).status_code == 200
+    await eventually(lambda: finished(state, [task.id]), 15)
+
+
+async def _beating(state: AppState) -> bool:
+    return len(await state.workers.live(60)) == 1
