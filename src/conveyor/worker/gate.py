@@ -67,7 +67,12 @@ class Gate:
         self._to_release: list[tuple[str, str]] = []
         self._released_types: set[str] = set()  # types of the leases in _to_release
         self._release_wake = asyncio.Event()
-        self._changed = asyncio.Event()  # set by every reload
+        # Set by every reload, then replaced (no waiter clears what another waits on), and
+        # the reloads counted: a consumer that last looked at its limits before a reload
+        # does not wait for the next one.
+        self._changed = asyncio.Event()
+        self._generation = 0
+        self._seen = {t.name: 0 for t in types}  # the generation each type's admit saw
         self._reload_now = asyncio.Event()
         self._outage = Outage("worker.flow")
 
@@ -85,6 +90,7 @@ class Gate:
         and the limit that holds them back; the rate cells taken, which say when each may
         start). Unavailable when Redis does not answer."""
         limits = self.limits[task_type]
+        self._seen[task_type] = self._generation
         if limits.paused:
             return 0, WAIT_MOST_S, "paused", None
         granted = want
@@ -130,9 +136,10 @@ class Gate:
     async def wait(self, task_type: str, seconds: float) -> None:
         """Sleep `seconds` at most, less if the limits are reloaded or some of the type's
         leases given back (by this worker) meanwhile."""
-        self._changed.clear()
+        if self._seen[task_type] != self._generation:
+            return  # reloaded since this type's last admit: look again at once
         freed = self._freed[task_type]
-        freed.clear()
+        freed.clear()  # one consumer per type in a worker: its own
         waits = [asyncio.ensure_future(self._changed.wait()), asyncio.ensure_future(freed.wait())]
         try:
             await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
@@ -277,7 +284,9 @@ class Gate:
                 self._spare[name].clear()
                 self._release_wake.set()
         self.limits = changed
+        self._generation += 1
         self._changed.set()
+        self._changed = asyncio.Event()
 
     async def _listen(self, stop: Shutdown) -> None:
         async for task_type in self.flow.nudges(stop):
