@@ -10,8 +10,10 @@ import httpx
 import pytest
 
 from conveyor import metrics
+from conveyor.api.app import create_app
 from conveyor.client import TaskRequest
 from conveyor.state import AppState
+from conveyor.store.keys import KeyStore
 from tests.conftest import eventually
 from tests.integration.flow.conftest import StartWorker, finished
 
@@ -114,3 +116,28 @@ async def test_a_message_a_blocking_read_returns_after_the_pause_is_not_started(
 
 async def _beating(state: AppState) -> bool:
     return len(await state.workers.live(60)) == 1
+
+
+async def test_limits_need_admin_and_pause_resume_need_tasks_manage(state: AppState) -> None:
+    keys = KeyStore(state.pool, state.settings.database_schema)
+    # (The queues routes all read: a manage key carries tasks:read too, as keys do.)
+    scopes = {"tasks:read": ["tasks:read"], "tasks:manage": ["tasks:read", "tasks:manage"],
+              "admin": ["admin"]}
+    by_scope = {name: (await keys.create(f"k-{name.replace(':', '-')}", given))[1]
+                for name, given in scopes.items()}
+    transport = httpx.ASGITransport(app=create_app(state))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        async def status(method: str, path: str, scope: str, **kw: object) -> int:
+            reply = await http.request(method, path, headers={
+                "Authorization": f"Bearer {by_scope[scope]}"}, **kw)  # type: ignore[arg-type]
+            return reply.status_code
+
+        limits = "/v1/queues/plain/limits"
+        assert await status("PATCH", limits, "tasks:read", json={"max_concurrency": 2}) == 403
+        assert await status("PATCH", limits, "tasks:manage", json={"max_concurrency": 2}) == 403
+        assert await status("PATCH", limits, "admin", json={"max_concurrency": 2}) == 200
+        for action in ("pause", "resume"):
+            path = f"/v1/queues/plain/{action}"
+            assert await status("POST", path, "tasks:read") == 403
+            assert await status("POST", path, "tasks:manage") == 200
+            assert await status("POST", path, "admin") == 200
