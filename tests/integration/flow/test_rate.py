@@ -85,3 +85,16 @@ async def test_a_reload_wakes_every_type_waiting_or_about_to_wait(state: AppStat
     await asyncio.sleep(0.05)
     await asyncio.wait_for(gate.wait("limited", 5.0), 1.0)
     again.cancel()
+
+
+async def test_a_burst_lets_that_many_go_at_once_then_spaces_them(state: AppState) -> None:
+    flow = FlowRedis(state.redis, state.keys)
+    pace = state.keys.pace("rated", "burst")
+    rate = parse_task_rate("2/s burst=4")  # a cell every 500 ms, 4 at once after a quiet spell
+    assert (await flow.take(pace, rate, 10)).taken == 4
+    spent = await flow.take(pace, rate, 10)
+    assert spent.taken == 0
+    assert 0 < spent.retry_after_s <= 0.5  # the next cell, at most one interval on
+    await asyncio.sleep(spent.retry_after_s + 0.05)
+    # one at a time from then on (two if this sleep overran by an interval: not a burst)
+    assert (await flow.take(pace, rate, 10)).taken in (1, 2)
