@@ -62,6 +62,9 @@ class Gate:
         # of the type for up to SPARE_S, then given back to Redis: a type with a backlog
         # so does not pay a release and an acquire per task, nor lose its slots between them.
         self._spare: dict[str, list[tuple[str, float]]] = {t.name: [] for t in types}
+        # Only leases taken under the limits in force are kept: those taken before a change
+        # (tokens numbered below this) go back to Redis, so a lower limit holds at once.
+        self._keep_from = {t.name: 0 for t in types}
         self._freed = {t.name: asyncio.Event() for t in types}  # some of its leases given back
         self._keyed: dict[uuid.UUID, tuple[str, str]] = {}  # task id: (lease set, token)
         self._to_release: list[tuple[str, str]] = []
@@ -157,10 +160,14 @@ class Gate:
         tokens, held[:] = held[:count], held[count:]
         if keep:
             now = time.monotonic()
-            self._spare[task_type].extend((t, now) for t in tokens)
+            first = self._keep_from[task_type]
+            kept = [t for t in tokens if int(t.rpartition(":")[2]) >= first]
+            self._spare[task_type].extend((t, now) for t in kept)
+            tokens = [t for t in tokens if int(t.rpartition(":")[2]) < first]
             self._freed[task_type].set()  # a consumer at the limit reads now, with these
             self._release_wake.set()  # and gives back what is still unused after SPARE_S
-            return
+            if not tokens:
+                return
         key = self.flow.keys.leases(task_type)
         self._to_release.extend((key, t) for t in tokens)
         self._released_types.add(task_type)
@@ -277,6 +284,8 @@ class Gate:
             log.info("flow.limits.reloaded", changed=[n for n in changed
                                                       if changed[n] != self.limits[n]])
         for name, limits in changed.items():
+            if limits != self.limits[name]:
+                self._keep_from[name] = next(self._seq)
             if limits != self.limits[name] and self._spare[name]:
                 # Kept under the old limit: given back, so a lower one holds at once.
                 key = self.flow.keys.leases(name)
