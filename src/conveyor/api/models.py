@@ -73,6 +73,8 @@ class TaskSummary(BaseModel):
     finished_at: datetime | None
     cancel_requested: bool
     progress: Progress | None
+    priority: Literal["high", "low"] | None = Field(
+        description="a type with priorities: the task's level, null being `default`")
 
 
 SUMMARY_FIELDS = tuple(TaskSummary.model_fields)
