@@ -122,9 +122,10 @@ QUEUE_OLDEST_AGE = Gauge(
 TASKS_WAITING_ON_LIMIT = Gauge(
     "conveyor_tasks_waiting_on_limit",
     "Tasks of a type ready to run but held back by its flow limits (its undelivered messages, "
-    "read by a worker waiting at a limit, at most once a second; 0 when none waits).",
+    "read by a worker waiting at a limit, at most once a second; 0 when none waits, or once "
+    "the type has no limit).",
     ["type"],
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",  # of the live processes: a stopped one's figure goes
 )
 FLOW_LIMITED = Gauge(
     "conveyor_flow_limited",

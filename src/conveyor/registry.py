@@ -377,7 +377,8 @@ class Limits:
             self.max_concurrency_per_key is not None or self.rate_limit_per_key is not None)
 
     def key_of(self, payload: Any) -> str | None:
-        """The concurrency key of a payload (a JSON value), None when it has none."""
+        """The concurrency key of a payload (a JSON value): its value there, as JSON; None
+        when it has none."""
         if self.concurrency_key is None:
             return None
         value = payload
@@ -387,7 +388,8 @@ class Limits:
             value = value[part]
         if value is None:
             return None
-        return value if isinstance(value, str) else orjson.dumps(value).decode()
+        # As JSON, so `true` and `"true"`, `7` and `"7"` are different keys.
+        return orjson.dumps(value).decode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 from conveyor.application import Conveyor
 from conveyor.errors import ConfigError
+from conveyor.queue.keys import Keys
 from conveyor.registry import Limits, TaskRate, parse_task_rate
 from conveyor.store.queue_settings import Override
 
@@ -27,8 +28,10 @@ def test_rates_read_their_period_and_burst() -> None:
 
 def test_a_key_is_read_from_the_payload() -> None:
     limits = Limits(concurrency_key="payload.tenant.id", max_concurrency_per_key=2)
-    assert limits.key_of({"tenant": {"id": "acme"}}) == "acme"
+    assert limits.key_of({"tenant": {"id": "acme"}}) == '"acme"'
     assert limits.key_of({"tenant": {"id": 7}}) == "7"
+    assert limits.key_of({"tenant": {"id": True}}) != limits.key_of({"tenant": {"id": "true"}})
+    assert limits.key_of({"tenant": {"id": 7}}) != limits.key_of({"tenant": {"id": "7"}})
     assert limits.key_of({"tenant": {}}) is None  # no key: no per-key limit
     assert limits.keyed
     assert not limits.limited  # no global limit: reads are not gated
@@ -62,3 +65,13 @@ def test_an_override_keeps_lifts_or_replaces_each_limit() -> None:
 
 async def _handler(payload: P, ctx: object) -> None:
     return None
+
+
+def test_long_concurrency_keys_are_named_by_their_hash() -> None:
+    keys = Keys("p")
+    short = keys.leases("t", "acme")
+    assert short.endswith(":k:acme")
+    one, two = "x" * 300 + "1", "x" * 300 + "2"  # the same first 300 characters
+    assert keys.leases("t", one) != keys.leases("t", two)
+    assert keys.pace("t", one) != keys.pace("t", two)
+    assert len(keys.leases("t", one)) < 200

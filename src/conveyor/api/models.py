@@ -75,6 +75,8 @@ class TaskSummary(BaseModel):
     finished_at: datetime | None
     cancel_requested: bool
     progress: Progress | None
+    priority: Literal["high", "low"] | None = Field(
+        description="a type with priorities: the task's level, null being `default`")
     depends_on: list[uuid.UUID]
     on_upstream_failure: UpstreamFailure
     workflow_id: uuid.UUID | None

@@ -118,7 +118,6 @@ end
 return 1
 """
 
-MAX_KEY_CHARS = 200  # a concurrency key longer than this is cut (it names a Redis key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +155,7 @@ class FlowRedis:
         self._refund = redis.register_script(_REFUND)
 
     def key_set(self, task_type: str, key: str) -> str:
-        return self.keys.leases(task_type, key[:MAX_KEY_CHARS])
+        return self.keys.leases(task_type, key)
 
     async def acquire(self, task_type: str, limit: int, tokens: Sequence[str], ttl_ms: int
                       ) -> int:

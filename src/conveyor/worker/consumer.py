@@ -61,6 +61,7 @@ class Consumer:
         self.solo = solo
         self.gate = gate
         self._waited_at = 0.0  # when the waiting-on-limit gauge was last read
+        self._waiting_shown = False  # the gauge shows a figure above 0 for this type
         self._read_outage = Outage(f"consumer.{task_type.name}.read")
 
     async def run(self, shutdown: Shutdown) -> None:
@@ -95,6 +96,7 @@ class Consumer:
                 if taken == 0:
                     continue
             else:
+                self._unlimited(limits)
                 limits = None
             last: bytes | tuple[bytes, bytes] | None = None
             try:
@@ -159,6 +161,13 @@ class Consumer:
         replied_at = time.monotonic()
         return granted, (replied_at, allowance) if allowance is not None else None
 
+    def _unlimited(self, limits: Limits | None) -> None:
+        """The type reads without the gate: a waiting figure shown under a limit since
+        lifted goes back to 0."""
+        if limits is not None and self._waiting_shown:
+            metrics.TASKS_WAITING_ON_LIMIT.labels(self.task_type.name).set(0)
+            self._waiting_shown = False
+
     async def _paced(self, at: float, message: Message, shutdown: Shutdown) -> None:
         """Start `message` once its rate cell is due (at most the gate's lead from now)."""
         wait_s = at - time.monotonic()
@@ -188,6 +197,7 @@ class Consumer:
                 with contextlib.suppress(Unavailable):
                     lag = await self.streams.lag(name)
                     metrics.TASKS_WAITING_ON_LIMIT.labels(name).set(lag)
+                    self._waiting_shown = True
             await self.slots.idle(self.gate.wait(name, wait_s))
         finally:
             gauge.dec()

@@ -81,6 +81,11 @@ class Dispatcher:
         Every message is in `in_flight` from its read until it is acked (or given up), so the
         heartbeat keeps it from looking abandoned while Postgres is slow or away.
         """
+        if self.gate is not None and self.gate.of(self.task_type.name).paused:
+            # Read by a blocking read begun before the pause reached this worker: not started,
+            # handed back to the stream for after the resume.
+            await self._hand_back_paused(messages, leased=leased)
+            return
         if leased:
             self._leased.update(m.stream_id for m in messages)
         fresh = self.in_flight.hold(self.task_type.name, consumer, messages)
@@ -127,6 +132,19 @@ class Dispatcher:
                                           not_started, by_task, shutdown)
             self._release(unrunnable)
 
+    async def _hand_back_paused(self, messages: list[Message], *, leased: bool) -> None:
+        name = self.task_type.name
+        try:
+            await self.streams.requeue(
+                name, messages, max_requeues=max(m.requeues for m in messages) + 1)
+        except Unavailable as exc:  # left pending: the rebalancer hands them on
+            log.warning("flow.paused.hand_back_failed", task_type=name, messages=len(messages),
+                        error=str(exc))
+        log.info("flow.paused.handed_back", task_type=name, messages=len(messages))
+        self.slots.give(len(messages))
+        if leased and self.gate is not None:
+            self.gate.release(name, len(messages))
+
     def _adopt(
         self, not_started: list[NotStarted], by_task: dict[uuid.UUID, Message]
     ) -> tuple[list[Started], list[NotStarted]]:
@@ -155,7 +173,7 @@ class Dispatcher:
             leased = [m.stream_id for m in messages if m.stream_id in self._leased]
             if leased:
                 self._leased.difference_update(leased)
-                self.gate.release(self.task_type.name, len(leased))
+                self.gate.release(self.task_type.name, len(leased), keep=True)
 
     async def _keyed(self, started: list[Started], by_task: dict[uuid.UUID, Message],
                      shutdown: Shutdown) -> list[Started]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from conveyor.store.tasks import Started
 log = structlog.get_logger("conveyor.gate")
 
 WAIT_MOST_S = 1.0  # a consumer at a limit looks again at least this often (limits may change)
+SPARE_S = 0.05  # how long a lease a handler gave back waits for the type's next read here
 
 
 class Gate:
@@ -56,12 +58,24 @@ class Gate:
         self.defer_s = defer_s
         self._seq = itertools.count()
         self._held: dict[str, list[str]] = {t.name: [] for t in types}  # global lease tokens
+        # Leases a finished handler gave back, kept (and renewed) for this worker's next read
+        # of the type for up to SPARE_S, then given back to Redis: a type with a backlog
+        # so does not pay a release and an acquire per task, nor lose its slots between them.
+        self._spare: dict[str, list[tuple[str, float]]] = {t.name: [] for t in types}
+        # Only leases taken under the limits in force are kept: those taken before a change
+        # (tokens numbered below this) go back to Redis, so a lower limit holds at once.
+        self._keep_from = {t.name: 0 for t in types}
         self._freed = {t.name: asyncio.Event() for t in types}  # some of its leases given back
         self._keyed: dict[uuid.UUID, tuple[str, str]] = {}  # task id: (lease set, token)
         self._to_release: list[tuple[str, str]] = []
         self._released_types: set[str] = set()  # types of the leases in _to_release
         self._release_wake = asyncio.Event()
-        self._changed = asyncio.Event()  # set by every reload
+        # Set by every reload, then replaced (no waiter clears what another waits on), and
+        # the reloads counted: a consumer that last looked at its limits before a reload
+        # does not wait for the next one.
+        self._changed = asyncio.Event()
+        self._generation = 0
+        self._seen = {t.name: 0 for t in types}  # the generation each type's admit saw
         self._reload_now = asyncio.Event()
         self._outage = Outage("worker.flow")
 
@@ -79,15 +93,20 @@ class Gate:
         and the limit that holds them back; the rate cells taken, which say when each may
         start). Unavailable when Redis does not answer."""
         limits = self.limits[task_type]
+        self._seen[task_type] = self._generation
         if limits.paused:
             return 0, WAIT_MOST_S, "paused", None
         granted = want
         tokens: list[str] = []
         if limits.max_concurrency is not None:
-            candidates = [self._token() for _ in range(want)]
-            granted = await self.flow.acquire(task_type, limits.max_concurrency, candidates,
-                                              self.ttl_ms)
-            tokens = candidates[:granted]
+            spare = self._spare[task_type]
+            reused = [token for token, _ in spare[:want]]
+            del spare[:len(reused)]
+            candidates = [self._token() for _ in range(want - len(reused))]
+            got = await self.flow.acquire(task_type, limits.max_concurrency, candidates,
+                                          self.ttl_ms) if candidates else 0
+            tokens = reused + candidates[:got]
+            granted = len(tokens)
             self._held[task_type].extend(tokens)
             if granted == 0:
                 return 0, self.poll_s, "concurrency", None
@@ -120,9 +139,10 @@ class Gate:
     async def wait(self, task_type: str, seconds: float) -> None:
         """Sleep `seconds` at most, less if the limits are reloaded or some of the type's
         leases given back (by this worker) meanwhile."""
-        self._changed.clear()
+        if self._seen[task_type] != self._generation:
+            return  # reloaded since this type's last admit: look again at once
         freed = self._freed[task_type]
-        freed.clear()
+        freed.clear()  # one consumer per type in a worker: its own
         waits = [asyncio.ensure_future(self._changed.wait()), asyncio.ensure_future(freed.wait())]
         try:
             await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
@@ -130,17 +150,45 @@ class Gate:
             for w in waits:
                 w.cancel()
 
-    def release(self, task_type: str, count: int) -> None:
-        """Give back `count` of the type's leases (in the background, batched)."""
+    def release(self, task_type: str, count: int, *, keep: bool = False) -> None:
+        """Give back `count` of the type's leases (in the background, batched); `keep`:
+        kept for this worker's next read of the type for SPARE_S first (a handler done)."""
         held = self._held[task_type]
         count = min(count, len(held))
         if count <= 0:
             return
         tokens, held[:] = held[:count], held[count:]
+        if keep:
+            now = time.monotonic()
+            first = self._keep_from[task_type]
+            kept = [t for t in tokens if int(t.rpartition(":")[2]) >= first]
+            self._spare[task_type].extend((t, now) for t in kept)
+            tokens = [t for t in tokens if int(t.rpartition(":")[2]) < first]
+            self._freed[task_type].set()  # a consumer at the limit reads now, with these
+            self._release_wake.set()  # and gives back what is still unused after SPARE_S
+            if not tokens:
+                return
         key = self.flow.keys.leases(task_type)
         self._to_release.extend((key, t) for t in tokens)
         self._released_types.add(task_type)
         self._release_wake.set()
+
+    def _expire_spares(self, *, every: bool = False) -> float | None:
+        """Give back spare leases older than SPARE_S (`every`: all of them); seconds until
+        the next one is due, None if none is left."""
+        now = time.monotonic()
+        soonest: float | None = None
+        for task_type, spare in self._spare.items():
+            due = [t for t, at in spare if every or now - at >= SPARE_S]
+            if due:
+                spare[:] = [(t, at) for t, at in spare if t not in set(due)]
+                key = self.flow.keys.leases(task_type)
+                self._to_release.extend((key, t) for t in due)
+                self._released_types.add(task_type)
+            for _, at in spare:
+                left = SPARE_S - (now - at)
+                soonest = left if soonest is None else min(soonest, left)
+        return soonest
 
     # -- after a start ---------------------------------------------------------------------
 
@@ -235,8 +283,19 @@ class Gate:
         if changed != self.limits:
             log.info("flow.limits.reloaded", changed=[n for n in changed
                                                       if changed[n] != self.limits[n]])
+        for name, limits in changed.items():
+            if limits != self.limits[name]:
+                self._keep_from[name] = next(self._seq)
+            if limits != self.limits[name] and self._spare[name]:
+                # Kept under the old limit: given back, so a lower one holds at once.
+                key = self.flow.keys.leases(name)
+                self._to_release.extend((key, t) for t, _ in self._spare[name])
+                self._spare[name].clear()
+                self._release_wake.set()
         self.limits = changed
+        self._generation += 1
         self._changed.set()
+        self._changed = asyncio.Event()
 
     async def _listen(self, stop: Shutdown) -> None:
         async for task_type in self.flow.nudges(stop):
@@ -262,7 +321,9 @@ class Gate:
     def _all_held(self) -> list[tuple[str, str]]:
         held = [(self.flow.keys.leases(t), tok) for t, tokens in self._held.items()
                 for tok in tokens]
-        return held + list(self._keyed.values())
+        spare = [(self.flow.keys.leases(t), tok) for t, tokens in self._spare.items()
+                 for tok, _ in tokens]
+        return held + spare + list(self._keyed.values())
 
     async def _renewals(self, stop: Shutdown) -> None:
         every_s = self.ttl_ms / 3000
@@ -277,13 +338,15 @@ class Gate:
 
     async def _releases(self, stop: Shutdown) -> None:
         while True:
+            next_spare_s = self._expire_spares(every=stop.begun)
             if not self._to_release:
                 if stop.begun:
                     return
                 self._release_wake.clear()
                 waits = [asyncio.ensure_future(stop.wait()),
                          asyncio.ensure_future(self._release_wake.wait())]
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, timeout=next_spare_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
                 for w in waits:
                     w.cancel()
                 continue

@@ -10,6 +10,8 @@ from typing import Any
 
 from conveyor.client import TaskRequest
 from conveyor.state import AppState
+from conveyor.store.queue_settings import QueueSettingsStore
+from tests.apps.flow import key
 from tests.conftest import eventually
 from tests.integration.flow.conftest import (
     StartWorker,
@@ -29,6 +31,11 @@ async def test_global_concurrency_is_shared_by_workers(state: AppState,
         [TaskRequest("limited", {"seconds": 0.03}) for _ in range(60)])
     await eventually(lambda: finished(state, [i.record.id for i in inserted]), 30)
     assert await peak(state, "limited") == 3
+
+    async def none_held() -> bool:  # leases kept for a next read are given back once idle
+        return int(await state.redis.zcard(state.keys.leases("limited"))) == 0
+
+    await eventually(none_held, 5)
 
 
 async def test_keyed_concurrency_per_tenant(state: AppState, start_worker: StartWorker) -> None:
@@ -123,3 +130,25 @@ async def test_leases_lost_with_redis_come_back_at_the_next_renewal(
         return int(await state.redis.zcard(leases)) == 3
 
     await eventually(back, 2)  # the running handlers' leases, at the next renewal
+
+
+async def test_a_lower_limit_holds_although_freed_leases_are_kept_for_the_next_read(
+    state: AppState, start_worker: StartWorker
+) -> None:
+    worker = await start_worker(types=["limited"])
+    await state.client.enqueue_many(
+        [TaskRequest("limited", {"seconds": 0.05}) for _ in range(200)])
+    await eventually(lambda: _peaked(state, 3), 20)
+    await QueueSettingsStore(state.pool, state.settings.database_schema).change(
+        "limited", {"max_concurrency": 1}, worker.gate.declared["limited"])
+    await worker.gate.reload()
+    await asyncio.sleep(0.3)  # the handlers started under 3 finish
+    await state.redis.set(key(state.settings.key_prefix, "peak", "limited"), 0)
+    await asyncio.sleep(1.0)
+    seen = await peak(state, "limited")
+    print(f"max_concurrency 3 → 1: peak {seen} afterwards")
+    assert seen == 1
+
+
+async def _peaked(state: AppState, n: int) -> bool:
+    return await peak(state, "limited") >= n

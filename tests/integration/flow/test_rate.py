@@ -65,3 +65,36 @@ async def test_paced_starts_count_from_the_reply_not_the_request(state: AppState
     counted_from, _ = cells
     print(f"cells counted from {counted_from - asked:.3f} s after the request")
     assert counted_from >= asked + 0.2  # the first start is not 0.2 s early
+
+
+async def test_a_reload_wakes_every_type_waiting_or_about_to_wait(state: AppState) -> None:
+    types = [state.app.registry.types[t] for t in ("rated", "limited")]
+    gate = Gate(types, FlowRedis(state.redis, state.keys),
+                QueueSettingsStore(state.pool, state.settings.database_schema), "w1",
+                lease_ttl_s=10, reload_s=5, poll_s=0.05, defer_s=0.5)
+    for t in ("rated", "limited"):
+        await gate.admit(t, 1)
+    waiting = asyncio.create_task(gate.wait("rated", 5.0))
+    await asyncio.sleep(0.05)
+    await gate.reload()
+    await asyncio.wait_for(waiting, 1.0)  # woken by the reload
+    # `limited` was busy during the reload; its wait after it does not sleep through it,
+    # although `rated` waited (and, before, cleared the shared event) meanwhile.
+    await gate.admit("rated", 1)
+    again = asyncio.create_task(gate.wait("rated", 5.0))
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(gate.wait("limited", 5.0), 1.0)
+    again.cancel()
+
+
+async def test_a_burst_lets_that_many_go_at_once_then_spaces_them(state: AppState) -> None:
+    flow = FlowRedis(state.redis, state.keys)
+    pace = state.keys.pace("rated", "burst")
+    rate = parse_task_rate("2/s burst=4")  # a cell every 500 ms, 4 at once after a quiet spell
+    assert (await flow.take(pace, rate, 10)).taken == 4
+    spent = await flow.take(pace, rate, 10)
+    assert spent.taken == 0
+    assert 0 < spent.retry_after_s <= 0.5  # the next cell, at most one interval on
+    await asyncio.sleep(spent.retry_after_s + 0.05)
+    # one at a time from then on (two if this sleep overran by an interval: not a burst)
+    assert (await flow.take(pace, rate, 10)).taken in (1, 2)
