@@ -65,7 +65,7 @@ async def reset_if_flushed(ctx: Context, db: Pool | asyncpg.Connection[asyncpg.R
     if await redis.exists(RESET_MARK):
         return False
     with contextlib.suppress(asyncpg.UndefinedTableError):  # not migrated yet: nothing to reset
-        await db.execute(f"TRUNCATE {ctx.tasks_table}")
+        await db.execute(f"TRUNCATE {ctx.tasks_table} CASCADE")  # with task_edges
     await redis.set(RESET_MARK, "1")
     return True
 

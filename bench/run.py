@@ -113,6 +113,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="CONVEYOR_RETENTION_SUCCEEDED during the soak (60 s)")
     scale.add_argument("--scale-out", type=Path,
                        help="also write the scale report to this file")
+    flow = ap.add_argument_group("flow mode (bench/flow.py)")
+    flow.add_argument("--flow", action="store_true",
+                      help="cost of an unlimited type and throughput at limits, then exit")
+    flow.add_argument("--flow-n", type=int, default=5000, help="tasks per flow round (5000)")
+    flow.add_argument("--flow-before", type=Path,
+                      help="a checkout without flow control, for the unlimited type's figure")
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--json", type=Path, help="also write every run's raw figures here")
     ap.add_argument("--logdir", type=Path, default=Path("/tmp/conveyor-bench-logs"))
@@ -130,6 +136,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="worker process counts of --topologies (default 1,2,4)")
     ap.add_argument("--topology-types", type=int, default=1, choices=range(1, 9),
                     help="task types the --topologies tasks are spread over (default 1)")
+    flows = ap.add_argument_group("workflow mode (bench/workflows.py)")
+    flows.add_argument("--workflows", action="store_true",
+                       help="instead of the table: a fan-out/fan-in workflow against as many "
+                            "independent tasks (uses --runs, --out)")
+    flows.add_argument("--workflow-nodes", type=int, default=10_000,
+                       help="nodes of the workflow, and independent tasks (default 10,000)")
     return ap.parse_args(argv)
 
 
@@ -219,9 +231,20 @@ async def postgres_version(url: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.flow:
+        from bench import flow
+        return flow.main(["--n", str(args.flow_n), "--rounds", str(args.runs), "--out",
+                          str(args.out), *(["--before", str(args.flow_before)]
+                                           if args.flow_before else [])])
     if args.topologies:
         from bench import topologies
         return topologies.main(args)
+    if args.workflows:
+        from bench import workflows
+        command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        with private_servers(args) as servers:
+            return workflows.main(args, servers, command, durability_note(args))
     if args.ui:
         from bench import ui_pages
         args.command = shlex.join([Path(sys.executable).as_posix(), "-m", "bench",

@@ -353,7 +353,7 @@ async def _parts(args: Any, urls: dict[str, str], scratch: Path, lines: list[str
         empty_http = await http_p99(urls, schema)
         conn = await asyncpg.connect(urls["pg"])
         try:
-            await conn.execute(f"TRUNCATE {schema}.tasks")
+            await conn.execute(f"TRUNCATE {schema}.tasks CASCADE")  # with task_edges
             fill_s = await fill(conn, f"{schema}.tasks", args.rows, span_s=20 * 3600)
             size = await sizes(conn, f"{schema}.tasks")
         finally:

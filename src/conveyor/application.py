@@ -18,26 +18,31 @@ import functools
 import inspect
 import os
 import sys
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from conveyor.client import Client, TaskRequest, insert_in_transaction
+from conveyor.canvas import Canvas, Chain, Group, Signature
+from conveyor.client import Client, NodeRequest, TaskRequest, insert_in_transaction
 from conveyor.errors import ConfigError
 from conveyor.registry import (
     CronJob,
     CronTick,
+    Limits,
     Registry,
     Retention,
     RetryPolicy,
     TaskContext,
+    TaskRate,
     TaskType,
+    parse_task_rate,
 )
 from conveyor.store.keys import SCOPES
 from conveyor.store.pool import Connection
-from conveyor.store.tasks import TaskRecord
+from conveyor.store.tasks import TaskRecord, UpstreamFailure
+from conveyor.store.workflows import WorkflowRecord
 
 H = TypeVar("H", bound=Callable[..., Any])
 P = TypeVar("P", bound=BaseModel)
@@ -89,31 +94,53 @@ class TaskDefinition(Generic[P, Params, R]):
     def request(
         self, payload: P, *, idempotency_key: str | None = None, delay_s: float = 0.0,
         max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> TaskRequest:
         """A request for one task of this type (for `Producer.enqueue_many`)."""
-        return TaskRequest(self.name, payload, idempotency_key, delay_s, max_attempts)
+        return TaskRequest(self.name, payload, idempotency_key, delay_s, max_attempts,
+                           priority, unique_for, unique_key)
 
     async def enqueue(
         self, payload: P, *, idempotency_key: str | None = None, delay_s: float = 0.0,
         max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> TaskRecord:
         """Insert and publish one task; with an idempotency key already used, the first task."""
         request = self.request(payload, idempotency_key=idempotency_key, delay_s=delay_s,
-                               max_attempts=max_attempts)
+                               max_attempts=max_attempts, priority=priority,
+                               unique_for=unique_for, unique_key=unique_key)
         return await self.app.submit(request)
+
+    def s(
+        self, payload: P, *, key: str | None = None, max_attempts: int | None = None,
+        delay_s: float = 0.0, on_upstream_failure: UpstreamFailure = "cancel",
+    ) -> Signature:
+        """A signature of one task of this type, for `app.chain`, `app.group` and `>>`
+        (`conveyor.canvas`); `key` names its node in the workflow."""
+        return Signature(self.name, payload, key, max_attempts, delay_s, on_upstream_failure,
+                         app=self.app)
 
     def enqueue_sync(
         self, payload: P, *, idempotency_key: str | None = None, delay_s: float = 0.0,
         max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> TaskRecord:
         """`enqueue` for blocking code: waits for the task to be stored and returns it."""
         request = self.request(payload, idempotency_key=idempotency_key, delay_s=delay_s,
-                               max_attempts=max_attempts)
+                               max_attempts=max_attempts, priority=priority,
+                               unique_for=unique_for, unique_key=unique_key)
         return self.app.submit_sync(request)
 
 
 def _same(value: T) -> T:
     return value
+
+
+def _rate(value: str | TaskRate | None) -> TaskRate | None:
+    return parse_task_rate(value) if isinstance(value, str) else value
 
 
 class Conveyor:
@@ -140,6 +167,12 @@ class Conveyor:
         description: str | None = None,
         strict: bool = True,
         retention: Retention | float | None = None,
+        max_concurrency: int | None = None,
+        concurrency_key: str | None = None,
+        max_concurrency_per_key: int | None = None,
+        rate_limit: str | TaskRate | None = None,
+        rate_limit_per_key: str | TaskRate | None = None,
+        priorities: bool = False,
     ) -> Callable[[Callable[Concatenate[P, Params], R]], TaskDefinition[P, Params, R]]:
         """Register a handler `(payload, ctx) -> result` for task type `name`; returns its
         `TaskDefinition` (callable as the handler, with `enqueue` and `enqueue_sync`).
@@ -153,9 +186,27 @@ class Conveyor:
         lets pydantic coerce them instead, for clients that send numbers as strings.
         `retention` keeps this type's finished tasks that many seconds (or per status, a
         `Retention`) instead of the `CONVEYOR_RETENTION_*` settings; 0 keeps them forever.
+
+        Flow control (README, Flow control; each overridable at run time through the API):
+        `max_concurrency` handlers at once across every worker; `max_concurrency_per_key` per
+        value of `concurrency_key` (a payload path, `payload.tenant_id`); `rate_limit` starts
+        (`"100/s"`, `"6000/m burst=50"`) across every worker, `rate_limit_per_key` per key.
+        `priorities=True` lets each task carry a priority (`high`, `default`, `low`).
         """
 
         kept = Retention.of(retention)
+        if (max_concurrency_per_key is not None or rate_limit_per_key is not None) \
+                and concurrency_key is None:
+            raise ConfigError(f"task type {name!r}: max_concurrency_per_key and "
+                              "rate_limit_per_key need a concurrency_key (a payload path such "
+                              "as 'payload.tenant_id')")
+        try:
+            limits = Limits(
+                max_concurrency=max_concurrency, concurrency_key=concurrency_key,
+                max_concurrency_per_key=max_concurrency_per_key,
+                rate_limit=_rate(rate_limit), rate_limit_per_key=_rate(rate_limit_per_key))
+        except (ConfigError, ValueError) as exc:
+            raise ConfigError(f"task type {name!r}: {exc}") from None
 
         def register(
             handler: Callable[Concatenate[P, Params], R],
@@ -177,6 +228,8 @@ class Conveyor:
                     description=description or inspect.getdoc(handler) or "",
                     strict=strict,
                     retention=kept,
+                    limits=limits,
+                    priorities=priorities,
                 )
             )
             return definition
@@ -274,6 +327,26 @@ class Conveyor:
             asyncio.run_coroutine_threadsafe(_record_of(client, request), loop)
         )
 
+    def chain(self, *parts: Canvas) -> Chain:
+        """Parts (signatures, chains, groups) one after the other: see `conveyor.canvas`."""
+        return Chain(tuple(parts), app=self)
+
+    def group(self, *parts: Canvas) -> Group:
+        """Parts side by side; `app.group(...) >> callback` runs the callback after all."""
+        return Group(tuple(parts), app=self)
+
+    async def submit_workflow(
+        self, nodes: Sequence[NodeRequest], *, name: str | None = None
+    ) -> WorkflowRecord:
+        """Create a workflow through the process's connections (see `TaskDefinition`)."""
+        if not self._bound and self._connect is not None:
+            await asyncio.to_thread(self._connect)
+        client, loop = self._binding()
+        work = client.create_workflow(nodes, name)
+        if loop is asyncio.get_running_loop():
+            return await work
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, loop))
+
     def submit_sync(self, request: TaskRequest) -> TaskRecord:
         """`submit` for blocking code, which must not run on the loop serving the connections
         (that would wait on itself): from there, await `submit` instead."""
@@ -298,6 +371,8 @@ class Conveyor:
         idempotency_key: str | None = None,
         delay_s: float = 0.0,
         max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> TaskRecord:
         """Insert a task inside the caller's transaction on `conn`.
 
@@ -305,7 +380,8 @@ class Conveyor:
         """
         if not self._bound:
             raise ConfigError("Conveyor.enqueue needs a running Conveyor process (state not open)")
-        request = TaskRequest(type_, payload, idempotency_key, delay_s, max_attempts)
+        request = TaskRequest(type_, payload, idempotency_key, delay_s, max_attempts, priority,
+                              unique_for, unique_key)
         return await insert_in_transaction(self._binding()[0], conn, request)
 
 

@@ -134,6 +134,7 @@ def build_services(state: AppState, roles: Roles, *, worker_types: list[str] | N
             state.redis, state.keys, state.streams, state.store, types, liveness=liveness,
             interval_s=settings.relay_interval, grace_s=settings.relay_grace,
             ttl_s=settings.heartbeat_ttl, events=state.events,
+            ranked=[t.name for t in state.app.registry if t.priorities],
         ))
         services.append(Janitor(
             state.redis, state.keys, state.streams, state.store, types, liveness=liveness,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from conveyor.errors import (
     ReusedKey,
     TaskNotFound,
     Unavailable,
+    WorkflowInvalid,
+    WorkflowNotFound,
 )
 from conveyor.queue.events import (
     CLOSING,
@@ -40,13 +43,30 @@ from conveyor.queue.events import (
     cancelled,
     event,
 )
-from conveyor.queue.streams import Publish, TaskStreams
-from conveyor.registry import Registry
+from conveyor.queue.streams import Publish, TaskStreams, level_of
+from conveyor.registry import PRIORITIES, Registry
 from conveyor.runtime.coalescer import Coalescer
 from conveyor.store import notify
 from conveyor.store.notify import Enqueued
 from conveyor.store.pool import Connection, Pinned
-from conveyor.store.tasks import Inserted, NewTask, Status, TaskRecord, TaskStore, new_task_id
+from conveyor.store.tasks import (
+    Inserted,
+    NewTask,
+    Status,
+    TaskRecord,
+    TaskStore,
+    UpstreamFailure,
+    new_task_id,
+)
+from conveyor.store.workflows import (
+    MAX_NODES,
+    NewNode,
+    Upstream,
+    WorkflowRecord,
+    WorkflowStore,
+    WorkflowSummary,
+    order_nodes,
+)
 from conveyor.validation import json_text_flaw, text_flaw
 
 if TYPE_CHECKING:
@@ -65,6 +85,25 @@ class TaskRequest:
     idempotency_key: str | None = None
     delay_s: float = 0.0
     max_attempts: int | None = None
+    priority: str | None = None  # high, default or low, for a type declared with priorities
+    # No second task with the same unique key (default: the payload) while this one is
+    # queued or running, or within `unique_for` seconds of its creation.
+    unique_for: float | None = None
+    unique_key: str | None = None
+    # Tasks (ids) it waits for (store/workflows.py), and what an upstream's failure does to
+    # it: `cancel` it, or `run` it anyway.
+    depends_on: Sequence[uuid.UUID | str] = ()
+    on_upstream_failure: UpstreamFailure = "cancel"
+    parent_id: uuid.UUID | None = None  # the task whose handler enqueues it (`ctx.enqueue`)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRequest:
+    """One node of a workflow: a task, its key in the workflow and the keys it depends on."""
+
+    key: str
+    request: TaskRequest
+    depends_on: Sequence[str] = ()
 
 
 class Client:
@@ -86,6 +125,7 @@ class Client:
         self._coalescer: Coalescer[list[NewTask], list[Inserted]] = Coalescer(
             self._flush, max_batch=MAX_TASKS_PER_STATEMENT, weight=len
         )
+        self.flows = WorkflowStore(store)
 
     def prepare(self, request: TaskRequest) -> NewTask:
         """Validate the payload against its type's model (a mapping strictly, as JSON: see
@@ -105,6 +145,24 @@ class Client:
         key_flaw = text_flaw(request.idempotency_key or "")
         if key_flaw is not None:
             raise PayloadInvalid(f"idempotency key for {request.type!r}: {key_flaw}")
+        priority = request.priority
+        if priority is not None and priority not in PRIORITIES:
+            raise PayloadInvalid(f"priority {priority!r} for {request.type!r}: it is one of "
+                                 f"{', '.join(PRIORITIES)}")
+        if priority not in (None, "default") and not task_type.priorities:
+            raise PayloadInvalid(f"priority {priority!r}: task type {request.type!r} is not "
+                                 "declared with priorities")
+        unique_key, unique_for = None, request.unique_for
+        if unique_for is not None or request.unique_key is not None:
+            # A unique key alone holds while its task is queued or running (a window of 0).
+            unique_for = unique_for or 0.0
+            if not unique_for >= 0:
+                raise PayloadInvalid(f"unique_for for {request.type!r}: seconds, 0 or more")
+            unique_key = request.unique_key or "payload:" + hashlib.sha256(
+                payload_json.encode()).hexdigest()
+            key_flaw = text_flaw(unique_key)
+            if key_flaw is not None:
+                raise PayloadInvalid(f"unique key for {request.type!r}: {key_flaw}")
         return NewTask(
             id=new_task_id(),
             type=request.type,
@@ -115,15 +173,21 @@ class Client:
             idempotency_key=request.idempotency_key,
             delay_s=max(0.0, request.delay_s),
             trace_context=tracing.current_context(),
+            priority=None if priority in (None, "default") else priority,
+            unique_key=unique_key,
+            unique_for_s=unique_for,
         )
 
     async def enqueue(
         self, type_: str, payload: BaseModel | Mapping[str, Any], *,
         idempotency_key: str | None = None, delay_s: float = 0.0, max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> Inserted:
         """Enqueue one task; with an idempotency key already used, return the first task
-        (IdempotencyConflict if its payload differs)."""
-        request = TaskRequest(type_, payload, idempotency_key, delay_s, max_attempts)
+        (IdempotencyConflict if its payload differs); the same with a unique key held."""
+        request = TaskRequest(type_, payload, idempotency_key, delay_s, max_attempts, priority,
+                              unique_for, unique_key)
         return (await self.enqueue_many([request]))[0]
 
     async def enqueue_many(self, requests: Sequence[TaskRequest]) -> list[Inserted]:
@@ -146,6 +210,10 @@ class Client:
         new = [self.prepare(r) for r in requests]
         if span is not None:
             tracing.enqueued(span, [t.id for t in new])
+        if any(r.depends_on or r.parent_id for r in requests):
+            return await self._enqueue_nodes([
+                NewNode(t, _ids(r.depends_on), r.on_upstream_failure, r.parent_id)
+                for t, r in zip(new, requests, strict=True)])
         if len(new) > 1 and any(t.idempotency_key for t in new):
             _refuse_reused_keys(new, await self.store.with_keys(_keys(new)))
         inserted = await self._coalescer.submit(new)
@@ -156,7 +224,8 @@ class Client:
         new = [task for call in calls for task in call]
         inserted = await self.store.insert(new, via=self.pinned)
         delayed = {t.id for t in new if t.delay_s > 0}
-        await self.publish([i.record for i in inserted if i.created], delayed)
+        levels = {t.id: t.priority for t in new if t.priority is not None}
+        await self.publish([i.record for i in inserted if i.created], delayed, levels)
         for i in inserted:
             if i.created:
                 metrics.TASKS_ENQUEUED.labels(i.record.type).inc()
@@ -166,15 +235,99 @@ class Client:
             start += len(call)
         return out
 
+    async def _enqueue_nodes(
+        self, nodes: Sequence[NewNode], workflow: tuple[uuid.UUID, str | None] | None = None
+    ) -> list[Inserted]:
+        """Insert tasks with dependencies (one transaction), then publish those queued."""
+        if len(nodes) > 1 and any(n.task.idempotency_key for n in nodes):
+            tasks = [n.task for n in nodes]
+            _refuse_reused_keys(tasks, await self.store.with_keys(_keys(tasks)))
+        inserted = await self.flows.insert(nodes, workflow=workflow)
+        _refuse_reused_keys([n.task for n in nodes], [i.record for i in inserted
+                                                      if not i.created])
+        fresh = [i.record for i in inserted if i.created]
+        await self.publish([r for r in fresh if r.status == "queued"],
+                           {n.task.id for n in nodes if n.task.delay_s > 0})
+        for r in fresh:
+            metrics.TASKS_ENQUEUED.labels(r.type).inc()
+        return inserted
+
+    # -- workflows -------------------------------------------------------------------------
+
+    async def create_workflow(
+        self, nodes: Sequence[NodeRequest], name: str | None = None, *,
+        max_nodes: int = MAX_NODES,
+    ) -> WorkflowRecord:
+        """Create a workflow (a DAG of tasks by key) in one transaction; WorkflowInvalid for
+        an empty one, more than `max_nodes` nodes (the API's limit unless a caller in Python
+        raises it), an unknown or repeated key, or a cycle."""
+        if not nodes:
+            raise WorkflowInvalid("empty", "a workflow needs at least one task")
+        if len(nodes) > max_nodes:
+            raise WorkflowInvalid("too_many_nodes",
+                                  f"{len(nodes)} tasks: a workflow has at most {max_nodes}")
+        order = order_nodes([n.key for n in nodes], [list(n.depends_on) for n in nodes])
+        prepared = [self.prepare(n.request) for n in nodes]
+        ids = {n.key: t.id for n, t in zip(nodes, prepared, strict=True)}
+        workflow_id = new_task_id()
+        batch = [NewNode(prepared[i], tuple(ids[k] for k in dict.fromkeys(nodes[i].depends_on)),
+                         nodes[i].request.on_upstream_failure, nodes[i].request.parent_id,
+                         nodes[i].key) for i in order]
+        await self._enqueue_nodes(batch, (workflow_id, name))
+        return await self.get_workflow(workflow_id)
+
+    async def get_workflow(self, workflow_id: uuid.UUID) -> WorkflowRecord:
+        found = await self.flows.get(workflow_id)
+        if found is None:
+            raise WorkflowNotFound(str(workflow_id))
+        return found
+
+    async def list_workflows(
+        self, *, before: uuid.UUID | None, limit: int
+    ) -> list[WorkflowSummary]:
+        return await self.flows.page(before=before, limit=limit)
+
+    async def cancel_workflow(self, workflow_id: uuid.UUID) -> WorkflowRecord:
+        """Cancel every unfinished node (a running one by its worker); InvalidTransition if
+        every node has finished."""
+        await self.get_workflow(workflow_id)
+        done = await self.flows.cancel(workflow_id)
+        if done is None:
+            found = await self.get_workflow(workflow_id)
+            raise InvalidTransition(str(workflow_id), found.status, "cancel", what="workflow")
+        cancelled, running = done
+        if self.events is not None:
+            try:
+                for task_id in running:
+                    await self.events.request_cancel(task_id)
+                await self.events.publish([
+                    event("cancelled", r.id, r.type, "cancelled", finished_at=r.finished_at,
+                          outcome="cancelled") for r in cancelled])
+            except Unavailable as exc:  # the workers' next beats see the requests
+                log.warning("client.cancel.unannounced", workflow_id=str(workflow_id),
+                            error=str(exc))
+        return await self.get_workflow(workflow_id)
+
+    async def retry_workflow(self, workflow_id: uuid.UUID) -> WorkflowRecord:
+        """Queue the failed nodes again; the rest of the graph follows them."""
+        await self.get_workflow(workflow_id)
+        await self.publish(await self.flows.retry(workflow_id))
+        return await self.get_workflow(workflow_id)
+
     async def publish(
-        self, records: Sequence[TaskRecord], delayed: Collection[uuid.UUID] = ()
+        self, records: Sequence[TaskRecord], delayed: Collection[uuid.UUID] = (),
+        levels: Mapping[uuid.UUID, str] | None = None,
     ) -> None:
-        """Put committed tasks on Redis (`delayed` ones in their delayed set until run_at);
+        """Put committed tasks on Redis (`delayed` ones in their delayed set until run_at; those
+        of a type with priorities in their level's ready set, by `levels`, default otherwise);
         if Redis is unavailable the relay will do it later."""
         if not records:
             return
+        types = self.registry.types
         items = [
-            Publish(r.type, r.id, int(r.run_at.timestamp() * 1000) if r.id in delayed else None)
+            Publish(r.type, r.id, int(r.run_at.timestamp() * 1000) if r.id in delayed else None,
+                    level_of((levels or {}).get(r.id))
+                    if r.type in types and types[r.type].priorities else None)
             for r in records
         ]
         events, also = self.events, None
@@ -195,6 +348,9 @@ class Client:
         record = await self.store.get(task_id)
         if record is None:
             raise TaskNotFound(str(task_id))
+        below = await self.flows.dependents([task_id])
+        if below:
+            record = dataclasses.replace(record, dependents=below[task_id])
         return record
 
     async def cancel(self, task_id: uuid.UUID) -> TaskRecord:
@@ -288,13 +444,18 @@ class Client:
         if record is None:
             current = await self.get(task_id)
             raise InvalidTransition(str(task_id), current.status, "retry")
-        await self.publish([record])
+        if record.status == "queued":  # (waiting: an upstream is unfinished)
+            await self.publish([record])
         return record
 
     async def list_tasks(
         self, *, type_: str | None, status: Status | None, before: uuid.UUID | None, limit: int
     ) -> list[TaskRecord]:
-        return await self.store.list_tasks(type_=type_, status=status, before=before, limit=limit)
+        records = await self.store.list_tasks(type_=type_, status=status, before=before,
+                                              limit=limit)
+        below = await self.flows.dependents([r.id for r in records])  # one lookup per page
+        return [dataclasses.replace(r, dependents=below[r.id]) if r.id in below else r
+                for r in records]
 
 
 def _moment(value: Any) -> datetime | None:
@@ -326,6 +487,8 @@ def apply_event(record: TaskRecord, e: Event) -> TaskRecord | None:
         return record
     if e.kind == "succeeded" and d.get("result_omitted"):
         return None
+    if e.kind == "cancelled" and d.get("finished_at") is None:
+        return None  # announced by a NOTIFY (a dependent its upstream cancelled): read it
     entry = {"number": attempt, "worker": d.get("worker", record.worker),
              "started_at": _moment(d.get("started_at")),
              "finished_at": _moment(d.get("finished_at")),
@@ -346,6 +509,17 @@ def apply_event(record: TaskRecord, e: Event) -> TaskRecord | None:
         finished_at=None if e.kind == "retrying" else _moment(d.get("finished_at")),
         attempt_history=history,
     )
+
+
+def _ids(values: Sequence[uuid.UUID | str]) -> tuple[uuid.UUID, ...]:
+    """Task ids given as UUIDs or strings; WorkflowInvalid for one that is neither."""
+    out = []
+    for value in values:
+        try:
+            out.append(value if isinstance(value, uuid.UUID) else uuid.UUID(str(value)))
+        except ValueError:
+            raise WorkflowInvalid("unknown_task", f"depends_on: {value!r} is no task id") from None
+    return tuple(dict.fromkeys(out))
 
 
 def _keys(tasks: Sequence[NewTask]) -> list[tuple[str, str]]:
@@ -397,11 +571,52 @@ async def _insert_in_transaction(
     new = client.prepare(request)
     if span is not None:
         tracing.enqueued(span, [new.id])
-    inserted = (await client.store.insert([new], conn=conn))[0]
+    if request.depends_on or request.parent_id:
+        node = NewNode(new, _ids(request.depends_on), request.on_upstream_failure,
+                       request.parent_id)
+        inserted = (await client.flows.insert([node], conn=conn))[0]
+    else:
+        inserted = (await client.store.insert([new], conn=conn))[0]
     record = inserted.record
     if not inserted.created:
         _refuse_reused_keys([new], [record])  # the same key for another payload: refused
-    if inserted.created:
+    if inserted.created and record.status == "queued":
         at_ms = int(record.run_at.timestamp() * 1000) if new.delay_s > 0 else None
-        await notify.send(conn, client.store.channel, Enqueued(record.type, record.id, at_ms))
+        ranked = client.registry.types[record.type].priorities \
+            if record.type in client.registry.types else False
+        level = level_of(new.priority) if ranked else None
+        await notify.send(conn, client.store.channel,
+                          Enqueued(record.type, record.id, at_ms, level))
     return record
+
+
+class TaskRelatives:
+    """`ctx.upstream()`, `ctx.enqueue()` and `ctx.wait_children()` of the handlers a worker
+    runs, through its client (see `conveyor.registry.Relatives`)."""
+
+    def __init__(self, client: Client, *, poll_s: float = 0.05, max_poll_s: float = 1.0
+                 ) -> None:
+        self.client = client
+        self.poll_s = poll_s
+        self.max_poll_s = max_poll_s
+
+    async def upstream(self, task_id: str) -> list[Upstream]:
+        return await self.client.flows.upstream(uuid.UUID(task_id))
+
+    async def enqueue(self, parent_id: str, type_: str, payload: Any, *,
+                      depends_on: Sequence[Any] = (), idempotency_key: str | None = None,
+                      delay_s: float = 0.0, max_attempts: int | None = None) -> TaskRecord:
+        request = TaskRequest(type_, payload, idempotency_key, delay_s, max_attempts,
+                              depends_on=depends_on, parent_id=uuid.UUID(parent_id))
+        return (await self.client.enqueue_many([request]))[0].record
+
+    async def wait_children(self, parent_id: str, timeout_s: float | None) -> list[TaskRecord]:
+        """Polls Postgres (one count on the parent's index), from `poll_s` up to
+        `max_poll_s` apart."""
+        parent = uuid.UUID(parent_id)
+        pause = self.poll_s
+        async with asyncio.timeout(timeout_s):
+            while await self.client.flows.live_children(parent):
+                await asyncio.sleep(pause)
+                pause = min(self.max_poll_s, pause * 1.5)
+        return await self.client.flows.children(parent)

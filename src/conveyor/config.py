@@ -125,6 +125,15 @@ class Settings(BaseSettings):
     janitor_lock_timeout: float = Field(default=0.1, gt=0)
     migrate_lock_timeout: float = Field(default=5.0, gt=0)
 
+    # Flow control (README, Flow control): how long a concurrency lease outlives its worker's
+    # last renewal, how often workers reload limits without a nudge, how often a consumer at a
+    # concurrency limit looks again, and how long a task whose key is at its limit waits
+    # (jittered up to twice that) before it is read again.
+    flow_lease_ttl: float = Field(default=10.0, gt=0)
+    flow_reload_interval: float = Field(default=5.0, gt=0)
+    flow_poll_interval: float = Field(default=0.05, gt=0)
+    flow_defer: float = Field(default=0.5, gt=0)
+
     # Built-in tasks
     webhook_secret: SecretStr = SecretStr(DEV_WEBHOOK_SECRET)
 

@@ -76,11 +76,11 @@ class TaskNotFound(ConveyorError):
 class InvalidTransition(ConveyorError):
     """The task is not in a state that allows the requested change (cancel, retry)."""
 
-    def __init__(self, task_id: str, status: str, action: str) -> None:
+    def __init__(self, task_id: str, status: str, action: str, what: str = "task") -> None:
         self.task_id = task_id
         self.status = status
         self.action = action
-        super().__init__(f"task {task_id} is {status}; cannot {action} it")
+        super().__init__(f"{what} {task_id} is {status}; cannot {action} it")
 
 
 class UnknownTaskType(ConveyorError):
@@ -194,3 +194,16 @@ class EgressDenied(Fail):
 
 def _make_retry(reason: str, delay_s: float | None) -> Retry:
     return Retry(reason, delay_s=delay_s)
+
+
+class WorkflowInvalid(ConveyorError):
+    """A workflow or a task's dependencies cannot be built: unknown keys or task ids, a
+    cycle, too many nodes (`what` names the rule broken)."""
+
+    def __init__(self, what: str, detail: str) -> None:
+        self.what = what
+        super().__init__(detail)
+
+
+class WorkflowNotFound(ConveyorError):
+    """No workflow has this id."""

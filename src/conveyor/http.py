@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from conveyor import tracing
 from conveyor.errors import ConveyorError
 
-Status = Literal["queued", "running", "succeeded", "dead", "cancelled"]
+Status = Literal["waiting", "queued", "running", "succeeded", "dead", "cancelled"]
 
 
 # -- answers -----------------------------------------------------------------------------------
@@ -85,10 +85,60 @@ class Task(BaseModel):
     cancel_requested: bool = False
     progress: Progress | None = None
     attempt_history: list[Attempt] = Field(default_factory=list)
+    depends_on: list[uuid.UUID] = Field(default_factory=list)
+    dependents: list[uuid.UUID] = Field(default_factory=list)
+    on_upstream_failure: Literal["cancel", "run"] = "cancel"
+    workflow_id: uuid.UUID | None = None
+    workflow_key: str | None = None
+    parent_id: uuid.UUID | None = None
 
     @property
     def final(self) -> bool:
         return self.status in FINAL
+
+
+class Workflow(BaseModel):
+    """A workflow: `status` is running, succeeded, failed or cancelled; `tasks` its nodes
+    (each with its `key`)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: uuid.UUID
+    name: str | None = None
+    status: Literal["running", "succeeded", "failed", "cancelled"]
+    created_at: datetime
+    cancelled_at: datetime | None = None
+    tasks: list[Task] = Field(default_factory=list)
+
+    def node(self, key: str) -> Task:
+        """The node of this key (KeyError if none)."""
+        for task in self.tasks:
+            if task.workflow_key == key:
+                return task
+        raise KeyError(key)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    """One node of a workflow to create: its key, task and the keys it depends on."""
+
+    key: str
+    type: str
+    payload: BaseModel | Mapping[str, Any]
+    depends_on: Sequence[str] = ()
+    on_upstream_failure: Literal["cancel", "run"] = "cancel"
+    max_attempts: int | None = None
+    delay_s: float = 0.0
+
+
+def _workflow_body(nodes: Sequence[NodeSpec], name: str | None) -> dict[str, Any]:
+    tasks = []
+    for n in nodes:
+        body = _task_body(TaskSpec(n.type, n.payload, None, n.delay_s, n.max_attempts))
+        body.update(key=n.key, depends_on=list(n.depends_on),
+                    on_upstream_failure=n.on_upstream_failure)
+        tasks.append(body)
+    return {"tasks": tasks} if name is None else {"name": name, "tasks": tasks}
 
 
 FINAL = frozenset({"succeeded", "dead", "cancelled"})
@@ -184,6 +234,11 @@ class TaskSpec:
     idempotency_key: str | None = None
     delay_s: float = 0.0
     max_attempts: int | None = None
+    priority: str | None = None
+    unique_for: float | None = None
+    unique_key: str | None = None
+    depends_on: Sequence[uuid.UUID | str] = ()  # ids of tasks it waits for
+    on_upstream_failure: Literal["cancel", "run"] = "cancel"
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -354,6 +409,13 @@ def _task_body(spec: TaskSpec) -> dict[str, Any]:
         body["delay_seconds"] = spec.delay_s
     if spec.max_attempts is not None:
         body["max_attempts"] = spec.max_attempts
+    if spec.depends_on:
+        body["depends_on"] = [str(d) for d in spec.depends_on]
+    if spec.on_upstream_failure != "cancel":
+        body["on_upstream_failure"] = spec.on_upstream_failure
+    for name in ("priority", "unique_for", "unique_key"):
+        if getattr(spec, name) is not None:
+            body[name] = getattr(spec, name)
     return body
 
 
@@ -435,9 +497,12 @@ class Client(_Base):
         self, type_: str, payload: BaseModel | Mapping[str, Any], *,
         idempotency_key: str | None = None, delay_s: float = 0.0,
         max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> Task:
         """Enqueue one task; with an idempotency key already used, the first task."""
-        body = _task_body(TaskSpec(type_, payload, idempotency_key, delay_s, max_attempts))
+        body = _task_body(TaskSpec(type_, payload, idempotency_key, delay_s, max_attempts,
+                                       priority, unique_for, unique_key))
         return Task.model_validate(self._request("POST", "/v1/tasks", json=body))
 
     def enqueue_many(self, specs: Sequence[TaskSpec]) -> Batch:
@@ -527,6 +592,25 @@ class Client(_Base):
         """dead | cancelled → queued; InvalidTransition otherwise."""
         return Task.model_validate(self._request("POST", f"/v1/tasks/{task_id}/retry"))
 
+    def create_workflow(self, nodes: Sequence[NodeSpec], *, name: str | None = None
+                        ) -> Workflow:
+        """Create a workflow of up to 1000 nodes in one transaction; InvalidRequest for an
+        unknown key, a cycle or a bad node."""
+        body = _workflow_body(nodes, name)
+        return Workflow.model_validate(self._request("POST", "/v1/workflows", json=body))
+
+    def get_workflow(self, workflow_id: uuid.UUID | str) -> Workflow:
+        return Workflow.model_validate(self._request("GET", f"/v1/workflows/{workflow_id}"))
+
+    def cancel_workflow(self, workflow_id: uuid.UUID | str) -> Workflow:
+        return Workflow.model_validate(
+            self._request("POST", f"/v1/workflows/{workflow_id}/cancel"))
+
+    def retry_workflow(self, workflow_id: uuid.UUID | str) -> Workflow:
+        """Queue the failed nodes again; the rest of the graph follows."""
+        return Workflow.model_validate(
+            self._request("POST", f"/v1/workflows/{workflow_id}/retry"))
+
 
 class AsyncClient(_Base):
     """Async client of the Conveyor API; the same methods as `Client`, awaited."""
@@ -565,9 +649,12 @@ class AsyncClient(_Base):
         self, type_: str, payload: BaseModel | Mapping[str, Any], *,
         idempotency_key: str | None = None, delay_s: float = 0.0,
         max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> Task:
         """Enqueue one task; with an idempotency key already used, the first task."""
-        body = _task_body(TaskSpec(type_, payload, idempotency_key, delay_s, max_attempts))
+        body = _task_body(TaskSpec(type_, payload, idempotency_key, delay_s, max_attempts,
+                                       priority, unique_for, unique_key))
         return Task.model_validate(await self._request("POST", "/v1/tasks", json=body))
 
     async def enqueue_many(self, specs: Sequence[TaskSpec]) -> Batch:
@@ -659,3 +746,21 @@ class AsyncClient(_Base):
     async def retry(self, task_id: uuid.UUID | str) -> Task:
         """dead | cancelled → queued; InvalidTransition otherwise."""
         return Task.model_validate(await self._request("POST", f"/v1/tasks/{task_id}/retry"))
+
+    async def create_workflow(self, nodes: Sequence[NodeSpec], *, name: str | None = None
+                              ) -> Workflow:
+        """See `Client.create_workflow`."""
+        body = _workflow_body(nodes, name)
+        return Workflow.model_validate(await self._request("POST", "/v1/workflows", json=body))
+
+    async def get_workflow(self, workflow_id: uuid.UUID | str) -> Workflow:
+        return Workflow.model_validate(
+            await self._request("GET", f"/v1/workflows/{workflow_id}"))
+
+    async def cancel_workflow(self, workflow_id: uuid.UUID | str) -> Workflow:
+        return Workflow.model_validate(
+            await self._request("POST", f"/v1/workflows/{workflow_id}/cancel"))
+
+    async def retry_workflow(self, workflow_id: uuid.UUID | str) -> Workflow:
+        return Workflow.model_validate(
+            await self._request("POST", f"/v1/workflows/{workflow_id}/retry"))

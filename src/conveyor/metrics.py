@@ -118,6 +118,29 @@ QUEUE_OLDEST_AGE = Gauge(
     ["type"],
     multiprocess_mode="mostrecent",
 )
+# Flow control (README, Flow control)
+TASKS_WAITING_ON_LIMIT = Gauge(
+    "conveyor_tasks_waiting_on_limit",
+    "Tasks of a type ready to run but held back by its flow limits (its undelivered messages, "
+    "read by a worker waiting at a limit, at most once a second; 0 when none waits, or once "
+    "the type has no limit).",
+    ["type"],
+    multiprocess_mode="livemax",  # of the live processes: a stopped one's figure goes
+)
+FLOW_LIMITED = Gauge(
+    "conveyor_flow_limited",
+    "Consumers of this process waiting at a flow limit, by type and limit (concurrency, rate, "
+    "paused).",
+    ["type", "limit"],
+    multiprocess_mode="livesum",
+)
+FLOW_DEFERRED = Counter(
+    "conveyor_flow_deferred_total",
+    "Started tasks put back (due a little later, the attempt not counted) because their "
+    "concurrency key was at its limit, by type and limit (key_concurrency, key_rate).",
+    ["type", "limit"],
+)
+
 BACKLOG = (QUEUE_DEPTH, QUEUE_LAG, QUEUE_OLDEST_AGE)  # read from Redis, not counted here
 
 

@@ -104,6 +104,8 @@ class Producer:
         self, task: TaskDefinition[P, ..., Any], payload: P, *,
         idempotency_key: str | None = None, delay_s: float = 0.0,
         max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> TaskRecord: ...
 
     @overload
@@ -111,17 +113,22 @@ class Producer:
         self, task: str, payload: BaseModel | Mapping[str, Any], *,
         idempotency_key: str | None = None, delay_s: float = 0.0,
         max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> TaskRecord: ...
 
     async def enqueue(
         self, task: TaskDefinition[Any, ..., Any] | str, payload: BaseModel | Mapping[str, Any],
         *, idempotency_key: str | None = None, delay_s: float = 0.0,
         max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> TaskRecord:
         """Insert and publish one task, given its definition (typed) or its type's name (the
         payload then a mapping, validated here); raises PayloadInvalid or UnknownTaskType."""
         name = task if isinstance(task, str) else task.name
-        request = TaskRequest(name, payload, idempotency_key, delay_s, max_attempts)
+        request = TaskRequest(name, payload, idempotency_key, delay_s, max_attempts, priority,
+                              unique_for, unique_key)
         return (await self.enqueue_many([request]))[0]
 
     async def enqueue_many(self, requests: Sequence[TaskRequest]) -> list[TaskRecord]:
@@ -202,6 +209,8 @@ class SyncProducer:
         self, task: TaskDefinition[P, ..., Any], payload: P, *,
         idempotency_key: str | None = None, delay_s: float = 0.0,
         max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> TaskRecord: ...
 
     @overload
@@ -209,16 +218,21 @@ class SyncProducer:
         self, task: str, payload: BaseModel | Mapping[str, Any], *,
         idempotency_key: str | None = None, delay_s: float = 0.0,
         max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> TaskRecord: ...
 
     def enqueue(
         self, task: TaskDefinition[Any, ..., Any] | str, payload: BaseModel | Mapping[str, Any],
         *, idempotency_key: str | None = None, delay_s: float = 0.0,
         max_attempts: int | None = None,
+        priority: str | None = None, unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> TaskRecord:
         """See `Producer.enqueue`; returns once the task is stored."""
         name = task if isinstance(task, str) else task.name
-        request = TaskRequest(name, payload, idempotency_key, delay_s, max_attempts)
+        request = TaskRequest(name, payload, idempotency_key, delay_s, max_attempts, priority,
+                              unique_for, unique_key)
         return self.enqueue_many([request])[0]
 
     def enqueue_many(self, requests: Sequence[TaskRequest]) -> list[TaskRecord]:

@@ -7,14 +7,15 @@ A `TaskType` ties a name to its payload model, handler, retry policy and where t
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import random
 import re
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 from croniter import croniter
@@ -169,6 +170,53 @@ class _Reported:
 _REPORTED = _Reported()
 
 
+class Relatives(Protocol):
+    """A running task's view of the tasks around it (its upstreams, its children), given to
+    its context by the worker (`conveyor.client.TaskRelatives`)."""
+
+    async def upstream(self, task_id: str) -> list[Any]: ...
+
+    async def enqueue(self, parent_id: str, type_: str, payload: Any, *,
+                      depends_on: Sequence[Any] = (), idempotency_key: str | None = None,
+                      delay_s: float = 0.0, max_attempts: int | None = None) -> Any: ...
+
+    async def wait_children(self, parent_id: str, timeout_s: float | None) -> list[Any]: ...
+
+
+class _NoRelatives:
+    """What a process handler's context has (the worker's connections stay in the worker)."""
+
+    def _refuse(self) -> Any:
+        raise RuntimeError("ctx.upstream, ctx.enqueue and ctx.wait_children are for loop and "
+                           "thread handlers, not process ones")
+
+    async def upstream(self, task_id: str) -> list[Any]:
+        return self._refuse()  # type: ignore[no-any-return]
+
+    async def enqueue(self, parent_id: str, type_: str, payload: Any, *,
+                      depends_on: Sequence[Any] = (), idempotency_key: str | None = None,
+                      delay_s: float = 0.0, max_attempts: int | None = None) -> Any:
+        return self._refuse()
+
+    async def wait_children(self, parent_id: str, timeout_s: float | None) -> list[Any]:
+        return self._refuse()  # type: ignore[no-any-return]
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_NoRelatives, ())
+
+
+def _no_relatives() -> Relatives:
+    return _NoRelatives()
+
+
+def child_key(parent_id: str, n: int, task_type: str, payload: Any) -> str:
+    """The default idempotency key of a parent's `n`th child (see `TaskContext.enqueue`)."""
+    data = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else payload
+    digest = hashlib.blake2b(orjson.dumps([task_type, data], option=orjson.OPT_SORT_KEYS),
+                             digest_size=8).hexdigest()
+    return f"child:{parent_id}:{n}:{digest}"
+
+
 @dataclass(frozen=True, slots=True)
 class TaskContext:
     """What a handler learns about the run it is in. Picklable, so process handlers get it too."""
@@ -184,6 +232,48 @@ class TaskContext:
     # The worker's pooled outbound client under the egress policy (`await ctx.http.client
     # .post(...)`): use it, do not close it.
     http: OutboundHttp = field(default_factory=OutboundHttp, repr=False, compare=False)
+    # Upstreams and children (workflows): see `upstream`, `enqueue`, `wait_children`.
+    relatives: Relatives = field(default_factory=_no_relatives, repr=False, compare=False)
+    # How many children this run enqueued so far (the default keys of `enqueue`).
+    _children: list[int] = field(default_factory=lambda: [0], init=False, repr=False,
+                                 compare=False)
+
+    async def upstream(self, key: str | None = None) -> Any:
+        """The tasks this one depends on, finished: a dict by workflow key (or by id, for a
+        task outside a workflow) of `Upstream` (id, key, type, status, result, error); with
+        `key` (a key or an id), that one alone (KeyError if it is none of them)."""
+        found = await self.relatives.upstream(self.task_id)
+        by_key = {(u.key or str(u.id)): u for u in found}
+        if key is None:
+            return by_key
+        if key in by_key:
+            return by_key[key]
+        for u in found:
+            if str(u.id) == key:
+                return u
+        raise KeyError(f"task {self.task_id} has no upstream {key!r}")
+
+    async def enqueue(self, task: Any, payload: Any, *, depends_on: Sequence[Any] = (),
+                      idempotency_key: str | None = None, delay_s: float = 0.0,
+                      max_attempts: int | None = None) -> Any:
+        """Enqueue a child of this task (a type's name or definition and its payload): its
+        record names this task as `parent_id`. Returns the child's `TaskRecord`.
+
+        Without an `idempotency_key`, the child's key is made from this task, the child's
+        place among this run's enqueues and its type and payload: a retried parent that
+        enqueues the same children again gets the first ones back, not copies."""
+        name = task if isinstance(task, str) else task.name
+        self._children[0] += 1
+        if idempotency_key is None:
+            idempotency_key = child_key(self.task_id, self._children[0], name, payload)
+        return await self.relatives.enqueue(
+            self.task_id, name, payload, depends_on=depends_on,
+            idempotency_key=idempotency_key, delay_s=delay_s, max_attempts=max_attempts)
+
+    async def wait_children(self, timeout_s: float | None = None) -> list[Any]:
+        """Wait until every child of this task is final (TimeoutError after `timeout_s`);
+        returns their records, oldest first. The attempt holds its slot meanwhile."""
+        return await self.relatives.wait_children(self.task_id, timeout_s)
 
     def progress(self, fraction: float, message: str | None = None, **data: Any) -> _Reported:
         """Report how far the attempt has got: `fraction` from 0 to 1, an optional message and
@@ -218,6 +308,90 @@ class TaskContext:
         return self.lease.lost
 
 
+PRIORITIES: tuple[str, ...] = ("high", "default", "low")  # highest first
+# Shares of reads among levels that all have tasks waiting (README, Flow control: priorities).
+PRIORITY_WEIGHTS: tuple[int, ...] = (9, 3, 1)
+_TASK_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|m|h)\s*(?:[,;]?\s*burst\s*=?\s*(\d+))?\s*$")
+_PERIOD_S = {"s": 1, "m": 60, "h": 3600}
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRate:
+    """A task type's rate limit: `count` starts per `period_s` seconds, at most `burst` of them
+    at once (1, the default, spaces them evenly: one every period/count)."""
+
+    count: int
+    period_s: int
+    burst: int = 1
+
+    def __str__(self) -> str:
+        unit = {1: "s", 60: "m", 3600: "h"}[self.period_s]
+        return f"{self.count}/{unit}" + (f" burst={self.burst}" if self.burst != 1 else "")
+
+    @property
+    def interval_s(self) -> float:
+        return self.period_s / self.count
+
+
+def parse_task_rate(text: str) -> TaskRate:
+    """`100/s`, `6000/m`, `20000/h`, optionally with a burst (`100/s burst=20`); ValueError
+    naming the form otherwise."""
+    match = _TASK_RATE.match(text)
+    if not match or int(match[1]) < 1 or (match[3] is not None and int(match[3]) < 1):
+        raise ValueError(f"{text!r} is not a rate: write N/s, N/m or N/h with N >= 1, "
+                         "optionally followed by burst=B with B >= 1")
+    return TaskRate(int(match[1]), _PERIOD_S[match[2]], int(match[3] or 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A type's flow control (docs: README, Flow control): global and per-key concurrency and
+    rate, as declared in code or overridden at run time; None is no limit. `concurrency_key`
+    is a dotted path into the payload (`payload.tenant_id`), whose value names the key."""
+
+    max_concurrency: int | None = None
+    concurrency_key: str | None = None
+    max_concurrency_per_key: int | None = None
+    rate_limit: TaskRate | None = None
+    rate_limit_per_key: TaskRate | None = None
+    paused: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_concurrency", "max_concurrency_per_key"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}={value!r}: must be >= 1 (None: no limit)")
+        if self.concurrency_key is not None and not re.match(
+                r"^payload(\.[A-Za-z0-9_-]+)+$", self.concurrency_key):
+            raise ConfigError(f"concurrency_key={self.concurrency_key!r}: write a payload "
+                              "path such as 'payload.tenant_id'")
+
+    @property
+    def limited(self) -> bool:
+        """Reads of the type must pass the gate (a global limit, or paused)."""
+        return self.paused or self.max_concurrency is not None or self.rate_limit is not None
+
+    @property
+    def keyed(self) -> bool:
+        return self.concurrency_key is not None and (
+            self.max_concurrency_per_key is not None or self.rate_limit_per_key is not None)
+
+    def key_of(self, payload: Any) -> str | None:
+        """The concurrency key of a payload (a JSON value): its value there, as JSON; None
+        when it has none."""
+        if self.concurrency_key is None:
+            return None
+        value = payload
+        for part in self.concurrency_key.split(".")[1:]:
+            if not isinstance(value, dict) or part not in value:
+                return None
+            value = value[part]
+        if value is None:
+            return None
+        # As JSON, so `true` and `"true"`, `7` and `"7"` are different keys.
+        return orjson.dumps(value).decode()
+
+
 @dataclass(frozen=True, slots=True)
 class TaskType:
     """One registered kind of task."""
@@ -232,6 +406,8 @@ class TaskType:
     description: str = ""
     strict: bool = True
     retention: Retention = field(default_factory=Retention)
+    limits: Limits = field(default_factory=Limits)  # as declared; overridable at run time
+    priorities: bool = False  # tasks carry a priority (PRIORITIES), one stream per level
 
     def validate_payload(self, payload: Any) -> BaseModel:
         """`payload` (a JSON value: what an HTTP request carries, or a mapping from Python) as

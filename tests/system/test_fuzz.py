@@ -48,7 +48,14 @@ RUN_TIMEOUT_S = 240  # a hard bound, far above the ~60 s the run takes
 # is the body itself, is fine) and then sends its negative fallback body (`0`) with positive
 # query parameters as if the request were valid: its "valid data accepted" check is off for
 # that one operation in that one phase; fuzzing and the stateful phase still check it there.
-CONFIG = """\
+# A schema-valid enqueue may also be refused with a 422 by what no schema can say: a
+# `depends_on` id must name an existing task, a workflow's `depends_on` keys its own nodes
+# (random ones name none), so the enqueue operations accept a 422 for valid data too; and the
+# stateful phase links a task's `workflow_id` (null outside a workflow) to the workflow
+# routes' path, sending `None` as the id, so those accept a 422 for it too.
+# The check's own default statuses, and a 422.
+ACCEPTED = '["2XX", "3XX", "401", "403", "404", "409", "422", "429", "5XX"]'
+CONFIG = f"""\
 max-stream-events = 1
 checks.enabled = true
 
@@ -56,6 +63,21 @@ checks.enabled = true
 include-path = "/v1/tasks/batch"
 include-method = "POST"
 phases.coverage.checks.positive_data_acceptance.enabled = false
+checks.positive_data_acceptance.expected-statuses = {ACCEPTED}
+
+[[operations]]
+include-path = "/v1/tasks"
+include-method = "POST"
+checks.positive_data_acceptance.expected-statuses = {ACCEPTED}
+
+[[operations]]
+include-path = "/v1/workflows"
+include-method = "POST"
+checks.positive_data_acceptance.expected-statuses = {ACCEPTED}
+
+[[operations]]
+include-path-regex = "^/v1/workflows/"
+checks.positive_data_acceptance.expected-statuses = {ACCEPTED}
 """
 
 

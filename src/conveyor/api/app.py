@@ -28,7 +28,7 @@ from conveyor.api.middleware.access_log import AccessLogMiddleware
 from conveyor.api.middleware.body_limit import BodyLimitMiddleware
 from conveyor.api.middleware.methods import MethodsMiddleware
 from conveyor.api.middleware.request_id import RequestIdMiddleware
-from conveyor.api.routes import events, health, keys, metrics, queues, tasks, workers
+from conveyor.api.routes import events, health, keys, metrics, queues, tasks, workers, workflows
 from conveyor.queue.backlog import Backlog
 from conveyor.queue.ratelimit import RateLimiter
 from conveyor.state import AppState
@@ -100,6 +100,7 @@ def create_app(state: AppState, backlog: Backlog | None = None) -> FastAPI:
     app.include_router(queues.build_router(registry), dependencies=strict)
     app.include_router(keys.router, dependencies=strict)
     app.include_router(events.build_router(registry), dependencies=strict)
+    app.include_router(workflows.build_router(registry), dependencies=strict)
     install_ui(app, state)  # the dashboard at /ui: its own pages, the same keys
     for router, prefix, scope in state.app.routers:  # an application's own
         if scope is None:

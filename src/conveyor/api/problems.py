@@ -30,6 +30,8 @@ from conveyor.errors import (
     Unauthorized,
     Unavailable,
     UnknownTaskType,
+    WorkflowInvalid,
+    WorkflowNotFound,
 )
 
 log = structlog.get_logger("conveyor.api")
@@ -117,6 +119,11 @@ def install(app: FastAPI, type_names: set[str]) -> None:
                            request_id=rid)
         if isinstance(exc, PayloadInvalid):
             return problem(422, "Invalid payload", str(exc), request_id=rid)
+        if isinstance(exc, WorkflowInvalid):
+            return problem(422, "Invalid workflow", str(exc), request_id=rid, rule=exc.what)
+        if isinstance(exc, WorkflowNotFound):
+            return problem(404, "Workflow not found", f"no workflow has id {exc}",
+                           request_id=rid)
         if isinstance(exc, Overloaded):
             retry_after = str(max(1, round(exc.retry_after_s)))
             return problem(503, "Overloaded", str(exc), request_id=rid,

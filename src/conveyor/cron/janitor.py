@@ -7,6 +7,10 @@ only the rows it deletes (SKIP LOCKED): enqueues and completions never wait behi
 is bounded in time too (a backlog left over is the next pass's); every pass logs one line with
 its counts and sets the metrics (rows pruned, age of the oldest kept row per status).
 
+A workflow is pruned whole (its row and every node), once its last node finished longer ago
+than the longest of the global retentions (`CONVEYOR_RETENTION_*`; one of them 0 keeps
+workflows forever): the per-type deletes leave workflow nodes alone.
+
 Streams are also trimmed by every worker at each beat (worker/heartbeat.py), so a deployment
 without a cron process keeps them bounded; here they are trimmed for types no worker runs.
 """
@@ -29,6 +33,7 @@ from conveyor.queue.streams import TaskStreams
 from conveyor.registry import Retention
 from conveyor.store.tasks import FINISHED, TaskStore
 from conveyor.store.workers import Liveness
+from conveyor.store.workflows import WorkflowStore
 
 log = structlog.get_logger("conveyor.janitor")
 
@@ -41,6 +46,7 @@ class Pass:
     trimmed: int = 0  # acked stream entries dropped
     dead_letters_trimmed: int = 0
     workers_pruned: int = 0
+    workflows_pruned: int = 0
     batches: int = 0
     longest_statement_s: float = 0.0
     statements_s: list[float] = field(default_factory=list)  # each DELETE's duration
@@ -78,6 +84,16 @@ class Janitor(LockedLoop):
         # Well inside the lock's TTL, which is extended after every batch anyway.
         self.budget_s = budget_s if budget_s is not None else self.lock.ttl_ms / 1000 / 3
         self.last: Pass | None = None
+        self.workflows = WorkflowStore(store)
+
+    def workflows_kept_s(self) -> float:
+        """Seconds a finished workflow is kept (0: forever): the longest any of its nodes
+        could be kept, by the global settings or a type's own `retention`."""
+        kept = [self.settings.retention_succeeded, self.settings.retention_cancelled,
+                self.settings.retention_dead]
+        for task_type in self.retention:
+            kept.extend(self.kept_s(task_type).values())
+        return 0.0 if any(k <= 0 for k in kept) else max(kept)
 
     def kept_s(self, task_type: str) -> dict[str, float]:
         """Seconds each finished status of `task_type` is kept (0: forever)."""
@@ -91,6 +107,12 @@ class Janitor(LockedLoop):
             if not await self.prune_type(task_type, done, deadline=started + self.budget_s):
                 done.complete = False
                 break
+        kept = self.workflows_kept_s()
+        while done.complete and kept > 0 and await self.lock.extend():
+            pruned = await self.workflows.prune(kept, max(1, self.batch // 100))
+            done.workflows_pruned += pruned
+            if pruned < max(1, self.batch // 100) or time.monotonic() >= started + self.budget_s:
+                break
         for task_type in self.types:
             acked = await self.streams.trim(task_type)
             capped = await self.streams.trim_dead(task_type, self.kept_s(task_type)["dead"])
@@ -103,7 +125,8 @@ class Janitor(LockedLoop):
         self.last = done
         log.info("janitor.pass", pruned=done.pruned, trimmed=done.trimmed,
                  dead_letters_trimmed=done.dead_letters_trimmed,
-                 workers_pruned=done.workers_pruned, batches=done.batches,
+                 workers_pruned=done.workers_pruned, workflows_pruned=done.workflows_pruned,
+                 batches=done.batches,
                  longest_statement_ms=round(done.longest_statement_s * 1000, 1),
                  complete=done.complete,
                  duration_ms=round((time.monotonic() - started) * 1000, 1))

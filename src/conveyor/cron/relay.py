@@ -19,13 +19,19 @@ duplicate then is as harmless as any other). The others stand by and take the le
 released (shutdown) or expires (its holder died or lost Redis). Notifications sent in between
 reach nobody; the scan publishes those tasks once they are overdue by `grace_s`, as it does for
 any task whose publish was lost.
+
+The same NOTIFY announces the dependents a finished task released or cancelled (migration
+0007): the relay publishes the released ones and, with `events`, announces every notified task
+on the events stream (`queued`, or `cancelled` for one its upstream's failure cancelled).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections import defaultdict
+from collections.abc import Collection
 from datetime import datetime
 
 import structlog
@@ -34,10 +40,10 @@ from conveyor import metrics
 from conveyor.cron._locked import LockedLoop
 from conveyor.errors import Unavailable
 from conveyor.queue.connection import Redis
-from conveyor.queue.events import EventLog, cancelled
+from conveyor.queue.events import Event, EventLog, cancelled
 from conveyor.queue.keys import Keys, consumer_name
 from conveyor.queue.lock import Lock
-from conveyor.queue.streams import Publish, TaskStreams
+from conveyor.queue.streams import Publish, TaskStreams, level_of
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.store import notify
@@ -47,7 +53,7 @@ from conveyor.store.tasks import TaskStore
 from conveyor.store.workers import Liveness
 
 log = structlog.get_logger("conveyor.relay")
-NOTIFIED_MAX = 10_000  # notified tasks waiting to be published; past it, left to the scan
+NOTIFIED_MAX = 100_000  # notified tasks waiting to be published; past it, left to the scan
 
 
 class Relay(LockedLoop):
@@ -55,7 +61,8 @@ class Relay(LockedLoop):
     `ttl_s` (heartbeat TTL), `scan_limit` (largest backlog read per type), `page` (rows per
     query), `events` (where tasks it ends cancelled are announced), `lease_ttl_s` (listener
     lease; by default three intervals, at least 1 s: how long a dead listener goes
-    unreplaced)."""
+    unreplaced), `ranked` (the types declared with priorities: their tasks are published to
+    their level's ready set)."""
 
     name = "relay"
 
@@ -75,10 +82,13 @@ class Relay(LockedLoop):
         page: int = 1000,
         lease_ttl_s: float | None = None,
         events: EventLog | None = None,
+        ranked: Collection[str] = (),
     ) -> None:
         super().__init__(redis, keys, streams, store, types, interval_s=interval_s)
+        self.ranked = frozenset(ranked)
         self.liveness = liveness
-        self.events = events  # to announce tasks of dead workers that end cancelled
+        # to announce the dependents a NOTIFY names and tasks of dead workers that end cancelled
+        self.events = events
         self.grace_s = grace_s
         self.ttl_s = ttl_s
         self.scan_limit = scan_limit
@@ -86,7 +96,7 @@ class Relay(LockedLoop):
         lease_s = lease_ttl_s if lease_ttl_s is not None else max(1.0, 3 * interval_s)
         self.lease = Lock(redis, keys.lock("relay.listen"), ttl_ms=int(lease_s * 1000))
         self._renew_s = lease_s / 3
-        self._notified: list[Publish] = []  # filled by the listener only while leading
+        self._notified: list[Enqueued] = []  # filled by the listener only while leading
         self._listening = False  # set by the listener while its LISTEN is in place
         self._wake = asyncio.Event()
 
@@ -114,28 +124,37 @@ class Relay(LockedLoop):
         after: tuple[datetime, uuid.UUID] | None = None
         while True:
             rows = await self.store.overdue(task_type, self.grace_s, after, self.page)
-            candidates = [task_id for _, task_id in rows if task_id not in backlog]
+            priorities = {task_id: priority for _, task_id, priority in rows}
+            candidates = [task_id for _, task_id, _ in rows if task_id not in backlog]
             waiting = await self.streams.delayed_among(task_type, candidates)
             lost = [t for t in candidates if t not in waiting]
             if lost:
-                await self.streams.publish([Publish(task_type, t) for t in lost])
+                await self.streams.publish([self._publish(task_type, t, priorities[t])
+                                            for t in lost])
                 published += len(lost)
             if len(rows) < self.page:
                 break
-            after = rows[-1]
+            after = rows[-1][:2]
         if published:
             metrics.RELAYED.labels(task_type).inc(published)
             log.warning("relay.republished", task_type=task_type, tasks=published)
         return published
+
+    def _publish(self, task_type: str, task_id: uuid.UUID, priority: str | None) -> Publish:
+        """A task due now: to its level's ready set for a type with priorities (its priority
+        kept), to the stream otherwise."""
+        return Publish(task_type, task_id,
+                       level=level_of(priority) if task_type in self.ranked else None)
 
     async def relay_orphans(self) -> int:
         """Re-queue and publish tasks running on dead workers whose messages Redis lost."""
         running = await self.store.running_since(self.ttl_s)
         if not running:
             return 0
-        dead = await self.liveness.dead({w for _, _, w in running if w})
+        dead = await self.liveness.dead({w for _, _, w, _ in running if w})
         by_owner: dict[tuple[str, str], list[uuid.UUID]] = defaultdict(list)
-        for task_id, task_type, worker in running:
+        priorities = {task_id: priority for task_id, _, _, priority in running}
+        for task_id, task_type, worker, _ in running:
             if worker in dead:
                 by_owner[(task_type, worker)].append(task_id)
         published = 0
@@ -146,7 +165,8 @@ class Relay(LockedLoop):
                 continue  # the rebalancer hands those over
             returned = await self.store.requeue(ids, worker)
             requeued = returned.queued
-            await self.streams.publish([Publish(task_type, t) for t in requeued])
+            await self.streams.publish([self._publish(task_type, t, priorities[t])
+                                        for t in requeued])
             if returned.cancelled and self.events is not None:
                 await self.events.publish([cancelled(i, task_type, at)
                                            for i, at in returned.cancelled])
@@ -173,7 +193,7 @@ class Relay(LockedLoop):
     def _on_notify(self, task: Enqueued) -> None:
         if len(self._notified) >= NOTIFIED_MAX:
             return  # Redis is not keeping up: the periodic scan publishes it after the grace
-        self._notified.append(Publish(task.task_type, task.task_id, task.run_at_ms))
+        self._notified.append(task)
         self._wake.set()
 
     async def _listen(self, shutdown: Shutdown) -> None:
@@ -237,7 +257,25 @@ class Relay(LockedLoop):
         if not self._notified or not self._may_publish():
             return
         batch, self._notified = self._notified, []
+        items = [Publish(t.task_type, t.task_id, t.run_at_ms, t.level) for t in batch
+                 if not t.cancelled]
+        also = None
+        if self.events is not None:
+            announced = [Event("cancelled" if t.cancelled else "queued", str(t.task_id),
+                               t.task_type, "cancelled" if t.cancelled else "queued",
+                               b'{"outcome":"cancelled"}' if t.cancelled else b"{}")
+                         for t in batch]
+            also = functools.partial(self.events.add, events=announced)
         try:
-            await self.streams.publish(batch)
+            if items:
+                await self.streams.publish(items, also)
+            elif self.events is not None and also is not None:
+                await self.events.publish(announced)
         except Unavailable as exc:
-            log.warning("relay.notify.deferred", tasks=len(batch), error=str(exc))
+            # The released ones the scan publishes later; the cancelled ones nothing else
+            # announces, so they are announced again at the next pass (a waiter whose hub saw
+            # the outage too reads Postgres again anyway: RESYNC).
+            again = [t for t in batch if t.cancelled][-NOTIFIED_MAX:]
+            self._notified[:0] = again
+            log.warning("relay.notify.deferred", tasks=len(batch), kept=len(again),
+                        error=str(exc))

@@ -9,8 +9,9 @@ hash slot, so they are atomic and Redis-Cluster safe.
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,18 +20,32 @@ from redis.exceptions import ResponseError
 
 from conveyor.queue.connection import Redis, translate
 from conveyor.queue.keys import GROUP, Keys
+from conveyor.registry import PRIORITIES
 
 log = structlog.get_logger("conveyor.streams")
 
 # Move due members of a type's delayed set to its stream.
 # KEYS[1] delayed set, KEYS[2] stream; ARGV[1] max members to move.
+# A type with priorities also has KEYS[3] its levels hash, KEYS[4] its bell, then its ready
+# sets with ARGV[2..] their levels: each due task goes to its level's ready set (`default`
+# unless the hash names another), not the stream, so a retry or a put-back keeps its priority.
 # Uses the Redis clock, so every worker agrees on "due". Returns the number moved.
 _FORWARD = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local ready = {}
+for i = 5, #KEYS do ready[ARGV[i - 3]] = KEYS[i] end
 for _, member in ipairs(due) do
-  redis.call('XADD', KEYS[2], '*', 'id', member, 'r', '0')
+  if #KEYS > 2 then
+    local level = redis.call('HGET', KEYS[3], member)
+    local set = (level and ready[level]) or ready['default']
+    redis.call('ZADD', set, now, member)
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', 1000, '*', 't', member)
+    if level then redis.call('HDEL', KEYS[3], member) end
+  else
+    redis.call('XADD', KEYS[2], '*', 'id', member, 'r', '0')
+  end
   redis.call('ZREM', KEYS[1], member)
 end
 return #due
@@ -64,6 +79,65 @@ end
 return {requeued, dead}
 """
 
+# Read for a type with priorities: entries already in the stream first (retries, delayed tasks
+# come due, re-queued ones), then as many tasks as are still wanted moved from the ready sets
+# into the stream and read, each from the level a smooth weighted round robin picks among the
+# levels that have tasks (so a higher level goes first, and a lower one still gets its share).
+# KEYS[1] stream, KEYS[2] bell, KEYS[3] turns, KEYS[4..] ready sets, highest level first.
+# ARGV[1] group, ARGV[2] consumer, ARGV[3] count, ARGV[4..] the levels' weights.
+# Returns {stream mark, bell mark, id, {field, value, ...}, id, {...}, ...}: the marks are the
+# last ids of the stream and the bell before the read (see read_marked).
+_READ_RANKED = """
+local function last(key)
+  local e = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if e[1] then return e[1][1] end
+  return '0-0'
+end
+local out = {last(KEYS[1]), last(KEYS[2])}
+local want = tonumber(ARGV[3])
+local function read(n)
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', n,
+                      'STREAMS', KEYS[1], '>')
+  local got = 0
+  if r and r[1] then
+    for _, e in ipairs(r[1][2]) do
+      out[#out + 1] = e[1]
+      out[#out + 1] = e[2]
+      got = got + 1
+    end
+  end
+  return got
+end
+want = want - read(want)
+if want <= 0 then return out end
+local levels = #KEYS - 3
+local moved = 0
+for _ = 1, want do
+  local total, best, best_w = 0, nil, nil
+  local cw = {}
+  for i = 1, levels do
+    if redis.call('ZCARD', KEYS[i + 3]) > 0 then
+      local w = tonumber(redis.call('HGET', KEYS[3], i) or '0') + tonumber(ARGV[i + 3])
+      cw[i] = w
+      total = total + tonumber(ARGV[i + 3])
+      if best == nil or w > best_w then best, best_w = i, w end
+    else
+      redis.call('HDEL', KEYS[3], i)
+    end
+  end
+  if best == nil then break end
+  for i, w in pairs(cw) do
+    if i == best then w = w - total end
+    redis.call('HSET', KEYS[3], i, w)
+  end
+  local popped = redis.call('ZPOPMIN', KEYS[best + 3])
+  redis.call('XADD', KEYS[1], '*', 'id', popped[1], 'r', '0')
+  moved = moved + 1
+end
+if moved > 0 then read(moved) end
+return out
+"""
+
 _LOST_STATE = ("NOGROUP", "UNBLOCKED", "no such key")
 
 
@@ -77,6 +151,8 @@ def lost_state(exc: ResponseError) -> bool:
     return any(marker in text for marker in _LOST_STATE)
 
 
+READY_LEVELS = PRIORITIES  # the ready sets of a type with priorities, highest first
+BELL_MAXLEN = 1000
 _CHUNK = 500  # ids per script call: keeps Lua's unpack() and each call's latency small
 
 
@@ -97,6 +173,13 @@ class Publish:
     task_type: str
     task_id: uuid.UUID
     run_at_ms: int | None = None
+    level: str | None = None  # a type with priorities: its task's level (ready set, not stream)
+
+
+def level_of(priority: str | None) -> str:
+    """The ready set level of a task of a type with priorities (its stored priority, None
+    being `default`)."""
+    return priority or "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +227,7 @@ class TaskStreams:
         self.dead_letter_maxlen = dead_letter_maxlen
         self._forward = redis.register_script(_FORWARD)
         self._requeue = redis.register_script(_REQUEUE)
+        self._read_ranked = redis.register_script(_READ_RANKED)
 
     async def ensure_group(self, task_type: str) -> None:
         """Create the type's stream and group if missing (at id 0: deliver what is there)."""
@@ -174,10 +258,17 @@ class TaskStreams:
                     also(pipe)
                 for item in items:
                     member = str(item.task_id)
-                    if item.run_at_ms is None:
+                    if item.run_at_ms is None and item.level is not None:
+                        pipe.zadd(self.keys.ready(item.task_type, item.level),
+                                  {member: time.time() * 1000})
+                        pipe.xadd(self.keys.bell(item.task_type), {"t": member},
+                                  maxlen=BELL_MAXLEN, approximate=True)
+                    elif item.run_at_ms is None:
                         pipe.xadd(self.keys.stream(item.task_type), {"id": member, "r": "0"})
                     else:
                         pipe.zadd(self.keys.delayed(item.task_type), {member: item.run_at_ms})
+                        if item.level not in (None, "default"):
+                            pipe.hset(self.keys.levels(item.task_type), member, item.level)
                 await pipe.execute()
 
     async def read(
@@ -222,13 +313,45 @@ class TaskStreams:
             return [], mark
         return [decode(sid, fields) for sid, fields in reply[0][1]], mark
 
-    async def wait_new(self, task_type: str, mark: bytes, block_ms: int) -> bool:
+    async def read_ranked(
+        self, task_type: str, consumer: str, count: int, levels: Sequence[str],
+        weights: Sequence[int],
+    ) -> tuple[list[Message], tuple[bytes, bytes]]:
+        """`read_marked` for a type with priorities (`_READ_RANKED`): what is in the stream,
+        then tasks moved from the ready sets of `levels` (highest first), by `weights`. The
+        mark is the stream's and the bell's last ids, for `wait_new`."""
+        stream = self.keys.stream(task_type)
+        keys = [stream, self.keys.bell(task_type), self.keys.turns(task_type),
+                *(self.keys.ready(task_type, level) for level in levels)]
+        with translate("streams.read"):
+            try:
+                reply: Any = await self._read_ranked(
+                    keys=keys, args=[GROUP, consumer, count, *weights])
+            except ResponseError as exc:
+                if not lost_state(exc):
+                    raise
+                await self._recreate_group(task_type, exc)
+                return [], (b"0-0", b"0-0")
+        marks = (bytes(reply[0]), bytes(reply[1]))
+        messages = []
+        for i in range(2, len(reply), 2):
+            flat = reply[i + 1] or []
+            messages.append(decode(reply[i], dict(zip(flat[::2], flat[1::2], strict=True))))
+        return messages, marks
+
+    async def wait_new(self, task_type: str, mark: bytes | tuple[bytes, bytes], block_ms: int
+                       ) -> bool:
         """Block until the stream has an entry newer than `mark` (True) or `block_ms` passes
-        (False). A plain XREAD: it delivers nothing to the group and leaves nothing pending,
-        so a consumer may wait here without holding a slot."""
+        (False); a pair of marks (`read_ranked`) waits on the bell too. A plain XREAD: it
+        delivers nothing to the group and leaves nothing pending, so a consumer may wait here
+        without holding a slot."""
+        streams: dict[Any, Any]
+        if isinstance(mark, tuple):
+            streams = {self.keys.stream(task_type): mark[0], self.keys.bell(task_type): mark[1]}
+        else:
+            streams = {self.keys.stream(task_type): mark}
         with translate("streams.wait_new"):
-            reply: Any = await self.redis.xread({self.keys.stream(task_type): mark}, count=1,
-                                                block=block_ms)
+            reply: Any = await self.redis.xread(streams, count=1, block=block_ms)
         return bool(reply)
 
     async def settle(
@@ -238,9 +361,12 @@ class TaskStreams:
         *,
         delays: Sequence[tuple[uuid.UUID, int]] = (),
         dead: Sequence[tuple[str, str]] = (),
+        levels: Mapping[uuid.UUID, str] | None = None,
     ) -> None:
         """Schedule retries, dead-letter, then ack, in one pipeline (in that order, so a crash
-        midway leaves a message pending rather than a task nowhere)."""
+        midway leaves a message pending rather than a task nowhere). `levels`: the priority
+        of delayed tasks that is not `default` (a type with priorities), kept for when they
+        are due."""
         with translate("streams.settle"):
             if not delays and not dead:  # the common case: one command, no pipeline
                 if acks:
@@ -250,6 +376,10 @@ class TaskStreams:
                 if delays:
                     pipe.zadd(self.keys.delayed(task_type),
                               {str(task_id): at_ms for task_id, at_ms in delays})
+                    kept: dict[Any, Any] = {str(i): (levels or {})[i] for i, _ in delays
+                            if (levels or {}).get(i) not in (None, "default")}
+                    if kept:
+                        pipe.hset(self.keys.levels(task_type), mapping=kept)
                 for task_id, reason in dead:
                     pipe.xadd(self.keys.dead(task_type), {"id": task_id, "reason": reason[:2000]},
                               maxlen=self.dead_letter_maxlen, approximate=True)
@@ -274,12 +404,17 @@ class TaskStreams:
                 if not lost_state(exc):
                     raise
 
-    async def forward(self, task_type: str, limit: int = 1000) -> int:
-        """Move due delayed tasks of `task_type` to its stream; returns how many moved."""
+    async def forward(self, task_type: str, limit: int = 1000, *, ranked: bool = False) -> int:
+        """Move due delayed tasks of `task_type` to its stream (`ranked`, a type with
+        priorities: to their level's ready set); returns how many moved."""
+        keys = [self.keys.delayed(task_type), self.keys.stream(task_type)]
+        args: list[Any] = [limit]
+        if ranked:
+            keys += [self.keys.levels(task_type), self.keys.bell(task_type),
+                     *(self.keys.ready(task_type, level) for level in READY_LEVELS)]
+            args += list(READY_LEVELS)
         with translate("streams.forward"):
-            moved = await self._forward(
-                keys=[self.keys.delayed(task_type), self.keys.stream(task_type)], args=[limit]
-            )
+            moved = await self._forward(keys=keys, args=args)
         return int(moved)
 
     # -- rebalance -------------------------------------------------------------------------
@@ -419,11 +554,15 @@ class TaskStreams:
         """Which of `task_ids` wait in the type's delayed set."""
         if not task_ids:
             return set()
+        members = [str(t) for t in task_ids]
         with translate("streams.delayed_among"):
-            scores = await self.redis.zmscore(
-                self.keys.delayed(task_type), [str(t) for t in task_ids]
-            )
-        return {t for t, score in zip(task_ids, scores, strict=True) if score is not None}
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zmscore(self.keys.delayed(task_type), members)
+                for level in READY_LEVELS:  # a type with priorities: its ready sets too
+                    pipe.zmscore(self.keys.ready(task_type, level), members)
+                replies = await pipe.execute()
+        return {t for scores in replies for t, score in zip(task_ids, scores, strict=True)
+                if score is not None}
 
     # -- observation -----------------------------------------------------------------------
 
@@ -436,18 +575,25 @@ class TaskStreams:
                     pipe.xinfo_groups(self.keys.stream(t))
                     pipe.zcard(self.keys.delayed(t))
                     pipe.xlen(self.keys.dead(t))
+                    for level in READY_LEVELS:
+                        pipe.zcard(self.keys.ready(t, level))
                 replies = await pipe.execute(raise_on_error=False)
         out = {}
+        width = 4 + len(READY_LEVELS)
         for i, t in enumerate(types):
-            length, groups, delayed, dead = replies[4 * i:4 * i + 4]
+            length, groups, delayed, dead = replies[width * i:width * i + 4]
+            # Tasks in a priority level's ready set wait like undelivered entries.
+            ready = sum(int(n) for n in replies[width * i + 4:width * (i + 1)]
+                        if isinstance(n, int))
             group = None
             if isinstance(groups, list):
                 group = next((g for g in groups if g["name"] == GROUP.encode()), None)
+            undelivered = (int(group["lag"]) if group and group.get("lag") is not None
+                           else (int(length) if group is None else None))
             out[t] = StreamStats(
                 length=int(length),
                 pending=int(group["pending"]) if group else 0,
-                undelivered=(int(group["lag"]) if group and group.get("lag") is not None
-                             else (int(length) if group is None else None)),
+                undelivered=None if undelivered is None else undelivered + ready,
                 delayed=int(delayed),
                 dead_letters=int(dead),
             )
@@ -470,14 +616,24 @@ class TaskStreams:
                              if isinstance(found, list) else None)
                     start = "(" + group["last-delivered-id"].decode() if group else "-"
                     pipe.xrange(self.keys.stream(t), min=start, max="+", count=1)
+                    for level in READY_LEVELS:  # a type with priorities: its ready sets
+                        pipe.zrange(self.keys.ready(t, level), 0, 0, withscores=True)
                 pipe.time()
-                *firsts, (seconds, micros) = await pipe.execute(raise_on_error=False)
+                *replies, (seconds, micros) = await pipe.execute(raise_on_error=False)
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         out: dict[str, int | None] = {}
-        for t, entries in zip(types, firsts, strict=True):
-            out[t] = (max(0, now_ms - int(entries[0][0].split(b"-")[0]))
-                      if isinstance(entries, list) and entries else None)
+        width = 1 + len(READY_LEVELS)
+        for i, t in enumerate(types):
+            entries, *ready = replies[width * i:width * (i + 1)]
+            oldest = [int(entries[0][0].split(b"-")[0])] if isinstance(entries, list) and entries \
+                else []
+            oldest += [int(r[0][1]) for r in ready if isinstance(r, list) and r]
+            out[t] = max(0, now_ms - min(oldest)) if oldest else None
         return out
+
+    async def lag(self, task_type: str) -> int:
+        """Entries of the type's stream not yet delivered to the group (0 if unknown)."""
+        return sum(s.undelivered or 0 for s in (await self.stats([task_type])).values())
 
     async def dead_letters(self, task_type: str, count: int = 100) -> list[dict[str, str]]:
         """Newest dead-letter entries of a type."""

@@ -5,6 +5,7 @@ redelivered or stale message can never run a finished task or record a completio
 
     queued ──mark_running──▶ running ──record──▶ succeeded | dead | queued (retry)
     queued ──cancel──▶ cancelled;  dead | cancelled ──retry──▶ queued
+    waiting ──last upstream final──▶ queued | cancelled (store/workflows.py, by a trigger)
     running (worker lost) ──requeue──▶ queued
     running (drain deadline) ──hand_back──▶ queued (the attempt not counted)
     running ──request_cancel──▶ running, cancel_requested (its worker stops it: ▶ cancelled)
@@ -29,7 +30,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -39,8 +40,10 @@ import orjson
 from conveyor.errors import Conflict
 from conveyor.store.pool import Connection, Pinned, Pool, borrowed, translate
 
-Status = Literal["queued", "running", "succeeded", "dead", "cancelled"]
-STATUSES: tuple[Status, ...] = ("queued", "running", "succeeded", "dead", "cancelled")
+Status = Literal["waiting", "queued", "running", "succeeded", "dead", "cancelled"]
+STATUSES: tuple[Status, ...] = ("waiting", "queued", "running", "succeeded", "dead",
+                                "cancelled")
+UpstreamFailure = Literal["cancel", "run"]
 FinishedStatus = Literal["succeeded", "dead", "cancelled"]
 FINISHED: tuple[FinishedStatus, ...] = ("succeeded", "cancelled", "dead")
 # The idempotency keys of cron slots are never released: a slot fires once, however long ago.
@@ -81,6 +84,16 @@ class TaskRecord:
     finished_at: datetime | None
     cancel_requested: bool = False
     progress: Any = None  # {fraction, message, data, at}: the latest a handler reported
+    priority: str | None = None  # 'high' or 'low'; None is 'default' (a type with priorities)
+    # Workflows (store/workflows.py): what it waits for, what waits for it (filled by reads
+    # that ask for it), how an upstream's failure resolves it, the workflow and its key
+    # there, and the task whose handler enqueued it.
+    depends_on: list[uuid.UUID] = field(default_factory=list)
+    dependents: list[uuid.UUID] = field(default_factory=list)
+    on_upstream_failure: UpstreamFailure = "cancel"
+    workflow_id: uuid.UUID | None = None
+    workflow_key: str | None = None
+    parent_id: uuid.UUID | None = None
     attempt_history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -88,7 +101,13 @@ class TaskRecord:
 AFTER_CANCEL = ("status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,"
                  " finished_at = CASE WHEN cancel_requested THEN now() ELSE NULL END")
 _STORED = [name for name in TaskRecord.__slots__ if name != "attempt_history"]
-_COLUMNS = ", ".join([*(f"t.{name}" for name in _STORED), "t.attempt_log"])
+# Columns whose record field is computed (migration 0007's, a NULL standing for the default).
+_COMPUTED = {"depends_on": "coalesce(t.depends_on, '{}'::uuid[])",
+             "dependents": "'{}'::uuid[]",
+             "on_upstream_failure": "coalesce(t.on_upstream_failure, 'cancel')",
+             "workflow_key": "t.node_key"}
+_COLUMNS = ", ".join([*(_COMPUTED.get(name, f"t.{name}") for name in _STORED),
+                      "t.attempt_log"])
 
 
 def _record(row: Any) -> TaskRecord:
@@ -164,7 +183,45 @@ def _insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
         [t.max_attempts for t in tasks],
         [t.delay_s for t in tasks],
         [_json_or_none(t.trace_context) for t in tasks],
+        [t.priority for t in tasks],
+        [t.unique_key for t in tasks],
+        [t.unique_for_s for t in tasks],
     )
+
+
+def _insert_statement(table: str, extra: Sequence[tuple[str, str, str]]) -> str:
+    """The insert of `TaskStore.insert`: $1-$10 a plain task's arrays (`_insert_args`), then
+    one per `extra` column (see ExtraColumns)."""
+    names = "".join(f", {c[0]}" for c in extra)
+    arrays = "".join(f", ${11 + i}::{c[1]}[]" for i, c in enumerate(extra))
+    values = "".join(f", {c[2]}" for c in extra)
+    return f"""
+            INSERT INTO {table} AS t (id, type, payload, idempotency_key, max_attempts, run_at,
+                                      trace_context, priority, unique_key, unique_until{names})
+            SELECT u.id, u.type, u.payload::jsonb, u.key, u.max_attempts,
+                   now() + u.delay * interval '1 second', u.trace::jsonb, u.priority,
+                   u.unique_key, now() + u.unique_for * interval '1 second'{values}
+            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float8[],
+                        $7::text[], $8::text[], $9::text[], $10::float8[]{arrays})
+                 AS u(id, type, payload, key, max_attempts, delay, trace, priority, unique_key,
+                      unique_for{names})
+            -- (type, idempotency_key) or (type, unique_key): either returns the task there
+            ON CONFLICT DO NOTHING
+            RETURNING {_COLUMNS}"""
+
+
+@dataclass(frozen=True, slots=True)
+class ExtraColumns:
+    """Columns an insert sets beyond a plain task's (a workflow node's: `store/workflows.py`):
+    per column its name, its values' SQL type (an array parameter `u.<name>` of it) and the
+    expression inserted (over `u.*`); `values` holds each task's, by id, in that order."""
+
+    columns: tuple[tuple[str, str, str], ...]
+    values: Mapping[uuid.UUID, tuple[Any, ...]]
+
+    def args(self, tasks: Sequence[NewTask]) -> list[list[Any]]:
+        rows = [self.values[t.id] for t in tasks]
+        return [[r[i] for r in rows] for i in range(len(self.columns))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +236,10 @@ class NewTask:
     delay_s: float = 0.0
     # The enqueuing span's context (`conveyor.tracing`), None with tracing off.
     trace_context: dict[str, str] | None = None
+    priority: str | None = None  # 'high' or 'low'; None is 'default' (flow control)
+    # One task per (type, unique key) while queued or running, or for unique_for_s seconds.
+    unique_key: str | None = None
+    unique_for_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +260,7 @@ class Started:
     run_at: datetime
     trace_context: dict[str, str] | None = None  # the enqueuing span's (`conveyor.tracing`)
     started_at: datetime | None = None
+    priority: str | None = None  # 'high' or 'low'; None is 'default'
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +277,7 @@ class NotStarted:
     # Postgres refused to start it, for this reason (an error retrying does not cure): the task
     # is left as it is, and its message pending.
     refused: str | None = None
+    priority: str | None = None  # 'high' or 'low'; None is 'default'
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +305,7 @@ class Recorded:
     run_at: datetime
     started_at: datetime | None = None
     at: datetime | None = None  # when it was recorded (the attempt's end)
+    priority: str | None = None  # 'high' or 'low'; None is 'default' (its retry's level)
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,16 +368,19 @@ class TaskStore:
         # NOTIFY channel for tasks enqueued inside a caller's transaction (sent on commit).
         self.channel = f"{schema}_enqueued"
         t = self.table
-        self._insert_sql = f"""
-            INSERT INTO {t} AS t (id, type, payload, idempotency_key, max_attempts, run_at,
-                                  trace_context)
-            SELECT u.id, u.type, u.payload::jsonb, u.key, u.max_attempts,
-                   now() + u.delay * interval '1 second', u.trace::jsonb
-            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::float8[],
-                        $7::text[])
-                 AS u(id, type, payload, key, max_attempts, delay, trace)
-            ON CONFLICT (type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-            RETURNING {_COLUMNS}"""
+        self._insert_sql = _insert_statement(t, ())
+        # $1 types, $2 unique keys. A unique key holds while its task is queued or running,
+        # or until its unique_until; past both it is released here, for a new task to take.
+        self._release_unique_sql = f"""
+            UPDATE {t} AS t SET unique_key = NULL
+            FROM unnest($1::text[], $2::text[]) AS u(type, key)
+            WHERE t.type = u.type AND t.unique_key = u.key
+              AND t.status IN ('succeeded', 'dead', 'cancelled') AND t.unique_until <= now()
+            RETURNING u.type, u.key"""
+        self._existing_unique_sql = f"""
+            SELECT {_COLUMNS}, t.unique_key FROM {t} AS t
+            JOIN unnest($1::text[], $2::text[]) AS u(type, key)
+              ON t.type = u.type AND t.unique_key = u.key"""
         self._existing_sql = f"""
             SELECT {_COLUMNS} FROM {t} AS t
             JOIN unnest($1::text[], $2::text[]) AS u(type, key)
@@ -340,7 +407,7 @@ class TaskStore:
               AND t.run_at - now() <= interval '{EARLY_START_S} seconds'
               AND t.attempts < t.max_attempts
             RETURNING t.id, t.type, t.payload, t.attempts, t.max_attempts, t.run_at,
-                      t.trace_context, t.started_at"""
+                      t.trace_context, t.started_at, t.priority"""
         # An outcome that would retry a task whose cancel was requested ends it cancelled.
         final = ("CASE WHEN c.status = 'queued' AND t.cancel_requested THEN 'cancelled'"
                  " ELSE c.status END")
@@ -363,7 +430,7 @@ class TaskStore:
               -- finished since the last vacuum included, per batch.
               AND NOT (t.status IS DISTINCT FROM 'running')
               AND NOT (t.worker IS DISTINCT FROM $7)
-            RETURNING t.id, t.status, t.run_at, t.started_at, now()"""
+            RETURNING t.id, t.status, t.run_at, t.started_at, now(), t.priority"""
 
     @contextlib.asynccontextmanager
     async def _connection(self, op: str, via: Pinned | None = None) -> AsyncIterator[Connection]:
@@ -389,36 +456,49 @@ class TaskStore:
 
     async def insert(
         self, tasks: Sequence[NewTask], conn: Connection | None = None, *,
-        via: Pinned | None = None,
+        via: Pinned | None = None, extra: ExtraColumns | None = None,
     ) -> list[Inserted]:
-        """Insert tasks in one statement (on `conn` when given, to join its transaction).
+        """Insert tasks in one statement (on `conn` when given, to join its transaction),
+        setting `extra` columns too when given.
 
         A task whose (type, idempotency key) exists already is not inserted; the existing row is
         returned with `created=False`. Results follow the order of `tasks`.
         """
         if not tasks:
             return []
-        args = _insert_args(tasks)
+        sql = self._insert_sql if extra is None else self._insert_with(extra)
+
+        def args(these: Sequence[NewTask]) -> list[list[Any]]:
+            return [*_insert_args(these), *(extra.args(these) if extra is not None else ())]
+
         if conn is None:
             async with self._connection("tasks.insert", via) as own:
-                return await self._insert(own, tasks, args)
+                return await self._insert(own, tasks, sql, args)
         with translate("tasks.insert"):
-            return await self._insert(conn, tasks, args)
+            return await self._insert(conn, tasks, sql, args)
+
+    def _insert_with(self, extra: ExtraColumns) -> str:
+        return _insert_statement(self.table, extra.columns)
 
     async def _insert(
-        self, conn: Connection, tasks: Sequence[NewTask], args: tuple[list[Any], ...]
+        self, conn: Connection, tasks: Sequence[NewTask], sql: str,
+        args: Callable[[Sequence[NewTask]], list[list[Any]]],
     ) -> list[Inserted]:
-        rows = await conn.fetch(self._insert_sql, *args)
+        rows = await conn.fetch(sql, *args(tasks))
         created = {row[0]: _record(row) for row in rows}
         if len(created) == len(tasks):
             return [Inserted(created[t.id], True) for t in tasks]
+        same = await self._unique(conn, [t for t in tasks
+                                         if t.id not in created and t.unique_key], created)
         found: dict[tuple[str, str | None], TaskRecord] = {}
         # A key taken by a task past the idempotency TTL is released and the task inserted
         # again; a key released by a concurrent caller (not found, not inserted) is tried
         # again too. Three rounds settle any such race.
         for _ in range(3):
             missing = [t for t in tasks
-                       if t.id not in created and (t.type, t.idempotency_key) not in found]
+                       if t.id not in created and t.idempotency_key is not None
+                       and (t.type, t.unique_key) not in same
+                       and (t.type, t.idempotency_key) not in found]
             if not missing:
                 break
             released = []
@@ -433,17 +513,47 @@ class TaskStore:
                 found.update({(r["type"], r["idempotency_key"]): _record(r) for r in existing})
             again = [t for t in missing if (t.type, t.idempotency_key) not in found]
             if again:
-                rows = await conn.fetch(self._insert_sql, *_insert_args(again))
+                rows = await conn.fetch(sql, *args(again))
                 created.update({row[0]: _record(row) for row in rows})
         out = []
         for t in tasks:
             if t.id in created:
                 out.append(Inserted(created[t.id], True))
+            elif t.unique_key is not None and (t.type, t.unique_key) in same:
+                out.append(Inserted(same[(t.type, t.unique_key)], False))
             elif (t.type, t.idempotency_key) in found:
                 out.append(Inserted(found[(t.type, t.idempotency_key)], False))
             else:
                 raise Conflict("tasks.insert", "an idempotency key changed hands meanwhile")
         return out
+
+    async def _unique(
+        self, conn: Connection, tasks: list[NewTask], created: dict[uuid.UUID, TaskRecord]
+    ) -> dict[tuple[str, str], TaskRecord]:
+        """Tasks not inserted whose unique key another holds: release keys past their hold
+        and insert again, else find the holder (the unique index decides every race: a
+        concurrent insert of the same key waits for the first to commit, then finds it)."""
+        same: dict[tuple[str, str], TaskRecord] = {}
+        for _ in range(3):
+            if not tasks:
+                break
+            types, keys = [t.type for t in tasks], [t.unique_key for t in tasks]
+            if await conn.fetch(self._release_unique_sql, types, keys):
+                rows = await conn.fetch(self._insert_sql, *_insert_args(tasks))
+                created.update({row[0]: _record(row) for row in rows})
+                tasks = [t for t in tasks if t.id not in created]
+                types, keys = [t.type for t in tasks], [t.unique_key for t in tasks]
+            for row in await conn.fetch(self._existing_unique_sql, types, keys):
+                values = list(row)
+                key = values.pop()
+                same[(row["type"], key)] = _record(values)
+            tasks = [t for t in tasks if t.unique_key is not None
+                     and (t.type, t.unique_key) not in same]
+            if tasks:  # released by a concurrent caller meanwhile: insert again
+                rows = await conn.fetch(self._insert_sql, *_insert_args(tasks))
+                created.update({row[0]: _record(row) for row in rows})
+                tasks = [t for t in tasks if t.id not in created]
+        return same
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -562,6 +672,7 @@ class TaskStore:
               SELECT t.id FROM {t} AS t
               WHERE t.type = $1 AND t.status = {literal} AND t.id < {_uuid_floor(cutoff)}
                 AND t.finished_at < {cutoff}
+                AND t.workflow_id IS NULL  -- a workflow is pruned whole
               ORDER BY t.type, t.status, t.id LIMIT $3
               FOR UPDATE SKIP LOCKED)
             DELETE FROM {t} AS t USING doomed
@@ -604,15 +715,16 @@ class TaskStore:
             rest = [i for i in dict.fromkeys(ids) if i not in done]
             found = await conn.fetch(
                 f"SELECT id, status, run_at, attempts >= max_attempts, worker, type, payload,"
-                f" attempts, max_attempts, trace_context, started_at FROM {self.table}"
+                f" attempts, max_attempts, trace_context, started_at, priority FROM {self.table}"
                 " WHERE id = ANY($1::uuid[])",
                 rest,
             )
         by_id = {
             r[0]: NotStarted(
                 r[0], r[1], r[2], r[1] == "queued" and r[3],
-                Started(r[0], r[5], r[6], r[7], r[8], r[2], r[9], r[10])
+                Started(r[0], r[5], r[6], r[7], r[8], r[2], r[9], r[10], r[11])
                 if r[1] == "running" and r[4] == worker else None,
+                priority=r[11],
             )
             for r in found
         }
@@ -688,6 +800,28 @@ class TaskStore:
         )
         return Returned.of(rows)
 
+    async def defer(
+        self, attempts: Sequence[tuple[uuid.UUID, int, float]], worker: str
+    ) -> Returned:
+        """running on `worker` at the given attempt → queued, due after the given seconds, the
+        attempt not counted (or cancelled, if asked): a start its concurrency key's limit did
+        not let run (flow control)."""
+        if not attempts:
+            return Returned([], [])
+        rows = await self._fetch(
+            "tasks.defer",
+            f"""UPDATE {self.table} AS t
+                SET {AFTER_CANCEL}, attempts = t.attempts - 1,
+                    run_at = now() + h.delay * interval '1 second', started_at = NULL
+                FROM unnest($1::uuid[], $2::int[], $3::float8[]) AS h(id, attempt, delay)
+                WHERE t.id = h.id AND t.status = 'running' AND t.worker = $4
+                  AND t.attempts = h.attempt AND t.id = ANY($1::uuid[])
+                RETURNING t.id, t.status, t.finished_at""",
+            [i for i, _, _ in attempts], [a for _, a, _ in attempts],
+            [d for _, _, d in attempts], worker,
+        )
+        return Returned.of(rows)
+
     async def running_on(self, ids: Iterable[uuid.UUID], worker: str) -> set[uuid.UUID]:
         """Which of `ids` are running on `worker` (whose lease, if it is alive, it holds)."""
         rows = await self._fetch(
@@ -711,14 +845,15 @@ class TaskStore:
         return _record(row) if row else None
 
     async def request_cancel(self, task_id: uuid.UUID) -> TaskRecord | None:
-        """queued → cancelled, or running → running with `cancel_requested` (its worker stops
-        it); None if the task is neither (or does not exist)."""
+        """waiting | queued → cancelled, or running → running with `cancel_requested` (its
+        worker stops it); None if the task is none of them (or does not exist)."""
         row = await self._fetchrow(
             "tasks.request_cancel",
             f"UPDATE {self.table} AS t SET cancel_requested = true,"
-            " status = CASE WHEN t.status = 'queued' THEN 'cancelled' ELSE t.status END,"
-            " finished_at = CASE WHEN t.status = 'queued' THEN now() ELSE t.finished_at END"
-            f" WHERE t.id = $1 AND t.status IN ('queued', 'running') RETURNING {_COLUMNS}",
+            " status = CASE WHEN t.status = 'running' THEN t.status ELSE 'cancelled' END,"
+            " finished_at = CASE WHEN t.status = 'running' THEN t.finished_at ELSE now() END"
+            " WHERE t.id = $1 AND t.status IN ('waiting', 'queued', 'running')"
+            f" RETURNING {_COLUMNS}",
             task_id,
         )
         return _record(row) if row else None
@@ -762,10 +897,13 @@ class TaskStore:
         )
 
     async def retry(self, task_id: uuid.UUID) -> TaskRecord | None:
-        """dead | cancelled → queued with a fresh set of attempts; None if not allowed."""
+        """dead | cancelled → queued (waiting, if an upstream is unfinished) with a fresh set
+        of attempts; None if not allowed."""
         row = await self._fetchrow(
             "tasks.retry",
-            f"UPDATE {self.table} AS t SET status = 'queued', attempts = 0, run_at = now(),"
+            # One with an upstream still unfinished waits for it again (migration 0007).
+            f"UPDATE {self.table} AS t SET attempts = 0, run_at = now(),"
+            " status = CASE WHEN t.deps_left > 0 THEN 'waiting' ELSE 'queued' END,"
             " started_at = NULL, finished_at = NULL, result = NULL, cancel_requested = false,"
             " progress = NULL"
             f" WHERE t.id = $1 AND t.status IN ('dead', 'cancelled') RETURNING {_COLUMNS}",
@@ -778,9 +916,11 @@ class TaskStore:
     async def overdue(
         self, type_: str, older_than_s: float, after: tuple[datetime, uuid.UUID] | None,
         limit: int,
-    ) -> list[tuple[datetime, uuid.UUID]]:
-        """Queued tasks of `type_` due more than `older_than_s` ago, oldest first, keyset."""
-        sql = (f"SELECT run_at, id FROM {self.table} WHERE status = 'queued' AND type = $1"
+    ) -> list[tuple[datetime, uuid.UUID, str | None]]:
+        """(run_at, id, priority) of queued tasks of `type_` due more than `older_than_s` ago,
+        oldest first, keyset (`after`: the last run_at and id)."""
+        sql = (f"SELECT run_at, id, priority FROM {self.table}"
+               " WHERE status = 'queued' AND type = $1"
                " AND run_at < now() - $2 * interval '1 second'")
         args: list[Any] = [type_, older_than_s]
         if after is not None:
@@ -788,14 +928,21 @@ class TaskStore:
             args += list(after)
         sql += f" ORDER BY run_at, id LIMIT ${len(args) + 1}"
         rows = await self._fetch("tasks.overdue", sql, *args, limit)
-        return [(r[0], r[1]) for r in rows]
+        return [(r[0], r[1], r[2]) for r in rows]
 
-    async def running_since(self, older_than_s: float) -> list[tuple[uuid.UUID, str, str]]:
-        """(id, type, worker) of tasks running for more than `older_than_s`."""
+    async def running_since(self, older_than_s: float
+                            ) -> list[tuple[uuid.UUID, str, str, str | None]]:
+        """(id, type, worker, priority) of tasks running for more than `older_than_s`."""
         rows = await self._fetch(
             "tasks.running_since",
-            f"SELECT id, type, worker FROM {self.table} WHERE status = 'running'"
+            f"SELECT id, type, worker, priority FROM {self.table} WHERE status = 'running'"
             " AND started_at < now() - $1 * interval '1 second'",
             older_than_s,
         )
-        return [(r[0], r[1], r[2]) for r in rows]
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+# For the other stores that read task rows (store/workflows.py): the record's columns, from
+# `{schema}.tasks AS t`, and the record of such a row.
+RECORD_COLUMNS = _COLUMNS
+record_of = _record

@@ -21,12 +21,18 @@ What it records, in the `chaos` schema of the same database:
 - `chaos.faults`: the injected Postgres error, if one is active; a BEFORE UPDATE trigger on the
   tasks table raises it (`RAISE ... USING ERRCODE`) for a share of the rows while it lasts.
 
-What it checks (any failure exits 1): every task succeeded; no task's history goes on after a
-final state (succeeded, dead, cancelled), which also catches succeeding twice; no dead or
-cancelled task has a run that finished ok; no two runs of one task overlap in time unless one
-of their workers was SIGKILLed or stalled during the overlap (those are reported apart, as the
-at-least-once re-runs they are); no Conveyor process exited without being sent a signal, and
-each one stopped by SIGTERM at the end exited 0.
+With `--workflows N`, N workflows of `--workflow-nodes` effect tasks each (a root, the middle
+nodes, a callback depending on all of them, then a chain of two after it whose first link
+fails its first attempt and is retried) are created while the faults strike, the first at the
+start and the others spread over the enqueue period.
+
+What it checks (any failure exits 1): every task succeeded; no run of a workflow node began
+before each of its upstreams had finished (its handler's start against their `finished_at`); no
+task's history goes on after a final state (succeeded, dead, cancelled), which also catches
+succeeding twice; no dead or cancelled task has a run that finished ok; no two runs of one task
+overlap in time unless one of their workers was SIGKILLed or stalled during the overlap (those
+are reported apart, as the at-least-once re-runs they are); no Conveyor process exited without
+being sent a signal, and each one stopped by SIGTERM at the end exited 0.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from redis.asyncio import Redis
 
 from conveyor import logs
 from conveyor.application import Conveyor
-from conveyor.client import TaskRequest
+from conveyor.client import NodeRequest, TaskRequest
 from conveyor.config import Settings
 from conveyor.errors import Unavailable
 from conveyor.registry import RetryPolicy, TaskContext
@@ -75,6 +81,7 @@ _run_log: list[int] = []  # this process's open run file, once opened
 class Effect(BaseModel):
     n: int
     work_ms: int = 0
+    fail_attempts: int = 0  # its first this many attempts raise (then it is retried)
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,8 @@ async def effect(payload: Effect, ctx: TaskContext) -> dict[str, int]:
     ok = False
     try:
         await asyncio.sleep(payload.work_ms / 1000)
+        if ctx.attempt <= payload.fail_attempts:
+            raise RuntimeError(f"attempt {ctx.attempt} was told to fail")
         ok = True
     finally:
         _note({**run, "finished": time.time(), "ok": ok})
@@ -220,6 +229,8 @@ class Plan:
     stall_s: float = 2 * float(_TIMINGS["heartbeat_ttl"])
     drain_timeout_s: float = 120.0
     seed: int = 0
+    workflows: int = 0
+    workflow_nodes: int = 500
 
 
 @dataclass
@@ -241,6 +252,8 @@ class Report:
     final: dict[str, int] = field(default_factory=dict)
     recorded_twice: list[str] = field(default_factory=list)
     dead_but_ran_ok: list[str] = field(default_factory=list)
+    workflows: int = 0
+    released_early: list[str] = field(default_factory=list)
     live_overlaps: list[str] = field(default_factory=list)
     impaired_overlaps: int = 0
     exits: list[Exit] = field(default_factory=list)
@@ -259,7 +272,7 @@ class Report:
     def ok(self) -> bool:
         return (self.enqueued > 0 and self.lost == 0 and not self.recorded_twice
                 and not self.dead_but_ran_ok and not self.live_overlaps and not self.exits
-                and not self.unclean_stops)
+                and not self.unclean_stops and not self.released_early)
 
     def lines(self) -> list[str]:
         kinds: dict[str, int] = {}
@@ -276,6 +289,9 @@ class Report:
             *_examples(self.recorded_twice),
             _row("dead or cancelled, yet ran ok", len(self.dead_but_ran_ok)),
             *_examples(self.dead_but_ran_ok),
+            _row("workflows", self.workflows),
+            _row("ran before an upstream finished", len(self.released_early)),
+            *_examples(self.released_early),
             _row("concurrent copies, live workers", len(self.live_overlaps)),
             *_examples(self.live_overlaps),
             _row("concurrent copies, killed/stalled", self.impaired_overlaps,
@@ -535,6 +551,61 @@ async def _enqueue(state: AppState, plan: Plan, report: Report) -> None:
         await asyncio.sleep(max(0.0, due - time.monotonic()))
 
 
+async def _workflows(state: AppState, plan: Plan, report: Report) -> None:
+    """Create the plan's workflows: the first at once, the rest spread over the period."""
+    for k in range(plan.workflows):
+        if k:
+            await asyncio.sleep(plan.duration_s / plan.workflows)
+        base = plan.tasks + k * plan.workflow_nodes
+        mids = [NodeRequest(f"m{i}", TaskRequest("effect", Effect(n=base + i + 1,
+                                                                   work_ms=plan.work_ms // 4)),
+                            ("root",)) for i in range(plan.workflow_nodes - 4)]
+        last = base + plan.workflow_nodes - 1
+        # After the fan-in, a chain (callback → then → last: root to last is 5 deep) whose
+        # middle link fails its first attempt and is retried before its dependent may run.
+        nodes = [NodeRequest("root", TaskRequest("effect", Effect(n=base))), *mids,
+                 NodeRequest("callback", TaskRequest("effect", Effect(n=last - 2)),
+                             tuple(m.key for m in mids)),
+                 NodeRequest("then", TaskRequest("effect", Effect(n=last - 1, fail_attempts=1)),
+                             ("callback",)),
+                 NodeRequest("last", TaskRequest("effect", Effect(n=last)), ("then",))]
+        name = f"chaos-{k}"
+        deadline = time.monotonic() + 60
+        while True:  # a retry after a lost answer must not make the workflow twice
+            try:
+                await state.client.create_workflow(nodes, name)
+                break
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(Unavailable):
+                    listed = await state.client.list_workflows(before=None, limit=100)
+                    if any(w.name == name for w in listed):
+                        break
+        report.workflows += 1
+
+
+async def _released_early(state: AppState, runs: list[Run]) -> list[str]:
+    """Runs of a dependent that began before one of its upstreams had finished."""
+    rows = await _retrying(state.pool.fetch, f"""
+        SELECT e.downstream, max(u.finished_at) AS last,
+               bool_or(u.finished_at IS NULL) AS unfinished
+        FROM {SCHEMA}.task_edges e JOIN {SCHEMA}.tasks u ON u.id = e.upstream
+        GROUP BY e.downstream""")
+    ready = {str(r["downstream"]): (r["last"], r["unfinished"]) for r in rows}
+    early = []
+    for run in runs:
+        if run.task_id not in ready:
+            continue
+        last, unfinished = ready[run.task_id]
+        if unfinished or run.started < last.timestamp():
+            early.append(f"task {run.task_id}: attempt {run.attempt} began at {run.started:.3f},"
+                         f" its last upstream finished at "
+                         f"{'never' if unfinished else f'{last.timestamp():.3f}'}")
+    return early
+
+
 def _pg_error_kinds(rng: random.Random) -> Iterator[str]:
     """Postgres error kinds in random order, each once before any repeats."""
     while True:
@@ -680,7 +751,7 @@ async def _watch(cluster: Cluster, report: Report, stop: asyncio.Event) -> None:
 async def _drain(state: AppState, plan: Plan, report: Report) -> None:
     """Wait until every task is in a final state, or the drain timeout."""
     deadline = time.monotonic() + plan.drain_timeout_s
-    sql = (f"SELECT count(*) FILTER (WHERE status IN ('queued', 'running'))"
+    sql = (f"SELECT count(*) FILTER (WHERE status IN ('waiting', 'queued', 'running'))"
            f" FROM {SCHEMA}.tasks")
     while time.monotonic() < deadline:
         if await _count(state, sql) == 0:
@@ -760,6 +831,7 @@ async def _check(state: AppState, cluster: Cluster, report: Report) -> None:
     report.dead_but_ran_ok = [f"task {r['id']}: {r['status']} after {r['attempts']} attempts,"
                               f" {ok_runs[str(r['id'])]} runs finished ok" for r in dead]
     report.live_overlaps, report.impaired_overlaps = overlaps(runs, cluster.impaired)
+    report.released_early = await _released_early(state, runs)
 
 
 async def _run(cluster: Cluster, plan: Plan) -> Report:
@@ -773,6 +845,7 @@ async def _run(cluster: Cluster, plan: Plan) -> Report:
         watcher = asyncio.create_task(_watch(cluster, report, stop))
         try:
             await asyncio.gather(_enqueue(state, plan, report),
+                                 _workflows(state, plan, report),
                                  Injector(cluster, state, report, began).run())
             await _drain(state, plan, report)
         finally:
@@ -855,16 +928,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long a stalled worker stays stopped (default 2 x TTL)")
     parser.add_argument("--drain-timeout", type=float, default=120.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--workflows", type=int, default=0,
+                        help="fan-out/fan-in workflows created while the faults strike")
+    parser.add_argument("--workflow-nodes", type=int, default=500,
+                        help="nodes per workflow (a root, the middle ones, a callback, a "
+                             "chain of two after it; at least 5)")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep logs and server data in this directory")
     args = parser.parse_args(argv)
+    if args.workflows and args.workflow_nodes < 5:
+        parser.error("--workflow-nodes: at least 5 (a root, a middle node, a callback, two after)")
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     counts = {name: (getattr(args, name) if getattr(args, name) is not None
                      else args.faults_each if args.faults_each is not None else default)
               for name, default in _FAULT_FLAGS.items()}
     plan = Plan(tasks=args.tasks, duration_s=args.duration, workers=args.workers,
                 work_ms=args.work_ms, long_share=args.long_share, long_ms=args.long_ms,
-                stall_s=args.stall_s, drain_timeout_s=args.drain_timeout, seed=seed, **counts)
+                stall_s=args.stall_s, drain_timeout_s=args.drain_timeout, seed=seed,
+                workflows=args.workflows, workflow_nodes=args.workflow_nodes, **counts)
     logs.configure("warning", "console")
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     print(f"chaos run: {plan}", flush=True)

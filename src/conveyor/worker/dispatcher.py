@@ -17,12 +17,14 @@ from collections.abc import Callable
 import structlog
 
 from conveyor import metrics, tracing
-from conveyor.queue.events import Publisher, event
+from conveyor.errors import Unavailable
+from conveyor.queue.events import Publisher, cancelled, event
 from conveyor.queue.streams import Message, TaskStreams
 from conveyor.registry import Lease, TaskType
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.store.tasks import NotStarted, Started, TaskStore
 from conveyor.worker.executor import Executor
+from conveyor.worker.gate import Gate
 from conveyor.worker.inflight import InFlight
 from conveyor.worker.progress import Progress
 from conveyor.worker.recorder import Recorder
@@ -51,6 +53,7 @@ class Dispatcher:
         publisher: Publisher | None = None,
         progress: Progress | None = None,
         worker_id: str = "",
+        gate: Gate | None = None,
     ) -> None:
         self.task_type = task_type
         self.executor = executor
@@ -62,23 +65,35 @@ class Dispatcher:
         self.publisher = publisher
         self.progress = progress
         self.worker_id = worker_id
+        self.gate = gate
+        self.store = store
+        self.streams = streams
+        self._leased: set[bytes] = set()  # stream ids read under a concurrency lease
         self.settler = Settler(store, streams, f"dispatcher.{task_type.name}.settle",
                                publisher=publisher)
         self._wait = metrics.type_meters(task_type.name).wait
         self.processed = 0  # handler runs finished
 
-    async def dispatch(self, consumer: str, messages: list[Message], shutdown: Shutdown
-                       ) -> None:
+    async def dispatch(self, consumer: str, messages: list[Message], shutdown: Shutdown,
+                       *, leased: bool = False) -> None:
         """Mark the messages' tasks running and spawn their handlers; settle the rest.
 
         Every message is in `in_flight` from its read until it is acked (or given up), so the
         heartbeat keeps it from looking abandoned while Postgres is slow or away.
         """
+        if self.gate is not None and self.gate.of(self.task_type.name).paused:
+            # Read by a blocking read begun before the pause reached this worker: not started,
+            # handed back to the stream for after the resume.
+            await self._hand_back_paused(messages, leased=leased)
+            return
+        if leased:
+            self._leased.update(m.stream_id for m in messages)
         fresh = self.in_flight.hold(self.task_type.name, consumer, messages)
         if len(fresh) < len(messages):
             log.info("worker.message.redelivered", task_type=self.task_type.name,
                      held_already=len(messages) - len(fresh))
-            self.slots.give(len(messages) - len(fresh))
+            kept = {m.stream_id for m in fresh}
+            self._free([m for m in messages if m.stream_id not in kept])
             messages = fresh
             if not messages:
                 return
@@ -100,6 +115,8 @@ class Dispatcher:
                 return
             started, not_started = result
         adopted, not_started = self._adopt(not_started, by_task)
+        if self.gate is not None and started and self.gate.keyed(self.task_type.name):
+            started = await self._keyed(started, by_task, shutdown)
         now = time.time()
         if self.publisher is not None and started:
             self.publisher.emit(*(
@@ -114,6 +131,19 @@ class Dispatcher:
             await self.settler.unrunnable(self.task_type.name, undecodable, duplicates,
                                           not_started, by_task, shutdown)
             self._release(unrunnable)
+
+    async def _hand_back_paused(self, messages: list[Message], *, leased: bool) -> None:
+        name = self.task_type.name
+        try:
+            await self.streams.requeue(
+                name, messages, max_requeues=max(m.requeues for m in messages) + 1)
+        except Unavailable as exc:  # left pending: the rebalancer hands them on
+            log.warning("flow.paused.hand_back_failed", task_type=name, messages=len(messages),
+                        error=str(exc))
+        log.info("flow.paused.handed_back", task_type=name, messages=len(messages))
+        self.slots.give(len(messages))
+        if leased and self.gate is not None:
+            self.gate.release(name, len(messages))
 
     def _adopt(
         self, not_started: list[NotStarted], by_task: dict[uuid.UUID, Message]
@@ -134,7 +164,54 @@ class Dispatcher:
     def _release(self, messages: list[Message]) -> None:
         """Stop holding `messages` (acked, or left pending) and free their slots."""
         self.in_flight.release((self.task_type.name, m.stream_id) for m in messages)
+        self._free(messages)
+
+    def _free(self, messages: list[Message]) -> None:
+        """Free the slots of `messages`, and the concurrency leases they were read under."""
         self.slots.give(len(messages))
+        if self._leased and self.gate is not None:
+            leased = [m.stream_id for m in messages if m.stream_id in self._leased]
+            if leased:
+                self._leased.difference_update(leased)
+                self.gate.release(self.task_type.name, len(leased), keep=True)
+
+    async def _keyed(self, started: list[Started], by_task: dict[uuid.UUID, Message],
+                     shutdown: Shutdown) -> list[Started]:
+        """The started tasks their keys' limits let run now; the others are put back, due
+        when their key may have room (queued again, the attempt not counted), their
+        messages acked. Without Redis or Postgres to ask or to put them back, they run (a
+        limit met late, nothing lost: a task is never left running without a handler)."""
+        assert self.gate is not None
+        name = self.task_type.name
+        try:
+            allowed, deferred = await self.gate.admit_keyed(name, started)
+        except Unavailable as exc:
+            log.warning("flow.keyed.unchecked", task_type=name, tasks=len(started),
+                        error=str(exc))
+            return started
+        if not deferred:
+            return allowed
+        try:
+            returned = await self.store.defer(
+                [(t.id, t.attempt, delay) for t, delay, _ in deferred], self.worker_id)
+        except Unavailable as exc:  # still running here: run them rather than strand them
+            log.warning("flow.defer.failed", task_type=name, tasks=len(deferred),
+                        error=str(exc), running_instead=True)
+            return allowed + [t for t, _, _ in deferred]
+        back = set(returned.queued)
+        now_ms = int(time.time() * 1000)
+        if returned.cancelled and self.publisher is not None:  # asked while put back
+            self.publisher.emit(*(cancelled(i, name, at) for i, at in returned.cancelled))
+        # Retried while Redis is away (until the drain deadline): left pending otherwise, for
+        # the rebalancer to hand on; the relay publishes a task Redis lost.
+        await self.settler.settle(
+            name, [by_task[t.id].stream_id for t, _, _ in deferred],
+            delays=[(t.id, now_ms + int(delay * 1000)) for t, delay, _ in deferred
+                    if t.id in back],
+            levels={t.id: t.priority for t, _, _ in deferred if t.priority is not None},
+            shutdown=shutdown)
+        self._release([by_task[t.id] for t, _, _ in deferred])
+        return allowed
 
     async def _run_one(self, message: Message, task: Started) -> None:
         """Run one handler; its slot is free once it ends, its outcome handed to the recorder
@@ -180,6 +257,8 @@ class Dispatcher:
             raise
         finally:
             self.processed += 1
-            self.slots.give(1)
+            self._free([message])
+            if self.gate is not None:
+                self.gate.release_keyed(task.id)
             if self.progress is not None:
                 self.progress.done(str(task.id))

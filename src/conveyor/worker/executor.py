@@ -26,7 +26,14 @@ from conveyor.config import Settings
 from conveyor.egress.client import OutboundHttp
 from conveyor.egress.policy import EgressPolicy
 from conveyor.errors import Fail, Retry
-from conveyor.registry import Lease, ProgressSink, RetryPolicy, TaskContext, TaskType
+from conveyor.registry import (
+    Lease,
+    ProgressSink,
+    Relatives,
+    RetryPolicy,
+    TaskContext,
+    TaskType,
+)
 from conveyor.store.tasks import AttemptOutcome, Outcome, Started
 from conveyor.worker.pools import ProcessPool, ThreadPool, TimedOut
 
@@ -55,8 +62,10 @@ class Executor:
 
     def __init__(self, settings: Settings, worker_id: str,
                  http: OutboundHttp | None = None,
-                 progress: ProgressSink | None = None) -> None:
+                 progress: ProgressSink | None = None,
+                 relatives: Relatives | None = None) -> None:
         self.settings = settings
+        self.relatives = relatives
         self.worker_id = worker_id
         self.http = http or OutboundHttp(EgressPolicy.from_settings(settings))
         self.progress = progress
@@ -105,6 +114,8 @@ class Executor:
             settings=self.settings,
             lease=lease or Lease(self.progress),
             http=self.http,
+            **({"relatives": self.relatives}
+               if self.relatives is not None and task_type.run_in != "process" else {}),
         )
         try:
             payload = task_type.payload_model.model_validate(started.payload)

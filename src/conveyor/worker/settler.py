@@ -46,16 +46,17 @@ class Settler:
         *,
         delays: Sequence[tuple[uuid.UUID, int]] = (),
         dead: Sequence[tuple[str, str]] = (),
+        levels: Mapping[uuid.UUID, str] | None = None,
         shutdown: Shutdown,
     ) -> bool:
-        """Schedule retries, dead-letter, then ack (one pipeline), retried while Redis is
-        away; False if given up once the drain deadline has passed, or refused by Redis (the
-        messages stay pending)."""
+        """Schedule retries (`levels`: the priority of those that have one), dead-letter,
+        then ack (one pipeline), retried while Redis is away; False if given up once the
+        drain deadline has passed, or refused by Redis (the messages stay pending)."""
         if not acks and not delays and not dead:
             return True
         try:
             done = await self._outage.until_done(self._settle, task_type, acks, delays, dead,
-                                                 shutdown=shutdown)
+                                                 levels, shutdown=shutdown)
         except Exception:  # left pending: the rebalancer re-queues it once idle a TTL
             log.exception("settler.failed", task_type=task_type, messages=len(acks))
             return False
@@ -63,9 +64,9 @@ class Settler:
 
     async def _settle(
         self, task_type: str, acks: Sequence[bytes], delays: Sequence[tuple[uuid.UUID, int]],
-        dead: Sequence[tuple[str, str]],
+        dead: Sequence[tuple[str, str]], levels: Mapping[uuid.UUID, str] | None,
     ) -> bool:
-        await self.streams.settle(task_type, acks, delays=delays, dead=dead)
+        await self.streams.settle(task_type, acks, delays=delays, dead=dead, levels=levels)
         return True
 
     async def recorded(
@@ -85,18 +86,20 @@ class Settler:
                 by_type[entry[1].task_type].append(entry)
         settled = True
         for task_type, entries in by_type.items():
-            delays, dead = [], []
+            delays, dead, levels = [], [], {}
             for _, outcome in entries:
                 r = stored.get(outcome.task_id)
                 if r is None:
                     continue
                 if r.status == "queued":
                     delays.append((r.task_id, int(r.run_at.timestamp() * 1000)))
+                    if r.priority is not None:
+                        levels[r.task_id] = r.priority
                 elif r.status == "dead":
                     dead.append((str(r.task_id), outcome.error or "dead"))
             acks = [stream_id for stream_id, _ in entries]
             settled &= await self.settle(task_type, acks, delays=delays, dead=dead,
-                                         shutdown=shutdown)
+                                         levels=levels, shutdown=shutdown)
         return settled
 
     async def unrunnable(
@@ -130,6 +133,7 @@ class Settler:
         acks = [m.stream_id for m in [*undecodable, *duplicates]]
         dead = [("", f"{m.error} (stream entry {m.stream_id.decode()})") for m in undecodable]
         delays = []
+        levels = {}
         exhausted = []
         if duplicates:
             metrics.MESSAGES_DROPPED.labels(name, "duplicate").inc(len(duplicates))
@@ -146,6 +150,8 @@ class Settler:
                 exhausted.append(ns.id)
             elif ns.status == "queued" and ns.run_at is not None:
                 delays.append((ns.id, int(ns.run_at.timestamp() * 1000)))
+                if ns.priority is not None:
+                    levels[ns.id] = ns.priority
                 metrics.MESSAGES_DROPPED.labels(name, "early").inc()
             else:
                 metrics.MESSAGES_DROPPED.labels(name, ns.status).inc()
@@ -163,4 +169,5 @@ class Settler:
             if self.publisher is not None:
                 self.publisher.emit(*(event("dead", task_id, name, "dead",
                                             error=LAST_ATTEMPT_LOST) for task_id in killed))
-        await self.settle(name, acks, delays=delays, dead=dead, shutdown=shutdown)
+        await self.settle(name, acks, delays=delays, dead=dead, levels=levels,
+                          shutdown=shutdown)

@@ -23,19 +23,23 @@ from typing import Any
 import structlog
 
 from conveyor import metrics
+from conveyor.client import TaskRelatives
 from conveyor.egress.client import OutboundHttp
 from conveyor.egress.policy import EgressPolicy
 from conveyor.errors import ConfigError, Unavailable
 from conveyor.queue.events import Publisher, cancelled
+from conveyor.queue.flow import FlowRedis
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState
 from conveyor.store.pool import Pinned
+from conveyor.store.queue_settings import QueueSettingsStore
 from conveyor.worker.cancels import Cancels
 from conveyor.worker.consumer import Consumer
 from conveyor.worker.dispatcher import Dispatcher
 from conveyor.worker.executor import Executor
 from conveyor.worker.forwarder import Forwarder
+from conveyor.worker.gate import Gate
 from conveyor.worker.heartbeat import Heartbeat
 from conveyor.worker.inflight import Held, InFlight
 from conveyor.worker.progress import Progress
@@ -105,10 +109,19 @@ class Worker:
                                  interval_s=settings.progress_interval)
         self.cancels = Cancels(state.events, self.in_flight, grace_s=settings.cancel_grace)
         self.executor = Executor(settings, self.worker_id, self.http,
-                                 progress=self.progress.report)
+                                 progress=self.progress.report,
+                                 relatives=TaskRelatives(state.client))
         # Two connections pinned for the worker's lifetime: one starts tasks, one records them.
         self._pinned = [Pinned(state.pool, acquire_timeout_s=settings.pg_acquire_timeout)
                         for _ in range(2)]
+        self.gate = Gate(
+            self.types, FlowRedis(state.redis, state.keys),
+            QueueSettingsStore(state.pool, settings.database_schema,
+                               acquire_timeout_s=settings.pg_acquire_timeout),
+            self.worker_id, lease_ttl_s=settings.flow_lease_ttl,
+            reload_s=settings.flow_reload_interval, poll_s=settings.flow_poll_interval,
+            defer_s=settings.flow_defer,
+        )
         self.starter = Starter(state.store, self._pinned[0], self.worker_id)
         self.recorder = Recorder(
             state.store, state.streams, self._pinned[1], self.worker_id,
@@ -120,17 +133,19 @@ class Worker:
             Dispatcher(t, store=state.store, streams=state.streams, executor=self.executor,
                        starter=self.starter, recorder=self.recorder, slots=self.slots,
                        in_flight=self.in_flight, spawn=self._spawn, publisher=self.publisher,
-                       progress=self.progress, worker_id=self.worker_id)
+                       progress=self.progress, worker_id=self.worker_id, gate=self.gate)
             for t in self.types
         ]
         self.consumers = [
             Consumer(d.task_type, worker_id=self.worker_id, streams=state.streams,
                      slots=self.slots, dispatcher=d, spawn=self._spawn,
-                     block_ms=int(settings.read_block * 1000), solo=len(self.types) == 1)
+                     block_ms=int(settings.read_block * 1000), solo=len(self.types) == 1,
+                     gate=self.gate)
             for d in self.dispatchers
         ]
         self.forwarder = Forwarder(
-            state.streams, wanted, interval_s=settings.forward_interval
+            state.streams, wanted, interval_s=settings.forward_interval,
+            ranked=[t for t in wanted if state.app.registry.types[t].priorities],
         )
         self.heartbeat = Heartbeat(
             state.workers,
@@ -181,6 +196,7 @@ class Worker:
                 publisher = group.create_task(self.publisher.run(aux_stop), name="events")
                 group.create_task(self.progress.run(aux_stop), name="progress")
                 group.create_task(self.cancels.run(aux_stop), name="cancels")
+                group.create_task(self.gate.run(aux_stop), name="flow")
                 group.create_task(self.forwarder.run(shutdown))
                 consumers = [group.create_task(c.run(shutdown)) for c in self.consumers]
                 await shutdown.wait()
@@ -238,6 +254,7 @@ class Worker:
             try:
                 for t in self.types:
                     await self.state.streams.ensure_group(t.name)
+                await self.gate.reload()  # the limits in force before the first read
                 await self.heartbeat.beat()
                 outage.recovered()
                 return

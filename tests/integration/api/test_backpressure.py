@@ -40,11 +40,14 @@ async def test_requests_past_the_pending_bound_get_503(
 ) -> None:
     tight = settings.model_copy(update={"api_max_pending": 2})
     async with open_state(tight, app) as state:
-        transport = httpx.ASGITransport(app=create_app(state))
+        api = create_app(state)
+        transport = httpx.ASGITransport(app=api)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
             tx = await lock_tasks(stalled, state)
             waiting = [asyncio.create_task(http.post("/v1/tasks", json=BODY)) for _ in range(2)]
-            await asyncio.sleep(0.2)
+            async with asyncio.timeout(30):  # both inside (a first request can be slow)
+                while api.state.admission.inside < 2:  # noqa: ASYNC110 - a counter, no event
+                    await asyncio.sleep(0.01)
             refused = await asyncio.gather(*(http.post("/v1/tasks", json=BODY)
                                              for _ in range(3)))
             assert [r.status_code for r in refused] == [503, 503, 503]
@@ -72,7 +75,9 @@ async def test_an_exhausted_pool_is_503_not_an_endless_wait(
             # Both connections end up waiting on the lock: the enqueue path's own, and a read.
             holding = [asyncio.create_task(http.post("/v1/tasks", json=BODY)),
                        asyncio.create_task(http.get("/v1/tasks"))]
-            await asyncio.sleep(0.3)
+            async with asyncio.timeout(30):  # both taken (a first request can be slow)
+                while state.pool.get_size() < 2 or state.pool.get_idle_size():  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
             starved = await http.get(f"/v1/tasks/{uuid.uuid4()}")
             assert starved.status_code == 503
             assert starved.headers["retry-after"]

@@ -26,6 +26,24 @@ def test_shipped_migrations_are_numbered_and_0004_builds_concurrently() -> None:
     assert all("CONCURRENTLY" in s for s in shipped[4].statements() if "INDEX" in s)
 
 
+def test_from_0007_no_transaction_holds_a_scan_of_the_tasks_table() -> None:
+    """A scan inside a migration's transaction would hold the lock its ALTERs took (writes
+    wait): validating a check and building an index go in no-transaction files."""
+    shipped = {m.version: m for m in migrations()}
+    for migration in (m for v, m in shipped.items() if v >= 7):
+        sql = " ".join(migration.sql.split()).upper()
+        if migration.transactional:
+            assert "VALIDATE CONSTRAINT" not in sql, migration.name
+            assert "INDEX TASKS_" not in sql.replace("CREATE INDEX TASK_EDGES", ""), \
+                migration.name
+        else:
+            assert all("CONCURRENTLY" in s for s in migration.statements() if "INDEX" in s)
+    assert not shipped[11].transactional
+    assert "VALIDATE CONSTRAINT TASKS_STATUS_CHECK" in shipped[11].sql.upper()
+    assert not shipped[12].transactional
+    assert "VALIDATE CONSTRAINT TASKS_PRIORITY_CHECK" in shipped[12].sql.upper()
+
+
 def test_a_newer_schema_is_refused_naming_both_versions() -> None:
     known = [Migration(1, "a", ""), Migration(2, "b", "")]
     refuse_newer("s", {1, 2}, known)

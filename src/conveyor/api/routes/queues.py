@@ -6,25 +6,72 @@ type.)
 """
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
+from fastapi.exceptions import RequestValidationError
 from starlette.responses import Response
 
 from conveyor.api.auth import forbidden, requires
 from conveyor.api.deps import StateDep
-from conveyor.api.models import DeadLettersOut, QueuesOut
+from conveyor.api.models import DeadLettersOut, FlowOut, LimitsIn, QueuesOut
 from conveyor.api.responses import OrjsonResponse
-from conveyor.registry import Registry
-from conveyor.store.keys import READ
+from conveyor.errors import Unavailable
+from conveyor.queue.flow import FlowRedis
+from conveyor.registry import PRIORITIES, Limits, Registry, TaskType
+from conveyor.state import AppState
+from conveyor.store.keys import ADMIN, MANAGE, READ
+from conveyor.store.queue_settings import FIELDS, InvalidOverride, Override, QueueSettingsStore
 from conveyor.validation import StorableStr
+
+_BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "malformed JSON"},
+    413: {"description": "body over MAX_BODY_BYTES"},
+    415: {"description": "the body is not JSON"},
+    422: {"description": "a limit out of range, a rate that is none, or a per-key limit on a "
+                         "type without a concurrency_key; `errors` names it"},
+}
+
+
+def _flow(state: AppState) -> tuple[FlowRedis, QueueSettingsStore]:
+    return (FlowRedis(state.redis, state.keys),
+            QueueSettingsStore(state.pool, state.settings.database_schema,
+                               acquire_timeout_s=state.settings.pg_acquire_timeout))
+
+
+def _flow_out(task_type: TaskType, row: Override | None, in_use: int | None) -> dict[str, Any]:
+    limits = row.over_or_declared(task_type.limits, task_type.name) if row is not None \
+        else task_type.limits
+    return _flow_of(task_type, limits, row, in_use)
+
+
+def _flow_of(task_type: TaskType, limits: Limits, row: Override | None,
+             in_use: int | None) -> dict[str, Any]:
+    return {
+        "max_concurrency": limits.max_concurrency,
+        "concurrency_key": limits.concurrency_key,
+        "max_concurrency_per_key": limits.max_concurrency_per_key,
+        "rate_limit": str(limits.rate_limit) if limits.rate_limit else None,
+        "rate_limit_per_key": str(limits.rate_limit_per_key) if limits.rate_limit_per_key
+        else None,
+        "paused": limits.paused,
+        "priorities": list(PRIORITIES) if task_type.priorities else None,
+        "leases_in_use": in_use,
+        "overridden": [f for f in FIELDS if row is not None and getattr(row, f) is not None
+                       and getattr(row, f) is not False],
+        "updated_at": row.updated_at if row is not None else None,
+    }
 
 
 async def list_queues(state: StateDep) -> Response:
     names = list(state.app.registry.types)
     stats = await state.streams.stats(names)
     counts = await asyncio.gather(*(state.store.counts(n) for n in names))
+    flow, queue_settings = _flow(state)
+    overrides = await queue_settings.all()
+    in_use = await flow.in_use(names)
     now = datetime.now(UTC)
     queues = []
     for name, count in zip(names, counts, strict=True):
@@ -42,6 +89,8 @@ async def list_queues(state: StateDep) -> Response:
             "oldest_queued_age_s": (
                 round((now - count.oldest_due).total_seconds(), 3) if count.oldest_due else None
             ),
+            "flow": _flow_out(state.app.registry.types[name], overrides.get(name),
+                              in_use.get(name)),
         })
     return OrjsonResponse({"queues": queues})
 
@@ -65,5 +114,48 @@ def build_router(registry: Registry) -> APIRouter:
         state.app.registry.get(task_type)  # 422 for an unknown type (when none is registered)
         entries = await state.streams.dead_letters(task_type, limit)
         return OrjsonResponse({"entries": entries})
+
+    async def change(state: AppState, task_type: str, changes: dict[str, Any]) -> Response:
+        """Write the changes, nudge every worker (they reload within a second; without
+        Redis, at their next periodic reload) and answer the flow in force."""
+        declared = state.app.registry.get(task_type)
+        flow, queue_settings = _flow(state)
+        try:
+            row, limits = await queue_settings.change(task_type, changes, declared.limits)
+        except InvalidOverride as exc:  # rolled back: nothing was stored
+            raise RequestValidationError([{
+                "type": "value_error", "loc": ("body", exc.field), "msg": exc.message,
+                "input": changes.get(exc.field)}]) from None
+        with contextlib.suppress(Unavailable):
+            await flow.nudge(task_type)
+        return OrjsonResponse(_flow_of(declared, limits, row, None))
+
+    @router.patch("/{task_type}/limits", response_model=FlowOut,
+                  dependencies=[Depends(requires[ADMIN])],
+                  responses={**forbidden(ADMIN), **_BODY_ERRORS},
+                  summary="Change a type's flow limits at run time (admin)")
+    async def set_limits(
+        task_type: Annotated[type_name, Path(description="a registered task type")],
+        body: LimitsIn, state: StateDep,
+    ) -> Response:
+        return await change(state, task_type, {f: getattr(body, f) for f in body.model_fields_set})
+
+    @router.post("/{task_type}/pause", response_model=FlowOut,
+                 dependencies=[Depends(requires[MANAGE])], responses=forbidden(MANAGE),
+                 summary="Stop starting a type's tasks (enqueues are still accepted)")
+    async def pause(
+        task_type: Annotated[type_name, Path(description="a registered task type")],
+        state: StateDep,
+    ) -> Response:
+        return await change(state, task_type, {"paused": True})
+
+    @router.post("/{task_type}/resume", response_model=FlowOut,
+                 dependencies=[Depends(requires[MANAGE])], responses=forbidden(MANAGE),
+                 summary="Start a paused type's tasks again")
+    async def resume(
+        task_type: Annotated[type_name, Path(description="a registered task type")],
+        state: StateDep,
+    ) -> Response:
+        return await change(state, task_type, {"paused": False})
 
     return router

@@ -37,7 +37,8 @@ _ENQUEUE_ERRORS: dict[int | str, dict[str, Any]] = {
                          "names each"},
     413: {"description": "body over MAX_BODY_BYTES"},
     415: {"description": f"the body is not {JSON_MEDIA_TYPES}"},
-    422: {"description": "unknown type or invalid payload; `errors` lists the fields"},
+    422: {"description": "unknown type or invalid payload (`errors` lists the fields), or a "
+                         "`depends_on` id that names no task (`rule`: `unknown_task`)"},
     403: {"description": f"the API key lacks the scope `{ENQUEUE}`, or may not enqueue a "
                          "type of the request (`types` names each)"},
 }
@@ -63,6 +64,11 @@ def _task_request(body: Any) -> TaskRequest:
         idempotency_key=body.idempotency_key,
         delay_s=body.delay_seconds,
         max_attempts=body.max_attempts,
+        depends_on=body.depends_on,
+        on_upstream_failure=body.on_upstream_failure,
+        priority=body.priority,
+        unique_for=body.unique_for,
+        unique_key=body.unique_key,
     )
 
 
