@@ -84,10 +84,10 @@ async def test_every_layout_is_measured_and_reported(
                                 completions=200, prune_rows=600, quiet=True)
         assert figures.completion_us > 0, layout.label
         assert figures.completion_wal > 0, layout.label
-        # A move copies the payload (TOAST included) into the history table; an UPDATE in
-        # place keeps the payload where it is.
+        # A move copies the payload (TOAST included, compressed) into the history table; an
+        # UPDATE in place keeps the payload where it is.
         if isinstance(layout, History):
-            assert figures.big_completion_wal > BIG_PAYLOAD_BYTES / 2, figures
+            assert figures.big_completion_wal > 5 * figures.completion_wal, figures
         else:
             assert figures.big_completion_wal < BIG_PAYLOAD_BYTES / 4, (layout.label, figures)
         assert [p.method for p in figures.prunes] == layout.prune_methods()

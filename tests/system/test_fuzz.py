@@ -52,7 +52,9 @@ RUN_TIMEOUT_S = 240  # a hard bound, far above the ~60 s the run takes
 # `depends_on` id must name an existing task, a workflow's `depends_on` keys its own nodes
 # (random ones name none), so the enqueue operations accept a 422 for valid data too; and the
 # stateful phase links a task's `workflow_id` (null outside a workflow) to the workflow
-# routes' path, sending `None` as the id, so those accept a 422 for it too.
+# routes' path, sending `None` as the id, so those accept a 422 for it too. A limits change
+# is checked against the type's declared limits (a per-key limit needs a `concurrency_key`),
+# which the schema cannot say either.
 # The check's own default statuses, and a 422.
 ACCEPTED = '["2XX", "3XX", "401", "403", "404", "409", "422", "429", "5XX"]'
 CONFIG = f"""\
@@ -77,6 +79,11 @@ checks.positive_data_acceptance.expected-statuses = {ACCEPTED}
 
 [[operations]]
 include-path-regex = "^/v1/workflows/"
+checks.positive_data_acceptance.expected-statuses = {ACCEPTED}
+
+[[operations]]
+include-path-regex = "^/v1/queues/[^/]+/limits$"
+include-method = "PATCH"
 checks.positive_data_acceptance.expected-statuses = {ACCEPTED}
 """
 
