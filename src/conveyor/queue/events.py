@@ -35,6 +35,7 @@ import orjson
 import structlog
 
 from conveyor.errors import Unavailable
+from conveyor.queue import pubsub
 from conveyor.queue.connection import Redis, translate
 from conveyor.queue.keys import Keys
 from conveyor.runtime.outage import Outage
@@ -204,22 +205,9 @@ class EventLog:
     async def cancel_requests(self, stop: Shutdown) -> AsyncIterator[str]:
         """Task ids whose cancel is requested, as published, until `stop` begins; reconnects
         by itself (a message sent meanwhile is missed: the worker's beat is the backstop)."""
-        outage = Outage("worker.cancels")
-        while not stop.begun:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                with translate("events.cancels"):
-                    await pubsub.subscribe(self.cancel_channel)
-                    outage.recovered()
-                    while not stop.begun:
-                        message = await pubsub.get_message(timeout=1.0)
-                        if message and message.get("type") == "message":
-                            yield bytes(message["data"]).decode(errors="replace")
-            except Unavailable as exc:
-                await outage.failed(exc, stop)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+        async for message in pubsub.messages(self.redis, self.cancel_channel, stop,
+                                             op="events.cancels", outage="worker.cancels"):
+            yield message
 
 
 class Publisher:

@@ -10,16 +10,14 @@ read did not use. Every key of a type carries its `{hash tag}`: one Redis Cluste
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from conveyor.errors import Unavailable
+from conveyor.queue import pubsub
 from conveyor.queue.connection import Redis, translate
 from conveyor.queue.keys import Keys
 from conveyor.registry import TaskRate
-from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
 
 # KEYS[1] leases; ARGV[1] limit, ARGV[2] TTL ms, then candidate tokens. Drops expired tokens,
@@ -248,19 +246,6 @@ class FlowRedis:
     async def nudges(self, stop: Shutdown) -> AsyncIterator[str]:
         """Types whose settings changed, as published, until `stop` begins; reconnects by
         itself (one missed meanwhile is made up for by the periodic reload)."""
-        outage = Outage("worker.flow.nudges")
-        while not stop.begun:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                with translate("flow.nudges"):
-                    await pubsub.subscribe(self.keys.flow())
-                    outage.recovered()
-                    while not stop.begun:
-                        message = await pubsub.get_message(timeout=1.0)
-                        if message and message.get("type") == "message":
-                            yield bytes(message["data"]).decode(errors="replace")
-            except Unavailable as exc:
-                await outage.failed(exc, stop)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+        async for message in pubsub.messages(self.redis, self.keys.flow(), stop, op="flow.nudges",
+                                             outage="worker.flow.nudges"):
+            yield message
