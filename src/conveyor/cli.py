@@ -51,7 +51,7 @@ from conveyor.runtime.supervisor import Service, ServicesFailed, supervise
 from conveyor.state import AppState, open_state
 from conveyor.store.keys import SCOPES, KeyStore
 from conveyor.store.migrate import migrate
-from conveyor.store.pool import open_pool
+from conveyor.store.pool import close_pool, open_pool
 from conveyor.store.workers import Liveness, confirmation_s, watch_gap_s
 from conveyor.tasks import webhook
 from conveyor.worker.worker import Worker
@@ -525,7 +525,7 @@ def migrate_command(log_level: LogOpt = None) -> None:
             return await migrate(pool, settings.database_schema,
                                  lock_timeout_s=settings.migrate_lock_timeout)
         finally:
-            await pool.close()
+            await close_pool(pool)
 
     try:
         applied = _run(apply())
@@ -553,7 +553,7 @@ async def _key_store(settings: Settings) -> AsyncIterator[KeyStore]:
             await migrate(pool, ready.database_schema)
             yield KeyStore(pool, ready.database_schema)
         finally:
-            await pool.close()
+            await close_pool(pool)
 
 
 def _keys(data_dir: Path | None, action: Callable[[KeyStore], Awaitable[T]]) -> T:

@@ -20,7 +20,7 @@ from conveyor.queue.events import EventLog
 from conveyor.queue.keys import Keys
 from conveyor.queue.streams import TaskStreams
 from conveyor.store.migrate import migrate
-from conveyor.store.pool import Pinned, Pool, open_pool
+from conveyor.store.pool import Pinned, Pool, close_pool, open_pool
 from conveyor.store.tasks import TaskStore
 from conveyor.store.workers import WorkerStore
 
@@ -95,4 +95,4 @@ async def _open_state(
     finally:
         await pinned.release()
         await redis.aclose()
-        await pool.close()
+        await close_pool(pool)

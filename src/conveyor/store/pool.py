@@ -128,6 +128,17 @@ async def open_pool(
             delay = min(delay * 2, 2.0)
 
 
+async def close_pool(pool: Pool, timeout_s: float = 10.0) -> None:
+    """Close gracefully, waiting up to `timeout_s` for borrowed connections to come back, then
+    terminate the rest: a caller stuck on a connection (a lock wait, a server gone silent)
+    must not keep the process from exiting."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout_s)
+    except TimeoutError:
+        log.warning("store.close.terminated", waited_s=timeout_s)
+        pool.terminate()
+
+
 async def acquire(pool: Pool, timeout_s: float, op: str) -> PoolConnectionProxy[asyncpg.Record]:
     """A pooled connection; Overloaded if none frees up within `timeout_s` (Postgres cannot keep
     up: callers get 503 + Retry-After instead of queueing without bound)."""
