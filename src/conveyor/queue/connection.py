@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import traceback
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
@@ -65,7 +66,23 @@ _TRANSIENT_CLUSTER = ("Redis Cluster cannot be connected", "All slots are not co
                       "startup_nodes could not agree")
 
 
+# Files in which a connection torn down under a write surfaces as a transport-internal error
+# (`'NoneType' object has no attribute 'writelines'`, `... is not callable`) instead of
+# ConnectionError (redis/redis-py#4287); redis-py has already disconnected it by then.
+_TRANSPORT_FILES = ("redis/asyncio/connection.py", "asyncio/selector_events.py",
+                    "asyncio/streams.py")
+
+
+def _torn_down(exc: BaseException) -> bool:
+    if not isinstance(exc, AttributeError | TypeError) or exc.__traceback__ is None:
+        return False
+    innermost = traceback.extract_tb(exc.__traceback__)[-1].filename
+    return innermost.endswith(_TRANSPORT_FILES)
+
+
 def _transient(exc: BaseException) -> bool:
+    if _torn_down(exc):
+        return True
     if isinstance(exc, _TRANSIENT_REPLIES):
         return True
     if isinstance(exc, RedisClusterException):  # searched: a pipeline prefixes its own text
