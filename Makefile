@@ -28,7 +28,7 @@ servers:
 
 ## test: install test dependencies and servers, then run the whole suite
 test: $(VENV)/.dev servers
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 ## bench: Conveyor's rows and the installed peers' (see bench/README.md; ARGS="--n 2000 --runs 1")
 bench: $(VENV)/.dev servers
