@@ -69,7 +69,9 @@ async def test_a_busy_type_gets_every_slot_beside_idle_types(
           f" enqueue (commit + publish) {(published - began) * 1000:.0f} ms, 5 running"
           f" {(fifth - published) * 1000:.0f} ms after it returned")
     assert peak == worker.slots.capacity == 5
-    assert mean >= 4.5
+    # idle types holding a slot each would leave it one; the margin is for a loaded machine's
+    # gap between one task's end and the next one's start
+    assert mean >= 4.0
 
 
 async def test_two_busy_types_both_progress(state: AppState, start_worker: StartWorker) -> None:
@@ -86,8 +88,8 @@ async def test_two_busy_types_both_progress(state: AppState, start_worker: Start
           f", both together: peak {peak}, mean {mean:.2f} in flight")
     # slots go to both in turn: neither waits for the other to drain ...
     assert min(before.values()) >= 20
-    # ... and none of them to the idle types
-    assert mean >= 4.0
+    # ... and none of them to the idle types (holding two of the five, they would cap it at 3)
+    assert mean >= 3.5
 
 
 async def test_shutdown_cuts_idle_waits_short(state: AppState) -> None:
