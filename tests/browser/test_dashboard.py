@@ -149,6 +149,28 @@ def test_cancel_a_running_task(admin: Page, live: Live) -> None:
     expect(admin.locator(".task-head .badge")).to_have_text("cancelled", timeout=15_000)
 
 
+def test_pause_and_resume_a_type_from_the_queues_page(admin: Page, live: Live) -> None:
+    admin.goto(f"{live.base}/ui/queues")
+    row = admin.locator("tr[data-type='order']")
+    try:
+        row.locator("button[data-action='pause']").click()
+        expect(admin.locator(".notice")).to_contain_text("Paused order")
+        expect(row.locator("td[data-col='flow']")).to_contain_text("paused")
+        flow = {q["type"]: q["flow"] for q in live.api.get("/v1/queues").json()["queues"]}
+        assert flow["order"]["paused"] is True
+        assert flow["long"]["paused"] is False
+        held = enqueue(live, "order", {"customer_id": 11})["id"]  # still accepted
+        # a task of another type enqueued after it runs to the end; the paused one waits
+        other = enqueue(live, "long", {"seconds": 0.2})["id"]
+        until(lambda: task(live, other)["status"] == "succeeded", what="the other type ran")
+        assert task(live, held)["status"] == "queued"
+        row.locator("button[data-action='resume']").click()
+        expect(admin.locator(".notice")).to_contain_text("Resumed order")
+        until(lambda: task(live, held)["status"] == "succeeded", what="resumed: it ran")
+    finally:
+        live.api.post("/v1/queues/order/resume")
+
+
 def test_enqueue_a_copy_is_checked_against_the_schema(admin: Page, live: Live) -> None:
     source = enqueue(live, "order", {"customer_id": 7, "note": "original"})["id"]
     admin.goto(f"{live.base}/ui/tasks/{source}")
@@ -214,7 +236,8 @@ def test_a_read_only_key_sees_no_action_buttons_and_a_forged_post_is_refused(
     shoot(login, "login")
     page = sign_in(context, live, live.read_only_key)
     expect(page.locator(".who")).to_contain_text("read-only")
-    actions = re.compile(r"^(Retry|Cancel|Delete|Retry selected|Retry all|Enqueue a copy)$")
+    actions = re.compile(
+        r"^(Retry|Cancel|Delete|Retry selected|Retry all|Enqueue a copy|Pause|Resume)$")
     for path in ("", "/tasks", f"/tasks/{victim}", "/dead-letters?type=doomed", "/queues"):
         page.goto(f"{live.base}/ui{path}")
         expect(page.locator("h1")).to_be_visible()
@@ -227,6 +250,9 @@ def test_a_read_only_key_sees_no_action_buttons_and_a_forged_post_is_refused(
     refused = context.request.post(f"{live.base}/ui/tasks/{victim}/retry",
                                    form={"csrf": csrf}, max_redirects=0)
     assert refused.status == 403, refused.text()
+    paused = context.request.post(f"{live.base}/ui/queues/order/pause", form={"csrf": csrf},
+                                  max_redirects=0)
+    assert paused.status == 403, paused.text()
     assert "tasks:manage" in refused.text()
     # from the admin's session, without its token (a forged cross-site form)
     admin_context = browser.new_context()

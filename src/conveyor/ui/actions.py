@@ -1,6 +1,7 @@
 """The dashboard's actions (POST, each with the session's CSRF token): retry, cancel and
 delete a task, a selection, or everything a filter matches (in batches, up to
-`CONVEYOR_UI_BULK_MAX` per request); enqueue a copy of a task; sign in and out.
+`CONVEYOR_UI_BULK_MAX` per request); enqueue a copy of a task; pause and resume a type; sign
+in and out.
 
 An action answers with a redirect back to the page it came from (`next`, a dashboard path),
 carrying a `notice` that says what was done."""
@@ -27,6 +28,7 @@ from conveyor.errors import (
     Unauthorized,
     Unavailable,
 )
+from conveyor.limits import change_limits
 from conveyor.queue.events import event
 from conveyor.state import AppState
 from conveyor.store.dashboard import ACTION_FROM, ACTIONS, Action, Dashboard
@@ -273,6 +275,24 @@ async def act_on_task(request: Request, view: ViewerDep, task_id: uuid.UUID,
         raise TaskNotFound(str(task_id))
     return back_to(here, "Not deleted: only finished tasks can be (cancel it first)",
                    view=view)
+
+@router.post("/queues/{task_type}/{action}")
+async def pause_or_resume(request: Request, view: ViewerDep, task_type: str,
+                          action: str) -> Response:
+    """Stop starting a type's tasks, or start them again (as the API's pause/resume)."""
+    check_csrf(view, first(await form_of(request)))
+    require(view, MANAGE)
+    if action not in ("pause", "resume"):
+        raise PayloadInvalid(f"action: {action!r} is not pause or resume")
+    state = state_of(request)
+    state.app.registry.get(task_type)  # UnknownTaskType: the dashboard's 4xx page
+    view.caller.check_types([task_type])
+    await change_limits(state, task_type, {"paused": action == "pause"})
+    log.info("ui.queue", action=action, task_type=task_type, by=view.caller.name)
+    notice = (f"Paused {task_type}: workers start none of its tasks (running ones finish)"
+              if action == "pause" else f"Resumed {task_type}")
+    return back_to(f"{PREFIX}/queues", notice, view=view)
+
 
 # -- signing in and out ------------------------------------------------------------------
 

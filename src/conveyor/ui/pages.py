@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import RedirectResponse, Response
 
 from conveyor.errors import TaskNotFound
+from conveyor.limits import in_force
 from conveyor.registry import TaskType
 from conveyor.state import AppState
 from conveyor.store.dashboard import (
@@ -302,6 +303,7 @@ async def queues(request: Request, view: ViewerDep) -> Response:
     names = list(registry.types)
     stats = await state.streams.stats(names)
     counts = await each(names, state.store.counts)
+    flow = await in_force(state, names)
     settings = state.settings
     rows = []
     for name, count in zip(names, counts, strict=True):
@@ -311,6 +313,7 @@ async def queues(request: Request, view: ViewerDep) -> Response:
             "max_attempts": task_type.max_attempts or settings.max_attempts,
             "retention": task_type.retention.resolved(settings),
             "retry": task_type.retry,
+            "flow": flow[name],
         })
     return page(request, view, "queues.html", active="queues", rows=rows,
                 settings=settings)

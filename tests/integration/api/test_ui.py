@@ -109,6 +109,28 @@ async def test_actions_need_the_sessions_csrf_token(state: AppState) -> None:
         assert await state.store.get(record.id) is None
 
 
+async def test_pausing_from_the_dashboard_is_checked_like_the_api(state: AppState) -> None:
+    async with http_for(state) as http:
+        token = csrf_of((await http.get("/ui/queues")).text)
+        forged = await http.post("/ui/queues/echo/pause", data={"csrf": "forged"})
+        assert forged.status_code == 403, forged.text
+        unknown = await http.post("/ui/queues/nosuch/pause", data={"csrf": token})
+        assert unknown.status_code == 422
+        assert "nosuch" in unknown.json()["detail"]
+        wrong = await http.post("/ui/queues/echo/halt", data={"csrf": token})
+        assert wrong.status_code == 422
+        assert "halt" in wrong.json()["detail"]
+        paused = await http.post("/ui/queues/echo/pause", data={"csrf": token})
+        assert paused.status_code == 303
+        assert paused.headers["location"].startswith("/ui/queues?notice=Paused+echo")
+        api = {q["type"]: q["flow"] for q in (await http.get("/v1/queues")).json()["queues"]}
+        assert api["echo"]["paused"] is True
+        assert (await http.post("/ui/queues/echo/resume", data={"csrf": token})
+                ).status_code == 303
+        api = {q["type"]: q["flow"] for q in (await http.get("/v1/queues")).json()["queues"]}
+        assert api["echo"]["paused"] is False
+
+
 async def test_with_keys_the_dashboard_asks_for_one_once(state: AppState) -> None:
     store = KeyStore(state.pool, state.settings.database_schema)
     _, reader = await store.create("ui-reader", ["tasks:read"])

@@ -6,7 +6,6 @@ type.)
 """
 
 import asyncio
-import contextlib
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -18,12 +17,11 @@ from conveyor.api.auth import forbidden, requires
 from conveyor.api.deps import StateDep
 from conveyor.api.models import DeadLettersOut, FlowOut, LimitsIn, QueuesOut
 from conveyor.api.responses import OrjsonResponse
-from conveyor.errors import Unavailable
-from conveyor.queue.flow import FlowRedis
+from conveyor.limits import change_limits, in_force
 from conveyor.registry import PRIORITIES, Limits, Registry, TaskType
 from conveyor.state import AppState
 from conveyor.store.keys import ADMIN, MANAGE, READ
-from conveyor.store.queue_settings import FIELDS, InvalidOverride, Override, QueueSettingsStore
+from conveyor.store.queue_settings import FIELDS, InvalidOverride, Override
 from conveyor.validation import StorableStr
 
 _BODY_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -33,18 +31,6 @@ _BODY_ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"description": "a limit out of range, a rate that is none, or a per-key limit on a "
                          "type without a concurrency_key; `errors` names it"},
 }
-
-
-def _flow(state: AppState) -> tuple[FlowRedis, QueueSettingsStore]:
-    return (FlowRedis(state.redis, state.keys),
-            QueueSettingsStore(state.pool, state.settings.database_schema,
-                               acquire_timeout_s=state.settings.pg_acquire_timeout))
-
-
-def _flow_out(task_type: TaskType, row: Override | None, in_use: int | None) -> dict[str, Any]:
-    limits = row.over_or_declared(task_type.limits, task_type.name) if row is not None \
-        else task_type.limits
-    return _flow_of(task_type, limits, row, in_use)
 
 
 def _flow_of(task_type: TaskType, limits: Limits, row: Override | None,
@@ -69,9 +55,7 @@ async def list_queues(state: StateDep) -> Response:
     names = list(state.app.registry.types)
     stats = await state.streams.stats(names)
     counts = await asyncio.gather(*(state.store.counts(n) for n in names))
-    flow, queue_settings = _flow(state)
-    overrides = await queue_settings.all()
-    in_use = await flow.in_use(names)
+    flow = await in_force(state, names)
     now = datetime.now(UTC)
     queues = []
     for name, count in zip(names, counts, strict=True):
@@ -89,8 +73,8 @@ async def list_queues(state: StateDep) -> Response:
             "oldest_queued_age_s": (
                 round((now - count.oldest_due).total_seconds(), 3) if count.oldest_due else None
             ),
-            "flow": _flow_out(state.app.registry.types[name], overrides.get(name),
-                              in_use.get(name)),
+            "flow": _flow_of(state.app.registry.types[name], flow[name].limits,
+                             flow[name].row, flow[name].leases),
         })
     return OrjsonResponse({"queues": queues})
 
@@ -116,19 +100,14 @@ def build_router(registry: Registry) -> APIRouter:
         return OrjsonResponse({"entries": entries})
 
     async def change(state: AppState, task_type: str, changes: dict[str, Any]) -> Response:
-        """Write the changes, nudge every worker (they reload within a second; without
-        Redis, at their next periodic reload) and answer the flow in force."""
-        declared = state.app.registry.get(task_type)
-        flow, queue_settings = _flow(state)
+        """Write the changes, nudge every worker and answer the flow in force."""
         try:
-            row, limits = await queue_settings.change(task_type, changes, declared.limits)
+            row, limits = await change_limits(state, task_type, changes)
         except InvalidOverride as exc:  # rolled back: nothing was stored
             raise RequestValidationError([{
                 "type": "value_error", "loc": ("body", exc.field), "msg": exc.message,
                 "input": changes.get(exc.field)}]) from None
-        with contextlib.suppress(Unavailable):
-            await flow.nudge(task_type)
-        return OrjsonResponse(_flow_of(declared, limits, row, None))
+        return OrjsonResponse(_flow_of(state.app.registry.get(task_type), limits, row, None))
 
     @router.patch("/{task_type}/limits", response_model=FlowOut,
                   dependencies=[Depends(requires[ADMIN])],
