@@ -146,6 +146,16 @@ class Relay(LockedLoop):
         return Publish(task_type, task_id,
                        level=level_of(priority) if task_type in self.ranked else None)
 
+    async def _leveled(self, tasks: list[Enqueued]) -> list[Publish]:
+        """What to publish for notified tasks. A dependent the trigger released names no
+        level: one of a type with priorities goes to its stored priority's ready set."""
+        unleveled = [t.task_id for t in tasks if t.task_type in self.ranked and not t.level
+                     and t.run_at_ms is None]
+        stored = await self.store.priorities(unleveled) if unleveled else {}
+        return [Publish(t.task_type, t.task_id, t.run_at_ms,
+                        level_of(stored.get(t.task_id)) if t.task_id in stored else t.level)
+                for t in tasks]
+
     async def relay_orphans(self) -> int:
         """Re-queue and publish tasks running on dead workers whose messages Redis lost."""
         running = await self.store.running_since(self.ttl_s)
@@ -257,8 +267,7 @@ class Relay(LockedLoop):
         if not self._notified or not self._may_publish():
             return
         batch, self._notified = self._notified, []
-        items = [Publish(t.task_type, t.task_id, t.run_at_ms, t.level) for t in batch
-                 if not t.cancelled]
+        released = [t for t in batch if not t.cancelled]
         also = None
         if self.events is not None:
             announced = [Event("cancelled" if t.cancelled else "queued", str(t.task_id),
@@ -267,6 +276,7 @@ class Relay(LockedLoop):
                          for t in batch]
             also = functools.partial(self.events.add, events=announced)
         try:
+            items = await self._leveled(released)
             if items:
                 await self.streams.publish(items, also)
             elif self.events is not None and also is not None:

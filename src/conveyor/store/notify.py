@@ -7,8 +7,9 @@ task is delayed, `level` empty unless its type has priorities (then its priority
 ready set it goes to); the parts are split off the right, so a type name may hold a colon.
 
 Migration 0007's trigger writes the same payloads for the dependents it resolves: a released
-one (`type:id::`, due now, at the default level) and one it cancelled because an upstream
-failed (`type:id:cancelled:`: nothing to publish, only its event).
+one (`type:id::`, due now, naming no level: the relay reads the stored priority of one whose
+type has priorities) and one it cancelled because an upstream failed (`type:id:cancelled:`:
+nothing to publish, only its event).
 """
 
 from __future__ import annotations

@@ -930,6 +930,13 @@ class TaskStore:
         rows = await self._fetch("tasks.overdue", sql, *args, limit)
         return [(r[0], r[1], r[2]) for r in rows]
 
+    async def priorities(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str | None]:
+        """The stored priority of each of `ids` that exists (None: default)."""
+        rows = await self._fetch("tasks.priorities",
+                                 f"SELECT id, priority FROM {self.table}"
+                                 " WHERE id = ANY($1::uuid[])", list(ids))
+        return {r[0]: r[1] for r in rows}
+
     async def running_since(self, older_than_s: float
                             ) -> list[tuple[uuid.UUID, str, str, str | None]]:
         """(id, type, worker, priority) of tasks running for more than `older_than_s`."""

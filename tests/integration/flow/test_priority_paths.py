@@ -1,6 +1,7 @@
 """A task's priority survives every path to its type's ready sets, not only a direct enqueue:
 the relay's scan after a Redis wipe, its orphan requeue and its NOTIFY path, a delayed task
-come due, a retry and a keyed put-back (all via the delayed set and the forwarder)."""
+come due, a retry and a keyed put-back (all via the delayed set and the forwarder), and a
+dependent its upstream's success released."""
 
 from __future__ import annotations
 
@@ -77,6 +78,33 @@ async def test_the_notify_path_carries_the_level(state: AppState) -> None:
     r._may_publish = lambda: True  # type: ignore[method-assign]  # as a leading listener
     await r._publish_notified()
     assert (await ready(state))["high"] == {str(record.id)}
+
+
+async def test_a_released_dependent_goes_to_its_level(state: AppState) -> None:
+    upstream = (await state.client.enqueue("ranked", {})).record
+    dependents = {level: (await state.client.enqueue_many([TaskRequest(
+        "ranked", {}, priority=level, depends_on=[upstream.id])]))[0].record.id
+        for level in LEVELS}
+    heard: list[Enqueued] = []
+    async with (state.pool.acquire() as listener,
+                notify.listening(listener, state.store.channel, heard.append)):
+        await state.store.mark_running([upstream.id], "w1")
+        await state.store.record([Outcome(upstream.id, "ranked", 1, "succeeded", "null")], "w1")
+
+        async def three() -> bool:
+            return len(heard) == 3
+
+        await eventually(three, 5)
+    assert {t.task_id for t in heard} == set(dependents.values())
+    assert all(t.level is None for t in heard)  # the trigger's note names no level
+    await state.redis.flushall()
+    r = relay(state)
+    for t in heard:
+        r._on_notify(t)
+    r._may_publish = lambda: True  # type: ignore[method-assign]  # as a leading listener
+    await r._publish_notified()
+    assert await ready(state) == {lv: {str(i)} for lv, i in dependents.items()}
+    assert await state.redis.xlen(state.keys.stream("ranked")) == 0
 
 
 async def _any(items: list[Enqueued]) -> bool:
