@@ -29,6 +29,7 @@ from conveyor.store.tasks import (
     _literal,
     _record,
 )
+from conveyor.store.workers import WorkerRow
 
 Action = Literal["retry", "cancel", "delete"]
 ACTIONS: tuple[Action, ...] = ("retry", "cancel", "delete")
@@ -112,16 +113,9 @@ class Minute:
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerBeat:
-    id: str
-    host: str
-    pid: int
-    types: list[str]
-    concurrency: int
-    started_at: datetime
-    beat_at: datetime
-    info: dict[str, Any]
-    running: int
+class WorkerBeat(WorkerRow):
+    """A worker row, stale ones too, with its beat's age."""
+
     age_s: float  # since its last beat, by Postgres's clock
 
 
