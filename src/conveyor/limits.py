@@ -21,25 +21,28 @@ def settings_store(state: AppState) -> QueueSettingsStore:
                               acquire_timeout_s=state.settings.pg_acquire_timeout)
 
 
-async def change_limits(state: AppState, task_type: str,
-                        changes: dict[str, Any]) -> tuple[Override, Limits]:
-    """Store `changes` to `task_type`'s limits (InvalidOverride, with nothing stored, when
-    they cannot apply) and nudge the workers; the row and the limits now in force."""
-    declared = state.app.registry.get(task_type)
-    row, limits = await settings_store(state).change(task_type, changes, declared.limits)
-    with contextlib.suppress(Unavailable):
-        await FlowRedis(state.redis, state.keys).nudge(task_type)
-    return row, limits
-
-
 @dataclass(frozen=True)
 class InForce:
-    """A type's limits now: the declared ones under its stored row, and its leases in use
-    (None for a type without a concurrency limit)."""
+    """A type's limits now: the declared ones under its stored row, and its concurrency
+    leases in use (None when Redis did not answer)."""
 
     limits: Limits
     row: Override | None
     leases: int | None
+
+
+async def change_limits(state: AppState, task_type: str, changes: dict[str, Any]) -> InForce:
+    """Store `changes` to `task_type`'s limits (InvalidOverride, with nothing stored, when
+    they cannot apply) and nudge the workers; what is now in force (leases None without
+    Redis)."""
+    declared = state.app.registry.get(task_type)
+    row, limits = await settings_store(state).change(task_type, changes, declared.limits)
+    flow = FlowRedis(state.redis, state.keys)
+    leases = None
+    with contextlib.suppress(Unavailable):
+        await flow.nudge(task_type)
+        leases = (await flow.in_use([task_type])).get(task_type)
+    return InForce(limits, row, leases)
 
 
 async def in_force(state: AppState, task_types: Sequence[str]) -> dict[str, InForce]:

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from conveyor.api.models import RATE_PATTERN
 from conveyor.api.responses import problem
 from conveyor.errors import (
     ConveyorError,
@@ -33,6 +34,7 @@ from conveyor.errors import (
     WorkflowInvalid,
     WorkflowNotFound,
 )
+from conveyor.tasks.thumbnail import BASE64
 
 log = structlog.get_logger("conveyor.api")
 
@@ -56,6 +58,39 @@ def _field_path(loc: Sequence[Any], type_names: set[str]) -> list[str | int]:
     return cleaned
 
 
+# Patterns whose pydantic message would show the regex: what they mean instead.
+_PATTERNS = {
+    RATE_PATTERN: "not a rate: write N/s, N/m or N/h (optionally with ', burst=B'), or 'off'",
+    BASE64: "not base64 (A-Z, a-z, 0-9, '+' and '/', '=' padding at the end only)",
+}
+
+
+def _explained(error: dict[str, Any], path: list[str | int],
+               type_names: set[str]) -> tuple[list[str | int], str]:
+    """The path and message of one pydantic error, in the API's words where pydantic's own
+    name a discriminator, show a regex or prefix a validator's text."""
+    kind, message = error.get("type"), str(error.get("msg", "invalid"))
+    ctx = error.get("ctx") or {}
+    if kind == "union_tag_invalid":
+        known = ", ".join(sorted(type_names)) or "none"
+        return [*path, "type"], (f"no task type named {ctx.get('tag')!r}; registered types: "
+                                 f"{known}")
+    if kind == "union_tag_not_found":
+        return [*path, "type"], "Field required (the task type)"
+    if kind == "json_invalid":
+        at = error.get("loc", ())[-1]
+        return [], f"{ctx.get('error', message)} at character {at}"
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") in _PATTERNS:
+        return path, _PATTERNS[ctx["pattern"]]
+    if kind == "literal_error" and path and path[-1] == "priority" \
+            and ctx.get("expected") == "'default'":
+        return path, ("this task type has no priorities (it is not declared with "
+                      "priorities=True): leave priority out, or give 'default'")
+    if kind == "value_error":
+        message = message.removeprefix("Value error, ")
+    return path, message
+
+
 def install(app: FastAPI, type_names: set[str]) -> None:
     """Register the exception handlers on `app`."""
 
@@ -66,11 +101,12 @@ def install(app: FastAPI, type_names: set[str]) -> None:
         for error in exc.errors():
             if error.get("type") == "json_invalid":
                 malformed = True
-            path = _field_path(error.get("loc", ()), type_names)
+            path, message = _explained(error, _field_path(error.get("loc", ()), type_names),
+                                       type_names)
             errors.append({
                 "path": ".".join(str(p) for p in path) or "(body)",
                 "loc": path,
-                "message": error.get("msg", "invalid"),
+                "message": message,
                 "type": error.get("type", "value_error"),
             })
         if malformed:

@@ -46,7 +46,9 @@ def make_thumbnail(payload: ThumbnailPayload, ctx: TaskContext) -> dict[str, Any
             out = io.BytesIO()
             small.save(out, format="PNG", optimize=True)
             width, height = small.width, small.height
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError as exc:  # its text names the in-memory file object
+        raise Fail("not a readable image: no image format Pillow reads") from exc
+    except (OSError, Image.DecompressionBombError) as exc:
         raise Fail(f"not a readable image: {exc}") from exc
     png = out.getvalue()
     return {

@@ -196,3 +196,44 @@ async def test_every_status_is_documented(http: httpx.AsyncClient) -> None:
     assert order["extra"]["additionalProperties"] == {"$ref": "#/components/schemas/StorableJson"}
     assert "pattern" not in order["when"]["anyOf"][0]  # a date-time holds no NUL anyway
     assert "pattern" not in str(schemas["TaskRecord"])  # answers are not request bodies
+
+
+async def _problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(PROBLEM)
+    body: dict[str, Any] = response.json()
+    return body
+
+
+@pytest.mark.parametrize(("body", "path", "says"), [
+    ({"type": "nope", "payload": {}}, "type",
+     "no task type named 'nope'; registered types: lax-order, order"),
+    ({"payload": {}}, "type", "Field required (the task type)"),
+    ({"type": "order", "payload": {"count": 1}, "priority": "high"}, "priority",
+     "this task type has no priorities"),
+])
+async def test_errors_name_the_field_in_the_apis_words(
+    http: httpx.AsyncClient, body: dict[str, Any], path: str, says: str,
+) -> None:
+    problem = await _problem(await http.post("/v1/tasks", json=body), 422)
+    assert [e["path"] for e in problem["errors"]] == [path]
+    assert problem["errors"][0]["message"].startswith(says)
+    assert says in problem["detail"]
+    batch = await http.post("/v1/tasks/batch", json={"tasks": [body]})
+    assert [e["path"] for e in (await _problem(batch, 422))["errors"]] == [f"tasks.0.{path}"]
+
+
+async def test_malformed_json_says_why_and_where(http: httpx.AsyncClient) -> None:
+    response = await http.post("/v1/tasks", content=b'{"type": "order",',
+                               headers={"content-type": "application/json"})
+    problem = await _problem(response, 400)
+    assert problem["errors"][0]["path"] == "(body)"
+    assert problem["detail"].startswith("the request body is not valid JSON: ")
+    assert "at character 17" in problem["detail"]
+
+
+async def test_a_bad_rate_says_what_a_rate_is(http: httpx.AsyncClient) -> None:
+    response = await http.patch("/v1/queues/order/limits", json={"rate_limit": "fast"})
+    problem = await _problem(response, 422)
+    assert problem["errors"][0]["path"] == "rate_limit"
+    assert problem["errors"][0]["message"].startswith("not a rate: write N/s, N/m or N/h")

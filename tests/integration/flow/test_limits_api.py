@@ -76,7 +76,10 @@ def _waiting(task_type: str) -> float:
 async def test_the_waiting_gauge_counts_a_paused_backlog_and_clears_once_lifted(
     state: AppState, api: httpx.AsyncClient, start_worker: StartWorker
 ) -> None:
-    assert (await api.post("/v1/queues/plain/pause")).status_code == 200
+    paused = await api.post("/v1/queues/plain/pause")
+    assert paused.status_code == 200
+    assert paused.json()["paused"] is True
+    assert paused.json()["leases_in_use"] == 0  # as GET /v1/queues counts them
     await start_worker(types=["plain"])
     inserted = await state.client.enqueue_many([TaskRequest("plain", {}) for _ in range(10)])
 

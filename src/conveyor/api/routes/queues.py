@@ -102,12 +102,13 @@ def build_router(registry: Registry) -> APIRouter:
     async def change(state: AppState, task_type: str, changes: dict[str, Any]) -> Response:
         """Write the changes, nudge every worker and answer the flow in force."""
         try:
-            row, limits = await change_limits(state, task_type, changes)
+            now = await change_limits(state, task_type, changes)
         except InvalidOverride as exc:  # rolled back: nothing was stored
             raise RequestValidationError([{
                 "type": "value_error", "loc": ("body", exc.field), "msg": exc.message,
                 "input": changes.get(exc.field)}]) from None
-        return OrjsonResponse(_flow_of(state.app.registry.get(task_type), limits, row, None))
+        return OrjsonResponse(_flow_of(state.app.registry.get(task_type), now.limits, now.row,
+                                       now.leases))
 
     @router.patch("/{task_type}/limits", response_model=FlowOut,
                   dependencies=[Depends(requires[ADMIN])],
