@@ -102,15 +102,6 @@ async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     await conn.set_type_codec("json", encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
 
 
-# Every statement is planned for its own arguments and the table as it is now. asyncpg
-# prepares each statement once per connection, and after five executions Postgres may keep a
-# generic plan costed against the table as it was then: one planned while the tasks table was
-# small (a fresh or truncated one) stays a scan of the whole table per batch for the start and
-# the outcome, long after the table has grown (until an ANALYZE happens to invalidate it). A
-# custom plan costs some tens of µs per statement, a statement being a whole batch.
-SERVER_SETTINGS = {"application_name": "conveyor", "plan_cache_mode": "force_custom_plan"}
-
-
 async def open_pool(
     dsn: str, *, min_size: int = 2, max_size: int = 10, connect_timeout_s: float = 30.0
 ) -> Pool:
@@ -126,7 +117,7 @@ async def open_pool(
                     max_size=max_size,
                     init=_init_connection,
                     command_timeout=60,
-                    server_settings=SERVER_SETTINGS,
+                    server_settings={"application_name": "conveyor"},
                 )
             return pool
         except Unavailable as exc:
@@ -180,11 +171,16 @@ class Pinned:
     statement the connection goes back to the pool, whose reset replaces it if it is broken,
     and the next use takes a fresh one; after a failover it is closed, and the next use
     reconnects.
+
+    `session`: statements run on each connection it takes (`SET ...`), before its first use;
+    the pool's reset (RESET ALL) undoes them when the connection goes back.
     """
 
-    def __init__(self, pool: Pool, *, acquire_timeout_s: float = 5.0) -> None:
+    def __init__(self, pool: Pool, *, acquire_timeout_s: float = 5.0, session: str = ""
+                 ) -> None:
         self.pool = pool
         self.acquire_timeout_s = acquire_timeout_s
+        self.session = session
         self._conn: PoolConnectionProxy[asyncpg.Record] | None = None
 
     @contextlib.asynccontextmanager
@@ -192,6 +188,12 @@ class Pinned:
         with translate(op):
             if self._conn is None or not _usable(self._conn):
                 self._conn = await acquire(self.pool, self.acquire_timeout_s, op)
+                if self.session:
+                    try:
+                        await self._conn.execute(self.session)
+                    except BaseException:
+                        await self.release()
+                        raise
             try:
                 yield self._conn
             except BaseException as exc:
