@@ -171,16 +171,11 @@ class Pinned:
     statement the connection goes back to the pool, whose reset replaces it if it is broken,
     and the next use takes a fresh one; after a failover it is closed, and the next use
     reconnects.
-
-    `session`: statements run on each connection it takes (`SET ...`), before its first use;
-    the pool's reset (RESET ALL) undoes them when the connection goes back.
     """
 
-    def __init__(self, pool: Pool, *, acquire_timeout_s: float = 5.0, session: str = ""
-                 ) -> None:
+    def __init__(self, pool: Pool, *, acquire_timeout_s: float = 5.0) -> None:
         self.pool = pool
         self.acquire_timeout_s = acquire_timeout_s
-        self.session = session
         self._conn: PoolConnectionProxy[asyncpg.Record] | None = None
 
     @contextlib.asynccontextmanager
@@ -188,12 +183,6 @@ class Pinned:
         with translate(op):
             if self._conn is None or not _usable(self._conn):
                 self._conn = await acquire(self.pool, self.acquire_timeout_s, op)
-                if self.session:
-                    try:
-                        await self._conn.execute(self.session)
-                    except BaseException:
-                        await self.release()
-                        raise
             try:
                 yield self._conn
             except BaseException as exc:

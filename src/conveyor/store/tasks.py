@@ -49,15 +49,6 @@ FINISHED: tuple[FinishedStatus, ...] = ("succeeded", "cancelled", "dead")
 # The idempotency keys of cron slots are never released: a slot fires once, however long ago.
 CRON_KEY_PREFIX = "cron:"
 # A worker may start a task this long before its run_at (clock skew between Redis and Postgres).
-# The session of the connections that start and record tasks (`Pinned(session=...)`): their
-# statements look up given ids, by primary key, and never gain from reading the whole table.
-# asyncpg prepares each statement once per connection and Postgres may keep a generic plan
-# after five runs, costed against the table as it was then: one made while the table was
-# small (fresh, or truncated) scans it whole per batch once it has grown, until an ANALYZE
-# happens to replace it. With sequential scans priced out, even that plan is the lookup; a
-# statement with no index to use still scans (the setting only prices, never forbids).
-LOOKUP_SESSION = "SET enable_seqscan = off"
-
 EARLY_START_S = 0.5
 
 

@@ -34,7 +34,6 @@ from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState
 from conveyor.store.pool import Pinned
 from conveyor.store.queue_settings import QueueSettingsStore
-from conveyor.store.tasks import LOOKUP_SESSION
 from conveyor.worker.cancels import Cancels
 from conveyor.worker.consumer import Consumer
 from conveyor.worker.dispatcher import Dispatcher
@@ -113,8 +112,8 @@ class Worker:
                                  progress=self.progress.report,
                                  relatives=TaskRelatives(state.client))
         # Two connections pinned for the worker's lifetime: one starts tasks, one records them.
-        self._pinned = [Pinned(state.pool, acquire_timeout_s=settings.pg_acquire_timeout,
-                               session=LOOKUP_SESSION) for _ in range(2)]
+        self._pinned = [Pinned(state.pool, acquire_timeout_s=settings.pg_acquire_timeout)
+                        for _ in range(2)]
         self.gate = Gate(
             self.types, FlowRedis(state.redis, state.keys),
             QueueSettingsStore(state.pool, settings.database_schema,
