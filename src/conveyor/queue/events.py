@@ -220,11 +220,15 @@ class Publisher:
         self.events = events
         self.capacity = capacity
         # While `busy()` (handlers running: more events are coming), wait `linger_s` before
-        # a publish so that one XADD carries the events of several batches.
+        # a publish so that one XADD carries the events of several batches; not once a final
+        # event is waiting: waiters end on those, and the recorder that emits them has
+        # already gathered its batch (its own linger), so they go out at once, with whatever
+        # was emitted before them.
         self.linger_s = linger_s
         self.busy = busy
         self._buffer: list[Event] = []
         self._wake = asyncio.Event()
+        self._final = asyncio.Event()
         self._outage = Outage("worker.events")
         self.dropped = 0
 
@@ -234,6 +238,8 @@ class Publisher:
         if overflow > 0:
             del self._buffer[:overflow]
             self.dropped += overflow
+        if any(e.final for e in events):
+            self._final.set()
         self._wake.set()
 
     async def run(self, stop: Shutdown) -> None:
@@ -252,14 +258,19 @@ class Publisher:
                     stopper.cancel()
                 continue
             if (self.linger_s > 0 and not stop.begun and len(self._buffer) < 1000
-                    and self.busy is not None and self.busy()):
-                await asyncio.sleep(self.linger_s)
+                    and not self._final.is_set() and self.busy is not None and self.busy()):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._final.wait(), self.linger_s)
             batch, self._buffer = self._buffer[:1000], self._buffer[1000:]
+            if not any(e.final for e in self._buffer):  # a rest past 1,000 keeps the flag
+                self._final.clear()
             try:
                 await self.events.publish(batch)
                 self._outage.recovered()
             except Unavailable as exc:
                 self._buffer[:0] = batch
+                if any(e.final for e in batch):
+                    self._final.set()
                 if stop.begun:
                     return
                 await self._outage.failed(exc, stop)

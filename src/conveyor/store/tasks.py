@@ -425,6 +425,10 @@ class TaskStore:
                         $8::text[])
                  AS c(id, attempt, status, result, error, delay, kind)
             WHERE t.id = c.id AND t.attempts = c.attempt
+              -- The primary-key lookup of the given ids, whatever the statistics say: without
+              -- this test the join on c.id is no index condition and a small or unanalysed
+              -- table is scanned whole per batch (as in the start).
+              AND t.id = ANY($1::uuid[])
               -- Written so that no other index serves them (as in the start): a scan of the
               -- running-by-worker index walks every entry it holds, the dead ones of tasks
               -- finished since the last vacuum included, per batch.
