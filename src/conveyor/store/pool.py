@@ -102,6 +102,14 @@ async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     await conn.set_type_codec("json", encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
 
 
+# Prepared statements are made again this often. Postgres keeps a generic plan for a
+# statement prepared on its connection, priced against the table as it was then: one made
+# while the tasks table was small (a new deployment, or one kept small by retention) scans the
+# whole table per start and outcome batch long after it has grown. Re-preparing costs a parse
+# and a few custom plans per statement and connection every few seconds.
+STATEMENT_LIFETIME_S = 2
+
+
 async def open_pool(
     dsn: str, *, min_size: int = 2, max_size: int = 10, connect_timeout_s: float = 30.0
 ) -> Pool:
@@ -117,6 +125,7 @@ async def open_pool(
                     max_size=max_size,
                     init=_init_connection,
                     command_timeout=60,
+                    max_cached_statement_lifetime=STATEMENT_LIFETIME_S,
                     server_settings={"application_name": "conveyor"},
                 )
             return pool
