@@ -35,14 +35,17 @@ def percentile(values: list[float], q: float) -> float:
 
 async def paced_enqueue(ctx: Context, rate: float, count: int, *, batch: int = 1,
                         max_in_flight: int = 64, wait: bool = False
-                        ) -> tuple[float, float, list[float]]:
-    """Enqueue `count` stamped tasks at `rate`/s; (t_start, t_end) of the producer and how
-    long each enqueue call took (seconds; with `wait`, until the task's end was seen)."""
+                        ) -> tuple[float, float, list[float], list[float]]:
+    """Enqueue `count` stamped tasks at `rate`/s; (t_start, t_end) of the producer, how long
+    each enqueue call took (seconds; with `wait`, until the task's end was seen) and, with
+    `wait`, how long after its completion each waiter had the task (from its `finished_at`,
+    Postgres's clock on the same machine, taken before the outcome's commit)."""
     async with open_state(ctx.settings, app) as state:
         await reset_if_flushed(ctx, state.pool, state.redis)
         gate = asyncio.Semaphore(max_in_flight)
         calls: set[asyncio.Task[Any]] = set()  # in flight only: done ones are dropped
         durations: list[float] = []
+        lags: list[float] = []
 
         async def one(k: int) -> None:
             try:
@@ -52,8 +55,9 @@ async def paced_enqueue(ctx: Context, rate: float, count: int, *, batch: int = 1
                     if wait:
                         done = await state.client.wait(inserted.record.id, 60,
                                                        known=inserted.record)
-                        if done.status != "succeeded":
+                        if done.status != "succeeded" or done.finished_at is None:
                             raise RuntimeError(f"waited for {done.id}: {done.status}")
+                        lags.append(time.time() - done.finished_at.timestamp())
                 else:
                     await state.client.enqueue_many([TaskRequest(TYPE, Noop(t=t))
                                                      for _ in range(k)])
@@ -80,7 +84,7 @@ async def paced_enqueue(ctx: Context, rate: float, count: int, *, batch: int = 1
                     sent += k
                 await asyncio.sleep(max(0.0, start + sent / rate - time.perf_counter()))
             await asyncio.gather(*calls)
-            return t0, time.time(), durations
+            return t0, time.time(), durations, lags
 
 
 def run_latency(ctx: Context, door: Door, rate: float, seconds: float, log_path: Any, *,
@@ -105,7 +109,7 @@ def run_latency(ctx: Context, door: Door, rate: float, seconds: float, log_path:
             r.delete(bp.DONE_KEY, bp.FIRST_KEY, bp.LAST_KEY, LATENCY_KEY)
             load0 = ForeignLoad.now()
             with bp.deadline(ctx.timeout, "latency producer"):
-                t0, t1, calls = asyncio.run(paced_enqueue(ctx, rate, count, batch=batch,
+                t0, t1, calls, lags = asyncio.run(paced_enqueue(ctx, rate, count, batch=batch,
                                                           wait=wait))
             bp.wait_done(r, proc, ctx.timeout)
             res["foreign_pct"] = ForeignLoad.now().pct_since(load0)
@@ -125,6 +129,9 @@ def run_latency(ctx: Context, door: Door, rate: float, seconds: float, log_path:
             "enqueue_p50_ms": 1000 * percentile(calls, 50),
             "enqueue_p99_ms": 1000 * percentile(calls, 99),
         })
+        if lags:
+            res.update({"wake_p50_ms": 1000 * percentile(lags, 50),
+                        "wake_p99_ms": 1000 * percentile(lags, 99)})
     finally:
         r.flushdb()
         r.close()
