@@ -152,9 +152,8 @@ class Relay(LockedLoop):
         unleveled = [t.task_id for t in tasks if t.task_type in self.ranked and not t.level
                      and t.run_at_ms is None]
         stored = await self.store.priorities(unleveled) if unleveled else {}
-        return [Publish(t.task_type, t.task_id, t.run_at_ms,
-                        level_of(stored.get(t.task_id)) if t.task_id in stored else t.level)
-                for t in tasks]
+        return [self._publish(t.task_type, t.task_id, stored[t.task_id]) if t.task_id in stored
+                else Publish(t.task_type, t.task_id, t.run_at_ms, t.level) for t in tasks]
 
     async def relay_orphans(self) -> int:
         """Re-queue and publish tasks running on dead workers whose messages Redis lost."""

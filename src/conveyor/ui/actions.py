@@ -276,6 +276,7 @@ async def act_on_task(request: Request, view: ViewerDep, task_id: uuid.UUID,
     return back_to(here, "Not deleted: only finished tasks can be (cancel it first)",
                    view=view)
 
+
 @router.post("/queues/{task_type}/{action}")
 async def pause_or_resume(request: Request, view: ViewerDep, task_type: str,
                           action: str) -> Response:
