@@ -80,8 +80,10 @@ async def test_every_layout_is_measured_and_reported(
 ) -> None:
     measured = []
     for number, layout in enumerate(scale.layouts()):
+        # 1,000 completions, so 50 with the big payload: over fewer, the full-page images of
+        # the pages they touch (after whichever checkpoint came last) weigh as much as it
         figures = await measure(layout, postgres.dsn, f"lay_all_{number}", tmp_path, ROWS,
-                                completions=200, prune_rows=600, quiet=True)
+                                completions=1000, prune_rows=600, quiet=True)
         assert figures.completion_us > 0, layout.label
         assert figures.completion_wal > 0, layout.label
         # A move copies the payload (TOAST included, compressed) into the history table; an
