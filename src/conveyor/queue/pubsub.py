@@ -25,9 +25,11 @@ async def messages(redis: Redis, channel: str, stop: Shutdown, *, op: str,
         try:
             with translate(op):
                 await pubsub.subscribe(channel)
-                lost.recovered()
                 while not stop.begun:
                     message = await pubsub.get_message(timeout=1.0)
+                    # Only a read proves Redis is back: SUBSCRIBE is sent without reading its
+                    # answer, and a connection the server has closed still takes a write.
+                    lost.recovered()
                     if message and message.get("type") == "message":
                         yield bytes(message["data"]).decode(errors="replace")
         except Unavailable as exc:

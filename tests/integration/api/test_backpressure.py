@@ -35,6 +35,23 @@ async def lock_tasks(conn: asyncpg.Connection[Any], state: AppState) -> Any:
     return tx
 
 
+async def both_waiting_on_the_lock(settings: Settings) -> None:
+    """Until two sessions wait for a lock on this test's schema (asked on a connection of its
+    own: a transaction sees pg_stat_activity as it was at its first read)."""
+    assert settings.database_url
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(settings.database_url)
+    waiting = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+               " AND position($1 in query) > 0")
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                if await conn.fetchval(waiting, settings.database_schema + ".") >= 2:
+                    return
+                await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+
+
 async def test_requests_past_the_pending_bound_get_503(
     settings: Settings, app: Conveyor, stalled: asyncpg.Connection[Any]
 ) -> None:
@@ -75,9 +92,9 @@ async def test_an_exhausted_pool_is_503_not_an_endless_wait(
             # Both connections end up waiting on the lock: the enqueue path's own, and a read.
             holding = [asyncio.create_task(http.post("/v1/tasks", json=BODY)),
                        asyncio.create_task(http.get("/v1/tasks"))]
-            async with asyncio.timeout(30):  # both taken (a first request can be slow)
-                while state.pool.get_size() < 2 or state.pool.get_idle_size():  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+            # Both pool connections blocked on the lock (a first request can be slow; and a
+            # request may borrow a connection briefly before the one it blocks on).
+            await both_waiting_on_the_lock(tight)
             starved = await http.get(f"/v1/tasks/{uuid.uuid4()}")
             assert starved.status_code == 503
             assert starved.headers["retry-after"]

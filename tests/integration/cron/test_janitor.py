@@ -238,9 +238,12 @@ async def test_pruning_200000_rows_while_a_worker_completes_tasks(
           f"meanwhile ({completed_meanwhile / elapsed:.0f}/s)")
     assert last.pruned["succeeded"] >= 200_000
     assert completed_meanwhile > 0
-    # Generous bounds (the figures above are the measurement, on a shared machine): no
-    # statement near a second, and nobody waits for a lock the janitor holds.
-    assert last.longest_statement_s < 1.0
+    # Bounded work per statement (batches of at most 500 rows), and generous bounds on time
+    # (the figures above are the measurement, on a shared machine, where a statement now and
+    # then waits out a checkpoint's fsync): statements far under a second, and nobody waits
+    # for a lock the janitor holds.
+    assert last.batches >= 200_000 // 500
+    assert p99 < 0.5
     assert max(waits, default=0) < 0.1
 
     async def all_done() -> bool:
