@@ -31,6 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from bench import sections
 from conveyor.application import Conveyor
 from conveyor.client import TaskRequest
 from conveyor.config import Settings
@@ -41,7 +42,6 @@ from conveyor.testing.servers import PostgresServer, RedisServer
 from conveyor.worker.worker import Worker
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- flow:start -->", "<!-- flow:end -->"
 RATE = 200  # the rate-limited type's limit, per second
 app = Conveyor()
 
@@ -204,18 +204,6 @@ def run(n: int, rounds: int, before: Path | None) -> str:
     return "\n".join(lines)
 
 
-def write(body: str, out: Path) -> None:
-    text = out.read_text() if out.exists() else ""
-    section = f"{START}\n{body.rstrip()}\n{END}\n"
-    if START in text and END in text:
-        head, _, rest = text.partition(START)
-        _, _, tail = rest.partition(END)
-        text = head + section + ("\n" + tail.lstrip("\n") if tail.strip() else "")
-    else:
-        text = text.rstrip() + "\n\n## Flow control\n\n" + section
-    out.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.flow",
                                  description=__doc__.split("\n\n")[0])
@@ -235,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     body = run(args.n, args.rounds, args.before)
     print(body)
-    write(body, args.out)
+    sections.put(args.out, "flow", "## Flow control\n\n" + body)
     return 0
 
 

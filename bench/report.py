@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bench import harness as bp
+
+_REPO = Path(__file__).resolve().parents[1]
 
 GOAL_VS_REDIS = 2.0  # e2e, best door, against the fastest Redis peer
 GOAL_VS_POSTGRES = 1.5  # ... against the fastest PostgreSQL peer
@@ -340,7 +343,7 @@ def profile_section(profiles: list[dict[str, Any]], top: int = 15) -> list[str]:
                 f"{p['jobs']:,} tasks in {p['wall_s']:.2f} s ({p['rate']:,.0f}/s under the "
                 f"profiler); {prof.samples} samples, busy "
                 f"{prof.samples / (p['rate_hz'] * p['wall_s']):.0%}; "
-                f"raw stacks: `{p['raw']}`.", "",
+                f"raw stacks: `{_shown(p['raw'])}`.", "",
                 f"CPU time during the phase: {cpu}. Per task: "
                 + ", ".join(f"{k} {v:,.0f} µs" for k, v in per_task.items()) + ".", "",
                 "Per task: Redis commands "
@@ -390,3 +393,9 @@ def render(results: dict[str, list[dict[str, Any]]], rows: dict[str, Any], args:
     if profiles:
         text += "\n" + "\n".join(profile_section(profiles))
     return text.rstrip() + "\n"
+
+
+def _shown(path: str) -> str:
+    """A path in the repository as relative to it (the report names no local directory)."""
+    where = Path(path).resolve()
+    return str(where.relative_to(_REPO)) if where.is_relative_to(_REPO) else path

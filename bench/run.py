@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import harness as bp
-from bench import notes, scale
+from bench import sections
 from bench.peers import all_peers as peer_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         args.command = shlex.join([Path(sys.executable).as_posix(), "-m", "bench",
                                    *(sys.argv[1:] if argv is None else argv)])
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so its servers are stopped
+        from bench import scale
         return scale.run(args)
     all_peers = peer_rows()
     wanted = ("" if args.peers == "none" else ",".join(all_peers) if args.peers == "all"
@@ -438,7 +439,7 @@ class Bench:
                  *([others] if others else [])]
         text = render(self.results, self.rows, ns, facts, self.command, self.latency,
                       self.profiles)
-        args.out.write_text(notes.kept_notes(args.out, scale.kept_section(args.out, text)))
+        args.out.write_text(sections.kept(args.out, text))
         if args.json:
             profiles = [{**p, "profile": p["profile"].as_dict(25)} if "profile" in p else p
                         for p in self.profiles]

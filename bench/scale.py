@@ -36,36 +36,10 @@ from typing import Any
 
 import asyncpg
 
+from bench import sections
 from bench.layouts import Figures, History, InPlace, Partitioned, fill, measure, sizes
 
 REPO = Path(__file__).resolve().parent.parent
-START, END = "<!-- scale:start -->", "<!-- scale:end -->"
-
-
-def put_section(path: Path, body: str) -> None:
-    """Write `body` as the scale section of `path` (BENCHMARKS.md), replacing the last one."""
-    text = path.read_text() if path.exists() else ""
-    section = f"{START}\n{body.rstrip()}\n{END}\n"
-    if START in text and END in text:
-        head, _, rest = text.partition(START)
-        _, _, tail = rest.partition(END)
-        text = head + section + tail.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
-def kept_section(path: Path, new_text: str) -> str:
-    """`new_text` (the peer table's report) with the scale section of `path` kept."""
-    if not path.exists():
-        return new_text
-    old = path.read_text()
-    if START not in old or END not in old:
-        return new_text
-    section = START + old.partition(START)[2].partition(END)[0] + END
-    return new_text.rstrip("\n") + "\n\n" + section + "\n"
-
-
 def mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MB"
 
@@ -327,7 +301,7 @@ def run(args: Any) -> int:
     print(report)
     if args.scale_out:
         args.scale_out.write_text(report)
-    put_section(args.out, f"## Scale: a large tasks table and retention\n\n"
+    sections.put(args.out, "scale", f"## Scale: a large tasks table and retention\n\n"
                 f"`{args.command}`\n\n{report}")
     return 0
 

@@ -19,22 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import layouts
-
-START, END = "<!-- ui:start -->", "<!-- ui:end -->"
-REPO = Path(__file__).resolve().parent.parent
-
-
-def put_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    section = f"{START}\n{body.rstrip()}\n{END}\n"
-    if START in text and END in text:
-        head, _, rest = text.partition(START)
-        _, _, tail = rest.partition(END)
-        text = head + section + tail.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+from bench import layouts, sections
 
 
 async def _fill(url: str, schema: str, rows: int) -> float:
@@ -199,8 +184,8 @@ def run(args: Any) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     report = "\n".join(lines) + "\n"
     print(report)
-    put_section(args.out, f"## Dashboard pages on a large tasks table\n\n`{args.command}`\n\n"
-                f"{report}")
+    sections.put(args.out, "ui", "## Dashboard pages on a large tasks table\n\n"
+                 f"`{args.command}`\n\n{report}")
     return 0
 
 

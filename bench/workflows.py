@@ -21,11 +21,11 @@ import datetime as dt
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from bench import sections
 from conveyor.application import Conveyor
 from conveyor.client import NodeRequest, TaskRequest
 from conveyor.config import Settings
@@ -36,7 +36,6 @@ from conveyor.state import AppState, open_state
 from conveyor.store.workers import Liveness, confirmation_s, watch_gap_s
 from conveyor.worker.worker import Worker
 
-START, END = "<!-- workflows:start -->", "<!-- workflows:end -->"
 app = Conveyor()
 
 
@@ -128,7 +127,6 @@ def spread(values: list[float]) -> str:
 def render(n: int, figures: dict[str, Any], command: str, note: str) -> str:
     plain, flow = statistics.median(figures["plain"]), statistics.median(figures["flow"])
     return "\n".join([
-        START,
         "## Workflows: fan-out/fan-in against independent tasks",
         "",
         f"`{command}` on {dt.date.today().isoformat()}; {note}. A root, {n - 2:,} middle "
@@ -149,19 +147,7 @@ def render(n: int, figures: dict[str, Any], command: str, note: str) -> str:
         "callback's count (every middle node updates that one row), the release NOTIFYs and "
         f"the relay's publish of the {n - 2:,} released nodes, and the callback's read of "
         "its upstreams.",
-        END,
     ])
-
-
-def write(out: Path, block: str) -> None:
-    text = out.read_text() if out.exists() else ""
-    if START in text and END in text:
-        head, _, rest = text.partition(START)
-        _, _, tail = rest.partition(END)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    out.write_text(text)
 
 
 def main(args: argparse.Namespace, servers: dict[str, Any], command: str, note: str) -> int:
@@ -176,5 +162,5 @@ def main(args: argparse.Namespace, servers: dict[str, Any], command: str, note: 
              f"{os.cpu_count()} cores (other processes included)")
     block = render(args.workflow_nodes, figures, command, note)
     print(block)
-    write(args.out, block)
+    sections.put(args.out, "workflows", block)
     return 0

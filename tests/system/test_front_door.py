@@ -208,7 +208,8 @@ def interpreter_for(user: str, scratch: Path) -> tuple[Path, dict[str, str]]:
     """A Python `user` can run with this venv's packages, and the environment it needs: the
     venv's own; else, when the venv's base Python lies where `user` cannot go (a pyenv build
     under /root), a hard-linked copy of that Python's installation (not its site-packages)
-    in `scratch`, with the venv's site-packages on its path."""
+    in `scratch`, with the venv's site-packages on its path; else, when the venv is out of
+    reach too (inside a private directory), with a hard-linked copy of those as well."""
     def runs(python: Path, env: dict[str, str]) -> bool:
         try:
             probe = subprocess.run(
@@ -222,14 +223,31 @@ def interpreter_for(user: str, scratch: Path) -> tuple[Path, dict[str, str]]:
     if runs(PYTHON, {}):
         return PYTHON, {}
     copy = scratch / "python"
-    shutil.copytree(sys.base_prefix, copy, symlinks=True, copy_function=os.link,
+    shutil.copytree(sys.base_prefix, copy, symlinks=True, copy_function=_link_or_copy,
                     ignore=shutil.ignore_patterns("site-packages"))
     python = copy / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
     env = {"PYTHONPATH": sysconfig.get_paths()["purelib"],
            "LD_LIBRARY_PATH": str(copy / "lib")}  # its libpython, else found by an absolute path
     if runs(python, env):
         return python, env
+    # The venv itself is out of reach too (a clone in a private directory, venv inside it):
+    # its site-packages linked into `scratch` as well.
+    site = scratch / "site-packages"
+    shutil.copytree(env["PYTHONPATH"], site, symlinks=True, copy_function=_link_or_copy,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env["PYTHONPATH"] = str(site)
+    if runs(python, env):
+        return python, env
     pytest.skip(f"no Python that user {user} can run with this venv's packages")
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link (its mode is the file's own, readable by all in a venv), a copy across
+    file systems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to run as root and as nobody)")

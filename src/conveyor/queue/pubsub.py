@@ -21,16 +21,19 @@ async def messages(redis: Redis, channel: str, stop: Shutdown, *, op: str,
     while Redis is away (`op` names the subscription in errors, `outage` in its log lines)."""
     lost = Outage(outage)
     while not stop.begun:
-        pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = redis.pubsub()
         try:
             with translate(op):
                 await pubsub.subscribe(channel)
                 while not stop.begun:
                     message = await pubsub.get_message(timeout=1.0)
-                    # Only a read proves Redis is back: SUBSCRIBE is sent without reading its
-                    # answer, and a connection the server has closed still takes a write.
+                    if message is None:  # a quiet second, or a server gone silent
+                        continue
+                    # Only a reply proves Redis is back (the subscription's confirmation
+                    # first): SUBSCRIBE is sent without reading one, and a connection the
+                    # server has closed still takes a write.
                     lost.recovered()
-                    if message and message.get("type") == "message":
+                    if message.get("type") == "message":
                         yield bytes(message["data"]).decode(errors="replace")
         except Unavailable as exc:
             await lost.failed(exc, stop)
