@@ -27,8 +27,10 @@ servers:
 	scripts/ensure-servers.sh
 
 ## test: install test dependencies and servers, then run the whole suite
+## (a process whose test ran past its timeout is ended and not replaced, which ends the run:
+## pytest-xdist 3.8 can wait forever for a replacement under --dist loadfile)
 test: $(VENV)/.dev servers
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --max-worker-restart=0
 
 ## bench: Conveyor's rows and the installed peers' (see bench/README.md; ARGS="--n 2000 --runs 1")
 bench: $(VENV)/.dev servers
