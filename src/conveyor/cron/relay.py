@@ -211,7 +211,6 @@ class Relay(LockedLoop):
         while not shutdown.begun:
             try:
                 if await self.lease.acquire():
-                    log.info("relay.listen.leading")
                     try:
                         await self._lead(shutdown)
                     finally:
@@ -233,6 +232,7 @@ class Relay(LockedLoop):
             async with self.store.pool.acquire() as conn, \
                     notify.listening(conn, self.store.channel, self._on_notify) as lost:
                 self._listening = True
+                log.info("relay.listen.leading")  # once a NOTIFY reaches it
                 try:
                     await self._serve(shutdown, lost)
                 finally:

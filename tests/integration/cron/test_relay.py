@@ -178,7 +178,8 @@ async def test_three_relays_publish_a_transactional_enqueue_once(state: AppState
     stop = Shutdown()
     running = [asyncio.create_task(r.run(stop)) for r in relays]
     try:
-        await eventually(lambda: _true(any(r.leading for r in relays)))
+        # listening, not only leading: a NOTIFY sent before the LISTEN is left to the scan
+        await eventually(lambda: _true(any(r.listening for r in relays)))
         first = await enqueue_in_transaction(state)
         await eventually(lambda: _len_at_least(state, 1))
         # Every relay saw the first NOTIFY before the second: once the second is on the stream
@@ -202,7 +203,7 @@ async def test_a_standby_takes_over_when_the_listener_stops(state: AppState) -> 
     try:
         stop_a.begin()
         await running_a
-        await eventually(lambda: _true(b.leading))
+        await eventually(lambda: _true(b.listening))
         task_id = await enqueue_in_transaction(state)
         await eventually(lambda: _len_at_least(state, 1))
         assert await streamed(state) == [task_id]
