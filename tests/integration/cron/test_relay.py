@@ -236,7 +236,7 @@ async def test_a_task_notified_while_the_listener_is_dead_is_published_all_the_s
     try:
         missed = await enqueue_in_transaction(state)  # nobody listens: the scan's job
         assert not standby.leading
-        await eventually(lambda: _true(standby.leading), timeout_s=10)
+        await eventually(lambda: _true(standby.listening), timeout_s=10)
         heard = await enqueue_in_transaction(state)
         await eventually(lambda: _has(state, {missed, heard}), timeout_s=10)
     finally:
