@@ -40,6 +40,8 @@ from bench import sections
 from bench.layouts import Figures, History, InPlace, Partitioned, fill, measure, sizes
 
 REPO = Path(__file__).resolve().parent.parent
+
+
 def mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MB"
 
@@ -301,8 +303,8 @@ def run(args: Any) -> int:
     print(report)
     if args.scale_out:
         args.scale_out.write_text(report)
-    sections.put(args.out, "scale", f"## Scale: a large tasks table and retention\n\n"
-                f"`{args.command}`\n\n{report}")
+    sections.put(args.out, "scale", "## Scale: a large tasks table and retention\n\n"
+                 f"`{args.command}`\n\n{report}")
     return 0
 
 
