@@ -12,6 +12,7 @@ from starlette.responses import Response, StreamingResponse
 from conveyor.api import sse
 from conveyor.api.auth import forbidden, requires
 from conveyor.api.deps import ClientDep
+from conveyor.api.direct import DirectRoute
 from conveyor.queue.events import stream_order
 from conveyor.registry import Registry
 from conveyor.store.keys import READ
@@ -26,7 +27,7 @@ _DOC: dict[int | str, dict[str, Any]] = {200: sse.response_doc(
 
 def build_router(registry: Registry) -> APIRouter:
     """The events router; `type` takes the task types of `registry`."""
-    router = APIRouter(prefix="/v1/events", tags=["events"],
+    router = APIRouter(route_class=DirectRoute, prefix="/v1/events", tags=["events"],
                        dependencies=[Depends(requires[READ])], responses=forbidden(READ))
     known = {"items": {"type": "string", "enum": sorted(registry.types)}} if registry.types \
         else None

@@ -10,9 +10,10 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 from conveyor.api.deps import StateDep
+from conveyor.api.direct import DirectRoute
 from conveyor.api.responses import OrjsonResponse, problem
 
-router = APIRouter(tags=["health"])
+router = APIRouter(route_class=DirectRoute, tags=["health"])
 CHECK_TIMEOUT_S = 1.0
 
 

@@ -12,11 +12,12 @@ from starlette.responses import Response
 
 from conveyor.api.auth import Authenticator, forbidden, requires
 from conveyor.api.deps import StateDep
+from conveyor.api.direct import DirectRoute
 from conveyor.api.responses import OrjsonResponse
 from conveyor.errors import KeyNotFound
 from conveyor.store.keys import ADMIN, NAME_PATTERN, KeyStore
 
-router = APIRouter(prefix="/v1/keys", tags=["keys"],
+router = APIRouter(route_class=DirectRoute, prefix="/v1/keys", tags=["keys"],
                    dependencies=[Depends(requires[ADMIN])], responses=forbidden(ADMIN))
 
 

@@ -8,10 +8,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from conveyor.api.auth import forbidden, metrics_access
+from conveyor.api.direct import DirectRoute
 from conveyor.queue.backlog import Backlog
 from conveyor.store.keys import READ
 
-router = APIRouter(tags=["health"])
+router = APIRouter(route_class=DirectRoute, tags=["health"])
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,

@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from conveyor.api.auth import forbidden, requires
 from conveyor.api.deps import StateDep
+from conveyor.api.direct import DirectRoute
 from conveyor.api.models import DeadLettersOut, FlowOut, LimitsIn, QueuesOut
 from conveyor.api.responses import OrjsonResponse
 from conveyor.limits import change_limits, in_force
@@ -81,7 +82,7 @@ async def list_queues(state: StateDep) -> Response:
 
 def build_router(registry: Registry) -> APIRouter:
     """The queues router for the types in `registry`."""
-    router = APIRouter(prefix="/v1/queues", tags=["operations"],
+    router = APIRouter(route_class=DirectRoute, prefix="/v1/queues", tags=["operations"],
                        dependencies=[Depends(requires[READ])], responses=forbidden(READ))
     router.get("", response_model=QueuesOut,
                summary="Depth, pending, dead and age per task type")(list_queues)

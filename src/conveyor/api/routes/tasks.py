@@ -15,6 +15,7 @@ from starlette.responses import Response, StreamingResponse
 from conveyor.api import sse
 from conveyor.api.auth import Enqueuer, forbidden, requires
 from conveyor.api.deps import AdmissionDep, ClientDep
+from conveyor.api.direct import DirectRoute
 from conveyor.api.guards import JSON_MEDIA_TYPES, require_json
 from conveyor.api.models import (
     SUMMARY_FIELDS,
@@ -98,7 +99,7 @@ _EVENTS_DOC: dict[int | str, dict[str, Any]] = {200: sse.response_doc(
 def build_router(registry: Registry, max_wait_s: float = MAX_WAIT_S) -> APIRouter:
     """The tasks router for the types in `registry`, waiting up to `max_wait_s`."""
     single, batch = request_models(registry)
-    router = APIRouter(prefix=PREFIX, tags=["tasks"])
+    router = APIRouter(prefix=PREFIX, tags=["tasks"], route_class=DirectRoute)
 
     @router.post(
         "",

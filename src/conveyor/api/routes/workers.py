@@ -7,11 +7,12 @@ from starlette.responses import Response
 
 from conveyor.api.auth import forbidden, requires
 from conveyor.api.deps import StateDep
+from conveyor.api.direct import DirectRoute
 from conveyor.api.models import WorkersOut
 from conveyor.api.responses import OrjsonResponse
 from conveyor.store.keys import READ
 
-router = APIRouter(prefix="/v1/workers", tags=["operations"],
+router = APIRouter(route_class=DirectRoute, prefix="/v1/workers", tags=["operations"],
                    dependencies=[Depends(requires[READ])], responses=forbidden(READ))
 
 

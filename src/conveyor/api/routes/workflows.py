@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from conveyor.api.auth import Enqueuer, forbidden, requires
 from conveyor.api.deps import AdmissionDep, ClientDep
+from conveyor.api.direct import DirectRoute
 from conveyor.api.guards import JSON_MEDIA_TYPES, require_json
 from conveyor.api.models import WorkflowOut, WorkflowPage, workflow_model
 from conveyor.api.responses import OrjsonResponse
@@ -55,7 +56,7 @@ def _workflow(found: WorkflowRecord, status_code: int = 200) -> Response:
 def build_router(registry: Registry) -> APIRouter:
     """The workflows router for the types in `registry`."""
     body_model = workflow_model(registry)
-    router = APIRouter(prefix=PREFIX, tags=["workflows"])
+    router = APIRouter(route_class=DirectRoute, prefix=PREFIX, tags=["workflows"])
 
     @router.post(
         "", status_code=201, response_model=WorkflowOut,
