@@ -58,8 +58,11 @@ async def test_one_of_three_cron_processes_publishes_and_a_survivor_covers_its_d
     leader.signal(signal.SIGKILL)
     leader.wait()
     survivors = [p for p in procs if p is not leader]
-    third = await enqueue_in_transaction(state, client)  # by the scan, or by the next leader
-    await eventually(lambda: on_stream(third), timeout_s=30)
+    # Its NOTIFY reaches nobody until a survivor takes the lease: the scan publishes it, once
+    # it is overdue by the grace. Killed mid-tick, the leader may still hold the scan's lock,
+    # which frees itself after its TTL (30 s at least): a scan is then that late.
+    third = await enqueue_in_transaction(state, client)
+    await eventually(lambda: on_stream(third), timeout_s=45)
 
     async def taken_over() -> bool:
         return bool(leaders(survivors))

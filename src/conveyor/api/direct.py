@@ -9,6 +9,10 @@ FastAPI's. A route that needs anything else (a generator, security scopes, heade
 parameters, a form body, background tasks, an endpoint that returns no `Response`) keeps
 FastAPI's handler, and so does every request while FastAPI's telemetry is recording one or
 dependency overrides are set.
+
+The plan reads FastAPI's route state, some of it private (an included route's context, its
+`_embed_body_fields`): the lock file pins FastAPI, and `tests/unit/api/test_direct.py`
+compares the two handlers request by request.
 """
 
 from __future__ import annotations
@@ -17,32 +21,45 @@ import inspect
 import json
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import params
+from fastapi.datastructures import DefaultPlaceholder
 from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import request_body_to_args, request_params_to_args
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute, _effective_route_context_var
+from fastapi.routing import APIRoute
 from fastapi.telemetry import get_telemetry_data
 from pydantic_core import PydanticUndefined
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+try:  # the FastAPI internals the plan mirrors; another FastAPI keeps its own handler
+    from fastapi.dependencies.utils import _get_param_model
+    from fastapi.routing import _effective_route_context_var, _extract_endpoint_context
+except ImportError:  # pragma: no cover - depends on the installed FastAPI
+    MIRRORED = False
+else:
+    MIRRORED = True
+
+if TYPE_CHECKING:
+    from fastapi.exceptions import EndpointContext
+
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
 @dataclass(frozen=True, slots=True)
 class _Call:
-    """A dependency: its callable, the name its value is passed as, whether its value is
-    shared within a request, its own dependencies and the parameter that takes the request."""
+    """A dependency (its callable is read from it at each call, as FastAPI does), its own
+    dependencies, and the key its value is shared under within a request."""
 
-    call: Callable[..., Coroutine[Any, Any, Any]]
-    name: str | None
-    use_cache: bool
+    dependant: Dependant
     dependencies: tuple[_Call, ...]
-    request_param: str | None
+
+    @property
+    def key(self) -> tuple[Any, str]:
+        return self.dependant.call, self.dependant.scope or ""
 
 
 class DirectRoute(APIRoute):
@@ -50,14 +67,21 @@ class DirectRoute(APIRoute):
 
     def get_route_handler(self) -> Handler:
         general = super().get_route_handler()
+        if not MIRRORED:
+            return general
         route: Any = self
         # FastAPI builds the handler of an included route with the router's dependencies
         # added (its "effective context"): the plan is made of the same.
         context = _effective_route_context_var.get()
         if context is not None and context.original_route is self:
             route = context
+        strict = getattr(route, "strict_content_type", True)
+        if isinstance(strict, DefaultPlaceholder):
+            strict = strict.value
+        if not strict:  # a body without a content type is read as JSON: FastAPI's handler
+            return general
         plan = _plan(route.dependant, route.body_field, route._embed_body_fields,
-                     self.endpoint, route.dependency_overrides_provider)
+                     route.dependency_overrides_provider)
         if plan is None:
             return general
         return plan.handler(general)
@@ -69,7 +93,6 @@ class _Plan:
     dependencies: tuple[_Call, ...]
     json_body: bool  # the route takes a body (read as FastAPI reads it)
     embed_body_fields: bool
-    endpoint: Callable[..., Coroutine[Any, Any, Response]]
     overrides: Any
     # The query values of a request without a query string, when each is an optional
     # parameter whose default is an immutable constant (what FastAPI would give); else None.
@@ -77,19 +100,21 @@ class _Plan:
 
     def handler(self, general: Handler) -> Handler:
         dependant = self.dependant
+        context = _extract_endpoint_context(dependant.call)
 
         async def direct(request: Request) -> Response:
             overridden = self.overrides is not None and getattr(
                 self.overrides, "dependency_overrides", None)
             if overridden or get_telemetry_data() is not None:
                 return await general(request)
-            body = await _read_body(request) if self.json_body else PydanticUndefined
-            cache: dict[Callable[..., Any], Any] = {}
+            body = (await _read_body(request, dependant, context) if self.json_body
+                    else PydanticUndefined)
+            cache: dict[tuple[Any, str], Any] = {}
             values: dict[str, Any] = {}
             for dependency in self.dependencies:
                 value = await _solve(dependency, request, cache)
-                if dependency.name is not None:
-                    values[dependency.name] = value
+                if dependency.dependant.name is not None:
+                    values[dependency.dependant.name] = value
             errors: list[Any] = []
             if dependant.path_params:
                 found, errors = request_params_to_args(dependant.path_params,
@@ -111,60 +136,80 @@ class _Plan:
                 values.update(found)
                 errors += wrong
             if errors:
-                raise RequestValidationError(errors, body=body)
+                raise RequestValidationError(
+                    errors, body=None if body is PydanticUndefined else body,
+                    endpoint_ctx=_at(request, dependant, context))
             if dependant.request_param_name:
                 values[dependant.request_param_name] = request
-            response = await self.endpoint(**values)
+            endpoint: Any = dependant.call
+            response = await endpoint(**values)
             if not isinstance(response, Response):
-                raise TypeError(f"{self.endpoint.__name__} returned no Response")
+                raise TypeError(f"{endpoint.__name__} returned no Response")
             return response
 
         return direct
 
 
-async def _solve(dependency: _Call, request: Request, cache: dict[Callable[..., Any], Any]
+async def _solve(dependency: _Call, request: Request, cache: dict[tuple[Any, str], Any]
                  ) -> Any:
-    if dependency.use_cache and dependency.call in cache:
-        return cache[dependency.call]
+    """As FastAPI solves a dependency: its own dependencies first (each from the cache or
+    called), then its value from the cache or called."""
     kwargs: dict[str, Any] = {}
     for sub in dependency.dependencies:
         value = await _solve(sub, request, cache)
-        if sub.name is not None:
-            kwargs[sub.name] = value
-    if dependency.request_param is not None:
-        kwargs[dependency.request_param] = request
-    value = await dependency.call(**kwargs)
-    cache.setdefault(dependency.call, value)
+        if sub.dependant.name is not None:
+            kwargs[sub.dependant.name] = value
+    dependant, key = dependency.dependant, dependency.key
+    if dependant.use_cache and key in cache:
+        return cache[key]
+    if dependant.request_param_name is not None:
+        kwargs[dependant.request_param_name] = request
+    call: Any = dependant.call
+    value = await call(**kwargs)
+    cache.setdefault(key, value)
     return value
 
 
-async def _read_body(request: Request) -> Any:
-    """The body as FastAPI's handler reads it: JSON for a JSON content type, the bytes for any
-    other, undefined when empty; a JSON syntax error as the validation error FastAPI raises."""
+async def _read_body(request: Request, dependant: Dependant, context: EndpointContext) -> Any:
+    """The body as FastAPI's handler reads it: JSON for a JSON content type (as the email
+    package parses one), the bytes for any other, undefined when empty; a JSON syntax error as
+    the validation error FastAPI raises."""
     try:
         raw = await request.body()
         if not raw:
             return PydanticUndefined
         media = (request.headers.get("content-type") or "").partition(";")[0].strip().lower()
         main, _, sub = media.partition("/")
-        if main == "application" and (sub == "json" or sub.endswith("+json")):
+        if (main == "application" and "/" not in sub
+                and (sub == "json" or sub.endswith("+json"))):
             return await request.json()
         return raw
     except json.JSONDecodeError as exc:
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
-              "input": {}, "ctx": {"error": exc.msg}}], body=exc.doc) from exc
+              "input": {}, "ctx": {"error": exc.msg}}], body=exc.doc,
+            endpoint_ctx=_at(request, dependant, context)) from exc
     except HTTPException:
         raise
     except Exception as exc:
         raise HTTPException(400, "There was an error parsing the body") from exc
 
 
-def _plan(dependant: Dependant, body_field: Any, embed_body_fields: bool,
-          endpoint: Callable[..., Any], overrides: Any) -> _Plan | None:
+def _at(request: Request, dependant: Dependant, context: EndpointContext) -> EndpointContext:
+    """Where a validation error arose, as FastAPI says it: the endpoint and the route."""
+    if not dependant.path:
+        return context
+    mount = request.scope.get("root_path", "").rstrip("/")
+    return {**context, "path": f"{request.method} {mount}{dependant.path}"}
+
+
+def _plan(dependant: Dependant, body_field: Any, embed_body_fields: bool, overrides: Any
+          ) -> _Plan | None:
     """The flat plan of a route FastAPI would solve with no more than plain calls; None for
     any other."""
-    if not inspect.iscoroutinefunction(endpoint) or not _returns_response(endpoint):
+    endpoint = dependant.call
+    if (endpoint is None or not inspect.iscoroutinefunction(endpoint)
+            or not _returns_response(endpoint)):
         return None
     if (dependant.header_params or dependant.cookie_params or dependant.websocket_param_name
             or dependant.http_connection_param_name or dependant.response_param_name
@@ -178,15 +223,14 @@ def _plan(dependant: Dependant, body_field: Any, embed_body_fields: bool,
         return None
     return _Plan(dependant, tuple(d for d in dependencies if d is not None),
                  json_body=body_field is not None, embed_body_fields=embed_body_fields,
-                 endpoint=endpoint, overrides=overrides,
-                 query_defaults=_query_defaults(dependant))
+                 overrides=overrides, query_defaults=_query_defaults(dependant))
 
 
 def _query_defaults(dependant: Dependant) -> dict[str, Any] | None:
     defaults = {}
     for field in dependant.query_params:
         info = field.field_info
-        if (info.is_required() or info.validate_default
+        if (info.is_required() or info.validate_default or _get_param_model(field) is not None
                 or not isinstance(field.default, _CONSTANTS)):
             return None
         defaults[field.name] = field.default
@@ -211,8 +255,7 @@ def _plain(dependant: Dependant) -> _Call | None:
     subs = [_plain(d) for d in dependant.dependencies]
     if any(s is None for s in subs):
         return None
-    return _Call(call, dependant.name, dependant.use_cache,
-                 tuple(s for s in subs if s is not None), dependant.request_param_name)
+    return _Call(dependant, tuple(s for s in subs if s is not None))
 
 
 def _returns_response(endpoint: Callable[..., Any]) -> bool:

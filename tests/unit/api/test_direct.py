@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import httpx
 import pytest
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -46,6 +47,20 @@ async def allowed(caller: Annotated[str, Depends(who)]) -> str:
     return caller
 
 
+async def counted(request: Request) -> int:
+    CALLS.append("counted")
+    return len(CALLS)
+
+
+async def shares(a: Annotated[int, Depends(counted, use_cache=False)]) -> int:
+    CALLS.append("shares")
+    return a
+
+
+class Page(BaseModel):
+    size: int = 5
+
+
 async def strict_query(request: Request) -> None:
     CALLS.append("strict_query")
     if "bogus" in request.query_params:
@@ -68,6 +83,15 @@ def build(route_class: type[APIRoute]) -> FastAPI:
                    full: bool = False) -> Response:
         return JSONResponse({"id": str(item_id), "caller": caller, "full": full})
 
+    @router.get("/{item_id}/cached")
+    async def cached(item_id: uuid.UUID, one: Annotated[int, Depends(shares)],
+                     two: Annotated[int, Depends(shares)],
+                     fresh: Annotated[int, Depends(counted, scope="function")],
+                     again: Annotated[int, Depends(counted)],
+                     page: Annotated[Page | None, Query()] = None) -> Response:
+        return JSONResponse({"values": [one, two, fresh, again],
+                             "page": page.model_dump() if page else None})
+
     @router.get("/{item_id}/header")
     async def header(item_id: uuid.UUID, x_thing: Annotated[str, Header()]) -> Response:
         return JSONResponse({"id": str(item_id), "thing": x_thing})
@@ -79,7 +103,16 @@ def build(route_class: type[APIRoute]) -> FastAPI:
     app = FastAPI()
     app.state.items = router
     app.include_router(router, dependencies=[Depends(who), Depends(strict_query)])
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return JSONResponse({"errors": jsonable_encoder(exc.errors()), "body": repr(exc.body),
+                             "said": str(exc)}, status_code=422)
+
     return app
+
+
 
 
 @pytest.fixture
@@ -101,6 +134,10 @@ REQUESTS: list[tuple[str, str, dict[str, Any]]] = [
     ("POST", "/items", {"content": b'{"name": "a"}',
                         "headers": {"content-type": "application/vnd.x+json; charset=utf-8"}}),
     ("POST", "/items", {"content": b'{"name": "a"}', "headers": {"content-type": "text/plain"}}),
+    ("POST", "/items", {"content": b'{"name": "a"}',
+                        "headers": {"content-type": "application/a/+json"}}),
+    ("POST", "/items", {"content": b'{"name": "a"}',
+                        "headers": {"content-type": "Application/JSON ; charset=utf-8"}}),
     ("POST", "/items", {"content": b'{"name": "a"}'}),  # no content type: bytes, not JSON
     ("POST", "/items", {}),  # no body
     ("POST", "/items", {"json": [1, 2]}),
@@ -112,6 +149,9 @@ REQUESTS: list[tuple[str, str, dict[str, Any]]] = [
     ("GET", f"/items/{ID}", {}),
     ("GET", f"/items/{ID}?full=true", {}),
     ("GET", "/items/not-a-uuid?full=maybe", {}),
+    ("GET", f"/items/{ID}/cached", {}),
+    ("GET", f"/items/{ID}/cached?size=7", {}),
+    ("GET", f"/items/{ID}/cached?size=x", {}),
     ("GET", f"/items/{ID}/header", {"headers": {"x-thing": "t"}}),
     ("GET", f"/items/{ID}/header", {}),
     ("GET", f"/items/{ID}/plain", {}),
@@ -141,10 +181,29 @@ def test_only_plain_routes_get_a_plan() -> None:
     for route in app.state.items.routes:
         if isinstance(route, APIRoute):
             planned[route.path] = direct._plan(
-                route.dependant, route.body_field, route._embed_body_fields, route.endpoint,
-                None) is not None
-    assert planned == {"/items": True, "/items/{item_id}": True,
+                route.dependant, route.body_field, route._embed_body_fields, None) is not None
+    assert planned == {"/items": True, "/items/{item_id}": True, "/items/{item_id}/cached": True,
                        "/items/{item_id}/header": False, "/items/{item_id}/plain": False}
+
+
+async def test_a_route_reading_a_body_without_a_content_type_as_json_keeps_fastapis_handler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    answers = []
+    for route_class in (APIRoute, DirectRoute):
+        app = FastAPI()
+        router = APIRouter(route_class=route_class, strict_content_type=False)
+
+        @router.post("/lenient")
+        async def lenient(item: Annotated[Item, Body()]) -> Response:
+            return JSONResponse(item.model_dump())
+
+        app.include_router(router)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app),
+                                     base_url="http://t") as client:
+            answer = await client.post("/lenient", content=b'{"name": "a"}')
+        answers.append((answer.status_code, answer.json()))
+    assert answers[0] == answers[1] == (200, {"name": "a", "size": 1})
 
 
 async def test_dependency_overrides_are_honoured(
