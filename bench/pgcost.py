@@ -60,7 +60,7 @@ async def _measure(postmaster: int, name: str, batch: int, n: int,
 async def one_size(pool: Pool, store: TaskStore, postmaster: int, n: int, batch: int,
                    insert_batch: int) -> list[Step]:
     async with pool.acquire() as conn:
-        await conn.execute(f"TRUNCATE {store.table}")
+        await conn.execute(f"TRUNCATE {store.table} CASCADE")
     tasks = [NewTask(new_task_id(), "noop", "{}", 3) for _ in range(n)]
     ids = [t.id for t in tasks]
 

@@ -203,7 +203,9 @@ def durability_note(args: argparse.Namespace) -> str:
                 "committed tasks")
     return ("**durable**: private cluster with PostgreSQL's defaults (fsync, "
             "synchronous_commit and full_page_writes on: every commit is on disk before it "
-            "returns)")
+            "returns, but Conveyor's starts, which it commits asynchronously by default, "
+            "`CONVEYOR_START_COMMIT=async`: a crash can make a task started in its last "
+            "moments run again, never lose it)")
 
 
 async def postgres_durability(url: str) -> str:

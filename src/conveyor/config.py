@@ -170,6 +170,10 @@ class Settings(BaseSettings):
     # before writing a batch, and its event publisher for more events before an XADD, while
     # handlers are still running (0: write at once)
     record_linger: float = Field(default=0.005, ge=0, le=1)
+    # How a start (queued → running) commits: `async` visible at once and on disk within
+    # PostgreSQL's WAL writer delays (a crash in between makes the task queued again, to run
+    # again; tasks and outcomes always wait for the disk); `sync` waits for the disk too
+    start_commit: Literal["async", "sync"] = "async"
 
     # Dashboard (/ui): a session's lifetime, rows per page, rows a payload-field search
     # examines per page, and tasks one bulk action (on a filter) changes per request

@@ -179,25 +179,38 @@ class Pinned:
     For one coroutine at a time (asyncpg runs one statement per connection). After a failed
     statement the connection goes back to the pool, whose reset replaces it if it is broken,
     and the next use takes a fresh one; after a failover it is closed, and the next use
-    reconnects.
+    reconnects. `session`: settings (`SET ...`) made on each connection it takes, undone by
+    the pool's reset (`RESET ALL`) when the connection goes back.
     """
 
-    def __init__(self, pool: Pool, *, acquire_timeout_s: float = 5.0) -> None:
+    def __init__(self, pool: Pool, *, acquire_timeout_s: float = 5.0,
+                 session: str | None = None) -> None:
         self.pool = pool
         self.acquire_timeout_s = acquire_timeout_s
+        self.session = session
         self._conn: PoolConnectionProxy[asyncpg.Record] | None = None
 
     @contextlib.asynccontextmanager
     async def connection(self, op: str) -> AsyncIterator[Connection]:
         with translate(op):
             if self._conn is None or not _usable(self._conn):
-                self._conn = await acquire(self.pool, self.acquire_timeout_s, op)
+                self._conn = await self._take(op)
             try:
                 yield self._conn
             except BaseException as exc:
                 await _drop_if_failover(self.pool, exc)
                 await self.release()
                 raise
+
+    async def _take(self, op: str) -> PoolConnectionProxy[asyncpg.Record]:
+        conn = await acquire(self.pool, self.acquire_timeout_s, op)
+        if self.session is not None:
+            try:
+                await conn.execute(self.session)
+            except BaseException:
+                await self.pool.release(conn)
+                raise
+        return conn
 
     async def release(self, timeout_s: float = 5.0) -> None:
         """Give the connection back (its reset bounded by `timeout_s`, then it is dropped)."""

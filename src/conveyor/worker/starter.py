@@ -7,6 +7,17 @@ and its consumers wait, holding their slots; once the drain deadline has passed 
 waiting starts are given up (their messages stay pending for the rebalancer). A batch Postgres
 refuses is started one task at a time; a task whose start is refused alone is reported
 `refused` and left as it is, its message pending.
+
+A start commits asynchronously by default (`CONVEYOR_START_COMMIT=async`: `START_SESSION` on
+the starter's connection). It is visible to every session at once, so the compare-and-set
+that lets one copy of a message run is unchanged; only its flush to disk is left to
+PostgreSQL's WAL writer, which spares each start batch the wait for an fsync, the one wait for
+the disk in a handler's path. What a crash of PostgreSQL can cost is a start of its last
+moments: that task is `queued` again at its previous attempt, the outcome of the run it had
+misses its compare-and-set (and is acked as superseded), and the relay publishes it again, so
+it runs again. Nothing else is at risk: a task's insert and every outcome commit
+synchronously, and a synchronous commit flushes all the WAL before it, so a recorded outcome's
+start is always on disk with it.
 """
 
 from __future__ import annotations
@@ -25,6 +36,8 @@ from conveyor.store.tasks import NotStarted, Started, TaskStore
 log = structlog.get_logger("conveyor.starter")
 
 Result = tuple[list[Started], list[NotStarted]]
+# The starter's session under CONVEYOR_START_COMMIT=async.
+START_SESSION = "SET synchronous_commit = off"
 
 
 @dataclass(slots=True)

@@ -45,7 +45,7 @@ from conveyor.worker.inflight import Held, InFlight
 from conveyor.worker.progress import Progress
 from conveyor.worker.recorder import Recorder
 from conveyor.worker.slots import Slots
-from conveyor.worker.starter import Starter
+from conveyor.worker.starter import START_SESSION, Starter
 
 log = structlog.get_logger("conveyor.worker")
 
@@ -112,8 +112,12 @@ class Worker:
                                  progress=self.progress.report,
                                  relatives=TaskRelatives(state.client))
         # Two connections pinned for the worker's lifetime: one starts tasks, one records them.
-        self._pinned = [Pinned(state.pool, acquire_timeout_s=settings.pg_acquire_timeout)
-                        for _ in range(2)]
+        # A start may commit without waiting for the disk (see Starter); an outcome waits.
+        self._pinned = [
+            Pinned(state.pool, acquire_timeout_s=settings.pg_acquire_timeout,
+                   session=START_SESSION if settings.start_commit == "async" else None),
+            Pinned(state.pool, acquire_timeout_s=settings.pg_acquire_timeout),
+        ]
         self.gate = Gate(
             self.types, FlowRedis(state.redis, state.keys),
             QueueSettingsStore(state.pool, settings.database_schema,

@@ -29,9 +29,9 @@ async def run_worker(state: AppState) -> tuple[Worker, Shutdown, asyncio.Task[No
     return worker, stop, asyncio.create_task(worker.run(stop))
 
 
-def start_relay(state: AppState, stop: Shutdown) -> asyncio.Task[None]:
+def start_relay(state: AppState, stop: Shutdown, task_type: str = "echo") -> asyncio.Task[None]:
     """A relay with a short grace, running until `stop` begins."""
-    relay = Relay(state.redis, state.keys, state.streams, state.store, ["echo"],
+    relay = Relay(state.redis, state.keys, state.streams, state.store, [task_type],
                   liveness=judge(state), interval_s=0.2, grace_s=0.5, ttl_s=3)
     return asyncio.create_task(relay.run(stop))
 
