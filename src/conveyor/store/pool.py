@@ -207,8 +207,10 @@ class Pinned:
         if self.session is not None:
             try:
                 await conn.execute(self.session)
-            except BaseException:
-                await self.pool.release(conn)
+            except BaseException as exc:
+                await _drop_if_failover(self.pool, exc)
+                with contextlib.suppress(Exception):  # the error to report is the SET's
+                    await self.pool.release(conn)
                 raise
         return conn
 

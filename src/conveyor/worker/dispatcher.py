@@ -88,6 +88,12 @@ class Dispatcher:
             return
         if leased:
             self._leased.update(m.stream_id for m in messages)
+        # A copy of a task whose handler runs here is not started beside it: after a Postgres
+        # crash forgot a start, the relay's copy would pass the compare-and-set (the task
+        # reads `queued` again) and run beside the first run, at the same attempt.
+        elsewhere = {m.task_id for m in messages
+                     if m.task_id is not None and self.in_flight.holds(m.task_id)
+                     and self.in_flight.running_task(m.task_id)}
         fresh = self.in_flight.hold(self.task_type.name, consumer, messages)
         if len(fresh) < len(messages):
             log.info("worker.message.redelivered", task_type=self.task_type.name,
@@ -102,7 +108,7 @@ class Dispatcher:
         duplicates: list[Message] = []
         for m in messages:
             if m.task_id is not None:
-                if m.task_id in by_task:
+                if m.task_id in by_task or m.task_id in elsewhere:
                     duplicates.append(m)
                 else:
                     by_task[m.task_id] = m

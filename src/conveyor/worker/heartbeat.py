@@ -145,7 +145,9 @@ class Heartbeat:
             metrics.LEASES_LOST.labels(held.task_type).inc()
             log.warning("task.lease.lost", task_id=held.task_id, task_type=held.task_type,
                         attempt=held.attempt, cancelled=held.cancellable,
-                        reason="re-queued while this worker looked dead (stalled past the TTL)")
+                        reason="no longer running here per Postgres: re-queued while this worker"
+                               " looked dead (stalled past the TTL), or its start lost in a"
+                               " Postgres crash")
         if self.cancels is not None and beat.cancel_requested:
             self.cancels.requested(beat.cancel_requested)
         if lost and self.store is not None:  # its attempt log says lease_lost, not worker_lost

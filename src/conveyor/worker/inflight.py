@@ -54,6 +54,7 @@ class InFlight:
 
     def __init__(self) -> None:
         self._held: dict[Key, Held] = {}
+        self._tasks: dict[uuid.UUID, int] = {}  # task id → messages of it held
 
     def __len__(self) -> int:
         return len(self._held)
@@ -71,8 +72,14 @@ class InFlight:
             key = (task_type, m.stream_id)
             if key not in self._held:
                 self._held[key] = Held(task_type, consumer, m, now)
+                if m.task_id is not None:
+                    self._tasks[m.task_id] = self._tasks.get(m.task_id, 0) + 1
                 fresh.append(m)
         return fresh
+
+    def holds(self, task_id: uuid.UUID) -> bool:
+        """Whether a message of `task_id` is held here."""
+        return task_id in self._tasks
 
     def running(
         self, task_type: str, stream_id: bytes, attempt: int, handler: asyncio.Future[None],
@@ -92,7 +99,14 @@ class InFlight:
     def release(self, keys: Iterable[Key]) -> None:
         """Stop holding these messages (settled, handed back, or left pending)."""
         for key in keys:
-            self._held.pop(key, None)
+            held = self._held.pop(key, None)
+            task_id = held.message.task_id if held is not None else None
+            if task_id is not None:
+                left = self._tasks[task_id] - 1
+                if left:
+                    self._tasks[task_id] = left
+                else:
+                    del self._tasks[task_id]
 
     def by_consumer(self) -> dict[tuple[str, str], list[bytes]]:
         """Stream ids held, per (type, consumer): what the heartbeat refreshes."""

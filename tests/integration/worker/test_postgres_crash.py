@@ -1,20 +1,26 @@
 """A crash of a durable PostgreSQL while handlers run. A start commits without waiting for the
 disk (`CONVEYOR_START_COMMIT=async`): the crash forgets it, the task is `queued` again at its
-previous attempt, the first run's outcome is superseded and the relay publishes the task again.
-It runs again and succeeds once; with `sync` the crash forgets nothing and nothing runs twice."""
+previous attempt and the relay publishes it again. The first run is not recorded: its outcome
+is superseded (and the relay's copy is not started beside it), or, when the worker beats first,
+its handler is stopped. The task runs again and succeeds once; with `sync` the crash forgets
+nothing and nothing runs twice."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from conveyor.application import Conveyor
+from conveyor.client import TaskRequest
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState, open_state
 from conveyor.store.tasks import TaskRecord
@@ -50,28 +56,38 @@ async def _records(state: AppState, ids: list[uuid.UUID]) -> list[TaskRecord | N
 
 
 async def _crash_while_running(
-    pg: PostgresServer, redis: RedisServer, app: Conveyor, start_commit: str
-) -> tuple[list[TaskRecord], list[TaskRecord], list[uuid.UUID]]:
+    pg: PostgresServer, redis: RedisServer, app: Conveyor, start_commit: str, *,
+    beat_after_restart: bool = False,
+) -> tuple[list[TaskRecord], list[TaskRecord], list[uuid.UUID], datetime]:
     """Start TASKS sleeping tasks, crash Postgres once all are running, wait until all have
-    succeeded; the records after the restart, the final ones, and the ids."""
+    succeeded; the records after the restart, the final ones, the ids and the crash's time."""
     # A heartbeat beat is a synchronous commit, which would flush the starts before the crash.
     settings = make_settings(pg, redis.url, start_commit=start_commit,
-                             heartbeat_interval=20.0, heartbeat_ttl=60.0)
+                             heartbeat_interval=30.0, heartbeat_ttl=90.0)
     async with open_state(settings, app) as state:
-        # The WAL writer flushes an async commit within three of its delays: the longest.
+        # The WAL writer writes an async commit out within its delay: the longest there is.
         await state.pool.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
         await state.pool.execute("SELECT pg_reload_conf()")
-        ids = [(await state.client.enqueue("sleep", {"seconds": RUN_S})).record.id
-               for _ in range(TASKS)]
         worker = Worker(state, types=["sleep"])
         stop = Shutdown(10)
         running = asyncio.create_task(worker.run(stop))
+
+        async def beaten() -> bool:  # its first beat is behind it, not beside the starts
+            return any(w.id == worker.worker_id for w in await state.workers.live(90))
+
+        await eventually(beaten, timeout_s=10)
+        started = time.monotonic()
+        # One commit for all (an enqueue commits synchronously, flushing any start before it).
+        ids = [i.record.id for i in await state.client.enqueue_many(
+            [TaskRequest("sleep", {"seconds": RUN_S}) for _ in range(TASKS)])]
 
         async def all_running() -> bool:
             found = await _records(state, ids)
             return bool(found) and all(r is not None and r.status == "running" for r in found)
 
-        await eventually(all_running, timeout_s=10)
+        await eventually(all_running, timeout_s=8)
+        crashed_at = datetime.now(UTC)
+        assert time.monotonic() - started < 8, "too slow to crash within the WAL writer's delay"
         pg.stop("immediate")  # a crash: what is not on disk is gone
         pg.start()
 
@@ -80,6 +96,8 @@ async def _crash_while_running(
 
         await eventually(back, timeout_s=20)
         after = [r for r in await _records(state, ids) if r is not None]
+        if beat_after_restart:
+            await worker.heartbeat.tick()
         relaying = start_relay(state, stop, "sleep")
 
         async def all_succeeded() -> bool:
@@ -90,25 +108,49 @@ async def _crash_while_running(
         final = [r for r in await _records(state, ids) if r is not None]
         stop.begin()
         await asyncio.gather(running, relaying)
-    return after, final, ids
+    return after, final, ids, crashed_at
 
 
-async def test_a_crash_forgets_async_starts_and_their_tasks_run_again_once_recorded(
+async def test_a_crash_forgets_async_starts_and_only_the_run_after_it_is_recorded(
     durable_postgres: PostgresServer, redis_server: RedisServer, app: Conveyor
 ) -> None:
-    after, final, ids = await _crash_while_running(durable_postgres, redis_server, app, "async")
+    with capture_logs() as logs:
+        after, final, ids, crashed_at = await _crash_while_running(
+            durable_postgres, redis_server, app, "async")
     assert len(after) == TASKS
     # The starts were visible (every task was seen running) but not on disk.
     assert [(r.status, r.attempts) for r in after] == [("queued", 0)] * TASKS
-    # Each ran twice, the first run's outcome superseded; each succeeded once, at attempt 1.
+    # Each ran twice: the first run's outcome was superseded, the run the relay's copy
+    # started after it is the one recorded (the copy that came while the first ran was not
+    # started beside it); each succeeded once, at attempt 1.
+    assert all(basic.probe.runs[str(i)] == 2 for i in ids)
+    assert basic.probe.peak == TASKS  # no run of a task beside another of it
+    assert [(r.status, r.attempts) for r in final] == [("succeeded", 1)] * TASKS
+    assert all(r.started_at is not None and r.started_at > crashed_at for r in final)
+    superseded = [e for e in logs if e["event"] == "worker.outcome.superseded"]
+    assert sorted(e["task_id"] for e in superseded) == sorted(str(i) for i in ids)
+
+
+async def test_the_first_beat_after_the_crash_stops_the_runs_it_forgot(
+    durable_postgres: PostgresServer, redis_server: RedisServer, app: Conveyor
+) -> None:
+    with capture_logs() as logs:
+        after, final, ids, crashed_at = await _crash_while_running(
+            durable_postgres, redis_server, app, "async", beat_after_restart=True)
+    assert [(r.status, r.attempts) for r in after] == [("queued", 0)] * TASKS
+    lost = [e for e in logs if e["event"] == "task.lease.lost"]
+    assert sorted(e["task_id"] for e in lost) == sorted(str(i) for i in ids)
     assert all(basic.probe.runs[str(i)] == 2 for i in ids)
     assert [(r.status, r.attempts) for r in final] == [("succeeded", 1)] * TASKS
+    assert all(r.started_at is not None and r.started_at > crashed_at for r in final)
+    assert not [e for e in logs if e["event"] == "worker.outcome.superseded"]
 
 
 async def test_a_crash_keeps_sync_starts_and_nothing_runs_twice(
     durable_postgres: PostgresServer, redis_server: RedisServer, app: Conveyor
 ) -> None:
-    after, final, ids = await _crash_while_running(durable_postgres, redis_server, app, "sync")
+    after, final, ids, _ = await _crash_while_running(
+        durable_postgres, redis_server, app, "sync")
     assert [(r.status, r.attempts) for r in after] == [("running", 1)] * TASKS
     assert all(basic.probe.runs[str(i)] == 1 for i in ids)
     assert [(r.status, r.attempts) for r in final] == [("succeeded", 1)] * TASKS
