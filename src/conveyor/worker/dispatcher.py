@@ -88,12 +88,6 @@ class Dispatcher:
             return
         if leased:
             self._leased.update(m.stream_id for m in messages)
-        # A copy of a task whose handler runs here is not started beside it: after a Postgres
-        # crash forgot a start, the relay's copy would pass the compare-and-set (the task
-        # reads `queued` again) and run beside the first run, at the same attempt.
-        elsewhere = {m.task_id for m in messages
-                     if m.task_id is not None and self.in_flight.holds(m.task_id)
-                     and self.in_flight.running_task(m.task_id)}
         fresh = self.in_flight.hold(self.task_type.name, consumer, messages)
         if len(fresh) < len(messages):
             log.info("worker.message.redelivered", task_type=self.task_type.name,
@@ -108,7 +102,7 @@ class Dispatcher:
         duplicates: list[Message] = []
         for m in messages:
             if m.task_id is not None:
-                if m.task_id in by_task or m.task_id in elsewhere:
+                if m.task_id in by_task:
                     duplicates.append(m)
                 else:
                     by_task[m.task_id] = m
@@ -120,6 +114,7 @@ class Dispatcher:
                 self._release(messages)
                 return
             started, not_started = result
+            started = self._restarted(started, by_task, duplicates)
         adopted, not_started = self._adopt(not_started, by_task)
         if self.gate is not None and started and self.gate.keyed(self.task_type.name):
             started = await self._keyed(started, by_task, shutdown)
@@ -166,6 +161,22 @@ class Dispatcher:
                    if ns.running_here is not None and ns.id not in held]
         taken = {t.id for t in adopted}
         return adopted, [ns for ns in not_started if ns.id not in taken]
+
+    def _restarted(self, started: list[Started], by_task: dict[uuid.UUID, Message],
+                   duplicates: list[Message]) -> list[Started]:
+        """Started tasks whose handler already runs here at that very attempt are not run
+        again: the start was one a Postgres crash forgot (the task read `queued` at the
+        attempt before), made again by a copy the relay published. The row now says what
+        the first start said, so the running handler's outcome is recorded as its own; the
+        copy is acked as a duplicate."""
+        again = [t for t in started if self.in_flight.holding(t.id) > 1
+                 and self.in_flight.running_task(t.id, t.attempt)]
+        if not again:
+            return started
+        log.warning("worker.start.restored", task_type=self.task_type.name,
+                    tasks=[str(t.id) for t in again])
+        duplicates.extend(by_task.pop(t.id) for t in again)
+        return [t for t in started if t.id in by_task]
 
     def _release(self, messages: list[Message]) -> None:
         """Stop holding `messages` (acked, or left pending) and free their slots."""

@@ -77,9 +77,9 @@ class InFlight:
                 fresh.append(m)
         return fresh
 
-    def holds(self, task_id: uuid.UUID) -> bool:
-        """Whether a message of `task_id` is held here."""
-        return task_id in self._tasks
+    def holding(self, task_id: uuid.UUID) -> int:
+        """How many messages of `task_id` are held here."""
+        return self._tasks.get(task_id, 0)
 
     def running(
         self, task_type: str, stream_id: bytes, attempt: int, handler: asyncio.Future[None],
