@@ -164,13 +164,15 @@ class Dispatcher:
 
     def _restarted(self, started: list[Started], by_task: dict[uuid.UUID, Message],
                    duplicates: list[Message]) -> list[Started]:
-        """Started tasks whose handler already runs here at that very attempt are not run
-        again: the start was one a Postgres crash forgot (the task read `queued` at the
-        attempt before), made again by a copy the relay published. The row now says what
-        the first start said, so the running handler's outcome is recorded as its own; the
-        copy is acked as a duplicate."""
+        """Started tasks whose handler already runs here at that very attempt, its lease
+        held, are not run again: the start was one a Postgres crash forgot (the task read
+        `queued` at the attempt before), made again by a copy the relay published. The row
+        now says what the first start said, so the running handler's outcome is recorded as
+        its own; the copy is acked as a duplicate. A handler whose lease a beat found lost
+        meanwhile does not count (its outcome is discarded): the copy runs."""
         again = [t for t in started if self.in_flight.holding(t.id) > 1
-                 and self.in_flight.running_task(t.id, t.attempt)]
+                 and any(h.lease is not None and not h.lease.lost
+                         for h in self.in_flight.running_task(t.id, t.attempt))]
         if not again:
             return started
         log.warning("worker.start.restored", task_type=self.task_type.name,

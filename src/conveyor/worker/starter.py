@@ -14,12 +14,14 @@ that lets one copy of a message run is unchanged; only its flush to disk is left
 PostgreSQL's WAL writer, which spares each start batch the wait for an fsync, the one wait for
 the disk in a handler's path. What a crash of PostgreSQL can cost is a start of its last
 moments: that task is `queued` again at its previous attempt and the relay publishes it
-again. A copy reaching the worker still running it makes the start again, and the run goes on
-(the dispatcher); otherwise the task runs again and the run it had is not recorded (the next
-beat finds its lease lost, or its outcome misses the compare-and-set and is acked as
-superseded). Nothing else is at risk: a task's insert
-and every outcome commit synchronously, and a synchronous commit flushes all the WAL before
-it, so a recorded outcome's start is always on disk with it.
+again. A copy reaching the worker whose handler of it still runs, before that worker's next
+beat, makes the start again, and the run goes on (the dispatcher); otherwise the task runs
+again and the run it had is not recorded (the next beat finds its lease lost, or its outcome
+misses the compare-and-set and is acked as superseded; one still being retried through the
+outage can pass it instead, and the second run's outcome is then the superseded one).
+Nothing else is at risk: a task's insert and every outcome commit synchronously, and a
+synchronous commit flushes all the WAL before it, so a recorded outcome's start is always on
+disk with it.
 """
 
 from __future__ import annotations
