@@ -81,16 +81,25 @@ def own_redis() -> Iterator[RedisServer]:
     shutil.rmtree(base, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def private_postgres(*, durable: bool = False) -> Iterator[PostgresServer]:
+    """A PostgreSQL of the caller's own, started, then stopped and removed."""
+    base = Path(tempfile.mkdtemp(prefix="conveyor-pg-"))
+    base.chmod(0o755)
+    server = PostgresServer(base, durable=durable)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL of the test's own, to restart or stop."""
-    base = Path(tempfile.mkdtemp(prefix="conveyor-pg-"))
-    base.chmod(0o755)
-    server = PostgresServer(base)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    with private_postgres() as server:
+        yield server
 
 
 def judge(state: AppState) -> Liveness:

@@ -8,13 +8,10 @@ first, it stops the forgotten runs and the copies run the tasks again, each reco
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -27,7 +24,7 @@ from conveyor.store.tasks import TaskRecord
 from conveyor.testing.servers import PostgresServer, RedisServer
 from conveyor.worker.worker import Worker
 from tests.apps import basic
-from tests.conftest import eventually, make_settings
+from tests.conftest import eventually, make_settings, private_postgres
 from tests.integration.worker.test_outages import start_relay
 
 pytestmark = pytest.mark.slow
@@ -39,13 +36,8 @@ RUN_S = 5.0  # the handlers outlive the crash, the restart and the relay's copie
 @pytest.fixture
 def durable_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL of the test's own with the durability defaults, to crash."""
-    base = Path(tempfile.mkdtemp(prefix="conveyor-pg-"))
-    base.chmod(0o755)
-    server = PostgresServer(base, durable=True)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    with private_postgres(durable=True) as server:
+        yield server
 
 
 async def _records(state: AppState, ids: list[uuid.UUID]) -> list[TaskRecord | None]:
@@ -53,6 +45,11 @@ async def _records(state: AppState, ids: list[uuid.UUID]) -> list[TaskRecord | N
         return [await state.store.get(i) for i in ids]
     except Exception:
         return []
+
+
+async def _all(state: AppState, ids: list[uuid.UUID], status: str) -> bool:
+    found = await _records(state, ids)
+    return bool(found) and all(r is not None and r.status == status for r in found)
 
 
 async def _crash_while_running(
@@ -81,11 +78,7 @@ async def _crash_while_running(
         ids = [i.record.id for i in await state.client.enqueue_many(
             [TaskRequest("sleep", {"seconds": RUN_S}) for _ in range(TASKS)])]
 
-        async def all_running() -> bool:
-            found = await _records(state, ids)
-            return bool(found) and all(r is not None and r.status == "running" for r in found)
-
-        await eventually(all_running, timeout_s=8)
+        await eventually(lambda: _all(state, ids, "running"), timeout_s=8)
         crashed_at = datetime.now(UTC)
         assert time.monotonic() - started < 8, "too slow to crash within the WAL writer's delay"
         pg.stop("immediate")  # a crash: what is not on disk is gone
@@ -100,11 +93,7 @@ async def _crash_while_running(
             await worker.heartbeat.tick()
         relaying = start_relay(state, stop, "sleep")
 
-        async def all_succeeded() -> bool:
-            found = await _records(state, ids)
-            return bool(found) and all(r is not None and r.status == "succeeded" for r in found)
-
-        await eventually(all_succeeded, timeout_s=30)
+        await eventually(lambda: _all(state, ids, "succeeded"), timeout_s=30)
         final = [r for r in await _records(state, ids) if r is not None]
         stop.begin()
         await asyncio.gather(running, relaying)
