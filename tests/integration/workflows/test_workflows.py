@@ -19,9 +19,9 @@ from tests.conftest import eventually
 
 
 def node(key: str, *deps: str, fail_runs: int = 0, type_: str = "node",
-         on_failure: Any = "cancel") -> NodeRequest:
-    return NodeRequest(key, TaskRequest(type_, {"name": key, "fail_runs": fail_runs},
-                                        on_upstream_failure=on_failure), deps)
+         on_failure: Any = "cancel", sleep_ms: int = 0) -> NodeRequest:
+    payload = {"name": key, "fail_runs": fail_runs, "sleep_ms": sleep_ms}
+    return NodeRequest(key, TaskRequest(type_, payload, on_upstream_failure=on_failure), deps)
 
 
 async def settled(state: AppState, workflow_id: uuid.UUID, timeout_s: float = 30
@@ -117,8 +117,10 @@ async def test_a_run_on_failure_dependent_runs_and_sees_the_failure(running: App
 
 
 async def test_a_cancelled_workflow_cancels_what_has_not_run(running: AppState) -> None:
+    # "a" runs long enough that the cancel finds "c" still waiting (a fast worker could
+    # otherwise finish the chain first, and "c" would rightly stay succeeded)
     created = await running.client.create_workflow(
-        [node("a"), node("b", "a"), node("c", "b")])
+        [node("a", sleep_ms=3000), node("b", "a"), node("c", "b")])
     await running.client.cancel_workflow(created.id)
     found = await settled(running, created.id)
     assert found.status == "cancelled"
