@@ -24,6 +24,7 @@ import structlog
 
 from conveyor import metrics
 from conveyor.client import TaskRelatives
+from conveyor.config import Settings
 from conveyor.egress.client import OutboundHttp
 from conveyor.egress.policy import EgressPolicy
 from conveyor.errors import ConfigError, Unavailable
@@ -34,6 +35,7 @@ from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState
 from conveyor.store.pool import Pinned
 from conveyor.store.queue_settings import QueueSettingsStore
+from conveyor.store.tasks import RECORD_PLANS, START_PLANS
 from conveyor.worker.cancels import Cancels
 from conveyor.worker.consumer import Consumer
 from conveyor.worker.dispatcher import Dispatcher
@@ -78,6 +80,15 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+def pinned_sessions(settings: Settings) -> tuple[str, str]:
+    """The sessions of the worker's two pinned connections, the start's and the outcome's:
+    each with its plan settings (see START_PLANS); a start may commit without waiting for the
+    disk (see Starter), an outcome waits."""
+    if settings.start_commit == "sync":
+        return START_PLANS, RECORD_PLANS
+    return f"{START_SESSION}; {START_PLANS}", RECORD_PLANS
+
+
 class Worker:
     """Runs the handlers of `types` (default: every registered type), at most
     `settings.concurrency` messages in flight. Handlers share `http` (`ctx.http`: by default a
@@ -112,11 +123,9 @@ class Worker:
                                  progress=self.progress.report,
                                  relatives=TaskRelatives(state.client))
         # Two connections pinned for the worker's lifetime: one starts tasks, one records them.
-        # A start may commit without waiting for the disk (see Starter); an outcome waits.
         self._pinned = [
-            Pinned(state.pool, acquire_timeout_s=settings.pg_acquire_timeout,
-                   session=START_SESSION if settings.start_commit == "async" else None),
-            Pinned(state.pool, acquire_timeout_s=settings.pg_acquire_timeout),
+            Pinned(state.pool, acquire_timeout_s=settings.pg_acquire_timeout, session=session)
+            for session in pinned_sessions(settings)
         ]
         self.gate = Gate(
             self.types, FlowRedis(state.redis, state.keys),
