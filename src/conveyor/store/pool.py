@@ -105,9 +105,10 @@ async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
 # Prepared statements are made again this often. Postgres keeps a generic plan for a
 # statement prepared on its connection, priced against the table as it was then: one made
 # while the tasks table was small (a new deployment, or one kept small by retention) scans the
-# whole table per statement long after it has grown. Re-preparing costs a parse and a few
-# custom plans per statement and connection every few seconds. (The worker's start and outcome
-# statements, its busiest, have plan settings of their own: `tasks.START_PLANS`.)
+# whole table per statement after it has grown, until it is prepared again. Re-preparing costs
+# a parse and a few custom plans per statement and connection every few seconds. (The worker's
+# start and outcome statements, its busiest, have plan settings of their own that never scan:
+# `tasks.WORKER_PLANS`.)
 STATEMENT_LIFETIME_S = 2
 
 

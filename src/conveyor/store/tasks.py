@@ -51,17 +51,19 @@ CRON_KEY_PREFIX = "cron:"
 # A worker may start a task this long before its run_at (clock skew between Redis and Postgres).
 EARLY_START_S = 0.5
 # Plan settings of the worker's two pinned connections (`Pinned(session=...)`), which run the
-# start and the outcome statements for the worker's lifetime. A plan PostgreSQL caches for a
-# prepared statement (its generic plan, taken after five runs when it costs no more than the
-# custom ones) is costed on the table as it was then: cached while the table holds a few rows,
-# it is a sequential scan, and it stays one as the table grows, each statement reading every
-# row (1.6 ms instead of 0.05 ms at 10,000 rows), until an ANALYZE or the statement's next
-# preparing (`pool.STATEMENT_LIFETIME_S`), which a table still small by its statistics gives the
-# same plan. The start (a lookup of the given ids) keeps a generic plan that never scans the
-# table: no planning per statement. The outcome is planned for each statement (a generic plan
-# of its join would compare every outcome with every row found: quadratic in the batch).
-START_PLANS = "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off"
-RECORD_PLANS = "SET plan_cache_mode = force_custom_plan"
+# start and the outcome statements (lookups of the given ids) for the worker's lifetime. By
+# default PostgreSQL plans a prepared statement anew for its first five runs, then keeps a
+# generic plan if that costs less than the custom ones did: one made while the tasks table holds
+# a few rows is a sequential scan, and it stays one as the table grows, every statement reading
+# every row, until a VACUUM or ANALYZE of the table or the statement's next preparing
+# (`pool.STATEMENT_LIFETIME_S`). Here a statement keeps one generic plan made without
+# sequential scans: a primary-key lookup whatever the table's size then and now, and no
+# planning per statement. (A trigger the statements fire, the workflows' dependents or one of
+# the user's, plans its statements under the same settings.) JIT is off: a plan that has to
+# scan a table anyway carries the disabled scan's huge cost, which would have each run compiled
+# (tens of milliseconds each, measured on a trigger's one-row lookup).
+WORKER_PLANS = ("SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off;"
+                " SET jit = off")
 
 
 def new_task_id() -> uuid.UUID:
@@ -436,11 +438,10 @@ class TaskStore:
             FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::float8[],
                         $8::text[])
                  AS c(id, attempt, status, result, error, delay, kind)
+            -- Run on the recorder's connection (WORKER_PLANS): one primary-key lookup per
+            -- outcome, linear in the batch. (With `t.id = ANY($1)` beside the join, the plans
+            -- found the rows by the array, then compared every outcome with every row.)
             WHERE t.id = c.id AND t.attempts = c.attempt
-              -- The primary-key lookup of the given ids, whatever the statistics say: without
-              -- this test the join on c.id is no index condition and a small or unanalysed
-              -- table is scanned whole per batch (as in the start).
-              AND t.id = ANY($1::uuid[])
               -- Written so that no other index serves them (as in the start): a scan of the
               -- running-by-worker index walks every entry it holds, the dead ones of tasks
               -- finished since the last vacuum included, per batch.

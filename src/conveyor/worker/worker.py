@@ -35,7 +35,7 @@ from conveyor.runtime.shutdown import Shutdown
 from conveyor.state import AppState
 from conveyor.store.pool import Pinned
 from conveyor.store.queue_settings import QueueSettingsStore
-from conveyor.store.tasks import RECORD_PLANS, START_PLANS
+from conveyor.store.tasks import WORKER_PLANS
 from conveyor.worker.cancels import Cancels
 from conveyor.worker.consumer import Consumer
 from conveyor.worker.dispatcher import Dispatcher
@@ -82,11 +82,11 @@ def new_worker_id() -> str:
 
 def pinned_sessions(settings: Settings) -> tuple[str, str]:
     """The sessions of the worker's two pinned connections, the start's and the outcome's:
-    each with its plan settings (see START_PLANS); a start may commit without waiting for the
-    disk (see Starter), an outcome waits."""
+    their plan settings (see WORKER_PLANS); a start may commit without waiting for the disk
+    (see Starter), an outcome waits."""
     if settings.start_commit == "sync":
-        return START_PLANS, RECORD_PLANS
-    return f"{START_SESSION}; {START_PLANS}", RECORD_PLANS
+        return WORKER_PLANS, WORKER_PLANS
+    return f"{START_SESSION}; {WORKER_PLANS}", WORKER_PLANS
 
 
 class Worker:
