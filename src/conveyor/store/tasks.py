@@ -53,15 +53,17 @@ EARLY_START_S = 0.5
 # Plan settings of the worker's two pinned connections (`Pinned(session=...)`), which run the
 # start and the outcome statements (lookups of the given ids) for the worker's lifetime. By
 # default PostgreSQL plans a prepared statement anew for its first five runs, then keeps a
-# generic plan if that costs less than the custom ones did: one made while the tasks table holds
-# a few rows is a sequential scan, and it stays one as the table grows, every statement reading
-# every row, until a VACUUM or ANALYZE of the table or the statement's next preparing
+# generic plan if that costs less than the custom ones did: one made while the tasks table
+# holds a few rows is a sequential scan, and it stays one as the table grows, every statement
+# reading every row, until a VACUUM or ANALYZE of the table or the statement's next preparing
 # (`pool.STATEMENT_LIFETIME_S`). Here a statement keeps one generic plan made without
-# sequential scans: a primary-key lookup whatever the table's size then and now, and no
-# planning per statement. (A trigger the statements fire, the workflows' dependents or one of
-# the user's, plans its statements under the same settings.) JIT is off: a plan that has to
-# scan a table anyway carries the disabled scan's huge cost, which would have each run compiled
-# (tens of milliseconds each, measured on a trigger's one-row lookup).
+# sequential scans: a primary-key lookup of the given ids (each statement names them in an
+# array an index condition takes, so no plan walks a whole index instead), whatever the
+# table's size then and now, and no planning per statement. A trigger the statements fire
+# (the workflows' dependents, or one of the user's) plans its statements under the same
+# settings. JIT is off: a plan that has to scan a table anyway carries the disabled scan's
+# huge cost, which would have each run compiled (tens of milliseconds each, measured on a
+# trigger's one-row lookup).
 WORKER_PLANS = ("SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off;"
                 " SET jit = off")
 
@@ -438,10 +440,12 @@ class TaskStore:
             FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $6::float8[],
                         $8::text[])
                  AS c(id, attempt, status, result, error, delay, kind)
-            -- Run on the recorder's connection (WORKER_PLANS): one primary-key lookup per
-            -- outcome, linear in the batch. (With `t.id = ANY($1)` beside the join, the plans
-            -- found the rows by the array, then compared every outcome with every row.)
             WHERE t.id = c.id AND t.attempts = c.attempt
+              -- The rows are found by the array of ids, whatever the plan: the join on c.id
+              -- alone is no index condition, and a plan made while the table was small (see
+              -- WORKER_PLANS) walked a whole index per batch. (The join itself then compares
+              -- each row found with each outcome: quadratic in the batch, ~1 ms at 100.)
+              AND t.id = ANY($1::uuid[])
               -- Written so that no other index serves them (as in the start): a scan of the
               -- running-by-worker index walks every entry it holds, the dead ones of tasks
               -- finished since the last vacuum included, per batch.

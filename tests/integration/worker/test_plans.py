@@ -1,6 +1,7 @@
 """The worker's start and outcome statements stay lookups by id however much the tasks table
 has grown since their plans were made: a plan PostgreSQL caches while the table holds a few
-rows is a sequential scan, and it would read every row of the grown table per statement. The
+rows scans it (or one of its indexes) whole, and it would read every row of the grown table
+per statement. The
 statements are prepared here by name (not by asyncpg, which prepares its own again every few
 seconds), so the plan looked at is the one made on the small table."""
 
@@ -47,9 +48,13 @@ async def _plan(conn: Connection, name: str, args: str) -> str:
 async def test_statements_planned_on_a_small_table_never_scan_it_once_it_has_grown(
     state: AppState,
 ) -> None:
+    table = f"{state.settings.database_schema}.tasks"
     # No VACUUM or ANALYZE meanwhile: either would have the plans made again.
-    await state.pool.execute(f"ALTER TABLE {state.settings.database_schema}.tasks"
-                             " SET (autovacuum_enabled = false)")
+    await state.pool.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    # The statistics of a table that was big (they outlive TRUNCATE), as after a quiet spell.
+    await _queued(state, 5_000, "elsewhere")
+    await state.pool.execute(f"ANALYZE {table}")
+    await state.pool.execute(f"TRUNCATE {table} CASCADE")
     start, record = (Pinned(state.pool, session=s) for s in pinned_sessions(state.settings))
     try:
         async with start.connection("test") as starting, record.connection("test") as recording:
@@ -65,8 +70,6 @@ async def test_statements_planned_on_a_small_table_never_scan_it_once_it_has_gro
     finally:
         await start.release()
         await record.release()
-    for plan in plans:
+    for plan in plans:  # the given ids looked up, not a table or a whole index read
         assert "Seq Scan" not in plan, plan
-        assert "tasks_pkey" in plan, plan
-    # One lookup per outcome: not the rows found by the array, compared with every outcome.
-    assert "Index Cond: (id = c.id)" in plans[1], plans[1]
+        assert "Index Cond: (id = ANY ($1))" in plan, plan
