@@ -107,8 +107,8 @@ async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
 # while the tasks table was small (a new deployment, or one kept small by retention) scans the
 # whole table per statement after it has grown, until it is prepared again. Re-preparing costs
 # a parse and a few custom plans per statement and connection every few seconds. (The worker's
-# start and outcome statements, its busiest, have plan settings of their own that never scan:
-# `tasks.WORKER_PLANS`.)
+# start and outcome statements, its busiest, have plan settings of their own that keep index
+# lookups of the given ids: `tasks.WORKER_PLANS`.)
 STATEMENT_LIFETIME_S = 2
 
 

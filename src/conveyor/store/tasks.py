@@ -56,16 +56,17 @@ EARLY_START_S = 0.5
 # generic plan if that costs less than the custom ones did: one made while the tasks table
 # holds a few rows is a sequential scan, and it stays one as the table grows, every statement
 # reading every row, until a VACUUM or ANALYZE of the table or the statement's next preparing
-# (`pool.STATEMENT_LIFETIME_S`). Here a statement keeps one generic plan made without
+# (`pool.STATEMENT_LIFETIME_S`). Here each statement keeps a generic plan made without
 # sequential scans: a primary-key lookup of the given ids (each statement names them in an
-# array an index condition takes, so no plan walks a whole index instead), whatever the
-# table's size then and now, and no planning per statement. A trigger the statements fire
-# (the workflows' dependents, or one of the user's) plans its statements under the same
-# settings. JIT is off: a plan that has to scan a table anyway carries the disabled scan's
-# huge cost, which would have each run compiled (tens of milliseconds each, measured on a
-# trigger's one-row lookup).
+# array an index condition takes, so that no plan walks a whole index instead), whatever the
+# table's size then and now, made once per preparing, not per statement. (The dependents
+# trigger the outcome fires plans its statements under the same settings.) JIT is off: up to
+# PostgreSQL 17 a plan that has to scan a table anyway carries the disabled scan's huge cost,
+# which had each run compiled (tens of milliseconds for a user trigger's one-row lookup).
 WORKER_PLANS = ("SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off;"
                 " SET jit = off")
+# Outcomes per outcome statement at most (its join is quadratic in the batch: see `record`).
+RECORD_BATCH = 100
 
 
 def new_task_id() -> uuid.UUID:
@@ -441,10 +442,11 @@ class TaskStore:
                         $8::text[])
                  AS c(id, attempt, status, result, error, delay, kind)
             WHERE t.id = c.id AND t.attempts = c.attempt
-              -- The rows are found by the array of ids, whatever the plan: the join on c.id
-              -- alone is no index condition, and a plan made while the table was small (see
-              -- WORKER_PLANS) walked a whole index per batch. (The join itself then compares
-              -- each row found with each outcome: quadratic in the batch, ~1 ms at 100.)
+              -- The array of ids is an index condition for the rows: the join on c.id alone
+              -- is none, and a plan made while the table was small (see WORKER_PLANS) walked a
+              -- whole index per batch. The join then compares each row found with each
+              -- outcome, quadratic in the batch: ~4 ms at 100 outcomes, ~60 ms at 500, hence
+              -- the recorder's bound (RECORD_BATCH).
               AND t.id = ANY($1::uuid[])
               -- Written so that no other index serves them (as in the start): a scan of the
               -- running-by-worker index walks every entry it holds, the dead ones of tasks

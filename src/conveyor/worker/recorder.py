@@ -33,7 +33,7 @@ from conveyor.queue.streams import TaskStreams
 from conveyor.runtime.outage import Outage
 from conveyor.runtime.shutdown import Shutdown
 from conveyor.store.pool import Pinned
-from conveyor.store.tasks import Outcome, Recorded, TaskStore
+from conveyor.store.tasks import RECORD_BATCH, Outcome, Recorded, TaskStore
 from conveyor.worker.executor import storable
 from conveyor.worker.settler import Settler
 
@@ -58,7 +58,7 @@ class Recorder:
         *,
         on_settled: Callable[[Sequence[tuple[str, bytes]]], None],
         capacity: int = 1000,
-        max_batch: int = 500,
+        max_batch: int = RECORD_BATCH,
         publisher: Publisher | None = None,
         linger_s: float = 0.0,
         busy: Callable[[], bool] | None = None,
