@@ -170,6 +170,9 @@ class Settings(BaseSettings):
     # before writing a batch, and its event publisher for more events before an XADD, while
     # handlers are still running (0: write at once)
     record_linger: float = Field(default=0.005, ge=0, le=1)
+    # ... and how long a consumer whose last read came back full waits for its other slots to
+    # come free before it reads again, so a read and its start statement carry a batch
+    read_linger: float = Field(default=0.002, ge=0, le=1)
     # How a start (queued → running) commits: `async` visible at once and on disk within
     # PostgreSQL's WAL writer delays (a crash in between makes the task queued again, to run
     # again; tasks and outcomes always wait for the disk); `sync` waits for the disk too

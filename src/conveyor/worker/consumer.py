@@ -49,6 +49,7 @@ class Consumer:
         spawn: Callable[[asyncio.Future[None]], None],
         block_ms: int,
         solo: bool,
+        linger_s: float = 0.0,
         gate: Gate | None = None,
     ) -> None:
         self.task_type = task_type
@@ -58,6 +59,7 @@ class Consumer:
         self.dispatcher = dispatcher
         self.spawn = spawn
         self.block_ms = block_ms
+        self.linger_s = linger_s
         self.solo = solo
         self.gate = gate
         self._waited_at = 0.0  # when the waiting-on-limit gauge was last read
@@ -86,7 +88,7 @@ class Consumer:
                 # with Redis's data is recreated by the read)
                 want = want if arrived else 1
                 mark = None
-            taken = await self.slots.take(want)
+            taken = await self._take(want, busy=not blocking)
             if taken == 0:
                 return
             limits = self.gate.of(name) if self.gate is not None else None
@@ -123,6 +125,15 @@ class Consumer:
             mark = last if blocking else None
             if messages:
                 self._dispatch(messages, shutdown, leased=limits is not None, cells=cells)
+
+    async def _take(self, want: int, *, busy: bool) -> int:
+        """Slots for the next read (0: closed). After a full read (`busy`: the stream has a
+        backlog), a little wait for the slots handlers are about to free, so this read and
+        its start statement carry more."""
+        taken = await self.slots.take(want)
+        if busy and 0 < taken < want and self.linger_s > 0:
+            taken += await self.slots.gather(want - taken, self.linger_s)
+        return taken
 
     def _dispatch(self, messages: list[Message], shutdown: Shutdown, *, leased: bool,
                   cells: tuple[float, Allowance] | None) -> None:

@@ -18,6 +18,12 @@ in flight, and cancelling it can lose the race with a delivery (the message is l
 here, unread), while CLIENT UNBLOCK needs a known connection per consumer, which a pooled
 client does not give.
 
+A consumer whose last read came back full (its stream is busy) may `gather()` more slots as
+they come free, for a bounded linger, before it reads again: under load one read and one start
+statement then carry many tasks instead of the one or two freed since the last read (each
+costs a round trip and a statement whatever it carries). An idle stream never waits: a read
+that came back short is followed at once (or by a blocking read).
+
 `close()` ends every read loop at shutdown: waiters in `take()` get 0, and reads waiting in
 `idle()` are cancelled (they claim nothing, so nothing is lost).
 """
@@ -74,6 +80,28 @@ class Slots:
             else:
                 self._waiters = collections.deque(w for w in self._waiters if w[0] is not waiter)
             raise
+
+    async def gather(self, most: int, within_s: float) -> int:
+        """Take up to `most` more slots as they come free, for at most `within_s` (it returns
+        as soon as it has them all): how many it took, 0 once closed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        got = 0
+        while got < most and not self._closed:
+            left = deadline - loop.time()
+            if left <= 0:
+                if self.free > 0 and not self._waiters:  # freed as the time ran out
+                    got += await self.take(most - got)
+                break
+            try:
+                async with asyncio.timeout(left):
+                    taken = await self.take(most - got)
+            except TimeoutError:  # take() has given back any slot handed to it meanwhile
+                continue
+            if taken == 0:
+                break
+            got += taken
+        return got
 
     def give(self, count: int = 1) -> None:
         if count <= 0:

@@ -153,7 +153,7 @@ class Worker:
             Consumer(d.task_type, worker_id=self.worker_id, streams=state.streams,
                      slots=self.slots, dispatcher=d, spawn=self._spawn,
                      block_ms=int(settings.read_block * 1000), solo=len(self.types) == 1,
-                     gate=self.gate)
+                     linger_s=settings.read_linger, gate=self.gate)
             for d in self.dispatchers
         ]
         self.forwarder = Forwarder(

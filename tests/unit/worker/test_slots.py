@@ -353,3 +353,64 @@ async def test_cancelling_the_caller_of_idle_cancels_the_read_and_raises() -> No
     with pytest.raises(asyncio.CancelledError):
         await idle
     assert cancelled.is_set()
+
+
+async def test_gather_takes_slots_as_they_come_free_until_it_has_them_all() -> None:
+    slots = Slots(4)
+    assert await slots.take(4) == 4
+    gathering = asyncio.create_task(slots.gather(3, within_s=10))
+    for _ in range(3):
+        await asyncio.sleep(0.01)
+        assert not gathering.done()
+        slots.give()
+    assert await asyncio.wait_for(gathering, 1) == 3  # long before its 10 s
+    assert (slots.free, slots.in_use) == (0, 4)
+
+
+async def test_gather_returns_what_it_has_when_the_time_is_up() -> None:
+    slots = Slots(4)
+    assert await slots.take(4) == 4
+    gathering = asyncio.create_task(slots.gather(3, within_s=0.2))
+    await asyncio.sleep(0.01)
+    slots.give()
+    assert await asyncio.wait_for(gathering, 2) == 1
+    assert (slots.free, slots.in_use) == (0, 4)
+    slots.give()  # after the time was up: not taken
+    assert slots.free == 1
+
+
+async def test_gather_takes_what_is_free_at_once_without_waiting() -> None:
+    slots = Slots(4)
+    assert await slots.take(1) == 1
+    assert await slots.gather(3, within_s=0) == 3
+    assert slots.free == 0
+
+
+async def test_gather_ends_when_the_slots_close() -> None:
+    slots = Slots(2)
+    assert await slots.take(2) == 2
+    gathering = asyncio.create_task(slots.gather(2, within_s=10))
+    await asyncio.sleep(0.01)
+    slots.give()
+    await asyncio.sleep(0.01)
+    slots.close()
+    assert await asyncio.wait_for(gathering, 1) == 1
+
+
+async def test_gather_timing_out_loses_no_slot() -> None:
+    """Slots handed to a gather just as its time runs out are kept or given back, never
+    lost: whatever the interleaving, taken plus free is the capacity."""
+    rng = random.Random(7)
+    slots = Slots(6)
+    held = await slots.take(6)
+    for _ in range(200):
+        gathering = asyncio.create_task(slots.gather(held, within_s=rng.random() / 1000))
+        give = rng.randint(0, held)
+        for _ in range(give):
+            if rng.random() < 0.5:
+                await asyncio.sleep(0)
+            slots.give()
+        held -= give
+        held += await gathering
+        assert held + slots.free == 6
+        held += await slots.take(6 - held) if slots.free else 0

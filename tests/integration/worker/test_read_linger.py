@@ -1,0 +1,71 @@
+"""The read linger, on real Postgres and Redis: under load a consumer waits briefly for its
+slots to come free, so one read and one start statement carry a batch; without it each read
+carries the one or two tasks that just finished. Tasks started by one statement share its
+transaction's `started_at`, so the number of distinct start times counts the statements."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conveyor.application import Conveyor
+from conveyor.client import TaskRequest
+from conveyor.config import Settings
+from conveyor.state import AppState
+from conveyor.testing.servers import PostgresServer, RedisServer
+from conveyor.worker.worker import Worker
+from tests.apps import fair
+from tests.conftest import eventually, make_settings
+from tests.integration.worker.test_worker import StartWorker
+
+pytestmark = pytest.mark.slow
+
+N = 300
+CONCURRENCY = 10
+
+
+@pytest.fixture(params=[0.05, 0.0], ids=["linger", "no-linger"])
+def settings(request: pytest.FixtureRequest, postgres: PostgresServer,
+             redis_server: RedisServer) -> Settings:
+    return make_settings(postgres, redis_server.url, concurrency=CONCURRENCY,
+                         read_linger=request.param)
+
+
+@pytest.fixture
+def app() -> Conveyor:
+    fair.runs.clear()
+    return fair.app
+
+
+async def _start_statements(state: AppState, start_worker: StartWorker) -> int:
+    """Run N handlers of 1 to 6 ms (each ends on its own, so slots come free one at a time) and
+    count the start statements that started them."""
+    rng = random.Random(5)
+    inserted = await state.client.enqueue_many(
+        [TaskRequest("busy", {"seconds": rng.uniform(0.001, 0.006)}) for _ in range(N)])
+    ids = [i.record.id for i in inserted]
+    worker: Worker = await start_worker(types=["busy"])
+    assert worker.slots.capacity == CONCURRENCY
+
+    async def done() -> bool:
+        found = [await state.store.get(i) for i in ids]
+        return all(r is not None and r.status == "succeeded" for r in found)
+
+    await eventually(done, timeout_s=60, interval_s=0.2)
+    records = [await state.store.get(i) for i in ids]
+    return len({r.started_at for r in records if r is not None})
+
+
+async def test_under_load_a_read_waits_for_its_slots_and_starts_a_batch(
+    state: AppState, start_worker: StartWorker
+) -> None:
+    linger = state.settings.read_linger
+    statements = await _start_statements(state, start_worker)
+    print(f"\nread linger {linger * 1000:.0f} ms: {N} tasks started by {statements} "
+          f"statements ({N / statements:.1f} per statement)")
+    if linger:
+        # every slot gathered before a read: about N / CONCURRENCY statements
+        assert statements <= N / 5
+    else:  # the control: the same load makes small batches without the linger
+        assert statements > N / 5
