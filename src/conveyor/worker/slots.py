@@ -22,7 +22,8 @@ A consumer whose last read came back full (its stream is busy) may `gather()` mo
 they come free, for a bounded linger, before it reads again: under load one read and one start
 statement then carry many tasks instead of the one or two freed since the last read (each
 costs a round trip and a statement whatever it carries). An idle stream never waits: a read
-that came back short is followed at once (or by a blocking read).
+that came back short is followed at once (or by a blocking read); nor does a consumer gather
+while another waits for slots.
 
 `close()` ends every read loop at shutdown: waiters in `take()` get 0, and reads waiting in
 `idle()` are cancelled (they claim nothing, so nothing is lost).
@@ -82,12 +83,14 @@ class Slots:
             raise
 
     async def gather(self, most: int, within_s: float) -> int:
-        """Take up to `most` more slots as they come free, for at most `within_s` (it returns
-        as soon as it has them all): how many it took, 0 once closed."""
+        """Take up to `most` more slots as they come free, for at most `within_s`: how many
+        it took. It returns as soon as it has them all, the slots close, or another consumer
+        is waiting for slots (gathering is for a busy stream alone: two would each wait out
+        the linger for slots the other holds)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within_s
         got = 0
-        while got < most and not self._closed:
+        while got < most and not self._closed and not self._waiters:
             left = deadline - loop.time()
             if left <= 0:
                 if self.free > 0 and not self._waiters:  # freed as the time ran out

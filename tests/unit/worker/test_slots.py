@@ -414,3 +414,17 @@ async def test_gather_timing_out_loses_no_slot() -> None:
         held += await gathering
         assert held + slots.free == 6
         held += await slots.take(6 - held) if slots.free else 0
+
+
+async def test_gather_stops_when_another_consumer_waits_for_slots() -> None:
+    slots = Slots(4)
+    assert await slots.take(4) == 4
+    gathering = asyncio.create_task(slots.gather(3, within_s=10))
+    await asyncio.sleep(0.01)
+    other = asyncio.create_task(slots.take(4))
+    await asyncio.sleep(0.01)
+    slots.give()  # to the gather, the older waiter; the other still waits, so it stops
+    assert await asyncio.wait_for(gathering, 1) == 1
+    assert not other.done()
+    slots.give()
+    assert await asyncio.wait_for(other, 1) == 1
