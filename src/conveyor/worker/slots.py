@@ -22,8 +22,8 @@ A consumer whose last read came back full (its stream is busy) may `gather()` mo
 they come free, for a bounded linger, before it reads again: under load one read and one start
 statement then carry many tasks instead of the one or two freed since the last read (each
 costs a round trip and a statement whatever it carries). An idle stream never waits: a read
-that came back short is followed at once (or by a blocking read); nor does a consumer gather
-while another waits for slots.
+that came back short is not delayed; and a consumer stops gathering once it sees another
+waiting for slots (it may have taken one more slot by then: the waiters are served in turn).
 
 `close()` ends every read loop at shutdown: waiters in `take()` get 0, and reads waiting in
 `idle()` are cancelled (they claim nothing, so nothing is lost).
@@ -59,6 +59,10 @@ class Slots:
         return self.capacity - self.free
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def waiting(self) -> int:
         """Consumers queued for a slot."""
         return len(self._waiters)
@@ -85,25 +89,29 @@ class Slots:
     async def gather(self, most: int, within_s: float) -> int:
         """Take up to `most` more slots as they come free, for at most `within_s`: how many
         it took. It returns as soon as it has them all, the slots close, or another consumer
-        is waiting for slots (gathering is for a busy stream alone: two would each wait out
-        the linger for slots the other holds)."""
+        is waiting for slots (two gathering would each wait out the linger for slots the
+        other holds). Cancelled, it gives back what it took."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within_s
         got = 0
-        while got < most and not self._closed and not self._waiters:
-            left = deadline - loop.time()
-            if left <= 0:
-                if self.free > 0 and not self._waiters:  # freed as the time ran out
-                    got += await self.take(most - got)
-                break
-            try:
-                async with asyncio.timeout(left):
-                    taken = await self.take(most - got)
-            except TimeoutError:  # take() has given back any slot handed to it meanwhile
-                continue
-            if taken == 0:
-                break
-            got += taken
+        try:
+            while got < most and not self._closed and not self._waiters:
+                left = deadline - loop.time()
+                if left <= 0:
+                    if self.free > 0:  # freed as the time ran out
+                        got += await self.take(most - got)
+                    break
+                try:
+                    async with asyncio.timeout(left):
+                        taken = await self.take(most - got)
+                except TimeoutError:  # take() has given back any slot handed to it meanwhile
+                    continue
+                if taken == 0:
+                    break
+                got += taken
+        except BaseException:  # cancelled: what it gathered goes back, as take() does
+            self.give(got)
+            raise
         return got
 
     def give(self, count: int = 1) -> None:

@@ -1,7 +1,8 @@
 """The read linger, on real Postgres and Redis: under load a consumer waits briefly for its
-slots to come free, so one read and one start statement carry a batch; without it each read
-carries the one or two tasks that just finished. Tasks started by one statement share its
-transaction's `started_at`, so the number of distinct start times counts the statements."""
+slots to come free, so one read and one start statement carry a batch. Tasks started by one
+statement share its transaction's `started_at`, so the number of distinct start times counts
+the statements. (Without the linger the same load took ~1.4 tasks per statement: 214
+statements for 300 tasks; concurrency 10 makes 30 the fewest possible.)"""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ N = 300
 CONCURRENCY = 10
 
 
-@pytest.fixture(params=[0.05, 0.0], ids=["linger", "no-linger"])
+@pytest.fixture(params=[0.05, 0.002], ids=["long-linger", "default-linger"])
 def settings(request: pytest.FixtureRequest, postgres: PostgresServer,
              redis_server: RedisServer) -> Settings:
     return make_settings(postgres, redis_server.url, concurrency=CONCURRENCY,
@@ -64,8 +65,6 @@ async def test_under_load_a_read_waits_for_its_slots_and_starts_a_batch(
     statements = await _start_statements(state, start_worker)
     print(f"\nread linger {linger * 1000:.0f} ms: {N} tasks started by {statements} "
           f"statements ({N / statements:.1f} per statement)")
-    if linger:
-        # every slot gathered before a read: about N / CONCURRENCY statements
-        assert statements <= N / 5
-    else:  # the control: the same load makes small batches without the linger
-        assert statements > N / 5
+    # a 50 ms linger gathers every slot: about N / CONCURRENCY statements; the default's
+    # 2 ms, for handlers of up to 6 ms, about half of them
+    assert statements <= (N / 5 if linger > 0.01 else N / 3)
