@@ -244,23 +244,19 @@ class Publisher:
 
     async def run(self, stop: Shutdown) -> None:
         """Publish until `stop` begins and the buffer is empty (or Redis is away then)."""
+        stop.when_begun(self._wake.set)
         while True:
             if not self._buffer:
                 if stop.begun:
                     return
                 self._wake.clear()
-                waiter = asyncio.ensure_future(self._wake.wait())
-                stopper = asyncio.ensure_future(stop.wait())
-                try:
-                    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waiter.cancel()
-                    stopper.cancel()
+                await self._wake.wait()
                 continue
             if (self.linger_s > 0 and not stop.begun and len(self._buffer) < 1000
                     and not self._final.is_set() and self.busy is not None and self.busy()):
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._final.wait(), self.linger_s)
+                    async with asyncio.timeout(self.linger_s):
+                        await self._final.wait()
             batch, self._buffer = self._buffer[:1000], self._buffer[1000:]
             if not any(e.final for e in self._buffer):  # a rest past 1,000 keeps the flag
                 self._final.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 
 class Shutdown:
@@ -20,6 +21,7 @@ class Shutdown:
         self._begun = asyncio.Event()
         self._forced = asyncio.Event()
         self._deadline: float | None = None
+        self._on_begin: list[Callable[[], object]] = []
 
     @property
     def begun(self) -> bool:
@@ -36,6 +38,9 @@ class Shutdown:
         self.reason = reason
         self._deadline = time.monotonic() + self.drain_timeout_s
         self._begun.set()
+        callbacks, self._on_begin = self._on_begin, []
+        for callback in callbacks:
+            callback()
 
     def force(self, reason: str = "forced") -> None:
         """Give up draining now: in-flight work is abandoned and stays pending in Redis."""
@@ -53,6 +58,14 @@ class Shutdown:
             async with asyncio.timeout(timeout):
                 await self._begun.wait()
         return self._begun.is_set()
+
+    def when_begun(self, callback: Callable[[], object]) -> None:
+        """Call `callback` when shutdown begins (now, if it has): a loop that sleeps on an
+        event of its own is woken by it, without a task per sleep to watch this one."""
+        if self._begun.is_set():
+            callback()
+        else:
+            self._on_begin.append(callback)
 
     async def wait_forced(self) -> None:
         await self._forced.wait()

@@ -34,11 +34,21 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from conveyor import metrics
 
 T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Gathering:
+    """A consumer's gathering: slots given back go to it until it has what it wants."""
+
+    done: asyncio.Future[None]
+    wanted: int
+    got: int = 0
 
 
 class Slots:
@@ -52,6 +62,7 @@ class Slots:
         self._handing = False  # a hand-out to the waiters is scheduled
         self._turn = 0  # where the next split's odd slots begin
         self._closed = False
+        self._gathering: _Gathering | None = None  # the consumer gathering slots, if one is
         metrics.WORKER_IN_FLIGHT.set_function(lambda: self.in_use)  # read at scrape time
 
     @property
@@ -77,6 +88,7 @@ class Slots:
             return taken
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters.append((waiter, most))
+        self._end_gathering()  # another consumer waits: the gathering one reads now
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -89,35 +101,52 @@ class Slots:
     async def gather(self, most: int, within_s: float) -> int:
         """Take up to `most` more slots as they come free, for at most `within_s`: how many
         it took. It returns as soon as it has them all, the slots close, or another consumer
-        is waiting for slots (two gathering would each wait out the linger for slots the
-        other holds). Cancelled, it gives back what it took."""
+        waits for slots (two gathering would each wait out the linger for slots the other
+        holds). One consumer gathers at a time; another only takes what is free. Cancelled,
+        it gives back what it took."""
+        if most <= 0 or self._closed or self._waiters:
+            return 0
+        got = min(self.free, most)
+        self.free -= got
+        if got == most or within_s <= 0 or self._gathering is not None:
+            return got
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + within_s
-        got = 0
+        gathering = _Gathering(loop.create_future(), most - got)
+        self._gathering = gathering
+        timer = loop.call_later(within_s, self._end_gathering, gathering)
         try:
-            while got < most and not self._closed and not self._waiters:
-                left = deadline - loop.time()
-                if left <= 0:
-                    if self.free > 0:  # freed as the time ran out
-                        got += await self.take(most - got)
-                    break
-                try:
-                    async with asyncio.timeout(left):
-                        taken = await self.take(most - got)
-                except TimeoutError:  # take() has given back any slot handed to it meanwhile
-                    continue
-                if taken == 0:
-                    break
-                got += taken
+            await gathering.done
         except BaseException:  # cancelled: what it gathered goes back, as take() does
-            self.give(got)
+            self._end_gathering(gathering)
+            self.give(got + gathering.got)
             raise
-        return got
+        finally:
+            timer.cancel()
+        return got + gathering.got
+
+    def _end_gathering(self, gathering: _Gathering | None = None) -> None:
+        """The gathering (by default the current one) stops taking what is given back, and
+        its consumer reads."""
+        gathering = gathering or self._gathering
+        if gathering is None:
+            return
+        if gathering is self._gathering:
+            self._gathering = None
+        if not gathering.done.done():
+            gathering.done.set_result(None)
 
     def give(self, count: int = 1) -> None:
         if count <= 0:
             return
         self.free += count
+        gathering = self._gathering
+        if gathering is not None and not self._waiters:  # one timer, no future per slot
+            taken = min(self.free, gathering.wanted)
+            self.free -= taken
+            gathering.got += taken
+            gathering.wanted -= taken
+            if gathering.wanted == 0:
+                self._end_gathering()
         if self._handing or not self._waiters:
             return
         if len(self._waiters) == 1:  # served at once: the single-type worker's hot path
@@ -178,6 +207,7 @@ class Slots:
         """Stop handing out slots: consumers waiting in take() get 0 and stop reading, and
         reads waiting in idle() are cancelled."""
         self._closed = True
+        self._end_gathering()
         while self._waiters:
             waiter, _ = self._waiters.popleft()
             if not waiter.done():

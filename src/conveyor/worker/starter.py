@@ -72,12 +72,13 @@ class Starter:
 
     async def run(self, shutdown: Shutdown, until: Shutdown) -> None:
         """Serve starts until `until` begins and none is waiting."""
+        until.when_begun(self._wake.set)
         while True:
             if not self._pending:
                 if until.begun:
                     return
                 self._wake.clear()
-                await _first(self._wake.wait(), until.wait())
+                await self._wake.wait()
                 continue
             batch, self._pending = self._pending, []
             result = await self._mark(batch, shutdown)
@@ -133,16 +134,6 @@ class Starter:
 
     async def _mark_ids(self, ids: list[uuid.UUID]) -> Result:
         return await self.store.mark_running(ids, self.worker_id, via=self.pinned)
-
-
-async def _first(*waits: object) -> None:
-    """Return when the first of the awaitables completes; cancel the others."""
-    tasks = [asyncio.ensure_future(w) for w in waits]  # type: ignore[call-overload]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 def _describe(exc: BaseException) -> str:

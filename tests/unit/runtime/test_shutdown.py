@@ -119,3 +119,15 @@ def test_drain_remaining_counts_down(monkeypatch: pytest.MonkeyPatch) -> None:
     assert shutdown.drain_remaining() == 3.5
     clock.now += 3.5
     assert shutdown.drain_remaining() == 0.0
+
+
+def test_when_begun_calls_back_once_at_the_begin_or_at_once_after_it() -> None:
+    shutdown = Shutdown(1.0)
+    calls: list[str] = []
+    shutdown.when_begun(lambda: calls.append("before"))
+    assert calls == []
+    shutdown.begin("test")
+    shutdown.begin("again")
+    assert calls == ["before"]
+    shutdown.when_begun(lambda: calls.append("after"))
+    assert calls == ["before", "after"]

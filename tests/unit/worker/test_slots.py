@@ -418,10 +418,22 @@ async def test_gather_stops_when_another_consumer_waits_for_slots() -> None:
     assert await slots.take(4) == 4
     gathering = asyncio.create_task(slots.gather(3, within_s=10))
     await asyncio.sleep(0.01)
+    slots.give()
+    await asyncio.sleep(0.01)
     other = asyncio.create_task(slots.take(4))
     await asyncio.sleep(0.01)
-    slots.give()  # to the gather, the older waiter; the other still waits, so it stops
-    assert await asyncio.wait_for(gathering, 1) == 1
+    assert gathering.done()  # it reads with what it has as soon as the other waits
+    assert await gathering == 1
     assert not other.done()
-    slots.give()
+    slots.give()  # to the other, not to a gathering that ended
     assert await asyncio.wait_for(other, 1) == 1
+
+
+async def test_one_consumer_gathers_at_a_time() -> None:
+    slots = Slots(4)
+    assert await slots.take(3) == 3
+    first = asyncio.create_task(slots.gather(3, within_s=10))
+    await asyncio.sleep(0.01)
+    assert await asyncio.wait_for(slots.gather(3, within_s=10), 1) == 0  # at once
+    slots.give(3)
+    assert await asyncio.wait_for(first, 1) == 3
