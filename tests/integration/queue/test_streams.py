@@ -1,5 +1,6 @@
-"""The Lua scripts of `TaskStreams` against a real Redis: `_FORWARD` (delayed set → stream) and
-`_REQUEUE` (claimed entries → stream again, or dead-lettered), with what they must leave alone."""
+"""The Lua scripts of `TaskStreams` against a real Redis: `_ADD_READY` (a publish's ready tasks,
+one command per stream), `_FORWARD` (delayed set → stream) and `_REQUEUE` (claimed entries →
+stream again, or dead-lettered), with what they must leave alone."""
 
 from __future__ import annotations
 
@@ -26,6 +27,35 @@ async def entries(state: AppState, key: str) -> list[tuple[bytes, dict[bytes, by
 async def delayed(state: AppState) -> list[tuple[str, float]]:
     reply: Any = await state.redis.zrange(state.keys.delayed(T), 0, -1, withscores=True)
     return [(m.decode(), s) for m, s in reply]
+
+
+# -- publish -------------------------------------------------------------------------------
+
+
+async def test_publish_adds_each_streams_ready_tasks_in_order_and_the_rest_where_they_go(
+    state: AppState,
+) -> None:
+    """Many ready tasks of a type (one EVAL), a lone one of another (one XADD) and a delayed
+    one: the same messages, in the order given, as one XADD each would have made."""
+    now = await redis_ms(state)
+    many = [uuid.uuid4() for _ in range(250)]
+    lone, later = uuid.uuid4(), uuid.uuid4()
+    items = [Publish(T, t) for t in many[:100]] + [Publish("other", lone)]
+    items += [Publish(T, later, run_at_ms=now + 60_000)] + [Publish(T, t) for t in many[100:]]
+    await state.streams.publish(items)
+    added = await entries(state, state.keys.stream(T))
+    assert [f for _, f in added] == [{b"id": str(t).encode(), b"r": b"0"} for t in many]
+    assert [f for _, f in await entries(state, state.keys.stream("other"))] == [
+        {b"id": str(lone).encode(), b"r": b"0"}]
+    assert await delayed(state) == [(str(later), now + 60_000)]
+
+
+async def test_published_tasks_are_read_by_the_group(state: AppState) -> None:
+    await state.streams.ensure_group(T)
+    ids = [uuid.uuid4() for _ in range(5)]
+    await state.streams.publish([Publish(T, t) for t in ids])
+    read = await state.streams.read(T, "c1", 10, None)
+    assert [(m.task_id, m.requeues) for m in read] == [(t, 0) for t in ids]
 
 
 # -- forward -------------------------------------------------------------------------------
