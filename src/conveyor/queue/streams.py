@@ -28,6 +28,7 @@ log = structlog.get_logger("conveyor.streams")
 # command costs the client its encoding and its own reply, which a batch of 100 tasks feels).
 # KEYS[1] stream; ARGV the task ids. Run by EVAL, its body sent each time: no script cache to
 # reload after Redis lost its data, so it can sit in a pipeline. Returns the number added.
+ADD_READY_MAX = 1000  # ids per EVAL: one script holds Redis (a cluster node) for its length
 _ADD_READY = """
 for i = 1, #ARGV do
   redis.call('XADD', KEYS[1], '*', 'id', ARGV[i], 'r', '0')
@@ -284,8 +285,8 @@ class TaskStreams:
                 for stream, members in ready.items():
                     if len(members) == 1:
                         pipe.xadd(stream, {"id": members[0], "r": "0"})
-                    else:
-                        pipe.eval(_ADD_READY, 1, stream, *members)
+                    for i in range(0, len(members) if len(members) > 1 else 0, ADD_READY_MAX):
+                        pipe.eval(_ADD_READY, 1, stream, *members[i:i + ADD_READY_MAX])
                 await pipe.execute()
 
     async def read(

@@ -11,6 +11,10 @@ import contextlib
 import time
 from collections.abc import Callable
 
+import structlog
+
+log = structlog.get_logger("conveyor.shutdown")
+
 
 class Shutdown:
     """A broadcast stop signal with a drain deadline."""
@@ -40,7 +44,10 @@ class Shutdown:
         self._begun.set()
         callbacks, self._on_begin = self._on_begin, []
         for callback in callbacks:
-            callback()
+            try:
+                callback()
+            except Exception:  # the others must still be woken, the stop still begun
+                log.exception("shutdown.callback.failed")
 
     def force(self, reason: str = "forced") -> None:
         """Give up draining now: in-flight work is abandoned and stays pending in Redis."""

@@ -7,10 +7,11 @@ types, a read never blocks: one that came back short is followed by a wait, hold
 for an entry newer than the stream's last one at that read (`TaskStreams.wait_new`, at most
 `read_block`), so an idle stream never sits on a slot a busy one could use. A new entry wakes
 every idle consumer of its type in every such worker: one read gets it, the others get nothing
-and wait again. A read that found a full batch (of more than one message) is followed by
-another once the consumer has gathered every slot, or waited `CONVEYOR_READ_LINGER` for them
-(`Slots.gather`): under load a read and its start statement carry a batch, not the one or two
-tasks that finished since the last read. A type under flow limits does not gather.
+and wait again. A read that found a full batch of more than one message is followed by
+another once the consumer holds as many slots again (its handlers' slots have come back), or
+has waited `CONVEYOR_READ_LINGER` for them (`Slots.gather`): under load a read and its start
+statement carry a batch, not the one or two tasks that finished since the last read. A type
+under flow limits does not gather.
 
 A type under flow limits (`gate.py`) reads only what the gate admits, never blocking (a
 blocked read would sit on leases and rate cells); at a limit its consumer gives its slots back
@@ -73,9 +74,9 @@ class Consumer:
         finishes and what it returned is run as part of the drain, a wait for new entries
         (which holds no slot and claims nothing) is cut short."""
         name = self.task_type.name
-        # blocking: the last read came back short, the stream is drained; busy: it came back
-        # full, with more than one message, the stream has a backlog
-        blocking, busy = True, False
+        # blocking: the last read came back short, the stream is drained; full: the messages
+        # of the last read if it came back full (the stream has a backlog), else 0
+        blocking, full = True, 0
         # shared slots: wait, holding none, for entries past this (and the bell's, ranked)
         mark: bytes | tuple[bytes, bytes] | None = None
         ranked = self.task_type.priorities
@@ -92,7 +93,7 @@ class Consumer:
                 # with Redis's data is recreated by the read)
                 want = want if arrived else 1
                 mark = None
-            taken = await self._take(want, busy=busy)
+            taken = await self._take(want, full)
             if taken == 0:
                 return
             limits = self.gate.of(name) if self.gate is not None else None
@@ -126,23 +127,25 @@ class Consumer:
                 if limits is not None:
                     await self._unused(taken - len(messages), limits, cells)
             blocking = len(messages) < taken
-            busy = not blocking and len(messages) > 1
+            full = 0 if blocking else len(messages)
             mark = last if blocking else None
             if messages:
                 self._dispatch(messages, shutdown, leased=limits is not None, cells=cells)
 
-    async def _take(self, want: int, *, busy: bool) -> int:
-        """Slots for the next read (0: closed). After a full read (`busy`: the stream has a
-        backlog), a little wait for the slots handlers are about to free, so this read and
-        its start statement carry more. A type under flow limits does not gather: its reads
-        are cut to what the gate admits, and it would wait out the linger every time."""
+    async def _take(self, want: int, full: int) -> int:
+        """Slots for the next read (0: closed). After a full read of `full` > 1 messages (the
+        stream has a backlog), a little wait for the slots its handlers are about to free, so
+        this read and its start statement carry as many: no more, since slots that other
+        handlers hold for longer would be waited for in vain. A type under flow limits does
+        not gather: its reads are cut to what the gate admits."""
         taken = await self.slots.take(want)
-        if not (busy and 0 < taken < want and self.linger_s > 0):
+        target = min(want, full)
+        if not (target > 1 and 0 < taken < target and self.linger_s > 0):
             return taken
         if self.gate is not None and self.gate.of(self.task_type.name).limited:
             return taken
         try:
-            taken += await self.slots.gather(want - taken, self.linger_s)
+            taken += await self.slots.gather(target - taken, self.linger_s)
         except BaseException:
             self.slots.give(taken)
             raise

@@ -7,6 +7,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import pytest
+
+from conveyor.queue import streams
 from conveyor.queue.keys import GROUP
 from conveyor.queue.streams import Message, Publish
 from conveyor.state import AppState
@@ -33,10 +36,11 @@ async def delayed(state: AppState) -> list[tuple[str, float]]:
 
 
 async def test_publish_adds_each_streams_ready_tasks_in_order_and_the_rest_where_they_go(
-    state: AppState,
+    state: AppState, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Many ready tasks of a type (one EVAL), a lone one of another (one XADD) and a delayed
-    one: the same messages, in the order given, as one XADD each would have made."""
+    """Many ready tasks of a type (EVALs of at most ADD_READY_MAX), a lone one of another (one
+    XADD) and a delayed one: the same messages, in the order given, as one XADD each makes."""
+    monkeypatch.setattr(streams, "ADD_READY_MAX", 100)  # 250 ready tasks: three EVALs
     now = await redis_ms(state)
     many = [uuid.uuid4() for _ in range(250)]
     lone, later = uuid.uuid4(), uuid.uuid4()

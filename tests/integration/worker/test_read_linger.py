@@ -45,17 +45,20 @@ async def _start_statements(state: AppState, start_worker: StartWorker) -> int:
     rng = random.Random(5)
     inserted = await state.client.enqueue_many(
         [TaskRequest("busy", {"seconds": rng.uniform(0.001, 0.006)}) for _ in range(N)])
-    ids = [i.record.id for i in inserted]
+    assert len(inserted) == N
     worker: Worker = await start_worker(types=["busy"])
     assert worker.slots.capacity == CONCURRENCY
 
+    table = f"{state.settings.database_schema}.tasks"
+
     async def done() -> bool:
-        found = [await state.store.get(i) for i in ids]
-        return all(r is not None and r.status == "succeeded" for r in found)
+        return bool(await state.pool.fetchval(
+            f"SELECT count(*) = $1 FROM {table} WHERE status = 'succeeded'", N))
 
     await eventually(done, timeout_s=60, interval_s=0.2)
-    records = [await state.store.get(i) for i in ids]
-    return len({r.started_at for r in records if r is not None})
+    statements: int = await state.pool.fetchval(
+        f"SELECT count(DISTINCT started_at) FROM {table}")
+    return statements
 
 
 async def test_under_load_a_read_waits_for_its_slots_and_starts_a_batch(
@@ -65,6 +68,7 @@ async def test_under_load_a_read_waits_for_its_slots_and_starts_a_batch(
     statements = await _start_statements(state, start_worker)
     print(f"\nread linger {linger * 1000:.0f} ms: {N} tasks started by {statements} "
           f"statements ({N / statements:.1f} per statement)")
-    # a 50 ms linger gathers every slot: about N / CONCURRENCY statements; the default's
-    # 2 ms, for handlers of up to 6 ms, about half of them
-    assert statements <= (N / 5 if linger > 0.01 else N / 3)
+    # A 50 ms linger gathers every slot: about N / CONCURRENCY statements. The default's 2 ms,
+    # for handlers of up to 6 ms, gathers part of them (~65 statements here; without the
+    # linger ~210): a loose bound, since a slow machine's timings move it either way.
+    assert statements <= (N / 5 if linger > 0.01 else N / 2)

@@ -381,9 +381,10 @@ async def test_gather_returns_what_it_has_when_the_time_is_up() -> None:
 
 async def test_gather_takes_what_is_free_at_once_without_waiting() -> None:
     slots = Slots(4)
-    assert await slots.take(1) == 1
-    assert await slots.gather(3, within_s=0) == 3
-    assert slots.free == 0
+    assert await slots.take(2) == 2
+    assert await slots.gather(3, within_s=0) == 2  # short of 3, and no wait for the third
+    slots.give()
+    assert slots.free == 1  # not taken by a gathering that is over
 
 
 async def test_gather_ends_when_the_slots_close() -> None:
@@ -398,16 +399,26 @@ async def test_gather_ends_when_the_slots_close() -> None:
 
 
 async def test_a_cancelled_gather_gives_back_what_it_took() -> None:
-    """Cancelled in the very turn a slot is handed to it (as its linger runs out, or the
-    consumer is cancelled), a gather loses no slot: what it took goes back."""
     slots = Slots(4)
     assert await slots.take(4) == 4
     gathering = asyncio.create_task(slots.gather(3, within_s=10))
     await asyncio.sleep(0.01)
     slots.give()
-    await asyncio.sleep(0.01)  # that one taken
-    slots.give()  # handed to the waiting take() ...
-    gathering.cancel()  # ... cancelled before it could resume
+    gathering.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gathering
+    assert (slots.free, slots.in_use) == (1, 3)
+
+
+async def test_a_gather_cancelled_after_it_completed_but_before_it_resumed_loses_nothing(
+) -> None:
+    slots = Slots(4)
+    assert await slots.take(4) == 4
+    gathering = asyncio.create_task(slots.gather(2, within_s=10))
+    await asyncio.sleep(0.01)
+    slots.give()
+    slots.give()  # it has both: done, not yet resumed ...
+    gathering.cancel()  # ... when it is cancelled
     with pytest.raises(asyncio.CancelledError):
         await gathering
     assert (slots.free, slots.in_use) == (2, 2)
