@@ -8,10 +8,10 @@ for an entry newer than the stream's last one at that read (`TaskStreams.wait_ne
 `read_block`), so an idle stream never sits on a slot a busy one could use. A new entry wakes
 every idle consumer of its type in every such worker: one read gets it, the others get nothing
 and wait again. A read that found a full batch of more than one message is followed by
-another once the consumer holds as many slots again (its handlers' slots have come back), or
-has waited `CONVEYOR_READ_LINGER` for them (`Slots.gather`): under load a read and its start
-statement carry a batch, not the one or two tasks that finished since the last read. A type
-under flow limits does not gather.
+another once the consumer has gathered every slot but those of handlers that have run for long
+already, or has waited `CONVEYOR_READ_LINGER` for them (`Slots.gather`): under load a read and
+its start statement carry a batch, not the one or two tasks that finished since the last read.
+A type under flow limits does not gather.
 
 A type under flow limits (`gate.py`) reads only what the gate admits, never blocking (a
 blocked read would sit on leases and rate cells); at a limit its consumer gives its slots back
@@ -36,6 +36,9 @@ from conveyor.runtime.shutdown import Shutdown
 from conveyor.worker.dispatcher import Dispatcher
 from conveyor.worker.gate import Gate
 from conveyor.worker.slots import Slots
+
+# A handler held for this many read lingers is not waited for: its slot is not about to return.
+LONG_RUNS = 10
 
 
 class Consumer:
@@ -134,15 +137,17 @@ class Consumer:
 
     async def _take(self, want: int, full: int) -> int:
         """Slots for the next read (0: closed). After a full read of `full` > 1 messages (the
-        stream has a backlog), a little wait for the slots its handlers are about to free, so
-        this read and its start statement carry as many: no more, since slots that other
-        handlers hold for longer would be waited for in vain. A type under flow limits does
-        not gather: its reads are cut to what the gate admits."""
+        stream has a backlog), a little wait for the slots handlers are about to free, so this
+        read and its start statement carry more: not for those of handlers that have run for
+        `LONG_RUNS` lingers already (they are not about to end). A type under flow limits
+        does not gather: its reads are cut to what the gate admits."""
         taken = await self.slots.take(want)
-        target = min(want, full)
-        if not (target > 1 and 0 < taken < target and self.linger_s > 0):
+        if not (full > 1 and 0 < taken < want and self.linger_s > 0):
             return taken
         if self.gate is not None and self.gate.of(self.task_type.name).limited:
+            return taken
+        target = want - self.dispatcher.in_flight.held_longer(self.linger_s * LONG_RUNS)
+        if taken >= target:
             return taken
         try:
             taken += await self.slots.gather(target - taken, self.linger_s)

@@ -77,6 +77,12 @@ class InFlight:
                 fresh.append(m)
         return fresh
 
+    def held_longer(self, seconds: float) -> int:
+        """Messages held for more than `seconds` whose outcome is not yet handed over: their
+        slots are not about to come back."""
+        cutoff = time.monotonic() - seconds
+        return sum(1 for h in self._held.values() if not h.submitted and h.since < cutoff)
+
     def holding(self, task_id: uuid.UUID) -> int:
         """How many messages of `task_id` are held here."""
         return self._tasks.get(task_id, 0)

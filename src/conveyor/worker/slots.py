@@ -22,8 +22,8 @@ A consumer whose last read came back full (its stream is busy) may `gather()` mo
 they come free, for a bounded linger, before it reads again: under load one read and one start
 statement then carry many tasks instead of the one or two freed since the last read (each
 costs a round trip and a statement whatever it carries). An idle stream never waits: a read
-that came back short is not delayed, and a consumer stops gathering once another waits for
-slots.
+that came back short is not delayed, a consumer does not wait for the slots of handlers that
+have run for long already, and a gathering ends once another consumer waits for slots.
 
 `close()` ends every read loop at shutdown: waiters in `take()` get 0, and reads waiting in
 `idle()` are cancelled (they claim nothing, so nothing is lost).

@@ -1,26 +1,31 @@
 """A consumer's slots for its next read: at once after a short read (an idle stream never
-waits for the linger), gathered after a full one until it holds as many as that read carried
-(not the slots longer handlers hold), none once shutdown closed the slots while it gathered
+waits for the linger), gathered after a full one (but not the slots of handlers that have run
+for long already), none once shutdown closed the slots while it gathered
 (no new read), none lost when it is cancelled meanwhile, and no gathering under flow limits."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
-from conveyor.worker.consumer import Consumer
+from conveyor.queue.streams import Message
+from conveyor.worker.consumer import LONG_RUNS, Consumer
+from conveyor.worker.inflight import InFlight
 from conveyor.worker.slots import Slots
 from tests.apps import fair
 
 
-def _consumer(slots: Slots, linger_s: float, *, limited: bool | None = None) -> Consumer:
+def _consumer(slots: Slots, linger_s: float, *, limited: bool | None = None,
+              in_flight: InFlight | None = None) -> Consumer:
     gate = None if limited is None else SimpleNamespace(
         of=lambda _name: SimpleNamespace(limited=limited))
+    dispatcher = SimpleNamespace(in_flight=in_flight or InFlight())
     return Consumer(fair.app.registry.types["busy"], worker_id="w1", streams=cast(Any, None),
-                    slots=slots, dispatcher=cast(Any, None), spawn=lambda _: None,
+                    slots=slots, dispatcher=cast(Any, dispatcher), spawn=lambda _: None,
                     block_ms=100, solo=True, linger_s=linger_s, gate=cast(Any, gate))
 
 
@@ -42,18 +47,23 @@ async def test_after_a_full_read_it_gathers_the_slots_handlers_free() -> None:
     assert await asyncio.wait_for(taking, 1) == 4  # every slot, long before the linger
 
 
-async def test_it_gathers_no_more_than_the_last_read_carried() -> None:
-    """Two slots cycle, six are held by long handlers: a read of two is followed by the next
-    as soon as two are back, not after waiting out the linger for the six."""
+async def test_it_does_not_wait_for_the_slots_of_long_running_handlers() -> None:
+    """Two slots cycle, six are held by handlers that have run for many lingers: once the two
+    are back it reads with them rather than wait out the linger for the six."""
     slots = Slots(8)
     assert await slots.take(8) == 8
-    taking = asyncio.create_task(_consumer(slots, linger_s=10)._take(8, full=2))
+    in_flight = InFlight()
+    in_flight.hold("busy", "c", [Message(f"{i}-0".encode(), uuid.uuid4(), 0) for i in range(8)])
+    for held in list(in_flight)[:6]:
+        held.since -= 2 * 10 * LONG_RUNS  # held for twice LONG_RUNS lingers of 10 s
+    taking = asyncio.create_task(
+        _consumer(slots, linger_s=10, in_flight=in_flight)._take(8, full=2))
     await asyncio.sleep(0.01)
     slots.give()
     await asyncio.sleep(0.01)
     assert not taking.done()
     slots.give()
-    assert await asyncio.wait_for(taking, 1) == 2
+    assert await asyncio.wait_for(taking, 1) == 2  # at once, not after 10 s
 
 
 async def test_a_type_under_flow_limits_does_not_gather() -> None:
