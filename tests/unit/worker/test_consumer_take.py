@@ -81,13 +81,20 @@ async def test_a_type_under_flow_limits_does_not_gather() -> None:
         await taking
 
 
-async def test_shutdown_during_a_gather_means_no_read() -> None:
-    slots = Slots(4)
+async def _gathering_with_one_back(slots: Slots) -> asyncio.Task[int]:
+    """A consumer after a full read of 4, three slots out, one given back to its gathering."""
     assert await slots.take(3) == 3
     taking = asyncio.create_task(_consumer(slots, linger_s=10)._take(4, full=4))
     await asyncio.sleep(0.01)
     slots.give()
     await asyncio.sleep(0.01)
+    assert not taking.done()
+    return taking
+
+
+async def test_shutdown_during_a_gather_means_no_read() -> None:
+    slots = Slots(4)
+    taking = await _gathering_with_one_back(slots)
     slots.close()
     assert await asyncio.wait_for(taking, 1) == 0
     assert slots.free == 2  # the two it held are back; the handlers' two are still out
@@ -95,11 +102,7 @@ async def test_shutdown_during_a_gather_means_no_read() -> None:
 
 async def test_cancelled_while_gathering_it_gives_its_slots_back() -> None:
     slots = Slots(4)
-    assert await slots.take(3) == 3
-    taking = asyncio.create_task(_consumer(slots, linger_s=10)._take(4, full=4))
-    await asyncio.sleep(0.01)
-    slots.give()
-    await asyncio.sleep(0.01)
+    taking = await _gathering_with_one_back(slots)
     taking.cancel()
     with pytest.raises(asyncio.CancelledError):
         await taking
