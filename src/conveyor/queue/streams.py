@@ -285,7 +285,8 @@ class TaskStreams:
                 for stream, members in ready.items():
                     if len(members) == 1:
                         pipe.xadd(stream, {"id": members[0], "r": "0"})
-                    for i in range(0, len(members) if len(members) > 1 else 0, ADD_READY_MAX):
+                        continue
+                    for i in range(0, len(members), ADD_READY_MAX):
                         pipe.eval(_ADD_READY, 1, stream, *members[i:i + ADD_READY_MAX])
                 await pipe.execute()
 

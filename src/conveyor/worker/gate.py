@@ -15,6 +15,7 @@ are renewed every third of their TTL; a worker that dies stops renewing, and its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import time
@@ -303,6 +304,7 @@ class Gate:
                 self._reload_now.set()
 
     async def _reloads(self, stop: Shutdown) -> None:
+        stop.when_begun(self._reload_now.set)
         while not stop.begun:
             try:
                 await self.reload()
@@ -311,12 +313,7 @@ class Gate:
                 await self._outage.failed(exc, stop)
                 continue
             self._reload_now.clear()
-            waits = [asyncio.ensure_future(stop.wait()),
-                     asyncio.ensure_future(self._reload_now.wait())]
-            await asyncio.wait(waits, timeout=self.reload_s,
-                               return_when=asyncio.FIRST_COMPLETED)
-            for w in waits:
-                w.cancel()
+            await _woken(self._reload_now, self.reload_s)  # or by the stop
 
     def _all_held(self) -> list[tuple[str, str]]:
         held = [(self.flow.keys.leases(t), tok) for t, tokens in self._held.items()
@@ -337,18 +334,14 @@ class Gate:
                     log.warning("flow.renew.failed", leases=len(held), error=str(exc))
 
     async def _releases(self, stop: Shutdown) -> None:
+        stop.when_begun(self._release_wake.set)
         while True:
             next_spare_s = self._expire_spares(every=stop.begun)
             if not self._to_release:
                 if stop.begun:
                     return
                 self._release_wake.clear()
-                waits = [asyncio.ensure_future(stop.wait()),
-                         asyncio.ensure_future(self._release_wake.wait())]
-                await asyncio.wait(waits, timeout=next_spare_s,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                for w in waits:
-                    w.cancel()
+                await _woken(self._release_wake, next_spare_s)  # or by the stop
                 continue
             batch, self._to_release = self._to_release, []
             types, self._released_types = self._released_types, set()
@@ -361,3 +354,11 @@ class Gate:
                 if stop.begun:
                     return
                 await stop.wait(0.1)
+
+
+async def _woken(event: asyncio.Event, timeout_s: float | None) -> None:
+    """Wait until `event` is set (a stop sets it too: `Shutdown.when_begun`), at most
+    `timeout_s`."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
