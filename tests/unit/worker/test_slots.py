@@ -355,10 +355,18 @@ async def test_cancelling_the_caller_of_idle_cancels_the_read_and_raises() -> No
     assert cancelled.is_set()
 
 
+async def _gathering(slots: Slots, most: int, within_s: float
+                     ) -> tuple[Slots, asyncio.Task[int]]:
+    """Every slot taken, then a gather of `most` begun (not yet done)."""
+    assert await slots.take(slots.capacity) == slots.capacity
+    gathering = asyncio.create_task(slots.gather(most, within_s=within_s))
+    await asyncio.sleep(0)
+    assert not gathering.done()
+    return slots, gathering
+
+
 async def test_gather_takes_slots_as_they_come_free_until_it_has_them_all() -> None:
-    slots = Slots(4)
-    assert await slots.take(4) == 4
-    gathering = asyncio.create_task(slots.gather(3, within_s=10))
+    slots, gathering = await _gathering(Slots(4), 3, within_s=10)
     for _ in range(3):
         await asyncio.sleep(0.01)
         assert not gathering.done()
@@ -368,9 +376,7 @@ async def test_gather_takes_slots_as_they_come_free_until_it_has_them_all() -> N
 
 
 async def test_gather_returns_what_it_has_when_the_time_is_up() -> None:
-    slots = Slots(4)
-    assert await slots.take(4) == 4
-    gathering = asyncio.create_task(slots.gather(3, within_s=1))
+    slots, gathering = await _gathering(Slots(4), 3, within_s=1)
     await asyncio.sleep(0.01)
     slots.give()
     assert await asyncio.wait_for(gathering, 5) == 1
@@ -388,9 +394,7 @@ async def test_gather_takes_what_is_free_at_once_without_waiting() -> None:
 
 
 async def test_gather_ends_when_the_slots_close() -> None:
-    slots = Slots(2)
-    assert await slots.take(2) == 2
-    gathering = asyncio.create_task(slots.gather(2, within_s=10))
+    slots, gathering = await _gathering(Slots(2), 2, within_s=10)
     await asyncio.sleep(0.01)
     slots.give()
     await asyncio.sleep(0.01)
@@ -399,9 +403,7 @@ async def test_gather_ends_when_the_slots_close() -> None:
 
 
 async def test_a_cancelled_gather_gives_back_what_it_took() -> None:
-    slots = Slots(4)
-    assert await slots.take(4) == 4
-    gathering = asyncio.create_task(slots.gather(3, within_s=10))
+    slots, gathering = await _gathering(Slots(4), 3, within_s=10)
     await asyncio.sleep(0.01)
     slots.give()
     gathering.cancel()
@@ -412,9 +414,7 @@ async def test_a_cancelled_gather_gives_back_what_it_took() -> None:
 
 async def test_a_gather_cancelled_after_it_completed_but_before_it_resumed_loses_nothing(
 ) -> None:
-    slots = Slots(4)
-    assert await slots.take(4) == 4
-    gathering = asyncio.create_task(slots.gather(2, within_s=10))
+    slots, gathering = await _gathering(Slots(4), 2, within_s=10)
     await asyncio.sleep(0.01)
     slots.give()
     slots.give()  # it has both: done, not yet resumed ...
@@ -425,9 +425,7 @@ async def test_a_gather_cancelled_after_it_completed_but_before_it_resumed_loses
 
 
 async def test_gather_stops_when_another_consumer_waits_for_slots() -> None:
-    slots = Slots(4)
-    assert await slots.take(4) == 4
-    gathering = asyncio.create_task(slots.gather(3, within_s=10))
+    slots, gathering = await _gathering(Slots(4), 3, within_s=10)
     await asyncio.sleep(0.01)
     slots.give()
     await asyncio.sleep(0.01)
