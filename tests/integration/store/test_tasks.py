@@ -270,6 +270,33 @@ async def test_record_dead_stores_the_error_and_keeps_run_at(state: AppState) ->
     assert row.finished_at is not None
 
 
+async def test_record_gives_each_task_of_a_batch_its_own_outcome(state: AppState) -> None:
+    ids = await running_on(state, "w1", 6)
+    given = list(reversed(ids))  # outcomes in another order than the rows'
+    outcomes = [
+        outcome(given[0], result_json='"a"'),
+        outcome(given[1], status="dead", error="gave up b"),
+        outcome(given[2], result_json='"c"'),
+        outcome(given[3], status="queued", error="again d", delay_s=60),
+        outcome(given[4], status="cancelled", error="stopped e"),
+        outcome(given[5], result_json='"f"'),
+    ]
+    recorded = await state.store.record(outcomes, "w1")
+    after = await rows(state)
+    assert {r.task_id: r.status for r in recorded} == {o.task_id: o.status for o in outcomes}
+    assert [(after[i].status, after[i].result, after[i].last_error) for i in given] == [
+        ("succeeded", "a", None),
+        ("dead", None, "gave up b"),
+        ("succeeded", "c", None),
+        ("queued", None, "again d"),
+        ("cancelled", None, "stopped e"),
+        ("succeeded", "f", None),
+    ]
+    finished = after[given[2]].finished_at
+    assert finished is not None
+    assert after[given[3]].run_at > finished  # the retry waits its delay
+
+
 async def test_record_writes_only_outcomes_of_attempts_this_worker_owns(
     state: AppState,
 ) -> None:
