@@ -764,6 +764,15 @@ class TaskStore:
         An outcome whose attempt was taken over (requeued by rebalance after this worker looked
         dead) is not recorded: the compare-and-set on (status, worker, attempts) fails.
         """
+        # Each row finds its outcome at its id's first position: of two outcomes of one task
+        # (a stale attempt's, retried, beside the current one's) only the latest attempt's can
+        # pass the compare-and-set, so it is the one kept.
+        latest: dict[uuid.UUID, Outcome] = {}
+        for o in outcomes:
+            kept = latest.get(o.task_id)
+            if kept is None or o.attempt >= kept.attempt:
+                latest[o.task_id] = o
+        outcomes = list(latest.values())
         if not outcomes:
             return []
         rows = await self._fetch(
