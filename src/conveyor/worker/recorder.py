@@ -139,6 +139,13 @@ class Recorder:
             await self._write(rest[start:start + self.max_batch], shutdown)
 
     async def _write(self, batch: list[Entry], shutdown: Shutdown) -> None:
+        """Record, then settle, one outcome of each task at a time: a batch can hold two of
+        one task (a stale attempt's message, redelivered, beside the current one's), and what
+        is recorded, settled and published is kept per task."""
+        for part in _rounds(batch):
+            await self._write_distinct(part, shutdown)
+
+    async def _write_distinct(self, batch: list[Entry], shutdown: Shutdown) -> None:
         """Record, then settle: only what Postgres accounts for is acked. The recording's
         progress is kept across retries, so an outcome recorded before a failure is not
         recorded again (it would read as superseded and lose its retry schedule)."""
@@ -271,6 +278,20 @@ class Recorder:
             if counter is None:
                 counter = self._finished[key] = metrics.TASKS_FINISHED.labels(*key)
             counter.inc()
+
+
+def _rounds(batch: list[Entry]) -> list[list[Entry]]:
+    """`batch` split so that no part holds two outcomes of one task: the n-th outcome of each
+    task goes in the n-th part, in order (all in one part, as a rule)."""
+    parts: list[list[Entry]] = []
+    seen: dict[uuid.UUID, int] = {}
+    for entry in batch:
+        n = seen.get(entry[1].task_id, 0)
+        seen[entry[1].task_id] = n + 1
+        if n == len(parts):
+            parts.append([])
+        parts[n].append(entry)
+    return parts
 
 
 @dataclasses.dataclass(slots=True)

@@ -297,15 +297,12 @@ async def test_record_gives_each_task_of_a_batch_its_own_outcome(state: AppState
     assert after[given[3]].run_at > finished  # the retry waits its delay
 
 
-async def test_record_keeps_the_current_attempt_of_a_task_given_twice(state: AppState) -> None:
+async def test_record_refuses_two_outcomes_of_one_task(state: AppState) -> None:
     [task_id] = await running_on(state, "w1")
-    await put(state, task_id, attempts=2)  # started again here since attempt 1's outcome
-    recorded = await state.store.record(
-        [outcome(task_id, attempt=1, result_json='"stale"'),
-         outcome(task_id, attempt=2, result_json='"current"')], "w1",
-    )
-    assert [(r.task_id, r.status) for r in recorded] == [(task_id, "succeeded")]
-    assert (await rows(state))[task_id].result == "current"
+    before = await rows(state)
+    with pytest.raises(ValueError, match="two outcomes of one task"):
+        await state.store.record([outcome(task_id), outcome(task_id, attempt=2)], "w1")
+    assert await rows(state) == before
 
 
 async def test_record_writes_only_outcomes_of_attempts_this_worker_owns(
