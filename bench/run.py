@@ -277,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                   "(pip install -r bench/requirements-peers.txt)", flush=True)
             peer_keys.remove(key)
     n_for = {k: int(v) for k, v in (item.split("=", 1) for item in args.n_for)}
-    args.logdir.mkdir(parents=True, exist_ok=True)
+    # Every file the run writes gets its folder now, not after the first row's minutes.
+    for target in (args.logdir, args.out.parent, *([args.json.parent] if args.json else [])):
+        target.mkdir(parents=True, exist_ok=True)
     command = shlex.join([Path(sys.executable).as_posix(), "-m", "bench",
                           *(sys.argv[1:] if argv is None else argv)])
 

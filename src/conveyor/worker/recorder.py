@@ -140,8 +140,8 @@ class Recorder:
 
     async def _write(self, batch: list[Entry], shutdown: Shutdown) -> None:
         """Record, then settle, one outcome of each task at a time: a batch can hold two of
-        one task (a stale attempt's message, redelivered, beside the current one's), and what
-        is recorded, settled and published is kept per task."""
+        one task (a stale attempt's, from an earlier message of it, beside the current one's),
+        and what is recorded, settled and published is kept per task."""
         for part in _rounds(batch):
             await self._write_distinct(part, shutdown)
 
@@ -296,7 +296,7 @@ def _rounds(batch: list[Entry]) -> list[list[Entry]]:
 
 @dataclasses.dataclass(slots=True)
 class _Progress:
-    """How far one batch's recording has got; kept across the retries of `_write`."""
+    """How far one batch's recording has got; kept across the retries of `_write_distinct`."""
 
     outcomes: list[Outcome]
     todo: list[Outcome] = dataclasses.field(default_factory=list)
